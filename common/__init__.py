@@ -1,0 +1,1 @@
+"""stepcache's shared library: config, logging, errors, names, processing graph, cache, queue."""

@@ -1,0 +1,140 @@
+"""Every error stepcache raises, in one tree.
+
+::
+
+    StepcacheError
+     ├── ConfigError                        a bad environment variable (one line, process stops)
+     ├── InvalidInputError                  refused before anything touches Redis, Mongo or disk
+     │    ├── InvalidDatasetNameError
+     │    ├── InvalidConfigNameError
+     │    ├── InvalidSplitNameError
+     │    ├── UnknownStepError
+     │    ├── MissingStepInputError          a config-level step called without a config, ...
+     │    └── InvalidArgumentsError          arguments that cannot cross the broker as JSON
+     ├── ProcessingGraphError               a graph that cannot be loaded
+     │    ├── ProcessingGraphCycleError
+     │    ├── UnknownParentStepError
+     │    └── InvalidStepSpecError
+     ├── CachedResponseNotFoundError        no cache entry for (kind, dataset, config, split)
+     └── CacheableError                     lands in the cache: error_code, http_status, cause
+          ├── ContentTooBigError                 501  content over WORKER_CONTENT_MAX_BYTES
+          ├── ContentNotStorableError            500  content that is not a JSON/BSON document
+          ├── JobManagerCrashedError             500  the worker died or stopped heart-beating
+          └── JobManagerExceededMaximumDurationError 500  the job hit its time limit
+
+A :class:`CacheableError` is stored as the response of the step that raised it: its ``error_code``
+(the class name, stable across releases), ``http_status`` and ``details`` (the message and the cause)
+are what a reader of the cache sees.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+
+class StepcacheError(Exception):
+    """Root of every error stepcache raises on purpose."""
+
+
+class ConfigError(StepcacheError):
+    """An environment variable has a value stepcache cannot accept."""
+
+
+class InvalidInputError(StepcacheError, ValueError):
+    """Input refused before anything is written anywhere."""
+
+
+class InvalidDatasetNameError(InvalidInputError):
+    """Not `org/name` or a canonical `name` made of [A-Za-z0-9._-]."""
+
+
+class InvalidConfigNameError(InvalidInputError):
+    """A config name that is empty, too long, or holds a path separator or a control character."""
+
+
+class InvalidSplitNameError(InvalidInputError):
+    """A split name that is empty, too long, or holds a path separator or a control character."""
+
+
+class UnknownStepError(InvalidInputError):
+    """No processing step of that name is in the graph."""
+
+
+class MissingStepInputError(InvalidInputError):
+    """A step was called without the config or split its input type needs, or with one it cannot use."""
+
+
+class InvalidArgumentsError(InvalidInputError):
+    """Arguments that are not JSON, or that the step does not take."""
+
+
+class ProcessingGraphError(StepcacheError):
+    """The processing graph cannot be loaded as declared."""
+
+
+class ProcessingGraphCycleError(ProcessingGraphError):
+    """The steps' parents form a cycle."""
+
+
+class UnknownParentStepError(ProcessingGraphError):
+    """A step names a parent that is not in the graph."""
+
+
+class InvalidStepSpecError(ProcessingGraphError):
+    """A step spec is malformed: bad name, input type, queue, version, or a root that is not dataset-level."""
+
+
+class CachedResponseNotFoundError(StepcacheError, LookupError):
+    """The cache holds no entry for this (kind, dataset, config, split)."""
+
+
+class CacheableError(StepcacheError):
+    """An error that is stored in the cache as the response of a step.
+
+    Subclasses set ``http_status``; ``error_code`` is the class name unless a subclass says otherwise.
+    """
+
+    http_status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    error_code: str = ""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "error_code" not in cls.__dict__:
+            cls.error_code = cls.__name__
+
+    def as_details(self) -> dict[str, Any]:
+        """What the cache stores in `details`: the message and, when there is one, the cause."""
+        details: dict[str, Any] = {"error": self.message}
+        if self.cause is not None:
+            details["cause_exception"] = type(self.cause).__name__
+            details["cause_message"] = str(self.cause)
+        return details
+
+
+CacheableError.error_code = "CacheableError"
+
+
+class ContentTooBigError(CacheableError):
+    """The content is larger than WORKER_CONTENT_MAX_BYTES once encoded."""
+
+    http_status = HTTPStatus.NOT_IMPLEMENTED
+
+
+class ContentNotStorableError(CacheableError):
+    """The content cannot be stored as a document (not a mapping of JSON-like values)."""
+
+
+class JobManagerCrashedError(CacheableError):
+    """The job's worker died, or stopped sending heartbeats, before the job finished."""
+
+
+class JobManagerExceededMaximumDurationError(CacheableError):
+    """The job ran longer than WORKER_MAX_JOB_DURATION_SECONDS."""
