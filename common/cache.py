@@ -1,0 +1,239 @@
+"""The MongoDB cache of precomputed responses: collection `cachedResponses` in CACHE_MONGO_DATABASE.
+
+One document per (kind, dataset, config, split), where `kind` is the name of the processing step that
+computed it. A success stores the step's content with http_status 200; an error stores the error's
+details as content, with its error_code and http_status. `failed_runs` counts consecutive errors for
+the same dataset revision: a success, or an error at a new revision, starts it again.
+
+Readers use :func:`get_response`; steps never call this module, the worker stores what they return.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import bson
+from pydantic import BaseModel, ConfigDict
+from pymongo import ASCENDING, DESCENDING
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError
+
+from common.config import get_config
+from common.constants import CACHE_COLLECTION
+from common.exceptions import (
+    CacheableError,
+    CachedResponseNotFoundError,
+    ContentNotStorableError,
+    ContentTooBigError,
+    UnknownStepError,
+)
+from common.mongo import get_database
+from common.names import validate_key
+
+KEY_FIELDS = ("kind", "dataset", "config", "split")
+UPSERT_ATTEMPTS = 3
+_indexed: set[tuple[str, str]] = set()
+_indexed_lock = threading.Lock()
+
+
+class CachedResponse(BaseModel):
+    """One cache entry, as readers see it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    dataset: str
+    config: str | None
+    split: str | None
+    content: dict[str, Any]
+    http_status: int
+    error_code: str | None = None
+    details: dict[str, Any] | None = None
+    job_runner_version: int | None = None
+    dataset_git_revision: str | None = None
+    progress: float | None = None
+    duration: float | None = None
+    failed_runs: int = 0
+    updated_at: datetime
+
+    @property
+    def is_success(self) -> bool:
+        return self.http_status == HTTPStatus.OK
+
+
+class CacheCount(BaseModel):
+    """How many entries share a kind, an http_status and an error_code."""
+
+    kind: str
+    http_status: int
+    error_code: str | None
+    count: int
+
+
+def cache_collection() -> Collection[dict[str, Any]]:
+    """The `cachedResponses` collection of this process's settings, its indexes created on first use."""
+    settings = get_config().cache
+    collection = get_database(settings.mongo_url, settings.mongo_database)[CACHE_COLLECTION]
+    marker = (settings.mongo_url.get_secret_value(), settings.mongo_database)
+    if marker not in _indexed:
+        with _indexed_lock:
+            if marker not in _indexed:
+                _create_indexes(collection)
+                _indexed.add(marker)
+    return collection
+
+
+def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
+    collection.create_index([(field, ASCENDING) for field in KEY_FIELDS], unique=True, name="key")
+    collection.create_index([("dataset", ASCENDING), ("kind", ASCENDING)], name="dataset")
+    collection.create_index(
+        [("kind", ASCENDING), ("http_status", ASCENDING), ("error_code", ASCENDING)], name="status"
+    )
+    collection.create_index([("updated_at", DESCENDING)], name="updated_at")
+
+
+def _key(kind: str, dataset: str, config: str | None, split: str | None) -> dict[str, Any]:
+    dataset, config, split = validate_key(dataset, config, split)
+    if not isinstance(kind, str) or not kind:
+        raise UnknownStepError(f"the kind of a cache entry is a step name, not {kind!r}")
+    return {"kind": kind, "dataset": dataset, "config": config, "split": split}
+
+
+def check_content(content: object) -> dict[str, Any]:
+    """The content as a storable document, or a typed error when it is not one or is too big."""
+    if not isinstance(content, Mapping):
+        raise ContentNotStorableError(f"content must be a mapping, not {type(content).__name__}")
+    try:
+        size = len(bson.encode(content))
+    except (bson.errors.InvalidDocument, TypeError, OverflowError) as error:
+        raise ContentNotStorableError("content cannot be stored as a document", cause=error) from error
+    max_bytes = get_config().worker.content_max_bytes
+    if size > max_bytes:
+        raise ContentTooBigError(
+            f"content is {size} bytes once encoded, over WORKER_CONTENT_MAX_BYTES={max_bytes}"
+        )
+    return dict(content)
+
+
+def upsert_response(
+    kind: str,
+    dataset: str,
+    content: Mapping[str, Any],
+    http_status: int = HTTPStatus.OK,
+    config: str | None = None,
+    split: str | None = None,
+    error_code: str | None = None,
+    details: Mapping[str, Any] | None = None,
+    job_runner_version: int | None = None,
+    dataset_git_revision: str | None = None,
+    progress: float | None = 1.0,
+    duration: float | None = None,
+) -> None:
+    """Create or replace the entry of this key; writing the same response twice leaves one entry.
+
+    Raises ContentTooBigError or ContentNotStorableError, and writes nothing, when the content cannot be
+    stored; the entry already in the cache stays as it was.
+    """
+    key = _key(kind, dataset, config, split)
+    document = check_content(content)
+    is_error = http_status != HTTPStatus.OK
+    fields: dict[str, Any] = {
+        "content": document,
+        "http_status": int(http_status),
+        "error_code": error_code,
+        "details": dict(details) if details is not None else None,
+        "job_runner_version": job_runner_version,
+        "progress": progress,
+        "duration": duration,
+        "updated_at": datetime.now(UTC),
+    }
+    # The revision is compared before it is overwritten: both $set stages run in order, atomically.
+    same_revision = {"$eq": ["$dataset_git_revision", {"$literal": dataset_git_revision}]}
+    runs: Any = (
+        {"$cond": [same_revision, {"$add": [{"$ifNull": ["$failed_runs", 0]}, 1]}, 1]} if is_error else 0
+    )
+    pipeline = [
+        {"$set": {**{name: {"$literal": value} for name, value in fields.items()}, "failed_runs": runs}},
+        {"$set": {"dataset_git_revision": {"$literal": dataset_git_revision}}},
+    ]
+    for attempt in range(UPSERT_ATTEMPTS):
+        try:
+            cache_collection().update_one(key, pipeline, upsert=True)
+            return
+        except DuplicateKeyError:
+            # Two first writers of one key raced; the loser retries as an update of the winner's entry.
+            if attempt == UPSERT_ATTEMPTS - 1:
+                raise
+
+
+def upsert_error(
+    kind: str,
+    dataset: str,
+    error: CacheableError,
+    config: str | None = None,
+    split: str | None = None,
+    job_runner_version: int | None = None,
+    dataset_git_revision: str | None = None,
+    duration: float | None = None,
+) -> None:
+    """Store a typed error as the response of this key."""
+    upsert_response(
+        kind,
+        dataset,
+        content={"error": error.message},
+        http_status=error.http_status,
+        config=config,
+        split=split,
+        error_code=error.error_code,
+        details=error.as_details(),
+        job_runner_version=job_runner_version,
+        dataset_git_revision=dataset_git_revision,
+        duration=duration,
+    )
+
+
+def get_response(
+    kind: str, dataset: str, config: str | None = None, split: str | None = None
+) -> CachedResponse:
+    """The entry of this key, or CachedResponseNotFoundError."""
+    key = _key(kind, dataset, config, split)
+    document = cache_collection().find_one(key, projection={"_id": False})
+    if document is None:
+        raise CachedResponseNotFoundError(
+            f"no cache entry for kind={kind!r} dataset={dataset!r} config={config!r} split={split!r}"
+        )
+    return CachedResponse.model_validate(document)
+
+
+def get_dataset_responses(dataset: str) -> list[CachedResponse]:
+    """Every entry of the dataset, ordered by kind, config and split."""
+    dataset, _, _ = validate_key(dataset, None, None)
+    cursor = cache_collection().find({"dataset": dataset}, projection={"_id": False})
+    entries = [CachedResponse.model_validate(document) for document in cursor]
+    return sorted(entries, key=lambda entry: (entry.kind, entry.config or "", entry.split or ""))
+
+
+def delete_dataset_responses(dataset: str) -> int:
+    """Delete every entry of the dataset (and only its entries); returns how many were deleted."""
+    dataset, _, _ = validate_key(dataset, None, None)
+    return cache_collection().delete_many({"dataset": dataset}).deleted_count
+
+
+def count_by_status(kind: str | None = None) -> list[CacheCount]:
+    """How many entries per (kind, http_status, error_code), optionally for one kind."""
+    match: dict[str, Any] = {} if kind is None else {"kind": kind}
+    pipeline: list[dict[str, Any]] = [
+        {"$match": match},
+        {
+            "$group": {
+                "_id": {"kind": "$kind", "http_status": "$http_status", "error_code": "$error_code"},
+                "count": {"$sum": 1},
+            }
+        },
+    ]
+    counts = [CacheCount(**row["_id"], count=row["count"]) for row in cache_collection().aggregate(pipeline)]
+    return sorted(counts, key=lambda c: (c.kind, c.http_status, c.error_code or ""))

@@ -1,0 +1,210 @@
+"""Settings every stepcache process reads, one pydantic-settings model per environment prefix.
+
+The names and defaults of the ASSETS_, COMMON_, CACHE_ and QUEUE_ variables are those of the
+dataset-viewer's libcommon; QUEUE_REDIS_URL and the WORKER_ prefix are stepcache's own.
+Values come from the environment (and an optional `.env` file in the working directory).
+
+A bad value stops the process at start: :func:`get_config` raises :class:`ConfigError` whose message is
+one line naming the variable and what it accepts, and :func:`get_config_or_exit` prints that line and
+exits with status 2. Passwords inside URLs and the Hub token are secrets: their repr and str are masked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import platformdirs
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.exceptions import ConfigError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["plain", "json"]
+
+ASSETS_BASE_URL = "assets"
+ASSETS_STORAGE_DIRECTORY = ""
+ASSETS_DEFAULT_SUBDIRECTORY = "datasets_server_assets"
+COMMON_HF_ENDPOINT = "https://huggingface.co"
+COMMON_HF_TOKEN = ""
+COMMON_LOG_LEVEL: LogLevel = "INFO"
+COMMON_LOG_FORMAT: LogFormat = "plain"
+CACHE_MONGO_DATABASE = "datasets_server_cache"
+CACHE_MONGO_URL = "mongodb://localhost:27017"
+QUEUE_MAX_JOBS_PER_NAMESPACE = 1
+QUEUE_MONGO_DATABASE = "datasets_server_queue"
+QUEUE_MONGO_URL = "mongodb://localhost:27017"
+QUEUE_REDIS_URL = "redis://localhost:6379/0"
+WORKER_HEARTBEAT_INTERVAL_SECONDS = 10.0
+WORKER_MAX_MISSING_HEARTBEATS = 3
+WORKER_MAX_JOB_DURATION_SECONDS = 20 * 60
+WORKER_CONTENT_MAX_BYTES = 10_000_000
+WORKER_MAX_ATTEMPTS = 3
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (or a lone user token) replaced by `***`; unparsable input fully masked."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None and parts.username is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***" if parts.password is not None else "***"
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    except ValueError:
+        return "***"
+
+
+class SecretUrl(SecretStr):
+    """A URL that may carry credentials: shown with its password masked, read with get_secret_value()."""
+
+    def _display(self) -> str:
+        return mask_url(self.get_secret_value())
+
+    def __repr__(self) -> str:
+        return f"SecretUrl({self._display()!r})"
+
+
+def _scheme_checker(*schemes: str) -> AfterValidator:
+    def check(value: SecretStr) -> SecretUrl:
+        url = value.get_secret_value()
+        if urlsplit(url).scheme not in schemes:
+            raise ValueError(f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return SecretUrl(url)
+
+    return AfterValidator(check)
+
+
+MongoUrl = Annotated[SecretStr, _scheme_checker("mongodb", "mongodb+srv")]
+RedisUrl = Annotated[SecretStr, _scheme_checker("redis", "rediss", "unix")]
+
+
+def _check_hf_endpoint(value: str) -> str:
+    scheme = urlsplit(value).scheme
+    if scheme in ("http", "https", "file") or (scheme == "" and value.startswith("/")):
+        return value.rstrip("/") if scheme else value
+    raise ValueError("must be an http(s):// URL, a file:// URL or an absolute directory path")
+
+
+HfEndpoint = Annotated[str, AfterValidator(_check_hf_endpoint)]
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+
+class AssetsConfig(_Settings):
+    model_config = SettingsConfigDict(env_prefix="ASSETS_")
+
+    base_url: str = ASSETS_BASE_URL
+    storage_directory: str = ASSETS_STORAGE_DIRECTORY
+
+    @property
+    def storage_path(self) -> Path:
+        """Where asset files go: the configured directory, or one inside the OS default cache directory."""
+        if self.storage_directory:
+            return Path(self.storage_directory)
+        return Path(platformdirs.user_cache_dir()) / ASSETS_DEFAULT_SUBDIRECTORY
+
+
+class CommonConfig(_Settings):
+    model_config = SettingsConfigDict(env_prefix="COMMON_")
+
+    hf_endpoint: HfEndpoint = COMMON_HF_ENDPOINT
+    hf_token: SecretStr = SecretStr(COMMON_HF_TOKEN)
+    log_level: LogLevel = COMMON_LOG_LEVEL
+    log_format: LogFormat = COMMON_LOG_FORMAT
+
+
+class CacheConfig(_Settings):
+    model_config = SettingsConfigDict(env_prefix="CACHE_")
+
+    mongo_database: Annotated[str, Field(min_length=1)] = CACHE_MONGO_DATABASE
+    mongo_url: MongoUrl = SecretUrl(CACHE_MONGO_URL)
+
+
+class QueueConfig(_Settings):
+    model_config = SettingsConfigDict(env_prefix="QUEUE_")
+
+    max_jobs_per_namespace: Annotated[int, Field(ge=1)] = QUEUE_MAX_JOBS_PER_NAMESPACE
+    mongo_database: Annotated[str, Field(min_length=1)] = QUEUE_MONGO_DATABASE
+    mongo_url: MongoUrl = SecretUrl(QUEUE_MONGO_URL)
+    redis_url: RedisUrl = SecretUrl(QUEUE_REDIS_URL)
+
+
+class WorkerConfig(_Settings):
+    model_config = SettingsConfigDict(env_prefix="WORKER_")
+
+    heartbeat_interval_seconds: Annotated[float, Field(gt=0)] = WORKER_HEARTBEAT_INTERVAL_SECONDS
+    max_missing_heartbeats: Annotated[int, Field(ge=1)] = WORKER_MAX_MISSING_HEARTBEATS
+    max_job_duration_seconds: Annotated[float, Field(gt=0)] = WORKER_MAX_JOB_DURATION_SECONDS
+    content_max_bytes: Annotated[int, Field(ge=1, le=15_000_000)] = WORKER_CONTENT_MAX_BYTES
+    max_attempts: Annotated[int, Field(ge=1)] = WORKER_MAX_ATTEMPTS
+
+    @property
+    def lease_ttl_seconds(self) -> float:
+        """How long a job keeps its slot without a heartbeat: the tolerated missing heartbeats, plus one."""
+        return self.heartbeat_interval_seconds * (self.max_missing_heartbeats + 1)
+
+
+class AppConfig(BaseModel):
+    """All settings of one process."""
+
+    PREFIXES: ClassVar[dict[str, type[_Settings]]] = {
+        "assets": AssetsConfig,
+        "common": CommonConfig,
+        "cache": CacheConfig,
+        "queue": QueueConfig,
+        "worker": WorkerConfig,
+    }
+
+    assets: AssetsConfig
+    common: CommonConfig
+    cache: CacheConfig
+    queue: QueueConfig
+    worker: WorkerConfig
+
+    @classmethod
+    def from_env(cls) -> AppConfig:
+        """Read every prefix from the environment; the first bad value raises a one-line ConfigError."""
+        sections: dict[str, Any] = {}
+        for field, settings_class in cls.PREFIXES.items():
+            try:
+                sections[field] = settings_class()
+            except ValidationError as error:
+                raise ConfigError(_one_line(settings_class, error)) from None
+        return cls(**sections)
+
+
+def _one_line(settings_class: type[_Settings], error: ValidationError) -> str:
+    first = error.errors(include_url=False, include_input=False)[0]
+    prefix = str(settings_class.model_config.get("env_prefix", ""))
+    variable = prefix + "_".join(str(part) for part in first["loc"]).upper()
+    raw = os.environ.get(variable)
+    shown = ""
+    if raw is not None and "TOKEN" not in variable:
+        shown = f"={mask_url(raw) if 'URL' in variable else raw!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid configuration: {variable}{shown}: {message}"
+
+
+@lru_cache(maxsize=1)
+def get_config() -> AppConfig:
+    """The process's settings, read once; `get_config.cache_clear()` re-reads the environment."""
+    return AppConfig.from_env()
+
+
+def get_config_or_exit() -> AppConfig:
+    """The process's settings, or one line on stderr and exit status 2 when a value is bad."""
+    try:
+        return get_config()
+    except ConfigError as error:
+        print(f"stepcache: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,7 @@
+"""Every MongoDB collection name and Redis key prefix stepcache uses, in one place."""
+
+CACHE_COLLECTION = "cachedResponses"
+JOBS_COLLECTION = "jobs"
+
+# Redis keys of one namespace share the hash tag `{namespace}` so a Lua script touching them is cluster-safe.
+REDIS_PREFIX = "stepcache"

@@ -1,0 +1,54 @@
+"""MongoDB clients: created lazily, one per URL and process, never shared across a fork.
+
+Celery's prefork pool forks worker children after the parent may have touched MongoDB; a MongoClient
+must not cross a fork (its sockets and monitor threads belong to the parent), so a child drops the
+parent's clients and makes its own on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from pydantic import SecretStr
+from pymongo import MongoClient
+from pymongo.database import Database
+
+SERVER_SELECTION_TIMEOUT_MS = 10_000
+_clients: dict[str, MongoClient[dict[str, Any]]] = {}
+_lock = threading.Lock()
+
+
+def _forget_clients_after_fork() -> None:
+    # The parent's clients are unusable here; closing them would touch the parent's sockets.
+    global _lock
+    _clients.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)
+
+
+def get_database(url: SecretStr, database: str) -> Database[dict[str, Any]]:
+    """The database on the server at `url`, through this process's client for that URL."""
+    key = url.get_secret_value()
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = MongoClient(
+                key,
+                tz_aware=True,
+                serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+                connectTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+            )
+            _clients[key] = client
+    return client[database]
+
+
+def close_clients() -> None:
+    """Close every client of this process (tests, shutdown)."""
+    with _lock:
+        for client in _clients.values():
+            client.close()
+        _clients.clear()

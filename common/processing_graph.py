@@ -1,0 +1,299 @@
+"""The processing graph: which steps exist, what each one reads, and which cache entries they make.
+
+A step's parents are the steps whose cached responses it needs; when a job ends, the steps below it in
+the graph are enqueued (fan-out when a child is finer than its parent, fan-in when it is coarser and must
+wait for all of them). The graph is validated whole when it is built, so a bad spec stops the process at
+import time instead of surfacing as a job that never runs.
+
+A user adds a step at import time of their module, before workers start, with :func:`register_step`.
+Code that reads the graph calls :func:`get_processing_graph` every time instead of capturing the
+module-level variable, which :func:`register_step` replaces.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple, TypeVar
+
+from common.exceptions import (
+    InvalidStepSpecError,
+    ProcessingGraphCycleError,
+    UnknownParentStepError,
+    UnknownStepError,
+)
+
+_STEP_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class InputType(StrEnum):
+    DATASET = "dataset"
+    CONFIG = "config"
+    SPLIT = "split"
+
+
+class QueueName(StrEnum):
+    LIGHT = "light"
+    HEAVY = "heavy"
+
+
+class CacheKey(NamedTuple):
+    kind: str
+    dataset: str
+    config: str | None
+    split: str | None
+
+
+@dataclass(frozen=True)
+class ProcessingStep:
+    name: str
+    input_type: InputType
+    parents: tuple[str, ...] = ()
+    job_runner_version: int = 1
+    queue: QueueName = QueueName.LIGHT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _STEP_NAME.fullmatch(self.name):
+            raise InvalidStepSpecError(
+                f"step name {self.name!r} is not lowercase words of [a-z0-9] joined by '-'"
+            )
+        # Specs may come from plain data (a list, strings), so coerce to the types the rest of the code
+        # relies on; the dataclass is frozen, hence object.__setattr__.
+        object.__setattr__(self, "input_type", _coerce(InputType, self.input_type, self.name, "input type"))
+        object.__setattr__(self, "queue", _coerce(QueueName, self.queue, self.name, "queue"))
+        # A bare string is iterable too and would silently become one parent per character.
+        if isinstance(self.parents, str) or not isinstance(self.parents, (list, tuple)):
+            raise InvalidStepSpecError(
+                f"step {self.name!r}: parents must be a list or tuple of step names, got {self.parents!r}"
+            )
+        parents = tuple(self.parents)
+        if not all(isinstance(parent, str) for parent in parents):
+            raise InvalidStepSpecError(f"step {self.name!r}: every parent must be a step name (str)")
+        if len(set(parents)) != len(parents):
+            raise InvalidStepSpecError(f"step {self.name!r} lists a parent twice: {list(parents)}")
+        object.__setattr__(self, "parents", parents)
+        # bool is an int subclass; True as a version is a mistake, not version 1.
+        version = self.job_runner_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidStepSpecError(
+                f"step {self.name!r}: job_runner_version must be an integer >= 1, got {version!r}"
+            )
+
+    @property
+    def python_name(self) -> str:
+        """The name as a Python identifier, e.g. ``dataset_config_names`` for a task attribute."""
+        return self.name.replace("-", "_")
+
+
+def _coerce(enum: type[_E], value: object, step: str, what: str) -> _E:
+    if isinstance(value, str):
+        try:
+            return enum(value)
+        except ValueError:
+            pass
+    accepted = ", ".join(repr(member.value) for member in enum)
+    raise InvalidStepSpecError(f"step {step!r}: {what} {value!r} is not one of {accepted}")
+
+
+class ProcessingGraph:
+    """An immutable, validated DAG of steps; lists of steps are in topological order, except parents()."""
+
+    def __init__(self, steps: Iterable[ProcessingStep]) -> None:
+        declared = tuple(steps)
+        by_name: dict[str, ProcessingStep] = {}
+        for step in declared:
+            if not isinstance(step, ProcessingStep):
+                raise InvalidStepSpecError(f"not a ProcessingStep: {step!r}")
+            if step.name in by_name:
+                raise InvalidStepSpecError(f"step {step.name!r} is declared twice")
+            by_name[step.name] = step
+        for step in declared:
+            for parent in step.parents:
+                if parent not in by_name:
+                    raise UnknownParentStepError(f"step {step.name!r} names an unknown parent {parent!r}")
+            # Every job chain starts from a dataset name alone; a config- or split-level root would
+            # have no step upstream to tell it which configs or splits exist.
+            if not step.parents and step.input_type is not InputType.DATASET:
+                raise InvalidStepSpecError(
+                    f"step {step.name!r} has no parents, so it must be dataset-level, not {step.input_type}"
+                )
+        self._declared = declared
+        self._by_name = by_name
+        self._order = _kahn(declared)
+        self._position = {step.name: index for index, step in enumerate(self._order)}
+        children: dict[str, list[str]] = {name: [] for name in by_name}
+        for step in self._order:
+            for parent in step.parents:
+                children[parent].append(step.name)
+        self._children = {name: tuple(names) for name, names in children.items()}
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, ProcessingStep):
+            return self._by_name.get(item.name) == item
+        return isinstance(item, str) and item in self._by_name
+
+    def __iter__(self) -> Iterator[ProcessingStep]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __repr__(self) -> str:
+        return f"ProcessingGraph({[step.name for step in self._order]})"
+
+    @property
+    def steps(self) -> tuple[ProcessingStep, ...]:
+        return self._order
+
+    def get_step(self, name: str) -> ProcessingStep:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(self._by_name)
+            raise UnknownStepError(f"unknown processing step {name!r}; known steps: {known}") from None
+
+    def topological_order(self) -> list[ProcessingStep]:
+        return list(self._order)
+
+    def roots(self) -> list[ProcessingStep]:
+        return [step for step in self._order if not step.parents]
+
+    def parents(self, name: str) -> list[ProcessingStep]:
+        """Direct parents, in the order the step declares them."""
+        return [self._by_name[parent] for parent in self.get_step(name).parents]
+
+    def children(self, name: str) -> list[ProcessingStep]:
+        self.get_step(name)
+        return [self._by_name[child] for child in self._children[name]]
+
+    def ancestors(self, name: str) -> list[ProcessingStep]:
+        return self._closure(name, lambda step: step.parents)
+
+    def descendants(self, name: str) -> list[ProcessingStep]:
+        return self._closure(name, lambda step: self._children[step.name])
+
+    def _closure(
+        self, name: str, neighbours: Callable[[ProcessingStep], Iterable[str]]
+    ) -> list[ProcessingStep]:
+        start = self.get_step(name)
+        seen: set[str] = set()
+        pending = list(neighbours(start))
+        while pending:
+            current = pending.pop()
+            if current not in seen:
+                seen.add(current)
+                pending.extend(neighbours(self._by_name[current]))
+        return sorted((self._by_name[found] for found in seen), key=lambda step: self._position[step.name])
+
+    def with_step(self, step: ProcessingStep) -> ProcessingGraph:
+        """A new graph with ``step`` added, validated whole; ``self`` is left as it was."""
+        return ProcessingGraph((*self._declared, step))
+
+    def expected_entries(self, dataset: str, configs: Mapping[str, Sequence[str]]) -> list[CacheKey]:
+        """The cache keys every step should have filled for ``dataset``, given its configs and splits."""
+        for config, splits in configs.items():
+            # A str is a Sequence[str]: "train" would otherwise expand to the splits t, r, a, i, n.
+            if isinstance(splits, str):
+                raise TypeError(f"splits of config {config!r} must be a sequence of names, not a str")
+        keys: list[CacheKey] = []
+        for step in self._order:
+            if step.input_type is InputType.DATASET:
+                keys.append(CacheKey(step.name, dataset, None, None))
+            elif step.input_type is InputType.CONFIG:
+                keys.extend(CacheKey(step.name, dataset, config, None) for config in configs)
+            else:
+                keys.extend(
+                    CacheKey(step.name, dataset, config, split)
+                    for config, splits in configs.items()
+                    for split in splits
+                )
+        return keys
+
+
+def _kahn(declared: tuple[ProcessingStep, ...]) -> tuple[ProcessingStep, ...]:
+    # Ties go to the earliest declared step so the order (and what gets enqueued first) never depends
+    # on set or dict iteration details.
+    index = {step.name: position for position, step in enumerate(declared)}
+    waiting_on = {step.name: len(step.parents) for step in declared}
+    children: dict[str, list[str]] = {step.name: [] for step in declared}
+    for step in declared:
+        for parent in step.parents:
+            children[parent].append(step.name)
+    ready = [index[step.name] for step in declared if not step.parents]
+    heapq.heapify(ready)
+    order: list[ProcessingStep] = []
+    while ready:
+        step = declared[heapq.heappop(ready)]
+        order.append(step)
+        for child in children[step.name]:
+            waiting_on[child] -= 1
+            if waiting_on[child] == 0:
+                heapq.heappush(ready, index[child])
+    if len(order) < len(declared):
+        raise ProcessingGraphCycleError(f"the steps' parents form a cycle: {_find_cycle(declared, order)}")
+    return tuple(order)
+
+
+def _find_cycle(declared: tuple[ProcessingStep, ...], ordered: list[ProcessingStep]) -> str:
+    # Every step Kahn's algorithm left behind has a parent that was also left behind, so walking up
+    # from any of them must come back to a step already seen: that loop is a cycle.
+    by_name = {step.name: step for step in declared}
+    left = {step.name for step in declared} - {step.name for step in ordered}
+    current = next(step.name for step in declared if step.name in left)
+    walked: list[str] = []
+    while current not in walked:
+        walked.append(current)
+        current = next(parent for parent in by_name[current].parents if parent in left)
+    cycle = walked[walked.index(current) :][::-1]
+    # Read from the cycle's earliest declared step, the one a person editing the specs looks at first.
+    position = {step.name: index for index, step in enumerate(declared)}
+    first = cycle.index(min(cycle, key=position.__getitem__))
+    cycle = cycle[first:] + cycle[:first]
+    return " -> ".join([*cycle, cycle[0]])
+
+
+DEFAULT_STEPS: tuple[ProcessingStep, ...] = (
+    ProcessingStep("dataset-config-names", InputType.DATASET),
+    ProcessingStep("config-split-names", InputType.CONFIG, ("dataset-config-names",)),
+    ProcessingStep("split-first-rows", InputType.SPLIT, ("config-split-names",)),
+    ProcessingStep(
+        "config-parquet-and-info", InputType.CONFIG, ("dataset-config-names",), queue=QueueName.HEAVY
+    ),
+    ProcessingStep("config-parquet", InputType.CONFIG, ("config-parquet-and-info",)),
+    ProcessingStep("config-info", InputType.CONFIG, ("config-parquet-and-info",)),
+    ProcessingStep("config-size", InputType.CONFIG, ("config-parquet-and-info",)),
+    ProcessingStep("dataset-size", InputType.DATASET, ("config-size",)),
+    ProcessingStep(
+        "split-descriptive-statistics", InputType.SPLIT, ("config-parquet",), queue=QueueName.HEAVY
+    ),
+    ProcessingStep("dataset-is-valid", InputType.DATASET, ("split-first-rows", "config-parquet")),
+)
+
+processing_graph: ProcessingGraph = ProcessingGraph(DEFAULT_STEPS)
+
+# Registration is a read-modify-write of the module-level graph; two modules registering from two
+# threads must not lose one of the steps.
+_register_lock = threading.Lock()
+
+
+def register_step(step: ProcessingStep) -> ProcessingStep:
+    """Add ``step`` to the module-level graph, or raise and leave the graph as it was.
+
+    A user adds a step at import time of their module, before workers start: a worker builds its tasks
+    and routes from the graph it sees when it starts, so a step registered later is unknown to it.
+    """
+    global processing_graph
+    with _register_lock:
+        processing_graph = processing_graph.with_step(step)
+    return step
+
+
+def get_processing_graph() -> ProcessingGraph:
+    """The current graph; call this each time, since :func:`register_step` replaces the variable."""
+    return processing_graph

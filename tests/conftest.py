@@ -1,0 +1,172 @@
+"""The test harness: real servers, clean databases for every test.
+
+A session starts its own throwaway `redis-server` (from PATH) and an embedded SecantusDB (a MongoDB
+wire-protocol server) on free ports, unless TEST_REDIS_URL / TEST_MONGO_URL name external servers.
+The `stores` fixture gives a test fresh databases whose names contain `test` and a flushed Redis
+database, and points the process's settings (and any worker it starts) at them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from pymongo import MongoClient
+
+from common import mongo
+from common.config import get_config
+
+STARTUP_TIMEOUT_SECONDS = 30.0
+SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_until_ready(process: subprocess.Popen[bytes], name: str, ready: object) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.exit(f"{name} exited with status {process.returncode} at start", returncode=3)
+        try:
+            ready()  # type: ignore[operator]
+            return
+        except Exception:
+            time.sleep(0.05)
+    process.kill()
+    pytest.exit(f"{name} did not answer within {STARTUP_TIMEOUT_SECONDS}s", returncode=3)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    external = os.environ.get("TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.exit(
+            "redis-server not found on PATH: install it (apt-get install redis-server) or set TEST_REDIS_URL",
+            returncode=3,
+        )
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    _wait_until_ready(process, "redis-server", client.ping)
+    client.close()
+    yield url
+    _stop(process)
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    external = os.environ.get("TEST_MONGO_URL")
+    if external:
+        yield external
+        return
+    port = free_port()
+    storage = tempfile.mkdtemp(prefix="stepcache-test-mongo-")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from secantus.cli import main; main()",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            storage,
+            "--log-level",
+            "ERROR",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"mongodb://127.0.0.1:{port}"
+    client: MongoClient[dict[str, object]] = MongoClient(url, serverSelectionTimeoutMS=500)
+    _wait_until_ready(process, "SecantusDB", lambda: client.admin.command("ping"))
+    client.close()
+    yield url
+    _stop(process)
+    shutil.rmtree(storage, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Where this test's data lives: the URLs and database names its settings point at."""
+
+    redis_url: str
+    mongo_url: str
+    cache_database: str
+    queue_database: str
+
+    def env(self) -> dict[str, str]:
+        """The environment a worker process needs to use the same stores."""
+        return {
+            "QUEUE_REDIS_URL": self.redis_url,
+            "CACHE_MONGO_URL": self.mongo_url,
+            "QUEUE_MONGO_URL": self.mongo_url,
+            "CACHE_MONGO_DATABASE": self.cache_database,
+            "QUEUE_MONGO_DATABASE": self.queue_database,
+        }
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """No stepcache variable from the outside environment or a `.env` file leaks into the test."""
+    for name in list(os.environ):
+        if name.startswith(SETTINGS_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    get_config.cache_clear()
+    yield monkeypatch
+    get_config.cache_clear()
+
+
+@pytest.fixture
+def stores(clean_env: pytest.MonkeyPatch, redis_url: str, mongo_url: str) -> Iterator[Stores]:
+    run = uuid.uuid4().hex[:12]
+    result = Stores(redis_url, mongo_url, f"stepcache_test_{run}_cache", f"stepcache_test_{run}_queue")
+    for name, value in result.env().items():
+        clean_env.setenv(name, value)
+    get_config.cache_clear()
+    redis_client = redis.Redis.from_url(redis_url)
+    redis_client.flushdb()
+    yield result
+    mongo.close_clients()
+    redis_client.flushdb()
+    redis_client.close()
+    client: MongoClient[dict[str, object]] = MongoClient(mongo_url)
+    client.drop_database(result.cache_database)
+    client.drop_database(result.queue_database)
+    client.close()
