@@ -153,6 +153,14 @@ class WorkerConfig(_Settings):
         """How long a job keeps its slot without a heartbeat: the tolerated missing heartbeats, plus one."""
         return self.heartbeat_interval_seconds * (self.max_missing_heartbeats + 1)
 
+    @property
+    def visibility_timeout_seconds(self) -> float:
+        """How long the broker waits before redelivering an unacknowledged message, and how long a
+        dispatched job keeps its slot before it starts: longer than any job, so a running job's message
+        is never handed to a second worker, and a job waiting behind busy workers is never dispatched twice.
+        """
+        return max(3600.0, 2 * self.max_job_duration_seconds + self.lease_ttl_seconds)
+
 
 class AppConfig(BaseModel):
     """All settings of one process."""

@@ -20,7 +20,9 @@
           ├── ContentTooBigError                 501  content over WORKER_CONTENT_MAX_BYTES
           ├── ContentNotStorableError            500  content that is not a JSON/BSON document
           ├── JobManagerCrashedError             500  the worker died or stopped heart-beating
-          └── JobManagerExceededMaximumDurationError 500  the job hit its time limit
+          ├── JobManagerExceededMaximumDurationError 500  the job hit its time limit
+          ├── StepNotImplementedError            501  the step has no function yet
+          └── UnexpectedError                    500  a step raised something untyped (the cause says what)
 
 A :class:`CacheableError` is stored as the response of the step that raised it: its ``error_code``
 (the class name, stable across releases), ``http_status`` and ``details`` (the message and the cause)
@@ -138,3 +140,13 @@ class JobManagerCrashedError(CacheableError):
 
 class JobManagerExceededMaximumDurationError(CacheableError):
     """The job ran longer than WORKER_MAX_JOB_DURATION_SECONDS."""
+
+
+class StepNotImplementedError(CacheableError):
+    """The step is declared in the graph but no function computes it."""
+
+    http_status = HTTPStatus.NOT_IMPLEMENTED
+
+
+class UnexpectedError(CacheableError):
+    """A step raised an error that is not one of stepcache's; its type and message are the cause."""

@@ -1,0 +1,109 @@
+"""What a job is: its statuses, priorities, the ledger document and the payload the limiter keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+    @property
+    def rank(self) -> int:
+        """0 runs first."""
+        return {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}[self]
+
+    @property
+    def celery_priority(self) -> int:
+        """Celery's Redis transport consumes lower numbers first."""
+        return self.rank * 3
+
+
+class JobStatus(StrEnum):
+    WAITING = "waiting"
+    QUEUED = "queued"
+    STARTED = "started"
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELLED})
+PENDING_STATUSES = (JobStatus.WAITING, JobStatus.QUEUED)
+
+
+def unicity_id(step: str, dataset: str, config: str | None, split: str | None) -> str:
+    """Jobs with the same unicity id compute the same cache entry."""
+    return f"{step},{dataset},{config or ''},{split or ''}"
+
+
+class JobPayload(BaseModel):
+    """What the limiter keeps of a waiting or leased job: enough to publish its Celery message."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    step: str
+    dataset: str
+    config: str | None
+    split: str | None
+    namespace: str
+    priority: Priority
+    rank: int
+
+
+class Job(BaseModel):
+    """A job as the ledger (collection `jobs`) records it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    step: str
+    dataset: str
+    config: str | None = None
+    split: str | None = None
+    namespace: str
+    revision: str | None = None
+    priority: Priority = Priority.NORMAL
+    status: JobStatus
+    unicity_id: str
+    created_at: datetime
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    worker: str | None = None
+    attempts: int = 0
+    lease_token: str | None = None
+    blocked_by: str | None = None
+    error_code: str | None = None
+
+    def payload(self) -> JobPayload:
+        return JobPayload(
+            job_id=self.job_id,
+            step=self.step,
+            dataset=self.dataset,
+            config=self.config,
+            split=self.split,
+            namespace=self.namespace,
+            priority=self.priority,
+            rank=self.priority.rank,
+        )
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A job the limiter leased a slot to: publish its message with this token."""
+
+    payload: JobPayload
+    token: str

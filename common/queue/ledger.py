@@ -1,0 +1,194 @@
+"""The job ledger: collection `jobs` in QUEUE_MONGO_DATABASE, the durable record of every job.
+
+Redis holds the fast path (waiting rooms, leases); the ledger is what survives Redis losing its data.
+Every transition is conditional on the status it leaves (waiting -> queued -> started -> success |
+error, any non-terminal -> cancelled), so a late or repeated writer never moves a job backwards.
+
+Dedupe: a pending job (waiting or queued) holds `pending_key`, its unicity id, under a unique partial
+index, so two identical pending jobs cannot exist; the first writer wins and later ones get its id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError
+
+from common.config import get_config
+from common.constants import JOBS_COLLECTION
+from common.mongo import get_database
+from common.queue.jobs import PENDING_STATUSES, TERMINAL_STATUSES, Job, JobStatus
+
+CREATE_ATTEMPTS = 5
+_indexed: set[tuple[str, str]] = set()
+_indexed_lock = threading.Lock()
+
+
+def jobs_collection() -> Collection[dict[str, Any]]:
+    """The `jobs` collection of this process's settings, its indexes created on first use."""
+    settings = get_config().queue
+    collection = get_database(settings.mongo_url, settings.mongo_database)[JOBS_COLLECTION]
+    marker = (settings.mongo_url.get_secret_value(), settings.mongo_database)
+    if marker not in _indexed:
+        with _indexed_lock:
+            if marker not in _indexed:
+                collection.create_index(
+                    "pending_key",
+                    unique=True,
+                    name="pending",
+                    partialFilterExpression={"pending_key": {"$type": "string"}},
+                )
+                collection.create_index([("unicity_id", ASCENDING), ("status", ASCENDING)], name="unicity")
+                collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
+                collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
+                collection.create_index("blocked_by", name="blocked_by")
+                _indexed.add(marker)
+    return collection
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _job(document: dict[str, Any]) -> Job:
+    return Job.model_validate({**document, "job_id": document["_id"]})
+
+
+class Ledger:
+    """Reads and conditional transitions of the `jobs` collection."""
+
+    def __init__(self, collection: Collection[dict[str, Any]] | None = None) -> None:
+        self.collection = collection if collection is not None else jobs_collection()
+
+    def create(self, job: Job) -> tuple[Job, bool]:
+        """Record a new waiting job, or return the identical pending job and False."""
+        document = job.model_dump(exclude={"job_id"}) | {"_id": job.job_id, "pending_key": job.unicity_id}
+        for _ in range(CREATE_ATTEMPTS):
+            try:
+                self.collection.insert_one(document)
+                return job, True
+            except DuplicateKeyError:
+                existing = self.collection.find_one({"pending_key": job.unicity_id})
+                if existing is not None:
+                    return _job(existing), False
+                # The identical job started between our insert and our read: try again.
+        raise RuntimeError(f"could not record job {job.job_id}: its twin keeps changing state")
+
+    def get(self, job_id: str) -> Job | None:
+        document = self.collection.find_one({"_id": job_id})
+        return None if document is None else _job(document)
+
+    def started_job(self, unicity_id: str) -> Job | None:
+        """The started job computing this cache entry, if there is one."""
+        document = self.collection.find_one({"unicity_id": unicity_id, "status": JobStatus.STARTED})
+        return None if document is None else _job(document)
+
+    def block(self, job_id: str, blocker_id: str) -> None:
+        """Keep a waiting job out of the limiter until the identical started job ends."""
+        self.collection.update_one(
+            {"_id": job_id, "status": JobStatus.WAITING}, {"$set": {"blocked_by": blocker_id}}
+        )
+
+    def unblock(self, blocker_id: str) -> list[Job]:
+        """The jobs that waited behind this one, no longer blocked."""
+        jobs = [
+            _job(d) for d in self.collection.find({"blocked_by": blocker_id, "status": JobStatus.WAITING})
+        ]
+        if jobs:
+            self.collection.update_many(
+                {"_id": {"$in": [job.job_id for job in jobs]}}, {"$set": {"blocked_by": None}}
+            )
+        return jobs
+
+    def mark_queued(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            self.collection.update_many(
+                {"_id": {"$in": list(job_ids)}, "status": JobStatus.WAITING},
+                {"$set": {"status": JobStatus.QUEUED, "queued_at": _now()}},
+            )
+
+    def mark_waiting(self, job_ids: Sequence[str]) -> None:
+        """Jobs whose lease was taken back go back to waiting, pending again unless a twin is."""
+        for job_id in job_ids:
+            document = self.collection.find_one({"_id": job_id}, {"unicity_id": True})
+            if document is None:
+                continue
+            query = {"_id": job_id, "status": {"$in": [JobStatus.QUEUED, JobStatus.STARTED]}}
+            try:
+                self.collection.update_one(
+                    query, {"$set": {"status": JobStatus.WAITING, "pending_key": document["unicity_id"]}}
+                )
+            except DuplicateKeyError:
+                self.collection.update_one(query, {"$set": {"status": JobStatus.WAITING}})
+
+    def mark_started(self, job_id: str, token: str, attempt: int, worker: str) -> bool:
+        now = _now()
+        result = self.collection.update_one(
+            {"_id": job_id, "status": {"$in": list(PENDING_STATUSES)}},
+            [
+                {
+                    "$set": {
+                        "status": JobStatus.STARTED,
+                        "queued_at": {"$ifNull": ["$queued_at", now]},
+                        "started_at": now,
+                        "last_heartbeat": now,
+                        "lease_token": token,
+                        "attempts": attempt,
+                        "worker": worker,
+                    }
+                },
+                {"$unset": "pending_key"},
+            ],
+        )
+        return result.modified_count == 1
+
+    def heartbeat(self, job_id: str) -> bool:
+        result = self.collection.update_one(
+            {"_id": job_id, "status": JobStatus.STARTED}, {"$set": {"last_heartbeat": _now()}}
+        )
+        return result.modified_count == 1
+
+    def finish(self, job_id: str, status: JobStatus, error_code: str | None = None) -> bool:
+        """Record the end of a started job; False when it was not started (cancelled, reaped)."""
+        if not status.is_terminal:
+            raise ValueError(f"{status} is not a terminal status")
+        result = self.collection.update_one(
+            {"_id": job_id, "status": JobStatus.STARTED},
+            {"$set": {"status": status, "finished_at": _now(), "error_code": error_code}},
+        )
+        return result.modified_count == 1
+
+    def fail(self, job_ids: Iterable[str], error_code: str) -> None:
+        """End non-terminal jobs as errors (the reaper's crashed jobs)."""
+        self._end(job_ids, JobStatus.ERROR, error_code)
+
+    def cancel(self, job_ids: Iterable[str]) -> None:
+        self._end(job_ids, JobStatus.CANCELLED, None)
+
+    def _end(self, job_ids: Iterable[str], status: JobStatus, error_code: str | None) -> None:
+        ids = list(job_ids)
+        if ids:
+            self.collection.update_many(
+                {"_id": {"$in": ids}, "status": {"$nin": list(TERMINAL_STATUSES)}},
+                [
+                    {"$set": {"status": status, "finished_at": _now(), "error_code": error_code}},
+                    {"$unset": "pending_key"},
+                ],
+            )
+
+    def jobs(self, dataset: str | None = None, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
+        """Jobs of a dataset (or of every dataset), optionally only in these statuses, oldest first."""
+        query: dict[str, Any] = {}
+        if dataset is not None:
+            query["dataset"] = dataset
+        if statuses is not None:
+            query["status"] = {"$in": list(statuses)}
+        return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
+
+    def unfinished(self) -> list[Job]:
+        return self.jobs(statuses=(JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED))

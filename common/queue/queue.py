@@ -1,0 +1,277 @@
+"""The Queue: the ledger and the limiter working together, as callers and operators use them.
+
+A job's life through this class::
+
+    enqueue  -> ledger: waiting -> limiter.admit -> dispatched? publish, ledger: queued
+    start    -> limiter.confirm -> ledger: started          (or: drop a stale/redelivered message)
+    heartbeat-> limiter.renew + ledger.last_heartbeat
+    finish   -> ledger: success|error -> limiter.release_and_promote -> publish the promoted jobs
+    reap     -> expired leases: requeue, or fail as JobManagerCrashedError in ledger and cache
+
+It does not know Celery: a :class:`Dispatcher` publishes the messages and revokes started jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from common import cache
+from common.config import get_config
+from common.exceptions import InvalidArgumentsError, JobManagerCrashedError, MissingStepInputError
+from common.names import namespace_of, validate_key
+from common.processing_graph import InputType, ProcessingStep, get_processing_graph
+from common.queue.jobs import (
+    PENDING_STATUSES,
+    Dispatch,
+    Job,
+    JobPayload,
+    JobStatus,
+    Priority,
+    unicity_id,
+)
+from common.queue.ledger import Ledger
+from common.queue.limiter import Confirmation, NamespaceCounts, NamespaceLimiter
+from common.redis_connection import get_redis
+
+logger = logging.getLogger(__name__)
+REAPER_LOCK_KEY = "stepcache:reaper"
+
+
+class Dispatcher(Protocol):
+    """Publishes the messages of jobs that got a slot, and stops started jobs (Celery, in tasks/)."""
+
+    def publish(self, dispatch: Dispatch) -> None: ...
+
+    def revoke(self, job_ids: Sequence[str]) -> None: ...
+
+
+@dataclass
+class ReapReport:
+    crashed: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    dispatched: int = 0
+
+
+def check_step_input(step: ProcessingStep, config: str | None, split: str | None) -> None:
+    """A step gets exactly the config and split its input type needs."""
+    needs_config = step.input_type in (InputType.CONFIG, InputType.SPLIT)
+    needs_split = step.input_type == InputType.SPLIT
+    if needs_config != (config is not None) or needs_split != (split is not None):
+        wanted = {
+            InputType.DATASET: "a dataset only",
+            InputType.CONFIG: "a dataset and a config",
+            InputType.SPLIT: "a dataset, a config and a split",
+        }[step.input_type]
+        raise MissingStepInputError(
+            f"step {step.name!r} takes {wanted}; got config={config!r} split={split!r}"
+        )
+
+
+def parse_priority(priority: object) -> Priority:
+    if isinstance(priority, str) and priority in {p.value for p in Priority}:
+        return Priority(priority)
+    raise InvalidArgumentsError(f"priority must be one of {', '.join(Priority)}, not {priority!r}")
+
+
+class Queue:
+    """Jobs in and out of the ledger and the limiter."""
+
+    def __init__(self, dispatcher: Dispatcher, ledger: Ledger, limiter: NamespaceLimiter) -> None:
+        self.dispatcher = dispatcher
+        self.ledger = ledger
+        self.limiter = limiter
+
+    @classmethod
+    def from_config(cls, dispatcher: Dispatcher) -> Queue:
+        settings = get_config()
+        limiter = NamespaceLimiter(
+            get_redis(settings.queue.redis_url),
+            default_limit=settings.queue.max_jobs_per_namespace,
+            started_ttl_seconds=settings.worker.lease_ttl_seconds,
+            queued_ttl_seconds=settings.worker.visibility_timeout_seconds,
+            max_attempts=settings.worker.max_attempts,
+        )
+        return cls(dispatcher, Ledger(), limiter)
+
+    # --- the life of a job -------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        step: str,
+        dataset: str,
+        config: str | None = None,
+        split: str | None = None,
+        priority: object = Priority.NORMAL,
+        revision: str | None = None,
+    ) -> Job:
+        """Validate, record and admit a job; the identical pending job instead, when there is one."""
+        processing_step = get_processing_graph().get_step(step)
+        dataset, config, split = validate_key(dataset, config, split)
+        check_step_input(processing_step, config, split)
+        job = Job(
+            job_id=str(uuid.uuid4()),
+            step=step,
+            dataset=dataset,
+            config=config,
+            split=split,
+            namespace=namespace_of(dataset),
+            revision=revision,
+            priority=parse_priority(priority),
+            status=JobStatus.WAITING,
+            unicity_id=unicity_id(step, dataset, config, split),
+            created_at=datetime.now(UTC),
+        )
+        job, created = self.ledger.create(job)
+        if created:
+            self._admit_unless_twin_started(job)
+        return job
+
+    def _admit_unless_twin_started(self, job: Job) -> None:
+        # One key never runs twice at once: a twin that is running makes this job wait for its end.
+        twin = self.ledger.started_job(job.unicity_id)
+        if twin is None:
+            self._admit(job)
+            return
+        self.ledger.block(job.job_id, twin.job_id)
+        # The twin may have ended between the two reads; it then unblocked nobody, so we do it.
+        ended = self.ledger.get(twin.job_id)
+        if ended is None or ended.status.is_terminal:
+            self._admit_unblocked(twin.job_id)
+
+    def _admit(self, job: Job) -> None:
+        _, dispatched = self.limiter.admit(job.payload())
+        self._publish(dispatched)
+
+    def _admit_unblocked(self, blocker_id: str) -> None:
+        for job in self.ledger.unblock(blocker_id):
+            self._admit(job)
+
+    def _publish(self, dispatched: Sequence[Dispatch]) -> None:
+        for dispatch in dispatched:
+            self.dispatcher.publish(dispatch)
+        self.ledger.mark_queued([dispatch.payload.job_id for dispatch in dispatched])
+
+    def start(self, payload: JobPayload, token: str, worker: str) -> Confirmation:
+        """At task start: whether this message may run; it may only while holding a lease."""
+        confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token)
+        if confirmation.decision == "orphan":
+            # Redis forgot the job (finished, cancelled, or Redis lost its data): ask the ledger.
+            job = self.ledger.get(payload.job_id)
+            if job is not None and not job.status.is_terminal and job.blocked_by is None:
+                self._admit(job)  # parked again; promotion sends it a fresh message
+            return Confirmation("drop")
+        if confirmation.run and not self.ledger.mark_started(
+            payload.job_id, token, confirmation.attempt, worker
+        ):
+            # Cancelled between dispatch and start.
+            self.release(payload, token)
+            return Confirmation("drop")
+        return confirmation
+
+    def heartbeat(self, payload: JobPayload, token: str) -> bool:
+        """Keep a started job's lease; False when it lost it (cancelled, reaped)."""
+        renewed = self.limiter.renew(payload.namespace, payload.job_id, token)
+        if renewed:
+            self.ledger.heartbeat(payload.job_id)
+        return renewed
+
+    def finish(
+        self, payload: JobPayload, token: str, status: JobStatus, error_code: str | None = None
+    ) -> None:
+        """Record the job's end, give its slot to the next waiting job, and wake its blocked twins."""
+        self.ledger.finish(payload.job_id, status, error_code)
+        self.release(payload, token)
+
+    def release(self, payload: JobPayload, token: str) -> None:
+        _, dispatched = self.limiter.release_and_promote(payload.namespace, payload.job_id, token)
+        self._publish(dispatched)
+        self._admit_unblocked(payload.job_id)
+
+    def reap(self) -> ReapReport | None:
+        """Take back expired leases in every namespace; None when another process is reaping."""
+        lock = self.limiter.redis.lock(REAPER_LOCK_KEY, timeout=60, blocking=False)
+        if not lock.acquire():
+            return None
+        try:
+            report = ReapReport()
+            for namespace in self.limiter.namespaces():
+                reaped = self.limiter.reap(namespace)
+                self.ledger.mark_waiting(reaped.requeued)
+                for payload in reaped.crashed:
+                    self._fail_crashed(payload)
+                self._publish(reaped.dispatched)
+                report.crashed += [p.job_id for p in reaped.crashed]
+                report.requeued += reaped.requeued
+                report.dispatched += len(reaped.dispatched)
+            return report
+        finally:
+            lock.release()
+
+    def _fail_crashed(self, payload: JobPayload) -> None:
+        error = JobManagerCrashedError(
+            f"the job's worker stopped sending heartbeats {get_config().worker.max_attempts} times"
+        )
+        self.ledger.fail([payload.job_id], error.error_code)
+        step = get_processing_graph().get_step(payload.step)
+        cache.upsert_error(
+            payload.step,
+            payload.dataset,
+            error,
+            config=payload.config,
+            split=payload.split,
+            job_runner_version=step.job_runner_version,
+        )
+        self._admit_unblocked(payload.job_id)
+
+    # --- operators -----------------------------------------------------------------------------------
+
+    def cancel(self, dataset: str, revoke_started: bool = False) -> list[Job]:
+        """Cancel every waiting or queued job of the dataset, and its started ones if asked to."""
+        dataset, _, _ = validate_key(dataset, None, None)
+        statuses = [*PENDING_STATUSES, *([JobStatus.STARTED] if revoke_started else [])]
+        jobs = self.ledger.jobs(dataset, statuses)
+        if not jobs:
+            return []
+        # The ledger first: a worker starting one of them now finds it cancelled and does not run it.
+        self.ledger.cancel(job.job_id for job in jobs)
+        _, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
+        self._publish(dispatched)
+        started = [job.job_id for job in jobs if job.status == JobStatus.STARTED]
+        if started:
+            self.dispatcher.revoke(started)
+        return jobs
+
+    def jobs(self, dataset: str | None = None, statuses: Sequence[JobStatus] | None = None) -> list[Job]:
+        return self.ledger.jobs(dataset, statuses)
+
+    def counts(self) -> dict[str, NamespaceCounts]:
+        """Waiting, queued and started jobs of every namespace the limiter knows."""
+        return {namespace: self.limiter.counts(namespace) for namespace in self.limiter.namespaces()}
+
+    def set_limit(self, namespace: str, limit: int | None) -> None:
+        """Override one namespace's limit (0 pauses it) or, with None, go back to the default."""
+        namespace = namespace_of(namespace)
+        self._publish(self.limiter.set_limit(namespace, limit))
+
+    def get_limit(self, namespace: str) -> tuple[int, bool]:
+        return self.limiter.get_limit(namespace_of(namespace))
+
+    def reconcile(self) -> int:
+        """Rebuild waiting rooms and leases from the ledger after Redis lost its data; returns how many."""
+        restored = 0
+        for job in self.ledger.unfinished():
+            if job.blocked_by is not None:
+                twin = self.ledger.get(job.blocked_by)
+                if twin is not None and not twin.status.is_terminal:
+                    continue
+                self.ledger.unblock(job.blocked_by)
+            token = job.lease_token if job.status == JobStatus.STARTED else None
+            restored += self.limiter.restore(job.payload(), token, job.attempts)
+        for namespace in self.limiter.namespaces():
+            self._publish(self.limiter.promote(namespace))
+        return restored

@@ -1,0 +1,213 @@
+"""The Celery task of a processing step.
+
+Calling it (`step.delay(dataset, config=None, split=None)` or `step.apply_async(args, kwargs,
+priority="high")`) does not publish a message: it validates the input, records the job in the ledger
+and hands it to the limiter, which publishes it when its namespace has a free slot. It returns the
+job's `AsyncResult`, whose id is the job id.
+
+On a worker, the message runs only if its lease token still holds a lease (`Queue.start`); the step's
+function then gets a :class:`StepJob` and returns content or raises a typed error. Either lands in the
+cache, the ledger records the end, and the slot goes to the next waiting job of the namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.result import AsyncResult
+
+from common import cache
+from common.exceptions import (
+    CacheableError,
+    ContentNotStorableError,
+    InvalidArgumentsError,
+    JobManagerExceededMaximumDurationError,
+    StepNotImplementedError,
+    UnexpectedError,
+)
+from common.logging import job_context
+from common.names import namespace_of
+from common.processing_graph import ProcessingStep
+from common.progress import Progress, ProgressMeta
+from common.queue import JobPayload, JobStatus, Priority
+from tasks.heartbeat import Heartbeat
+from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_queue
+
+logger = logging.getLogger(__name__)
+PROGRESS_STATE = "PROGRESS"
+STEP_ARGUMENTS = ("dataset", "config", "split")
+
+
+@dataclass(frozen=True)
+class StepJob:
+    """What a step's function gets: the job's input and a progress reporter."""
+
+    job_id: str | None
+    step: str
+    dataset: str
+    config: str | None
+    split: str | None
+    progress: Progress
+
+
+StepFunction = Callable[[StepJob], Mapping[str, Any]]
+
+
+def bind_step_arguments(args: Any, kwargs: Any) -> tuple[Any, Any, Any]:
+    """(dataset, config, split) from a call's args and kwargs, refusing anything else or non-JSON."""
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    try:
+        json.dumps([args, kwargs])
+    except (TypeError, ValueError) as error:
+        raise InvalidArgumentsError(f"step arguments must be JSON: {error}") from None
+    if len(args) > len(STEP_ARGUMENTS):
+        raise InvalidArgumentsError(f"a step takes at most {len(STEP_ARGUMENTS)} arguments: {STEP_ARGUMENTS}")
+    bound = dict(zip(STEP_ARGUMENTS, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in STEP_ARGUMENTS or name in bound:
+            raise InvalidArgumentsError(
+                f"unexpected or repeated argument {name!r}; a step takes {STEP_ARGUMENTS}"
+            )
+        bound[name] = value
+    if "dataset" not in bound:
+        raise InvalidArgumentsError("a step needs a dataset")
+    return bound["dataset"], bound.get("config"), bound.get("split")
+
+
+class StepTask(Task):  # type: ignore[misc]
+    """A processing step as a Celery task; `step` and `function` are set per step by `make_step_task`."""
+
+    step: ClassVar[ProcessingStep]
+    function: ClassVar[StepFunction | None] = None
+    # Options a caller may pass to apply_async; anything else (countdown, eta, queue...) would bypass
+    # the limiter's decisions, so it is refused.
+    CALL_OPTIONS: ClassVar[frozenset[str]] = frozenset({"priority"})
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+    ) -> AsyncResult:
+        unknown = set(options) - self.CALL_OPTIONS
+        if task_id is not None or unknown:
+            raise InvalidArgumentsError(
+                f"a step is scheduled by stepcache's limiter; unsupported options: "
+                f"{sorted(unknown | ({'task_id'} if task_id else set()))}"
+            )
+        dataset, config, split = bind_step_arguments(args, kwargs)
+        priority = options.get("priority") or Priority.NORMAL
+        job = get_queue().enqueue(self.name, dataset, config, split, priority=priority)
+        return self.AsyncResult(job.job_id)
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """`step.delay(dataset, config=None, split=None, priority="normal")`."""
+        priority = kwargs.pop("priority", None)
+        return self.apply_async(args, kwargs, **({"priority": priority} if priority is not None else {}))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        dataset, config, split = bind_step_arguments(args, kwargs)
+        request = self.request
+        token = getattr(request, TOKEN_HEADER, None)
+        if request.called_directly:
+            # A plain function call computes the content here, outside the queue and the cache.
+            return self._compute(
+                StepJob(None, self.name, dataset, config, split, Progress(lambda meta: None))
+            )
+        if not token:
+            logger.warning("dropping message %s of %s without a lease token", request.id, self.name)
+            raise Ignore()
+        priority = Priority(getattr(request, PRIORITY_HEADER, None) or Priority.NORMAL)
+        payload = JobPayload(
+            job_id=request.id,
+            step=self.name,
+            dataset=dataset,
+            config=config,
+            split=split,
+            namespace=namespace_of(dataset),
+            priority=priority,
+            rank=priority.rank,
+        )
+        return self._run_job(payload, token)
+
+    def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
+        queue = get_queue()
+        confirmation = queue.start(payload, token, worker=f"{self.request.hostname}:{os.getpid()}")
+        if not confirmation.run:
+            raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run
+        started = time.monotonic()
+        error: CacheableError | None = None
+        job = StepJob(
+            payload.job_id,
+            self.name,
+            payload.dataset,
+            payload.config,
+            payload.split,
+            Progress(self._report_progress),
+        )
+        with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(queue, payload, token):
+            try:
+                content = self._compute(job)
+                cache.upsert_response(
+                    self.name,
+                    payload.dataset,
+                    content,
+                    config=payload.config,
+                    split=payload.split,
+                    job_runner_version=self.step.job_runner_version,
+                    duration=time.monotonic() - started,
+                )
+            except Exception as raised:
+                error = _as_cacheable(raised)
+                cache.upsert_error(
+                    self.name,
+                    payload.dataset,
+                    error,
+                    config=payload.config,
+                    split=payload.split,
+                    job_runner_version=self.step.job_runner_version,
+                    duration=time.monotonic() - started,
+                )
+            finally:
+                queue.finish(
+                    payload,
+                    token,
+                    JobStatus.ERROR if error else JobStatus.SUCCESS,
+                    error.error_code if error else None,
+                )
+        if error is not None:
+            raise error
+        return {
+            "kind": self.name,
+            "dataset": payload.dataset,
+            "config": payload.config,
+            "split": payload.split,
+            "http_status": 200,
+        }
+
+    def _compute(self, job: StepJob) -> Mapping[str, Any]:
+        function = type(self).function
+        if function is None:
+            raise StepNotImplementedError(f"step {self.name!r} has no function")
+        content = function(job)
+        if not isinstance(content, Mapping):
+            raise ContentNotStorableError(
+                f"step {self.name!r} returned {type(content).__name__}, not a mapping"
+            )
+        return content
+
+    def _report_progress(self, meta: ProgressMeta) -> None:
+        self.update_state(state=PROGRESS_STATE, meta=meta)
+
+
+def _as_cacheable(error: BaseException) -> CacheableError:
+    if isinstance(error, CacheableError):
+        return error
+    if isinstance(error, SoftTimeLimitExceeded):
+        return JobManagerExceededMaximumDurationError("the job exceeded its maximum duration", cause=error)
+    return UnexpectedError(f"unexpected error: {type(error).__name__}: {error}", cause=error)

@@ -1,0 +1,95 @@
+"""The processing steps as Celery tasks, one per step of the graph, named exactly after the step.
+
+`tasks.steps.dataset_config_names` is the task of the step `dataset-config-names`, and so on. A user
+adds a step with the :func:`step` decorator, in a module the worker imports (`celery -A tasks worker
+-I mymodule`) and the enqueuing process imports too::
+
+    from tasks.steps import step
+
+    @step("dataset-row-count", input_type="dataset", parents=["dataset-config-names"])
+    def dataset_row_count(job: StepJob) -> dict[str, Any]:
+        return {"rows": 42}
+
+    dataset_row_count.delay("org/dataset")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from common.processing_graph import (
+    InputType,
+    ProcessingStep,
+    QueueName,
+    get_processing_graph,
+    register_step,
+)
+from tasks.step_task import StepFunction, StepJob, StepTask
+
+__all__ = ["StepJob", "StepTask", "get_step_task", "step"]
+
+_tasks: dict[str, StepTask] = {}
+
+
+def make_step_task(processing_step: ProcessingStep, function: StepFunction | None) -> StepTask:
+    """Register the Celery task of a graph step, computing with `function`."""
+    from tasks import app
+
+    cls = type(
+        processing_step.python_name,
+        (StepTask,),
+        {
+            "name": processing_step.name,
+            "step": processing_step,
+            "function": staticmethod(function) if function else None,
+        },
+    )
+    task: StepTask = app.register_task(cls())
+    _tasks[processing_step.name] = task
+    return task
+
+
+def get_step_task(name: str) -> StepTask:
+    """The task of a step of the graph (UnknownStepError for any other name)."""
+    get_processing_graph().get_step(name)
+    return _tasks[name]
+
+
+def step(
+    name: str,
+    input_type: InputType | str,
+    parents: Sequence[str] = (),
+    queue: QueueName | str = QueueName.LIGHT,
+    job_runner_version: int = 1,
+) -> Callable[[StepFunction], StepTask]:
+    """Add a step to the processing graph, computed by the decorated function; returns its task."""
+
+    def decorator(function: StepFunction) -> StepTask:
+        processing_step = register_step(
+            ProcessingStep(
+                name,
+                InputType(input_type),
+                parents=tuple(parents),
+                job_runner_version=job_runner_version,
+                queue=QueueName(queue),
+            )
+        )
+        return make_step_task(processing_step, function)
+
+    return decorator
+
+
+def _builtin(name: str) -> StepTask:
+    return make_step_task(get_processing_graph().get_step(name), None)
+
+
+dataset_config_names = _builtin("dataset-config-names")
+config_split_names = _builtin("config-split-names")
+split_first_rows = _builtin("split-first-rows")
+config_parquet_and_info = _builtin("config-parquet-and-info")
+config_parquet = _builtin("config-parquet")
+config_info = _builtin("config-info")
+config_size = _builtin("config-size")
+dataset_size = _builtin("dataset-size")
+split_descriptive_statistics = _builtin("split-descriptive-statistics")
+dataset_is_valid = _builtin("dataset-is-valid")

@@ -1,0 +1,307 @@
+"""The Queue with its real ledger (MongoDB) and limiter (Redis), and a dispatcher that records messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+import redis
+from pymongo import MongoClient
+
+from common import cache
+from common.config import get_config
+from common.exceptions import (
+    CachedResponseNotFoundError,
+    InvalidArgumentsError,
+    InvalidConfigNameError,
+    InvalidDatasetNameError,
+    MissingStepInputError,
+    UnknownStepError,
+)
+from common.queue import Dispatch, JobStatus, Queue
+from common.queue.ledger import Ledger
+from common.queue.limiter import NamespaceLimiter, namespace_keys
+from common.redis_connection import get_redis
+from tests.conftest import Stores
+
+
+class RecordingDispatcher:
+    def __init__(self) -> None:
+        self.published: list[Dispatch] = []
+        self.revoked: list[str] = []
+
+    def publish(self, dispatch: Dispatch) -> None:
+        self.published.append(dispatch)
+
+    def revoke(self, job_ids: Sequence[str]) -> None:
+        self.revoked += job_ids
+
+    def take(self) -> list[Dispatch]:
+        taken, self.published = self.published, []
+        return taken
+
+
+def make_queue(
+    started_ttl: float = 60.0, queued_ttl: float = 3600.0, limit: int = 2
+) -> tuple[Queue, RecordingDispatcher]:
+    dispatcher = RecordingDispatcher()
+    settings = get_config()
+    limiter = NamespaceLimiter(
+        get_redis(settings.queue.redis_url),
+        default_limit=limit,
+        started_ttl_seconds=started_ttl,
+        queued_ttl_seconds=queued_ttl,
+        max_attempts=2,
+    )
+    return Queue(dispatcher, Ledger(), limiter), dispatcher
+
+
+@pytest.fixture
+def queue(stores: Stores) -> Iterator[tuple[Queue, RecordingDispatcher]]:
+    yield make_queue()
+
+
+def run(queue: Queue, dispatch: Dispatch, status: JobStatus = JobStatus.SUCCESS) -> None:
+    """Start and finish a dispatched job, as a worker would."""
+    assert queue.start(dispatch.payload, dispatch.token, "test-worker").run
+    queue.finish(dispatch.payload, dispatch.token, status)
+
+
+def ids(dispatches: Sequence[Dispatch]) -> list[str]:
+    return [d.payload.job_id for d in dispatches]
+
+
+def test_a_namespace_gets_its_limit_of_slots_and_the_rest_wait(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(5)]
+    other = q.enqueue("dataset-config-names", "other/ds")
+    assert ids(dispatcher.take()) == [jobs[0].job_id, jobs[1].job_id, other.job_id]
+    counts = q.counts()
+    assert (counts["org"].waiting, counts["org"].queued, counts["org"].started) == (3, 2, 0)
+    statuses = {job.job_id: job.status for job in q.jobs()}
+    assert statuses[jobs[0].job_id] == JobStatus.QUEUED and statuses[jobs[4].job_id] == JobStatus.WAITING
+
+
+def test_a_freed_slot_promotes_the_next_job_in_the_release_itself(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(3)]
+    first, _ = dispatcher.take()
+    run(q, first)
+    # No poll and no reaper: the finish call itself published the next job.
+    assert ids(dispatcher.take()) == [jobs[2].job_id]
+    assert q.ledger.get(jobs[0].job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+
+
+def test_waiting_jobs_run_by_priority_then_age(queue: tuple[Queue, RecordingDispatcher]) -> None:
+    q, dispatcher = queue
+    q.set_limit("org", 0)
+    low = q.enqueue("dataset-config-names", "org/low", priority="low")
+    normal1 = q.enqueue("dataset-config-names", "org/n1")
+    high = q.enqueue("dataset-config-names", "org/high", priority="high")
+    normal2 = q.enqueue("dataset-config-names", "org/n2", priority="normal")
+    assert dispatcher.take() == []
+    q.set_limit("org", 4)
+    assert ids(dispatcher.take()) == [high.job_id, normal1.job_id, normal2.job_id, low.job_id]
+
+
+def test_a_redelivered_message_runs_once(queue: tuple[Queue, RecordingDispatcher]) -> None:
+    q, dispatcher = queue
+    q.enqueue("dataset-config-names", "org/ds")
+    (dispatch,) = dispatcher.take()
+    assert q.start(dispatch.payload, dispatch.token, "w1").run
+    assert not q.start(dispatch.payload, dispatch.token, "w2").run
+    q.finish(dispatch.payload, dispatch.token, JobStatus.SUCCESS)
+    assert not q.start(dispatch.payload, dispatch.token, "w3").run
+    assert q.ledger.get(dispatch.payload.job_id).attempts == 1  # type: ignore[union-attr]
+
+
+def test_a_stale_worker_cannot_release_a_slot_it_no_longer_holds(stores: Stores) -> None:
+    q, dispatcher = make_queue(started_ttl=0, limit=1)
+    q.enqueue("dataset-config-names", "org/a")
+    q.enqueue("dataset-config-names", "org/b")
+    (first,) = dispatcher.take()
+    assert q.start(first.payload, first.token, "w1").run
+    report = q.reap()  # the lease (TTL 0) expired: requeued behind b, and b got the slot
+    assert report is not None and report.requeued == [first.payload.job_id]
+    (second,) = dispatcher.take()
+    assert second.payload.dataset == "org/b"
+    assert q.start(second.payload, second.token, "w2").run
+    assert not q.heartbeat(first.payload, first.token)
+    q.finish(first.payload, first.token, JobStatus.SUCCESS)  # the stale worker ends late
+    assert q.counts()["org"].started == 1  # b still holds its slot
+    assert dispatcher.take() == []
+
+
+def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_crashed(stores: Stores) -> None:
+    q, dispatcher = make_queue(started_ttl=0, limit=1)
+    job = q.enqueue("dataset-config-names", "org/ds")
+    for attempt in (1, 2):
+        (dispatch,) = dispatcher.take()
+        confirmation = q.start(dispatch.payload, dispatch.token, "w")
+        assert confirmation.run and confirmation.attempt == attempt
+        report = q.reap()
+        assert report is not None
+    assert report.crashed == [job.job_id]
+    assert dispatcher.take() == []
+    ended = q.ledger.get(job.job_id)
+    assert (
+        ended is not None and ended.status == JobStatus.ERROR and ended.error_code == "JobManagerCrashedError"
+    )
+    entry = cache.get_response("dataset-config-names", "org/ds")
+    assert entry.error_code == "JobManagerCrashedError" and entry.http_status == 500
+    assert q.counts()["org"].running == 0
+
+
+def test_a_lost_message_is_dispatched_again_without_counting_an_attempt(stores: Stores) -> None:
+    q, dispatcher = make_queue(queued_ttl=0, limit=1)
+    q.enqueue("dataset-config-names", "org/ds")
+    (lost,) = dispatcher.take()
+    report = q.reap()
+    assert report is not None and report.requeued == [lost.payload.job_id]
+    (again,) = dispatcher.take()
+    assert again.token != lost.token
+    assert not q.start(lost.payload, lost.token, "w").run  # the old message, if it shows up, holds no lease
+    assert q.start(again.payload, again.token, "w").attempt == 1
+
+
+def test_only_one_reaper_runs_at_a_time(queue: tuple[Queue, RecordingDispatcher]) -> None:
+    q, _ = queue
+    lock = q.limiter.redis.lock("stepcache:reaper", timeout=5)
+    assert lock.acquire()
+    assert q.reap() is None
+    lock.release()
+    assert q.reap() is not None
+
+
+def test_an_identical_waiting_job_is_returned_instead_of_a_new_one(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    q.set_limit("org", 0)
+    first = q.enqueue("config-split-names", "org/ds", config="c")
+    assert q.enqueue("config-split-names", "org/ds", config="c").job_id == first.job_id
+    assert q.enqueue("config-split-names", "org/ds", config="d").job_id != first.job_id
+    q.set_limit("org", None)
+    (dispatch, _) = dispatcher.take()
+    assert dispatch.payload.job_id == first.job_id
+    assert q.enqueue("config-split-names", "org/ds", config="c").job_id == first.job_id  # queued, not started
+
+
+def test_an_identical_job_waits_behind_the_started_one(queue: tuple[Queue, RecordingDispatcher]) -> None:
+    q, dispatcher = queue
+    q.enqueue("dataset-config-names", "org/ds")
+    (dispatch,) = dispatcher.take()
+    assert q.start(dispatch.payload, dispatch.token, "w").run
+    second = q.enqueue("dataset-config-names", "org/ds")
+    assert second.job_id != dispatch.payload.job_id
+    assert dispatcher.take() == []  # a free slot, but the same key is running
+    assert q.enqueue("dataset-config-names", "org/ds").job_id == second.job_id
+    q.finish(dispatch.payload, dispatch.token, JobStatus.SUCCESS)
+    assert ids(dispatcher.take()) == [second.job_id]
+
+
+def test_an_override_applies_to_one_namespace_and_zero_pauses_it(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    q.set_limit("big", 3)
+    q.set_limit("paused", 0)
+    for namespace in ("big", "small", "paused"):
+        for i in range(4):
+            q.enqueue("dataset-config-names", f"{namespace}/ds{i}")
+    running = [d.payload.namespace for d in dispatcher.take()]
+    assert (running.count("big"), running.count("small"), running.count("paused")) == (3, 2, 0)
+    assert q.get_limit("big") == (3, True) and q.get_limit("small") == (2, False)
+    q.set_limit("paused", None)
+    assert [d.payload.namespace for d in dispatcher.take()] == ["paused", "paused"]
+    with pytest.raises(ValueError, match="0"):
+        q.set_limit("small", -1)
+
+
+def test_cancel_ends_waiting_and_queued_jobs_of_a_dataset_only(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    for config in ("a", "b", "c"):
+        q.enqueue("config-split-names", "org/ds", config=config)
+    other = q.enqueue("config-split-names", "org/other", config="a")
+    queued = dispatcher.take()
+    cancelled = q.cancel("org/ds")
+    assert len(cancelled) == 3
+    assert {j.status for j in q.jobs("org/ds")} == {JobStatus.CANCELLED}
+    # The freed slots went to the other dataset's job, and a cancelled job's message does not run.
+    assert ids(dispatcher.take()) == [other.job_id]
+    assert not q.start(queued[0].payload, queued[0].token, "w").run
+
+
+def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    job = q.enqueue("dataset-config-names", "org/ds")
+    (dispatch,) = dispatcher.take()
+    assert q.start(dispatch.payload, dispatch.token, "w").run
+    assert q.cancel("org/ds") == []  # started jobs are left alone unless asked
+    assert [j.job_id for j in q.cancel("org/ds", revoke_started=True)] == [job.job_id]
+    assert dispatcher.revoked == [job.job_id]
+    assert q.counts()["org"].started == 1
+    assert not q.heartbeat(dispatch.payload, dispatch.token)
+    q.finish(dispatch.payload, dispatch.token, JobStatus.SUCCESS)
+    assert q.ledger.get(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert q.counts()["org"].running == 0
+
+
+def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
+    stores: Stores, queue: tuple[Queue, RecordingDispatcher]
+) -> None:
+    q, dispatcher = queue
+    jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(4)]
+    started, queued = dispatcher.take()
+    assert q.start(started.payload, started.token, "w").run
+    redis.Redis.from_url(stores.redis_url).flushall()
+    assert q.counts() == {}
+    assert q.reconcile() == 4
+    # The started job got its lease back under its own token; the lost queued message is sent again.
+    assert q.heartbeat(started.payload, started.token)
+    assert ids(dispatcher.take()) == [queued.payload.job_id]
+    assert (q.counts()["org"].waiting, q.counts()["org"].running) == (2, 2)
+    q.finish(started.payload, started.token, JobStatus.SUCCESS)
+    assert ids(dispatcher.take()) == [jobs[2].job_id]
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda q: q.enqueue("dataset-config-names", "../etc/passwd"), InvalidDatasetNameError),
+        (lambda q: q.enqueue("dataset-config-names", "org/ds{x}"), InvalidDatasetNameError),
+        (lambda q: q.enqueue("no-such-step", "org/ds"), UnknownStepError),
+        (lambda q: q.enqueue("config-split-names", "org/ds"), MissingStepInputError),
+        (lambda q: q.enqueue("dataset-config-names", "org/ds", config="c"), MissingStepInputError),
+        (lambda q: q.enqueue("split-first-rows", "org/ds", config="c"), MissingStepInputError),
+        (lambda q: q.enqueue("config-split-names", "org/ds", config="a/../../b"), InvalidConfigNameError),
+        (lambda q: q.enqueue("dataset-config-names", "org/ds", priority="urgent"), InvalidArgumentsError),
+        (lambda q: q.enqueue("dataset-config-names", "org/ds", priority=5), InvalidArgumentsError),
+    ],
+)
+def test_bad_input_is_a_typed_error_and_nothing_is_written(
+    stores: Stores, queue: tuple[Queue, RecordingDispatcher], call: object, error: type[Exception]
+) -> None:
+    q, dispatcher = queue
+    with pytest.raises(error):
+        call(q)  # type: ignore[operator]
+    assert redis.Redis.from_url(stores.redis_url).dbsize() == 0
+    client: MongoClient[dict[str, object]] = MongoClient(stores.mongo_url)
+    assert client[stores.queue_database]["jobs"].count_documents({}) == 0
+    client.close()
+    assert dispatcher.published == []
+    with pytest.raises(CachedResponseNotFoundError):
+        cache.get_response("dataset-config-names", "org/ds")
+
+
+def test_every_key_of_a_namespace_shares_one_hash_tag() -> None:
+    keys = namespace_keys("org")
+    assert all("{org}" in key and key.count("{") == 1 for key in keys)
