@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from pymongo import MongoClient
 
 from common import mongo
@@ -170,3 +171,29 @@ def stores(clean_env: pytest.MonkeyPatch, redis_url: str, mongo_url: str) -> Ite
     client.drop_database(result.cache_database)
     client.drop_database(result.queue_database)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def celery_app(redis_url: str) -> Celery:
+    """stepcache's app, pointed at the session's Redis, with the sample steps registered."""
+    import tests.sample_steps  # noqa: F401  (registers the sample steps, as a user module would)
+    from tasks import app
+
+    app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    return app
+
+
+@pytest.fixture
+def worker(stores: Stores, celery_app: Celery) -> Iterator[object]:
+    """Celery's in-process test worker (a thread pool of 4) consuming both queues."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        celery_app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        queues=["light", "heavy"],
+        shutdown_timeout=30,
+    ) as running:
+        yield running

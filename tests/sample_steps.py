@@ -1,0 +1,57 @@
+"""Steps the tests register, the way a user adds their own (`celery -A tasks worker -I tests.sample_steps`).
+
+They are roots of the graph, outside the default steps. Each records its start and end in Redis, from
+the worker's process, so tests can check what ran where and when without trusting the ledger alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from common.config import get_config
+from common.exceptions import CacheableError
+from tasks.steps import StepJob, step
+
+EXECUTIONS_KEY = "test:executions"
+
+
+class SampleStepError(CacheableError):
+    """A typed error raised by the `test-fail` step."""
+
+
+def _record(job: StepJob, event: str) -> None:
+    client = redis.Redis.from_url(get_config().queue.redis_url.get_secret_value())
+    client.rpush(EXECUTIONS_KEY, f"{event} {job.job_id} {job.dataset} {time.time()} {os.getpid()}")
+    client.close()
+
+
+@step("test-noop", input_type="dataset")
+def test_noop(job: StepJob) -> dict[str, Any]:
+    return {"dataset": job.dataset}
+
+
+@step("test-sleep", input_type="dataset")
+def test_sleep(job: StepJob) -> dict[str, Any]:
+    """Sleeps TEST_SLEEP_SECONDS (default 0.05), reporting progress, recording start and end."""
+    _record(job, "start")
+    duration = float(os.environ.get("TEST_SLEEP_SECONDS", "0.05"))
+    steps = 5
+    for i in range(steps):
+        time.sleep(duration / steps)
+        job.progress.update(i + 1, steps, f"slept {i + 1}/{steps}")
+    _record(job, "end")
+    return {"dataset": job.dataset, "slept": duration}
+
+
+@step("test-fail", input_type="dataset")
+def test_fail(job: StepJob) -> dict[str, Any]:
+    raise SampleStepError(f"{job.dataset} cannot be processed")
+
+
+@step("test-config-echo", input_type="config", parents=["test-noop"])
+def test_config_echo(job: StepJob) -> dict[str, Any]:
+    return {"config": job.config}

@@ -1,0 +1,109 @@
+"""Step tasks through Celery's in-process worker, against the real Redis broker and MongoDB."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from common import cache
+from common.exceptions import InvalidArgumentsError, InvalidDatasetNameError, MissingStepInputError
+from common.queue import JobStatus
+from tasks import steps
+from tasks.queue import get_queue
+from tests import sample_steps
+from tests.conftest import Stores
+
+RESULT_TIMEOUT = 30
+
+
+def test_every_step_of_the_graph_is_a_task_named_after_it(celery_app: Celery) -> None:
+    assert steps.dataset_config_names.name == "dataset-config-names"
+    assert steps.split_descriptive_statistics.name == "split-descriptive-statistics"
+    assert celery_app.tasks["config-parquet-and-info"] is steps.config_parquet_and_info
+    assert steps.get_step_task("test-noop") is sample_steps.test_noop
+
+
+def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Stores, worker: object) -> None:
+    result = sample_steps.test_noop.delay("org/ds")
+    assert isinstance(result, AsyncResult)
+    assert result.get(timeout=RESULT_TIMEOUT)["http_status"] == 200
+    assert cache.get_response("test-noop", "org/ds").content == {"dataset": "org/ds"}
+    job = get_queue().ledger.get(result.id)
+    assert job is not None and job.status == JobStatus.SUCCESS
+    assert job.started_at is not None and job.finished_at is not None and job.worker
+    assert get_queue().counts()["org"].running == 0
+
+
+def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores, worker: object) -> None:
+    result = sample_steps.test_fail.apply_async(["org/ds"], priority="high")
+    with pytest.raises(sample_steps.SampleStepError):
+        result.get(timeout=RESULT_TIMEOUT)
+    assert result.state == "FAILURE"
+    entry = cache.get_response("test-fail", "org/ds")
+    assert (entry.http_status, entry.error_code) == (500, "SampleStepError")
+    job = get_queue().ledger.get(result.id)
+    assert job is not None and job.status == JobStatus.ERROR and job.error_code == "SampleStepError"
+
+
+def test_a_step_without_a_function_caches_a_not_implemented_error(stores: Stores, worker: object) -> None:
+    result = steps.dataset_is_valid.delay("org/ds")
+    with pytest.raises(Exception, match="has no function"):
+        result.get(timeout=RESULT_TIMEOUT)
+    assert cache.get_response("dataset-is-valid", "org/ds").http_status == 501
+
+
+def test_a_config_step_gets_its_config(stores: Stores, worker: object) -> None:
+    sample_steps.test_config_echo.delay("org/ds", config="default").get(timeout=RESULT_TIMEOUT)
+    assert cache.get_response("test-config-echo", "org/ds", "default").content == {"config": "default"}
+
+
+def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: object) -> None:
+    queue = get_queue()
+    queue.set_limit("org", 0)
+    result = sample_steps.test_sleep.delay("org/ds")
+    queue.set_limit("org", None)  # dispatches the job's message...
+    dispatch_token = queue.limiter.lease_token("org", result.id)
+    assert dispatch_token is not None
+    # ...and the broker delivers the very same message a second time.
+    from tasks.queue import CeleryDispatcher
+
+    job = queue.ledger.get(result.id)
+    assert job is not None
+    from common.queue import Dispatch
+
+    CeleryDispatcher().publish(Dispatch(job.payload(), dispatch_token.split(":", 1)[-1]))
+    result.get(timeout=RESULT_TIMEOUT)
+    client = redis.Redis.from_url(stores.redis_url)
+    executions = [e.decode() for e in client.lrange(sample_steps.EXECUTIONS_KEY, 0, -1)]
+    assert sum(1 for e in executions if e.startswith("start")) == 1
+    assert get_queue().ledger.get(result.id).attempts == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda: sample_steps.test_noop.delay("bad name"), InvalidDatasetNameError),
+        (lambda: sample_steps.test_noop.delay("org/ds", config="c"), MissingStepInputError),
+        (lambda: sample_steps.test_config_echo.delay("org/ds"), MissingStepInputError),
+        (lambda: sample_steps.test_noop.delay("org/ds", object()), InvalidArgumentsError),
+        (lambda: sample_steps.test_noop.delay(dataset={"not": "a name"}), InvalidDatasetNameError),
+        (lambda: sample_steps.test_noop.delay("org/ds", colour="red"), InvalidArgumentsError),
+        (lambda: sample_steps.test_noop.apply_async(["org/ds"], countdown=10), InvalidArgumentsError),
+        (lambda: sample_steps.test_noop.apply_async(["org/ds"], priority=9), InvalidArgumentsError),
+    ],
+)
+def test_bad_calls_are_refused_before_anything_is_written(stores: Stores, call: object, error: type) -> None:
+    with pytest.raises(error):
+        call()  # type: ignore[operator]
+    assert redis.Redis.from_url(stores.redis_url).dbsize() == 0
+    assert get_queue().ledger.collection.count_documents({}) == 0
+
+
+def test_only_json_crosses_the_broker(celery_app: Celery) -> None:
+    assert celery_app.conf.accept_content == ["json"]
+    assert celery_app.conf.task_serializer == "json"
+    assert json.dumps(celery_app.conf.result_accept_content) == '["json"]'
