@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,39 +22,9 @@ from pymongo import MongoClient
 
 from common import mongo
 from common.config import get_config
+from tasks.embedded import EmbeddedServer, ServerUnavailableError, start_mongo, start_redis
 
-STARTUP_TIMEOUT_SECONDS = 30.0
 SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_ready(process: subprocess.Popen[bytes], name: str, ready: object) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.exit(f"{name} exited with status {process.returncode} at start", returncode=3)
-        try:
-            ready()  # type: ignore[operator]
-            return
-        except Exception:
-            time.sleep(0.05)
-    process.kill()
-    pytest.exit(f"{name} did not answer within {STARTUP_TIMEOUT_SECONDS}s", returncode=3)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -68,24 +33,14 @@ def redis_url() -> Iterator[str]:
     if external:
         yield external
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.exit(
             "redis-server not found on PATH: install it (apt-get install redis-server) or set TEST_REDIS_URL",
             returncode=3,
         )
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    _wait_until_ready(process, "redis-server", client.ping)
-    client.close()
-    yield url
-    _stop(process)
+    server = _started(start_redis)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -94,32 +49,16 @@ def mongo_url() -> Iterator[str]:
     if external:
         yield external
         return
-    port = free_port()
-    storage = tempfile.mkdtemp(prefix="stepcache-test-mongo-")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from secantus.cli import main; main()",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--storage-path",
-            storage,
-            "--log-level",
-            "ERROR",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"mongodb://127.0.0.1:{port}"
-    client: MongoClient[dict[str, object]] = MongoClient(url, serverSelectionTimeoutMS=500)
-    _wait_until_ready(process, "SecantusDB", lambda: client.admin.command("ping"))
-    client.close()
-    yield url
-    _stop(process)
-    shutil.rmtree(storage, ignore_errors=True)
+    server = _started(start_mongo)
+    yield server.url
+    server.stop()
+
+
+def _started(start: Callable[[], EmbeddedServer]) -> EmbeddedServer:
+    try:
+        return start()
+    except ServerUnavailableError as error:
+        pytest.exit(str(error), returncode=3)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from common.queue import Job, JobStatus
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores
-from tests.workers import WorkerProcess
+from tests.workers import sample_worker
 
 pytestmark = pytest.mark.slow
 RESULT_TIMEOUT = 120
@@ -75,7 +75,7 @@ def worker_env(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
 def test_no_namespace_ever_runs_more_than_its_limit_and_every_job_succeeds(
     stores: Stores, celery_app: Celery, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
-    with WorkerProcess("w1", worker_env, tmp_path), WorkerProcess("w2", worker_env, tmp_path):
+    with sample_worker("w1", worker_env, tmp_path), sample_worker("w2", worker_env, tmp_path):
         results = [sample_steps.test_sleep.delay(f"ns{i % 10}/ds{i}") for i in range(200)]
         for result in results:
             result.get(timeout=RESULT_TIMEOUT)
@@ -101,8 +101,8 @@ def test_a_killed_worker_gives_its_slots_back_and_its_jobs_run_again_within_the_
     stores: Stores, celery_app: Celery, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**worker_env, "TEST_SLEEP_SECONDS": "1.0"}
-    survivor = WorkerProcess("survivor", env, tmp_path).start()
-    victim = WorkerProcess("victim", env, tmp_path).start()
+    survivor = sample_worker("survivor", env, tmp_path).start()
+    victim = sample_worker("victim", env, tmp_path).start()
     try:
         results = [sample_steps.test_sleep.delay(f"ns{i % 4}/ds{i}") for i in range(24)]
         ledger = get_queue().ledger
@@ -137,7 +137,7 @@ def test_one_job_of_another_namespace_does_not_wait_behind_a_long_backlog(
 ) -> None:
     backlog = [sample_steps.test_noop.delay(f"big/ds{i}") for i in range(2000)]
     queue = get_queue()
-    with WorkerProcess("w1", worker_env, tmp_path):
+    with sample_worker("w1", worker_env, tmp_path):
         small = sample_steps.test_noop.delay("small/ds")
         small.get(timeout=RESULT_TIMEOUT)
         job = queue.ledger.get(small.id)

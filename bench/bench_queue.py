@@ -1,0 +1,245 @@
+"""The queue benchmark: stepcache against plain Celery, on the same Redis broker and worker settings.
+
+    python -m bench.bench_queue        (or `make bench`)
+
+It starts its own redis-server and SecantusDB (unless BENCH_REDIS_URL / BENCH_MONGO_URL are set) and
+real `celery -A tasks worker` processes, and measures:
+
+(a) throughput of a no-op step through stepcache vs a plain Celery no-op task, as a ratio;
+(b) promote latency: from the end of one job's step to the start of the next job's step in a namespace
+    with a limit of 1 (includes the cache write, the ledger, release_and_promote, the broker and the
+    worker picking the message up), p50 and p99;
+(c) the wait of one job of namespace B enqueued behind a backlog of namespace A, with stepcache, with
+    the usual "retry with countdown when over the limit" recipe, and with no limiter at all.
+
+It prints a table and writes bench/results/queue.json and bench/results/queue.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKER_CONCURRENCY = 4
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+class Bench:
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.redis = redis.Redis.from_url(env["QUEUE_REDIS_URL"])
+
+    @contextmanager
+    def worker(self, name: str, **extra_env: str) -> Iterator[None]:
+        from tasks.embedded import WorkerProcess
+
+        env = {**self.env, **extra_env}
+        process = WorkerProcess(
+            name, env, self.log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"]
+        )
+        with process:
+            yield
+
+    def reset(self) -> None:
+        """A clean broker, limiter and ledger between measurements."""
+        from tasks.queue import get_queue
+
+        self.redis.flushdb()
+        get_queue().ledger.collection.delete_many({})
+
+    def starts(self) -> dict[str, float]:
+        from bench.steps import STARTS_KEY
+
+        recorded: dict[str, float] = {}
+        for line in self.redis.lrange(STARTS_KEY, 0, -1):
+            label, at = line.decode().rsplit(" ", 1)
+            recorded.setdefault(label, float(at))
+        return recorded
+
+    def throughput(self, jobs: int) -> dict[str, float]:
+        from bench import steps
+
+        rates = {}
+        calls: dict[str, Callable[[int], Any]] = {
+            "plain_celery": lambda i: steps.plain_noop.delay(f"ns{i % 100}/ds{i}"),
+            "stepcache": lambda i: steps.bench_noop.delay(f"ns{i % 100}/ds{i}"),
+        }
+        for name, call in calls.items():
+            self.reset()
+            with self.worker(f"throughput-{name}"):
+                call(-1).get(timeout=60)  # warm up the worker's pool and connections
+                begin = time.perf_counter()
+                results = [call(i) for i in range(jobs)]
+                for result in results:
+                    result.get(timeout=600)
+                rates[name] = jobs / (time.perf_counter() - begin)
+        return {**rates, "ratio": rates["stepcache"] / rates["plain_celery"]}
+
+    def promote_latency(self, jobs: int) -> dict[str, float]:
+        from bench import steps
+
+        self.reset()
+        with self.worker("latency", QUEUE_MAX_JOBS_PER_NAMESPACE="1"):
+            results = [steps.bench_sleep.delay(f"one/ds{i}") for i in range(jobs)]
+            for result in results:
+                result.get(timeout=600)
+        starts = self.starts()
+        runs = sorted((starts[f"one/ds{i}"], starts[f"end:one/ds{i}"]) for i in range(jobs))
+        gaps = [(runs[k + 1][0] - runs[k][1]) * 1000 for k in range(len(runs) - 1)]
+        return {"p50_ms": percentile(gaps, 0.5), "p99_ms": percentile(gaps, 0.99), "samples": len(gaps)}
+
+    def fairness(self, backlog: int) -> dict[str, float]:
+        """Seconds between enqueueing B's job and its start, behind `backlog` jobs of namespace A."""
+        from bench import steps
+
+        waits = {}
+        modes: dict[str, Any] = {
+            "stepcache": steps.bench_sleep,
+            "retry_countdown": steps.retry_sleep,
+            "no_limiter": steps.plain_sleep,
+        }
+        for mode, task in modes.items():
+            self.reset()
+            with self.worker(f"fairness-{mode}"):
+                for i in range(backlog):
+                    task.delay(f"a/ds{i}")
+                time.sleep(0.5)  # let the workers get into the backlog
+                enqueued = time.time()
+                task.delay("b/ds").get(timeout=900)
+                waits[mode] = self.starts()["b/ds"] - enqueued
+        return waits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
+    parser.add_argument("--latency-jobs", type=int, default=300, help="jobs for the promote latency run")
+    parser.add_argument("--backlogs", type=int, nargs="+", default=[200, 2000], help="namespace A backlogs")
+    args = parser.parse_args()
+
+    from tasks.embedded import start_mongo, start_redis
+
+    servers = []
+    redis_url = os.environ.get("BENCH_REDIS_URL") or (servers.append(start_redis()) or servers[-1].url)
+    mongo_url = os.environ.get("BENCH_MONGO_URL") or (servers.append(start_mongo()) or servers[-1].url)
+    run = uuid.uuid4().hex[:8]
+    env = {
+        "QUEUE_REDIS_URL": redis_url,
+        "CACHE_MONGO_URL": mongo_url,
+        "QUEUE_MONGO_URL": mongo_url,
+        "CACHE_MONGO_DATABASE": f"stepcache_bench_{run}_cache",
+        "QUEUE_MONGO_DATABASE": f"stepcache_bench_{run}_queue",
+        "QUEUE_MAX_JOBS_PER_NAMESPACE": "2",
+        "COMMON_LOG_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    from common.config import get_config
+
+    get_config.cache_clear()
+    from tasks import app
+
+    app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    import bench.steps
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
+            bench = Bench(env, Path(logs))
+            results: dict[str, Any] = {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "worker_concurrency": WORKER_CONCURRENCY,
+                    "mongo": "SecantusDB" if servers else mongo_url,
+                },
+                "throughput_jobs_per_s": bench.throughput(args.jobs),
+                "promote_latency": bench.promote_latency(args.latency_jobs),
+                "fairness_wait_s": {str(backlog): bench.fairness(backlog) for backlog in args.backlogs},
+            }
+    finally:
+        from common.mongo import get_database
+
+        settings = get_config()
+        get_database(settings.cache.mongo_url, "admin").client.drop_database(env["CACHE_MONGO_DATABASE"])
+        get_database(settings.cache.mongo_url, "admin").client.drop_database(env["QUEUE_MONGO_DATABASE"])
+        for server in servers:
+            server.stop()
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "queue.json").write_text(json.dumps(results, indent=2) + "\n")
+    throughput, latency = results["throughput_jobs_per_s"], results["promote_latency"]
+    lines = [
+        "| measure | stepcache | plain Celery | retry-with-countdown | no limiter |",
+        "|---|---|---|---|---|",
+        f"| no-op throughput (jobs/s) | {throughput['stepcache']:.0f} ({throughput['ratio']:.2f}x) "
+        f"| {throughput['plain_celery']:.0f} | | |",
+        f"| promote latency p50 / p99 (ms) | {latency['p50_ms']:.1f} / {latency['p99_ms']:.1f} | | | |",
+    ]
+    for backlog, waits in results["fairness_wait_s"].items():
+        lines.append(
+            f"| B's wait behind {backlog} jobs of A (s) | {waits['stepcache']:.2f} | "
+            f"| {waits['retry_countdown']:.2f} | {waits['no_limiter']:.2f} |"
+        )
+    table = "\n".join(lines)
+    (RESULTS / "queue.md").write_text(table + "\n")
+    print(table)
+    chart(results)
+
+
+def chart(results: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'stepcache[bench]'): no chart")
+        return
+    fairness = results["fairness_wait_s"]
+    backlogs = list(fairness)
+    modes = ["stepcache", "retry_countdown", "no_limiter"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(modes)
+    for index, mode in enumerate(modes):
+        left.bar(
+            [i + index * width for i in range(len(backlogs))],
+            [fairness[b][mode] for b in backlogs],
+            width,
+            label=mode.replace("_", " "),
+        )
+    left.set_xticks([i + width for i in range(len(backlogs))], [f"A backlog {b}" for b in backlogs])
+    left.set_ylabel("B's wait (s)")
+    left.set_yscale("log")
+    left.legend()
+    left.set_title("One job of B behind a backlog of A")
+    throughput = results["throughput_jobs_per_s"]
+    right.bar(["plain Celery", "stepcache"], [throughput["plain_celery"], throughput["stepcache"]])
+    right.set_ylabel("no-op jobs/s")
+    right.set_title(f"Throughput ({throughput['ratio']:.2f}x)")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "queue.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
