@@ -3,7 +3,7 @@ PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint clean
+.PHONY: install test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -26,3 +26,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+bench: install
+	$(BIN)/python -m bench.bench_queue

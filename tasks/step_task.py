@@ -38,6 +38,7 @@ from common.names import namespace_of
 from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, JobStatus, Priority
+from common.queue.jobs import unicity_id
 from tasks.heartbeat import Heartbeat
 from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_queue
 
@@ -130,6 +131,7 @@ class StepTask(Task):  # type: ignore[misc]
             config=config,
             split=split,
             namespace=namespace_of(dataset),
+            unicity_id=unicity_id(self.name, dataset, config, split),
             priority=priority,
             rank=priority.rank,
         )

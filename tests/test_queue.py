@@ -305,3 +305,45 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(
 def test_every_key_of_a_namespace_shares_one_hash_tag() -> None:
     keys = namespace_keys("org")
     assert all("{org}" in key and key.count("{") == 1 for key in keys)
+
+
+def test_a_blocked_twin_keeps_waiting_while_its_owner_is_requeued(stores: Stores) -> None:
+    q, dispatcher = make_queue(started_ttl=0, limit=2)
+    q.enqueue("dataset-config-names", "org/ds")
+    (owner,) = dispatcher.take()
+    assert q.start(owner.payload, owner.token, "w1").run
+    twin = q.enqueue("dataset-config-names", "org/ds")
+    assert dispatcher.take() == []
+    q.reap()  # the owner's worker died: the owner runs again, its twin still waits behind it
+    (again,) = dispatcher.take()
+    assert again.payload.job_id == owner.payload.job_id
+    assert q.start(again.payload, again.token, "w2").run
+    q.finish(again.payload, again.token, JobStatus.SUCCESS)
+    assert ids(dispatcher.take()) == [twin.job_id]
+
+
+def test_reconcile_keeps_a_twin_blocked_behind_its_started_owner(
+    stores: Stores, queue: tuple[Queue, RecordingDispatcher]
+) -> None:
+    q, dispatcher = queue
+    q.enqueue("dataset-config-names", "org/ds")
+    (owner,) = dispatcher.take()
+    assert q.start(owner.payload, owner.token, "w").run
+    twin = q.enqueue("dataset-config-names", "org/ds")
+    redis.Redis.from_url(stores.redis_url).flushall()
+    assert q.reconcile() == 2
+    assert dispatcher.take() == []
+    q.finish(owner.payload, owner.token, JobStatus.SUCCESS)
+    assert ids(dispatcher.take()) == [twin.job_id]
+
+
+def test_cancelling_a_blocked_twin_forgets_it(queue: tuple[Queue, RecordingDispatcher]) -> None:
+    q, dispatcher = queue
+    q.enqueue("dataset-config-names", "org/ds")
+    (owner,) = dispatcher.take()
+    assert q.start(owner.payload, owner.token, "w").run
+    twin = q.enqueue("dataset-config-names", "org/ds")
+    assert [job.job_id for job in q.cancel("org/ds")] == [twin.job_id]
+    q.finish(owner.payload, owner.token, JobStatus.SUCCESS)
+    assert dispatcher.take() == []
+    assert q.counts()["org"].running == 0 and q.counts()["org"].waiting == 0

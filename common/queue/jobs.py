@@ -58,6 +58,7 @@ class JobPayload(BaseModel):
     config: str | None
     split: str | None
     namespace: str
+    unicity_id: str
     priority: Priority
     rank: int
 
@@ -85,7 +86,6 @@ class Job(BaseModel):
     worker: str | None = None
     attempts: int = 0
     lease_token: str | None = None
-    blocked_by: str | None = None
     error_code: str | None = None
 
     def payload(self) -> JobPayload:
@@ -96,6 +96,7 @@ class Job(BaseModel):
             config=self.config,
             split=self.split,
             namespace=self.namespace,
+            unicity_id=self.unicity_id,
             priority=self.priority,
             rank=self.priority.rank,
         )

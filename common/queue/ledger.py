@@ -46,7 +46,6 @@ def jobs_collection() -> Collection[dict[str, Any]]:
                 collection.create_index([("unicity_id", ASCENDING), ("status", ASCENDING)], name="unicity")
                 collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
                 collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
-                collection.create_index("blocked_by", name="blocked_by")
                 _indexed.add(marker)
     return collection
 
@@ -82,28 +81,6 @@ class Ledger:
     def get(self, job_id: str) -> Job | None:
         document = self.collection.find_one({"_id": job_id})
         return None if document is None else _job(document)
-
-    def started_job(self, unicity_id: str) -> Job | None:
-        """The started job computing this cache entry, if there is one."""
-        document = self.collection.find_one({"unicity_id": unicity_id, "status": JobStatus.STARTED})
-        return None if document is None else _job(document)
-
-    def block(self, job_id: str, blocker_id: str) -> None:
-        """Keep a waiting job out of the limiter until the identical started job ends."""
-        self.collection.update_one(
-            {"_id": job_id, "status": JobStatus.WAITING}, {"$set": {"blocked_by": blocker_id}}
-        )
-
-    def unblock(self, blocker_id: str) -> list[Job]:
-        """The jobs that waited behind this one, no longer blocked."""
-        jobs = [
-            _job(d) for d in self.collection.find({"blocked_by": blocker_id, "status": JobStatus.WAITING})
-        ]
-        if jobs:
-            self.collection.update_many(
-                {"_id": {"$in": [job.job_id for job in jobs]}}, {"$set": {"blocked_by": None}}
-            )
-        return jobs
 
     def mark_queued(self, job_ids: Sequence[str]) -> None:
         if job_ids:
@@ -191,4 +168,6 @@ class Ledger:
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
 
     def unfinished(self) -> list[Job]:
-        return self.jobs(statuses=(JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED))
+        """Jobs not ended yet, the started ones first."""
+        jobs = self.jobs(statuses=(JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED))
+        return sorted(jobs, key=lambda job: job.status != JobStatus.STARTED)

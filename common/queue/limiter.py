@@ -26,7 +26,7 @@ from common.queue.jobs import Dispatch, JobPayload
 
 NAMESPACES_KEY = f"{REDIS_PREFIX}:namespaces"
 REAP_BATCH = 100
-_KEY_NAMES = ("leases", "expiry", "waiting", "jobs", "attempts", "limit", "sequence")
+_KEY_NAMES = ("leases", "expiry", "waiting", "jobs", "attempts", "limit", "sequence", "owners", "blocked")
 
 
 def namespace_key(namespace: str, name: str) -> str:
@@ -91,7 +91,7 @@ class NamespaceLimiter:
         self.started_ttl_ms = int(started_ttl_seconds * 1000)
         self.queued_ttl_ms = int(queued_ttl_seconds * 1000)
         self.max_attempts = max_attempts
-        self._scripts = {
+        self.scripts = {
             name: client.register_script(_load_script(name))
             for name in (
                 "admit",
@@ -107,20 +107,19 @@ class NamespaceLimiter:
         }
 
     def _run(self, script: str, namespace: str, *args: Any) -> Any:
-        return self._scripts[script](keys=namespace_keys(namespace), args=list(args))
+        return self.scripts[script](keys=namespace_keys(namespace), args=list(args))
 
     def admit(self, payload: JobPayload) -> tuple[bool, list[Dispatch]]:
-        """Park the job, then lease free slots of its namespace; False when the job was already admitted."""
-        self.redis.sadd(NAMESPACES_KEY, payload.namespace)
-        admitted, dispatched = self._run(
-            "admit",
-            payload.namespace,
-            payload.job_id,
-            payload.model_dump_json(),
-            payload.rank,
-            self.default_limit,
-            self.queued_ttl_ms,
+        """Park the job (behind its started twin, if it has one), then lease free slots of its
+        namespace; False when the job was already admitted."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(NAMESPACES_KEY, payload.namespace)
+        self.scripts["admit"](
+            keys=namespace_keys(payload.namespace),
+            args=[payload.job_id, payload.model_dump_json(), self.default_limit, self.queued_ttl_ms],
+            client=pipe,
         )
+        _, (admitted, dispatched) = pipe.execute()
         return bool(admitted), _dispatches(dispatched)
 
     def confirm(self, namespace: str, job_id: str, token: str) -> Confirmation:
@@ -167,7 +166,6 @@ class NamespaceLimiter:
                 payload.namespace,
                 payload.job_id,
                 payload.model_dump_json(),
-                payload.rank,
                 lease_token or "",
                 attempts,
                 self.started_ttl_ms,

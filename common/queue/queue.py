@@ -128,28 +128,12 @@ class Queue:
         )
         job, created = self.ledger.create(job)
         if created:
-            self._admit_unless_twin_started(job)
-        return job
-
-    def _admit_unless_twin_started(self, job: Job) -> None:
-        # One key never runs twice at once: a twin that is running makes this job wait for its end.
-        twin = self.ledger.started_job(job.unicity_id)
-        if twin is None:
             self._admit(job)
-            return
-        self.ledger.block(job.job_id, twin.job_id)
-        # The twin may have ended between the two reads; it then unblocked nobody, so we do it.
-        ended = self.ledger.get(twin.job_id)
-        if ended is None or ended.status.is_terminal:
-            self._admit_unblocked(twin.job_id)
+        return job
 
     def _admit(self, job: Job) -> None:
         _, dispatched = self.limiter.admit(job.payload())
         self._publish(dispatched)
-
-    def _admit_unblocked(self, blocker_id: str) -> None:
-        for job in self.ledger.unblock(blocker_id):
-            self._admit(job)
 
     def _publish(self, dispatched: Sequence[Dispatch]) -> None:
         for dispatch in dispatched:
@@ -162,7 +146,7 @@ class Queue:
         if confirmation.decision == "orphan":
             # Redis forgot the job (finished, cancelled, or Redis lost its data): ask the ledger.
             job = self.ledger.get(payload.job_id)
-            if job is not None and not job.status.is_terminal and job.blocked_by is None:
+            if job is not None and not job.status.is_terminal:
                 self._admit(job)  # parked again; promotion sends it a fresh message
             return Confirmation("drop")
         if confirmation.run and not self.ledger.mark_started(
@@ -183,14 +167,13 @@ class Queue:
     def finish(
         self, payload: JobPayload, token: str, status: JobStatus, error_code: str | None = None
     ) -> None:
-        """Record the job's end, give its slot to the next waiting job, and wake its blocked twins."""
+        """Record the job's end, give its slot to the next waiting job, and wake its blocked twin."""
         self.ledger.finish(payload.job_id, status, error_code)
         self.release(payload, token)
 
     def release(self, payload: JobPayload, token: str) -> None:
         _, dispatched = self.limiter.release_and_promote(payload.namespace, payload.job_id, token)
         self._publish(dispatched)
-        self._admit_unblocked(payload.job_id)
 
     def reap(self) -> ReapReport | None:
         """Take back expired leases in every namespace; None when another process is reaping."""
@@ -226,7 +209,6 @@ class Queue:
             split=payload.split,
             job_runner_version=step.job_runner_version,
         )
-        self._admit_unblocked(payload.job_id)
 
     # --- operators -----------------------------------------------------------------------------------
 
@@ -265,11 +247,6 @@ class Queue:
         """Rebuild waiting rooms and leases from the ledger after Redis lost its data; returns how many."""
         restored = 0
         for job in self.ledger.unfinished():
-            if job.blocked_by is not None:
-                twin = self.ledger.get(job.blocked_by)
-                if twin is not None and not twin.status.is_terminal:
-                    continue
-                self.ledger.unblock(job.blocked_by)
             token = job.lease_token if job.status == JobStatus.STARTED else None
             restored += self.limiter.restore(job.payload(), token, job.attempts)
         for namespace in self.limiter.namespaces():

@@ -6,6 +6,7 @@ local job, token = ARGV[1], ARGV[2]
 local lease = redis.call('HGET', LEASES, job)
 if lease == 'q:' .. token then
   redis.call('HSET', LEASES, job, 's:' .. token)
+  redis.call('HSET', OWNERS, unicity(redis.call('HGET', JOBS, job)), job)
   redis.call('ZADD', EXPIRY, now_ms() + tonumber(ARGV[3]), job)
   return {'run', redis.call('HINCRBY', ATTEMPTS, job, 1)}
 end

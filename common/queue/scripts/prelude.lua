@@ -7,8 +7,10 @@
 --   KEYS[5] attempts  hash  job id -> how many times the job started
 --   KEYS[6] limit     string  this namespace's override of the default limit (absent: default)
 --   KEYS[7] sequence  string  counter for admission order and lease tokens
-local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+--   KEYS[8] owners    hash  unicity id -> the job that started computing that cache entry, until it ends
+--   KEYS[9] blocked   hash  unicity id -> the identical job waiting for the owner to end
+local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local RANK_WEIGHT = 1e15
 
 local function now_ms()
@@ -27,12 +29,43 @@ local function park(job, rank)
   redis.call('ZADD', WAITING, tonumber(rank) * RANK_WEIGHT + redis.call('INCR', SEQUENCE), job)
 end
 
+local function unicity(payload)
+  return cjson.decode(payload)['unicity_id']
+end
+
+-- A job whose identical twin started waits outside the waiting room until the twin ends:
+-- one cache entry is never computed twice at once.
+local function park_or_block(job, payload)
+  local key = unicity(payload)
+  local owner = redis.call('HGET', OWNERS, key)
+  if owner and owner ~= job then
+    redis.call('HSET', BLOCKED, key, job)
+  else
+    park(job, cjson.decode(payload)['rank'])
+  end
+end
+
+-- Drop every trace of the job; if it owned its cache entry, the twin blocked behind it is parked.
 local function forget(job)
+  local payload = redis.call('HGET', JOBS, job)
   redis.call('HDEL', LEASES, job)
   redis.call('ZREM', EXPIRY, job)
   redis.call('ZREM', WAITING, job)
   redis.call('HDEL', JOBS, job)
   redis.call('HDEL', ATTEMPTS, job)
+  if not payload then return end
+  local key = unicity(payload)
+  if redis.call('HGET', BLOCKED, key) == job then
+    redis.call('HDEL', BLOCKED, key)
+  end
+  if redis.call('HGET', OWNERS, key) == job then
+    redis.call('HDEL', OWNERS, key)
+    local twin = redis.call('HGET', BLOCKED, key)
+    if twin then
+      redis.call('HDEL', BLOCKED, key)
+      park(twin, cjson.decode(redis.call('HGET', JOBS, twin))['rank'])
+    end
+  end
 end
 
 -- Lease free slots to the best waiting jobs; returns {job, token, payload, job, token, payload, ...},

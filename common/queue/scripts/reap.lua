@@ -20,6 +20,7 @@ for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0
       crashed[#crashed + 1] = job
       crashed[#crashed + 1] = payload
     else
+      -- It keeps owning its cache entry: its blocked twin still waits for it to end.
       park(job, cjson.decode(payload)['rank'])
       requeued[#requeued + 1] = job
     end
