@@ -70,7 +70,7 @@ class Bench:
 
         recorded: dict[str, float] = {}
         for line in self.redis.lrange(STARTS_KEY, 0, -1):
-            label, at = line.decode().rsplit(" ", 1)
+            label, at = (line.decode() if isinstance(line, bytes) else line).rsplit(" ", 1)
             recorded.setdefault(label, float(at))
         return recorded
 
@@ -106,7 +106,7 @@ class Bench:
         stop = threading.Event()
 
         def watch() -> None:
-            with self.redis.monitor() as monitor:
+            with self.redis.monitor() as monitor:  # type: ignore[no-untyped-call]
                 while not stop.is_set():
                     command = monitor.next_command()
                     if release_sha in command["command"]:
@@ -179,8 +179,14 @@ def main() -> None:
     from tasks.embedded import start_mongo, start_redis
 
     servers = []
-    redis_url = os.environ.get("BENCH_REDIS_URL") or (servers.append(start_redis()) or servers[-1].url)
-    mongo_url = os.environ.get("BENCH_MONGO_URL") or (servers.append(start_mongo()) or servers[-1].url)
+    redis_url = os.environ.get("BENCH_REDIS_URL")
+    if not redis_url:
+        servers.append(start_redis())
+        redis_url = servers[-1].url
+    mongo_url = os.environ.get("BENCH_MONGO_URL")
+    if not mongo_url:
+        servers.append(start_mongo())
+        mongo_url = servers[-1].url
     run = uuid.uuid4().hex[:8]
     env = {
         "QUEUE_REDIS_URL": redis_url,
@@ -198,11 +204,11 @@ def main() -> None:
     from tasks import app
 
     app.conf.update(broker_url=redis_url, result_backend=redis_url)
-    import bench.steps
+    import bench.steps  # noqa: F401  (registers the benchmark's steps and tasks)
 
     try:
         with tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
-            bench = Bench(env, Path(logs))
+            runner = Bench(env, Path(logs))
             results: dict[str, Any] = {
                 "machine": {
                     "cpus": os.cpu_count(),
@@ -210,9 +216,9 @@ def main() -> None:
                     "worker_concurrency": WORKER_CONCURRENCY,
                     "mongo": "SecantusDB" if servers else mongo_url,
                 },
-                "throughput_jobs_per_s": bench.throughput(args.jobs),
-                "promote_latency": bench.promote_latency(args.latency_jobs),
-                "fairness_wait_s": {str(backlog): bench.fairness(backlog) for backlog in args.backlogs},
+                "throughput_jobs_per_s": runner.throughput(args.jobs),
+                "promote_latency": runner.promote_latency(args.latency_jobs),
+                "fairness_wait_s": {str(backlog): runner.fairness(backlog) for backlog in args.backlogs},
             }
     finally:
         from common.mongo import get_database

@@ -196,6 +196,13 @@ def upsert_error(
     )
 
 
+def update_progress(kind: str, dataset: str, config: str | None, split: str | None, progress: float) -> bool:
+    """Set the progress (0..1) of an existing entry while its job runs again; False when there is none."""
+    key = _key(kind, dataset, config, split)
+    result = cache_collection().update_one(key, {"$set": {"progress": min(1.0, max(0.0, progress))}})
+    return result.matched_count == 1
+
+
 def get_response(
     kind: str, dataset: str, config: str | None = None, split: str | None = None
 ) -> CachedResponse:

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 from celery import Task
@@ -25,6 +26,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
 from common import cache
+from common.events import JobProgress
 from common.exceptions import (
     CacheableError,
     ContentNotStorableError,
@@ -37,8 +39,9 @@ from common.logging import job_context
 from common.names import namespace_of
 from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
-from common.queue import JobPayload, JobStatus, Priority
+from common.queue import JobPayload, Priority, Queue
 from common.queue.jobs import unicity_id
+from common.queue.queue import Outcome
 from tasks.heartbeat import Heartbeat
 from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_queue
 
@@ -144,14 +147,8 @@ class StepTask(Task):  # type: ignore[misc]
             raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run
         started = time.monotonic()
         error: CacheableError | None = None
-        job = StepJob(
-            payload.job_id,
-            self.name,
-            payload.dataset,
-            payload.config,
-            payload.split,
-            Progress(self._report_progress),
-        )
+        progress = Progress(lambda meta: self._report_progress(queue, payload, meta))
+        job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
         with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(queue, payload, token):
             try:
                 content = self._compute(job)
@@ -176,12 +173,10 @@ class StepTask(Task):  # type: ignore[misc]
                     duration=time.monotonic() - started,
                 )
             finally:
-                queue.finish(
-                    payload,
-                    token,
-                    JobStatus.ERROR if error else JobStatus.SUCCESS,
-                    error.error_code if error else None,
-                )
+                outcome = Outcome(HTTPStatus.OK, duration=time.monotonic() - started)
+                if error is not None:
+                    outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
+                queue.finish(payload, token, outcome)
         if error is not None:
             raise error
         return {
@@ -189,8 +184,15 @@ class StepTask(Task):  # type: ignore[misc]
             "dataset": payload.dataset,
             "config": payload.config,
             "split": payload.split,
-            "http_status": 200,
+            "http_status": HTTPStatus.OK,
         }
+
+    def _report_progress(self, queue: Queue, payload: JobPayload, meta: ProgressMeta) -> None:
+        """Where a step's progress goes: Celery's PROGRESS state (Flower, AsyncResult.info), the cache
+        entry's progress (when there is one from an earlier run), and a job.progress event."""
+        self.update_state(state=PROGRESS_STATE, meta=meta)
+        cache.update_progress(self.name, payload.dataset, payload.config, payload.split, meta["fraction"])
+        queue.emit(JobProgress, payload, **meta)
 
     def _compute(self, job: StepJob) -> Mapping[str, Any]:
         function = type(self).function
@@ -202,9 +204,6 @@ class StepTask(Task):  # type: ignore[misc]
                 f"step {self.name!r} returned {type(content).__name__}, not a mapping"
             )
         return content
-
-    def _report_progress(self, meta: ProgressMeta) -> None:
-        self.update_state(state=PROGRESS_STATE, meta=meta)
 
 
 def _as_cacheable(error: BaseException) -> CacheableError:

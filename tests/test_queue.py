@@ -21,6 +21,7 @@ from common.exceptions import (
 from common.queue import Dispatch, JobStatus, Queue
 from common.queue.ledger import Ledger
 from common.queue.limiter import NamespaceLimiter, namespace_keys
+from common.queue.queue import Outcome
 from common.redis_connection import get_redis
 from tests.conftest import Stores
 
@@ -61,10 +62,13 @@ def queue(stores: Stores) -> Iterator[tuple[Queue, RecordingDispatcher]]:
     yield make_queue()
 
 
-def run(queue: Queue, dispatch: Dispatch, status: JobStatus = JobStatus.SUCCESS) -> None:
+SUCCESS = Outcome(200)
+
+
+def run(queue: Queue, dispatch: Dispatch) -> None:
     """Start and finish a dispatched job, as a worker would."""
     assert queue.start(dispatch.payload, dispatch.token, "test-worker").run
-    queue.finish(dispatch.payload, dispatch.token, status)
+    queue.finish(dispatch.payload, dispatch.token, SUCCESS)
 
 
 def ids(dispatches: Sequence[Dispatch]) -> list[str]:
@@ -114,7 +118,7 @@ def test_a_redelivered_message_runs_once(queue: tuple[Queue, RecordingDispatcher
     (dispatch,) = dispatcher.take()
     assert q.start(dispatch.payload, dispatch.token, "w1").run
     assert not q.start(dispatch.payload, dispatch.token, "w2").run
-    q.finish(dispatch.payload, dispatch.token, JobStatus.SUCCESS)
+    q.finish(dispatch.payload, dispatch.token, SUCCESS)
     assert not q.start(dispatch.payload, dispatch.token, "w3").run
     assert q.ledger.get(dispatch.payload.job_id).attempts == 1  # type: ignore[union-attr]
 
@@ -131,7 +135,7 @@ def test_a_stale_worker_cannot_release_a_slot_it_no_longer_holds(stores: Stores)
     assert second.payload.dataset == "org/b"
     assert q.start(second.payload, second.token, "w2").run
     assert not q.heartbeat(first.payload, first.token)
-    q.finish(first.payload, first.token, JobStatus.SUCCESS)  # the stale worker ends late
+    q.finish(first.payload, first.token, SUCCESS)  # the stale worker ends late
     assert q.counts()["org"].started == 1  # b still holds its slot
     assert dispatcher.take() == []
 
@@ -200,7 +204,7 @@ def test_an_identical_job_waits_behind_the_started_one(queue: tuple[Queue, Recor
     assert second.job_id != dispatch.payload.job_id
     assert dispatcher.take() == []  # a free slot, but the same key is running
     assert q.enqueue("dataset-config-names", "org/ds").job_id == second.job_id
-    q.finish(dispatch.payload, dispatch.token, JobStatus.SUCCESS)
+    q.finish(dispatch.payload, dispatch.token, SUCCESS)
     assert ids(dispatcher.take()) == [second.job_id]
 
 
@@ -250,7 +254,7 @@ def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone
     assert dispatcher.revoked == [job.job_id]
     assert q.counts()["org"].started == 1
     assert not q.heartbeat(dispatch.payload, dispatch.token)
-    q.finish(dispatch.payload, dispatch.token, JobStatus.SUCCESS)
+    q.finish(dispatch.payload, dispatch.token, SUCCESS)
     assert q.ledger.get(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
     assert q.counts()["org"].running == 0
 
@@ -269,7 +273,7 @@ def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
     assert q.heartbeat(started.payload, started.token)
     assert ids(dispatcher.take()) == [queued.payload.job_id]
     assert (q.counts()["org"].waiting, q.counts()["org"].running) == (2, 2)
-    q.finish(started.payload, started.token, JobStatus.SUCCESS)
+    q.finish(started.payload, started.token, SUCCESS)
     assert ids(dispatcher.take()) == [jobs[2].job_id]
 
 
@@ -318,7 +322,7 @@ def test_a_blocked_twin_keeps_waiting_while_its_owner_is_requeued(stores: Stores
     (again,) = dispatcher.take()
     assert again.payload.job_id == owner.payload.job_id
     assert q.start(again.payload, again.token, "w2").run
-    q.finish(again.payload, again.token, JobStatus.SUCCESS)
+    q.finish(again.payload, again.token, SUCCESS)
     assert ids(dispatcher.take()) == [twin.job_id]
 
 
@@ -333,7 +337,7 @@ def test_reconcile_keeps_a_twin_blocked_behind_its_started_owner(
     redis.Redis.from_url(stores.redis_url).flushall()
     assert q.reconcile() == 2
     assert dispatcher.take() == []
-    q.finish(owner.payload, owner.token, JobStatus.SUCCESS)
+    q.finish(owner.payload, owner.token, SUCCESS)
     assert ids(dispatcher.take()) == [twin.job_id]
 
 
@@ -344,6 +348,6 @@ def test_cancelling_a_blocked_twin_forgets_it(queue: tuple[Queue, RecordingDispa
     assert q.start(owner.payload, owner.token, "w").run
     twin = q.enqueue("dataset-config-names", "org/ds")
     assert [job.job_id for job in q.cancel("org/ds")] == [twin.job_id]
-    q.finish(owner.payload, owner.token, JobStatus.SUCCESS)
+    q.finish(owner.payload, owner.token, SUCCESS)
     assert dispatcher.take() == []
     assert q.counts()["org"].running == 0 and q.counts()["org"].waiting == 0

@@ -11,3 +11,6 @@ def sample_worker(name: str, env: dict[str, str], log_dir: Path, concurrency: in
     return WorkerProcess(
         name, env, log_dir / f"worker-{name}.log", concurrency, include=["tests.sample_steps"]
     )
+
+
+ROOT = Path(__file__).resolve().parent.parent

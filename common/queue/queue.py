@@ -18,10 +18,22 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from http import HTTPStatus
+from typing import Any, Protocol
 
 from common import cache
 from common.config import get_config
+from common.event_bus import EventBus
+from common.events import (
+    CacheUpdated,
+    Event,
+    JobCancelled,
+    JobFailed,
+    JobHeartbeat,
+    JobQueued,
+    JobStarted,
+    JobSucceeded,
+)
 from common.exceptions import InvalidArgumentsError, JobManagerCrashedError, MissingStepInputError
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
@@ -48,6 +60,16 @@ class Dispatcher(Protocol):
     def publish(self, dispatch: Dispatch) -> None: ...
 
     def revoke(self, job_ids: Sequence[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended, as its cache entry says."""
+
+    http_status: int
+    error_code: str | None = None
+    message: str | None = None
+    duration: float | None = None
 
 
 @dataclass
@@ -81,10 +103,34 @@ def parse_priority(priority: object) -> Priority:
 class Queue:
     """Jobs in and out of the ledger and the limiter."""
 
-    def __init__(self, dispatcher: Dispatcher, ledger: Ledger, limiter: NamespaceLimiter) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        ledger: Ledger,
+        limiter: NamespaceLimiter,
+        events: EventBus | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.ledger = ledger
         self.limiter = limiter
+        self.events = events if events is not None else EventBus(limiter.redis)
+
+    def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
+        """Publish an event about this job; a failure to publish is logged, never fatal to the job."""
+        try:
+            self.events.publish(
+                kind(
+                    job_id=payload.job_id,
+                    step=payload.step,
+                    dataset=payload.dataset,
+                    config=payload.config,
+                    split=payload.split,
+                    namespace=payload.namespace,
+                    **fields,
+                )
+            )
+        except Exception:
+            logger.exception("could not publish %s for job %s", kind.__name__, payload.job_id)
 
     @classmethod
     def from_config(cls, dispatcher: Dispatcher) -> Queue:
@@ -139,6 +185,8 @@ class Queue:
         for dispatch in dispatched:
             self.dispatcher.publish(dispatch)
         self.ledger.mark_queued([dispatch.payload.job_id for dispatch in dispatched])
+        for dispatch in dispatched:
+            self.emit(JobQueued, dispatch.payload, priority=dispatch.payload.priority.value)
 
     def start(self, payload: JobPayload, token: str, worker: str) -> Confirmation:
         """At task start: whether this message may run; it may only while holding a lease."""
@@ -155,6 +203,8 @@ class Queue:
             # Cancelled between dispatch and start.
             self.release(payload, token)
             return Confirmation("drop")
+        if confirmation.run:
+            self.emit(JobStarted, payload, worker=worker, attempt=confirmation.attempt)
         return confirmation
 
     def heartbeat(self, payload: JobPayload, token: str) -> bool:
@@ -162,14 +212,28 @@ class Queue:
         renewed = self.limiter.renew(payload.namespace, payload.job_id, token)
         if renewed:
             self.ledger.heartbeat(payload.job_id)
+            self.emit(JobHeartbeat, payload)
         return renewed
 
-    def finish(
-        self, payload: JobPayload, token: str, status: JobStatus, error_code: str | None = None
-    ) -> None:
-        """Record the job's end, give its slot to the next waiting job, and wake its blocked twin."""
-        self.ledger.finish(payload.job_id, status, error_code)
+    def finish(self, payload: JobPayload, token: str, outcome: Outcome) -> None:
+        """Record the job's end (its response is in the cache), give its slot to the next waiting job,
+        and wake its blocked twin."""
+        status = JobStatus.SUCCESS if outcome.http_status == HTTPStatus.OK else JobStatus.ERROR
+        recorded = self.ledger.finish(payload.job_id, status, outcome.error_code)
         self.release(payload, token)
+        self.emit(CacheUpdated, payload, http_status=outcome.http_status, error_code=outcome.error_code)
+        if not recorded:
+            return  # cancelled or taken back meanwhile: its end was told already
+        if status == JobStatus.SUCCESS:
+            self.emit(JobSucceeded, payload, duration=outcome.duration)
+        else:
+            self.emit(
+                JobFailed,
+                payload,
+                error_code=outcome.error_code,
+                message=outcome.message,
+                duration=outcome.duration,
+            )
 
     def release(self, payload: JobPayload, token: str) -> None:
         _, dispatched = self.limiter.release_and_promote(payload.namespace, payload.job_id, token)
@@ -209,6 +273,8 @@ class Queue:
             split=payload.split,
             job_runner_version=step.job_runner_version,
         )
+        self.emit(CacheUpdated, payload, http_status=error.http_status, error_code=error.error_code)
+        self.emit(JobFailed, payload, error_code=error.error_code, message=error.message)
 
     # --- operators -----------------------------------------------------------------------------------
 
@@ -223,6 +289,8 @@ class Queue:
         self.ledger.cancel(job.job_id for job in jobs)
         _, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
         self._publish(dispatched)
+        for job in jobs:
+            self.emit(JobCancelled, job.payload())
         started = [job.job_id for job in jobs if job.status == JobStatus.STARTED]
         if started:
             self.dispatcher.revoke(started)

@@ -1,0 +1,213 @@
+"""The event bus: stepcache's events on one Redis Stream.
+
+Broadcast
+    :meth:`EventBus.read` / :meth:`EventBus.subscribe` give every reader every event, from now or from a
+    given stream id. Readers hold no state in Redis.
+Anycast
+    A :class:`Consumer` belongs to a consumer group: each event is handled by one consumer of the group,
+    acknowledged only after its handlers returned, reclaimed (XAUTOCLAIM) from a consumer that died or
+    failed after `claim_idle_ms`, and moved to the dead-letter stream once delivered `max_deliveries`
+    times, or when no handler of the group takes its type: an event is never silently dropped.
+Length
+    The stream is trimmed to about `max_length` entries, but never past an entry that a consumer group
+    has not acknowledged or not read yet: a lagging group makes the stream longer, not lossy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from common.constants import REDIS_PREFIX
+from common.events import Event, InvalidEventError, parse_event
+
+logger = logging.getLogger(__name__)
+EVENTS_STREAM = f"{REDIS_PREFIX}:events"
+DEAD_LETTER_SUFFIX = ":dead"
+DEFAULT_MAX_LENGTH = 100_000
+TRIM_EVERY = 100
+Handler = Callable[[Event], None]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = stream_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+class EventBus:
+    """Publish and read events on one stream."""
+
+    def __init__(
+        self, client: redis.Redis, stream: str = EVENTS_STREAM, max_length: int = DEFAULT_MAX_LENGTH
+    ):
+        # redis-py's stream replies are typed loosely; this module knows their shapes.
+        self.redis: Any = client
+        self.stream = stream
+        self.dead_letter_stream = stream + DEAD_LETTER_SUFFIX
+        self.max_length = max_length
+        self._published = 0
+
+    def publish(self, event: Event) -> str:
+        """Append the event; returns its stream id."""
+        stream_id = _text(self.redis.xadd(self.stream, {"event": event.model_dump_json()}))
+        self._published += 1
+        if self._published % TRIM_EVERY == 0:
+            self.trim()
+        return stream_id
+
+    def last_id(self) -> str:
+        """The id of the newest entry ('0-0' for an empty stream): read after it to get what comes next."""
+        newest = self.redis.xrevrange(self.stream, count=1)
+        return _text(newest[0][0]) if newest else "0-0"
+
+    def read(
+        self, after: str = "$", count: int = 100, block_ms: int | None = None
+    ) -> list[tuple[str, Event]]:
+        """Events after the stream id `after` ('$': only new ones), waiting up to `block_ms` for one."""
+        answer = self.redis.xread({self.stream: after}, count=count, block=block_ms)
+        entries = answer[0][1] if answer else []
+        events = []
+        for stream_id, fields in entries:
+            try:
+                events.append((_text(stream_id), parse_event(fields[b"event"])))
+            except (InvalidEventError, KeyError):
+                logger.warning("skipping stream entry %s that is not an event", stream_id)
+        return events
+
+    def subscribe(self, after: str | None = None, block_ms: int = 1000) -> Iterator[tuple[str, Event]]:
+        """Every event from `after` (default: from now on), forever; the caller stops iterating."""
+        position = after if after is not None else self.last_id()
+        while True:
+            for stream_id, event in self.read(position, block_ms=block_ms):
+                position = stream_id
+                yield stream_id, event
+
+    def trim(self) -> int:
+        """Trim to about max_length entries, never past an entry a group has not acknowledged or read."""
+        excess = int(self.redis.xlen(self.stream)) - self.max_length
+        if excess <= 0:
+            return 0
+        cutoff = _text(self.redis.xrange(self.stream, "-", "+", count=excess + 1)[-1][0])
+        for group in self.redis.xinfo_groups(self.stream):
+            milliseconds, sequence = _id_key(_text(group["last-delivered-id"]))
+            keep_from = f"{milliseconds}-{sequence + 1}"  # the group has not read what comes after
+            pending = self.redis.xpending(self.stream, group["name"])
+            if pending["pending"]:
+                keep_from = min(keep_from, _text(pending["min"]), key=_id_key)
+            cutoff = min(cutoff, keep_from, key=_id_key)
+        return int(self.redis.xtrim(self.stream, minid=cutoff, approximate=False))
+
+    def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        """The newest entries of the dead-letter stream: the event's JSON, its reason and its group."""
+        entries = self.redis.xrevrange(self.dead_letter_stream, count=count)
+        return [(_text(i), {_text(k): _text(v) for k, v in fields.items()}) for i, fields in entries]
+
+
+@dataclass
+class Consumer:
+    """One consumer of a group: each event of the stream goes to one consumer of the group."""
+
+    bus: EventBus
+    group: str
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    max_deliveries: int = 5
+    claim_idle_ms: int = 30_000
+    handlers: dict[str, list[Handler]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            self.bus.redis.xgroup_create(self.bus.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def handler(self, *types: str) -> Callable[[Handler], Handler]:
+        """Register a function for these event types (`"*"`: every type)."""
+
+        def register(function: Handler) -> Handler:
+            for event_type in types or ("*",):
+                self.handlers.setdefault(str(event_type), []).append(function)
+            return function
+
+        return register
+
+    def run_once(self, block_ms: int = 1000, count: int = 10) -> int:
+        """Handle what a dead or failed consumer left, then new events; returns how many were handled."""
+        handled = 0
+        _, claimed, _ = self.bus.redis.xautoclaim(
+            self.bus.stream,
+            self.group,
+            self.name,
+            min_idle_time=self.claim_idle_ms,
+            start_id="0-0",
+            count=count,
+        )
+        for stream_id, fields in claimed:
+            if fields is not None:
+                handled += self._handle(_text(stream_id), fields, redelivered=True)
+        answer = self.bus.redis.xreadgroup(
+            self.group, self.name, {self.bus.stream: ">"}, count=count, block=None if claimed else block_ms
+        )
+        for stream_id, fields in answer[0][1] if answer else []:
+            handled += self._handle(_text(stream_id), fields, redelivered=False)
+        return handled
+
+    def run(self, stop: threading.Event, block_ms: int = 1000) -> None:
+        while not stop.is_set():
+            self.run_once(block_ms=block_ms)
+
+    def _handle(self, stream_id: str, fields: dict[Any, Any], redelivered: bool) -> int:
+        raw = fields.get(b"event", fields.get("event", b""))
+        if redelivered and self._deliveries(stream_id) > self.max_deliveries:
+            return self._dead_letter(stream_id, raw, f"delivered more than {self.max_deliveries} times")
+        try:
+            event = parse_event(raw)
+        except InvalidEventError as error:
+            return self._dead_letter(stream_id, raw, str(error))
+        handlers = self.handlers.get(event.type, []) + self.handlers.get("*", [])
+        if not handlers:
+            return self._dead_letter(stream_id, raw, f"no handler in group {self.group!r} for {event.type!r}")
+        failed = False
+        for function in handlers:
+            try:
+                function(event)
+            except Exception:
+                # The others still run; the entry stays pending and is retried after claim_idle_ms.
+                failed = True
+                logger.exception(
+                    "handler %s failed on event %s", getattr(function, "__name__", function), stream_id
+                )
+        if failed:
+            return 0
+        self.bus.redis.xack(self.bus.stream, self.group, stream_id)
+        return 1
+
+    def _deliveries(self, stream_id: str) -> int:
+        pending = self.bus.redis.xpending_range(
+            self.bus.stream, self.group, min=stream_id, max=stream_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    def _dead_letter(self, stream_id: str, raw: bytes | str, reason: str) -> int:
+        pipe = self.bus.redis.pipeline()
+        pipe.xadd(
+            self.bus.dead_letter_stream,
+            {"event": raw, "reason": reason, "group": self.group, "stream_id": stream_id},
+            maxlen=self.bus.max_length,
+            approximate=True,
+        )
+        pipe.xack(self.bus.stream, self.group, stream_id)
+        pipe.execute()
+        logger.warning("event %s moved to %s: %s", stream_id, self.bus.dead_letter_stream, reason)
+        return 0
