@@ -34,6 +34,11 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
+# The soft limit raises inside the step, which caches JobManagerExceededMaximumDurationError; the hard
+# limit, a grace period later, kills the process and the worker's main process releases the job's slot.
+task_soft_time_limit = _settings.worker.max_job_duration_seconds
+task_time_limit = _settings.worker.max_job_duration_seconds + _settings.worker.hard_limit_grace_seconds
+
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1

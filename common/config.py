@@ -45,6 +45,8 @@ WORKER_MAX_MISSING_HEARTBEATS = 3
 WORKER_MAX_JOB_DURATION_SECONDS = 20 * 60
 WORKER_CONTENT_MAX_BYTES = 10_000_000
 WORKER_MAX_ATTEMPTS = 3
+WORKER_METRICS_PORT = 9808
+WORKER_HARD_LIMIT_GRACE_SECONDS = 30.0
 
 
 def mask_url(url: str) -> str:
@@ -147,6 +149,8 @@ class WorkerConfig(_Settings):
     max_job_duration_seconds: Annotated[float, Field(gt=0)] = WORKER_MAX_JOB_DURATION_SECONDS
     content_max_bytes: Annotated[int, Field(ge=1, le=15_000_000)] = WORKER_CONTENT_MAX_BYTES
     max_attempts: Annotated[int, Field(ge=1)] = WORKER_MAX_ATTEMPTS
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = WORKER_METRICS_PORT
+    hard_limit_grace_seconds: Annotated[float, Field(gt=0)] = WORKER_HARD_LIMIT_GRACE_SECONDS
 
     @property
     def lease_ttl_seconds(self) -> float:

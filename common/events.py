@@ -90,6 +90,14 @@ class JobCancelled(Event):
     type: str = EventType.JOB_CANCELLED
 
 
+class JobState(Event):
+    """Not published: what `Queue.follow` yields first, the job's state in the ledger when following began."""
+
+    type: str = "job.state"
+    status: str
+    attempts: int = 0
+
+
 class CacheUpdated(Event):
     type: str = EventType.CACHE_UPDATED
     http_status: int

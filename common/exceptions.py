@@ -9,6 +9,7 @@
      │    ├── InvalidConfigNameError
      │    ├── InvalidSplitNameError
      │    ├── UnknownStepError
+     │    ├── UnknownJobError
      │    ├── MissingStepInputError          a config-level step called without a config, ...
      │    └── InvalidArgumentsError          arguments that cannot cross the broker as JSON
      ├── ProcessingGraphError               a graph that cannot be loaded
@@ -22,6 +23,7 @@
           ├── JobManagerCrashedError             500  the worker died or stopped heart-beating
           ├── JobManagerExceededMaximumDurationError 500  the job hit its time limit
           ├── StepNotImplementedError            501  the step has no function yet
+          ├── HubUnavailableError                503  the Hub's circuit breaker is open
           └── UnexpectedError                    500  a step raised something untyped (the cause says what)
 
 A :class:`CacheableError` is stored as the response of the step that raised it: its ``error_code``
@@ -61,6 +63,10 @@ class InvalidSplitNameError(InvalidInputError):
 
 class UnknownStepError(InvalidInputError):
     """No processing step of that name is in the graph."""
+
+
+class UnknownJobError(InvalidInputError):
+    """No job of that id is in the ledger."""
 
 
 class MissingStepInputError(InvalidInputError):
@@ -150,3 +156,9 @@ class StepNotImplementedError(CacheableError):
 
 class UnexpectedError(CacheableError):
     """A step raised an error that is not one of stepcache's; its type and message are the cause."""
+
+
+class HubUnavailableError(CacheableError):
+    """The Hub failed too often lately: calls fail fast until the circuit breaker half-opens."""
+
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE

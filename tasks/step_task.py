@@ -25,7 +25,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
-from common import cache
+from common import cache, metrics
 from common.events import JobProgress
 from common.exceptions import (
     CacheableError,
@@ -86,6 +86,23 @@ def bind_step_arguments(args: Any, kwargs: Any) -> tuple[Any, Any, Any]:
     return bound["dataset"], bound.get("config"), bound.get("split")
 
 
+def message_payload(step: str, job_id: str, args: Any, kwargs: Any, priority: str | None) -> JobPayload:
+    """The job a step's message is about, from the message's arguments and headers."""
+    dataset, config, split = bind_step_arguments(args, kwargs)
+    rank = Priority(priority or Priority.NORMAL)
+    return JobPayload(
+        job_id=job_id,
+        step=step,
+        dataset=dataset,
+        config=config,
+        split=split,
+        namespace=namespace_of(dataset),
+        unicity_id=unicity_id(step, dataset, config, split),
+        priority=rank,
+        rank=rank.rank,
+    )
+
+
 class StepTask(Task):  # type: ignore[misc]
     """A processing step as a Celery task; `step` and `function` are set per step by `make_step_task`."""
 
@@ -126,17 +143,8 @@ class StepTask(Task):  # type: ignore[misc]
         if not token:
             logger.warning("dropping message %s of %s without a lease token", request.id, self.name)
             raise Ignore()
-        priority = Priority(getattr(request, PRIORITY_HEADER, None) or Priority.NORMAL)
-        payload = JobPayload(
-            job_id=request.id,
-            step=self.name,
-            dataset=dataset,
-            config=config,
-            split=split,
-            namespace=namespace_of(dataset),
-            unicity_id=unicity_id(self.name, dataset, config, split),
-            priority=priority,
-            rank=priority.rank,
+        payload = message_payload(
+            self.name, request.id, args, kwargs, getattr(request, PRIORITY_HEADER, None)
         )
         return self._run_job(payload, token)
 
@@ -145,6 +153,7 @@ class StepTask(Task):  # type: ignore[misc]
         confirmation = queue.start(payload, token, worker=f"{self.request.hostname}:{os.getpid()}")
         if not confirmation.run:
             raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run
+        metrics.job_started(self.name)
         started = time.monotonic()
         error: CacheableError | None = None
         progress = Progress(lambda meta: self._report_progress(queue, payload, meta))
@@ -177,6 +186,7 @@ class StepTask(Task):  # type: ignore[misc]
                 if error is not None:
                     outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
                 queue.finish(payload, token, outcome)
+                metrics.job_finished(self.name, "error" if error else "success", outcome.duration)
         if error is not None:
             raise error
         return {

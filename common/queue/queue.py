@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -27,14 +27,21 @@ from common.event_bus import EventBus
 from common.events import (
     CacheUpdated,
     Event,
+    EventType,
     JobCancelled,
     JobFailed,
     JobHeartbeat,
     JobQueued,
     JobStarted,
+    JobState,
     JobSucceeded,
 )
-from common.exceptions import InvalidArgumentsError, JobManagerCrashedError, MissingStepInputError
+from common.exceptions import (
+    InvalidArgumentsError,
+    JobManagerCrashedError,
+    MissingStepInputError,
+    UnknownJobError,
+)
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
 from common.queue.jobs import (
@@ -52,6 +59,7 @@ from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
 REAPER_LOCK_KEY = "stepcache:reaper"
+ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
 
 class Dispatcher(Protocol):
@@ -275,6 +283,33 @@ class Queue:
         )
         self.emit(CacheUpdated, payload, http_status=error.http_status, error_code=error.error_code)
         self.emit(JobFailed, payload, error_code=error.error_code, message=error.message)
+
+    def follow(self, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
+        """The job's events until it ends, starting with its state in the ledger, so that a late follower
+        misses nothing: events published after that state are read from the stream."""
+        position = self.events.last_id()  # before reading the state: what happens next is on the stream
+        job = self.ledger.get(job_id)
+        if job is None:
+            raise UnknownJobError(f"no job {job_id!r} in the ledger")
+        yield JobState(
+            job_id=job.job_id,
+            step=job.step,
+            dataset=job.dataset,
+            config=job.config,
+            split=job.split,
+            namespace=job.namespace,
+            status=job.status.value,
+            attempts=job.attempts,
+        )
+        if job.status.is_terminal:
+            return
+        while True:
+            for stream_id, event in self.events.read(position, block_ms=block_ms):
+                position = stream_id
+                if event.job_id == job_id:
+                    yield event
+                    if event.type in ENDING_EVENTS:
+                        return
 
     # --- operators -----------------------------------------------------------------------------------
 
