@@ -33,6 +33,7 @@ from common.exceptions import (
 )
 from common.mongo import get_database
 from common.names import validate_key
+from common.resilience import retry_transient
 
 KEY_FIELDS = ("kind", "dataset", "config", "split")
 UPSERT_ATTEMPTS = 3
@@ -119,6 +120,7 @@ def check_content(content: object) -> dict[str, Any]:
     return dict(content)
 
 
+@retry_transient
 def upsert_response(
     kind: str,
     dataset: str,
@@ -196,6 +198,7 @@ def upsert_error(
     )
 
 
+@retry_transient
 def update_progress(kind: str, dataset: str, config: str | None, split: str | None, progress: float) -> bool:
     """Set the progress (0..1) of an existing entry while its job runs again; False when there is none."""
     key = _key(kind, dataset, config, split)
@@ -203,6 +206,7 @@ def update_progress(kind: str, dataset: str, config: str | None, split: str | No
     return result.matched_count == 1
 
 
+@retry_transient
 def get_response(
     kind: str, dataset: str, config: str | None = None, split: str | None = None
 ) -> CachedResponse:
@@ -216,6 +220,7 @@ def get_response(
     return CachedResponse.model_validate(document)
 
 
+@retry_transient
 def get_dataset_responses(dataset: str) -> list[CachedResponse]:
     """Every entry of the dataset, ordered by kind, config and split."""
     dataset, _, _ = validate_key(dataset, None, None)
@@ -224,12 +229,14 @@ def get_dataset_responses(dataset: str) -> list[CachedResponse]:
     return sorted(entries, key=lambda entry: (entry.kind, entry.config or "", entry.split or ""))
 
 
+@retry_transient
 def delete_dataset_responses(dataset: str) -> int:
     """Delete every entry of the dataset (and only its entries); returns how many were deleted."""
     dataset, _, _ = validate_key(dataset, None, None)
     return cache_collection().delete_many({"dataset": dataset}).deleted_count
 
 
+@retry_transient
 def count_by_status(kind: str | None = None) -> list[CacheCount]:
     """How many entries per (kind, http_status, error_code), optionally for one kind."""
     match: dict[str, Any] = {} if kind is None else {"kind": kind}

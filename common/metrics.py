@@ -10,6 +10,7 @@ first imported.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ def prepare_multiprocess(directory: Path | None = None) -> Path:
         path = directory or Path(tempfile.mkdtemp(prefix="stepcache-metrics-"))
         path.mkdir(parents=True, exist_ok=True)
         os.environ[MULTIPROC_ENV] = str(path)
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        # Imported already (the `celery` command loads Flower's plugin, which imports prometheus_client):
+        # metrics made from now on must still go to the shared files.
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
     return Path(os.environ[MULTIPROC_ENV])
 
 

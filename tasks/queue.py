@@ -33,6 +33,9 @@ class CeleryDispatcher:
             queue=get_processing_graph().get_step(job.step).queue.value,
             priority=job.priority.celery_priority,
             headers={TOKEN_HEADER: dispatch.token, PRIORITY_HEADER: job.priority.value},
+            # The worker's own WORKER_MAX_JOB_DURATION_SECONDS decides, not the publisher's settings.
+            time_limit=None,
+            soft_time_limit=None,
         )
 
     def revoke(self, job_ids: Sequence[str]) -> None:

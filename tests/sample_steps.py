@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
 from common.config import get_config
 from common.exceptions import CacheableError
@@ -55,3 +56,17 @@ def test_fail(job: StepJob) -> dict[str, Any]:
 @step("test-config-echo", input_type="config", parents=["test-noop"])
 def test_config_echo(job: StepJob) -> dict[str, Any]:
     return {"config": job.config}
+
+
+@step("test-stubborn", input_type="dataset")
+def test_stubborn(job: StepJob) -> dict[str, Any]:
+    """Ignores the soft time limit and keeps sleeping, so that the hard limit has to kill it."""
+    _record(job, "start")
+    deadline = time.monotonic() + float(os.environ.get("TEST_SLEEP_SECONDS", "0.05"))
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(deadline - time.monotonic())
+        except SoftTimeLimitExceeded:
+            _record(job, "soft-limit")
+    _record(job, "end")
+    return {}

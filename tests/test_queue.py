@@ -351,3 +351,14 @@ def test_cancelling_a_blocked_twin_forgets_it(queue: tuple[Queue, RecordingDispa
     q.finish(owner.payload, owner.token, SUCCESS)
     assert dispatcher.take() == []
     assert q.counts()["org"].running == 0 and q.counts()["org"].waiting == 0
+
+
+def test_a_heartbeat_after_the_job_finished_does_nothing(queue: tuple[Queue, RecordingDispatcher]) -> None:
+    q, dispatcher = queue
+    q.enqueue("dataset-config-names", "org/ds")
+    (dispatch,) = dispatcher.take()
+    run(q, dispatch)
+    ended = q.ledger.get(dispatch.payload.job_id)
+    assert not q.heartbeat(dispatch.payload, dispatch.token)
+    assert q.ledger.get(dispatch.payload.job_id) == ended  # no resurrection, not even a timestamp
+    assert q.counts()["org"].running == 0

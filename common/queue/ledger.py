@@ -23,6 +23,7 @@ from common.config import get_config
 from common.constants import JOBS_COLLECTION
 from common.mongo import get_database
 from common.queue.jobs import PENDING_STATUSES, TERMINAL_STATUSES, Job, JobStatus
+from common.resilience import retry_transient
 
 CREATE_ATTEMPTS = 5
 _indexed: set[tuple[str, str]] = set()
@@ -64,6 +65,7 @@ class Ledger:
     def __init__(self, collection: Collection[dict[str, Any]] | None = None) -> None:
         self.collection = collection if collection is not None else jobs_collection()
 
+    @retry_transient
     def create(self, job: Job) -> tuple[Job, bool]:
         """Record a new waiting job, or return the identical pending job and False."""
         document = job.model_dump(exclude={"job_id"}) | {"_id": job.job_id, "pending_key": job.unicity_id}
@@ -72,16 +74,20 @@ class Ledger:
                 self.collection.insert_one(document)
                 return job, True
             except DuplicateKeyError:
+                if self.collection.find_one({"_id": job.job_id}, {"_id": True}) is not None:
+                    return job, True  # our own insert, whose answer was lost and which was retried
                 existing = self.collection.find_one({"pending_key": job.unicity_id})
                 if existing is not None:
                     return _job(existing), False
                 # The identical job started between our insert and our read: try again.
         raise RuntimeError(f"could not record job {job.job_id}: its twin keeps changing state")
 
+    @retry_transient
     def get(self, job_id: str) -> Job | None:
         document = self.collection.find_one({"_id": job_id})
         return None if document is None else _job(document)
 
+    @retry_transient
     def mark_queued(self, job_ids: Sequence[str]) -> None:
         if job_ids:
             self.collection.update_many(
@@ -89,6 +95,7 @@ class Ledger:
                 {"$set": {"status": JobStatus.QUEUED, "queued_at": _now()}},
             )
 
+    @retry_transient
     def mark_waiting(self, job_ids: Sequence[str]) -> None:
         """Jobs whose lease was taken back go back to waiting, pending again unless a twin is."""
         for job_id in job_ids:
@@ -103,6 +110,7 @@ class Ledger:
             except DuplicateKeyError:
                 self.collection.update_one(query, {"$set": {"status": JobStatus.WAITING}})
 
+    @retry_transient
     def mark_started(self, job_id: str, token: str, attempt: int, worker: str) -> bool:
         now = _now()
         result = self.collection.update_one(
@@ -124,12 +132,14 @@ class Ledger:
         )
         return result.modified_count == 1
 
+    @retry_transient
     def heartbeat(self, job_id: str) -> bool:
         result = self.collection.update_one(
             {"_id": job_id, "status": JobStatus.STARTED}, {"$set": {"last_heartbeat": _now()}}
         )
         return result.modified_count == 1
 
+    @retry_transient
     def finish(self, job_id: str, status: JobStatus, error_code: str | None = None) -> bool:
         """Record the end of a started job; False when it was not started (cancelled, reaped)."""
         if not status.is_terminal:
@@ -147,6 +157,7 @@ class Ledger:
     def cancel(self, job_ids: Iterable[str]) -> None:
         self._end(job_ids, JobStatus.CANCELLED, None)
 
+    @retry_transient
     def _end(self, job_ids: Iterable[str], status: JobStatus, error_code: str | None) -> None:
         ids = list(job_ids)
         if ids:
@@ -158,6 +169,7 @@ class Ledger:
                 ],
             )
 
+    @retry_transient
     def jobs(self, dataset: str | None = None, statuses: Iterable[JobStatus] | None = None) -> list[Job]:
         """Jobs of a dataset (or of every dataset), optionally only in these statuses, oldest first."""
         query: dict[str, Any] = {}

@@ -23,6 +23,7 @@ import redis
 
 from common.constants import REDIS_PREFIX
 from common.queue.jobs import Dispatch, JobPayload
+from common.resilience import retry_transient
 
 NAMESPACES_KEY = f"{REDIS_PREFIX}:namespaces"
 REAP_BATCH = 100
@@ -106,6 +107,9 @@ class NamespaceLimiter:
             )
         }
 
+    # A script whose answer was lost is run again: every script is safe to repeat (admit and restore are
+    # idempotent; a repeated confirm drops the message and the reaper later requeues its job).
+    @retry_transient
     def _run(self, script: str, namespace: str, *args: Any) -> Any:
         return self.scripts[script](keys=namespace_keys(namespace), args=list(args))
 
