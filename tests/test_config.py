@@ -30,6 +30,9 @@ DEFAULTS = {
     "WORKER_MAX_JOB_DURATION_SECONDS": (1200.0, lambda c: c.worker.max_job_duration_seconds),
     "WORKER_CONTENT_MAX_BYTES": (10_000_000, lambda c: c.worker.content_max_bytes),
     "WORKER_MAX_ATTEMPTS": (3, lambda c: c.worker.max_attempts),
+    "WORKER_METRICS_PORT": (9808, lambda c: c.worker.metrics_port),
+    "WORKER_HARD_LIMIT_GRACE_SECONDS": (30.0, lambda c: c.worker.hard_limit_grace_seconds),
+    "COMMON_LOG_FORMAT": ("plain", lambda c: c.common.log_format),
 }
 
 BAD_VALUES = [
@@ -50,6 +53,9 @@ BAD_VALUES = [
     ("WORKER_MAX_JOB_DURATION_SECONDS", "soon"),
     ("WORKER_CONTENT_MAX_BYTES", "20000000"),
     ("WORKER_MAX_ATTEMPTS", "0"),
+    ("WORKER_METRICS_PORT", "70000"),
+    ("WORKER_HARD_LIMIT_GRACE_SECONDS", "-5"),
+    ("COMMON_LOG_FORMAT", "xml"),
 ]
 
 
@@ -67,6 +73,7 @@ def test_every_variable_is_read_from_the_environment(clean_env: pytest.MonkeyPat
         "CACHE_MONGO_URL": "mongodb://db:1",
         "QUEUE_MONGO_URL": "mongodb+srv://cluster.example",
         "QUEUE_REDIS_URL": "rediss://cache:6380/2",
+        "COMMON_LOG_FORMAT": "json",
     }
     expected_default, read = DEFAULTS[variable]
     raw = values.get(variable, "7" if not isinstance(expected_default, str) else "something-else")
