@@ -52,9 +52,7 @@ class Bench:
         from tasks.embedded import WorkerProcess
 
         env = {**self.env, **extra_env}
-        process = WorkerProcess(
-            name, env, self.log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"]
-        )
+        process = WorkerProcess(name, env, self.log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"])
         with process:
             yield
 
@@ -168,9 +166,7 @@ class Bench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
     parser.add_argument("--latency-jobs", type=int, default=300, help="jobs for the promote latency run")
     parser.add_argument("--backlogs", type=int, nargs="+", default=[200, 2000], help="namespace A backlogs")
@@ -244,10 +240,8 @@ def report(results: dict[str, Any]) -> None:
         "|---|---|---|---|---|",
         f"| no-op throughput (jobs/s) | {throughput['stepcache']:.0f} ({throughput['ratio']:.2f}x) "
         f"| {throughput['plain_celery']:.0f} | | |",
-        f"| promote latency: slot freed to next job started, p50 / p99 (ms) "
-        f"| {p50_p99('release_to_start')} | | | |",
-        f"| one step's end to the next step's start, p50 / p99 (ms) "
-        f"| {p50_p99('step_end_to_next_start')} | | | |",
+        f"| promote latency: slot freed to next job started, p50 / p99 (ms) | {p50_p99('release_to_start')} | | | |",
+        f"| one step's end to the next step's start, p50 / p99 (ms) | {p50_p99('step_end_to_next_start')} | | | |",
         f"| a message published to its task started, p50 / p99 (ms) | | "
         f"{p50_p99('plain_celery_publish_to_start')} | | |",
     ]

@@ -29,6 +29,8 @@ from common.exceptions import (
     CachedResponseNotFoundError,
     ContentNotStorableError,
     ContentTooBigError,
+    ParentStepFailedError,
+    PreviousStepMissingError,
     UnknownStepError,
 )
 from common.mongo import get_database
@@ -91,9 +93,7 @@ def cache_collection() -> Collection[dict[str, Any]]:
 def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
     collection.create_index([(field, ASCENDING) for field in KEY_FIELDS], unique=True, name="key")
     collection.create_index([("dataset", ASCENDING), ("kind", ASCENDING)], name="dataset")
-    collection.create_index(
-        [("kind", ASCENDING), ("http_status", ASCENDING), ("error_code", ASCENDING)], name="status"
-    )
+    collection.create_index([("kind", ASCENDING), ("http_status", ASCENDING), ("error_code", ASCENDING)], name="status")
     collection.create_index([("updated_at", DESCENDING)], name="updated_at")
 
 
@@ -114,9 +114,7 @@ def check_content(content: object) -> dict[str, Any]:
         raise ContentNotStorableError("content cannot be stored as a document", cause=error) from error
     max_bytes = get_config().worker.content_max_bytes
     if size > max_bytes:
-        raise ContentTooBigError(
-            f"content is {size} bytes once encoded, over WORKER_CONTENT_MAX_BYTES={max_bytes}"
-        )
+        raise ContentTooBigError(f"content is {size} bytes once encoded, over WORKER_CONTENT_MAX_BYTES={max_bytes}")
     return dict(content)
 
 
@@ -155,9 +153,7 @@ def upsert_response(
     }
     # The revision is compared before it is overwritten: both $set stages run in order, atomically.
     same_revision = {"$eq": ["$dataset_git_revision", {"$literal": dataset_git_revision}]}
-    runs: Any = (
-        {"$cond": [same_revision, {"$add": [{"$ifNull": ["$failed_runs", 0]}, 1]}, 1]} if is_error else 0
-    )
+    runs: Any = {"$cond": [same_revision, {"$add": [{"$ifNull": ["$failed_runs", 0]}, 1]}, 1]} if is_error else 0
     pipeline = [
         {"$set": {**{name: {"$literal": value} for name, value in fields.items()}, "failed_runs": runs}},
         {"$set": {"dataset_git_revision": {"$literal": dataset_git_revision}}},
@@ -207,9 +203,7 @@ def update_progress(kind: str, dataset: str, config: str | None, split: str | No
 
 
 @retry_transient
-def get_response(
-    kind: str, dataset: str, config: str | None = None, split: str | None = None
-) -> CachedResponse:
+def get_response(kind: str, dataset: str, config: str | None = None, split: str | None = None) -> CachedResponse:
     """The entry of this key, or CachedResponseNotFoundError."""
     key = _key(kind, dataset, config, split)
     document = cache_collection().find_one(key, projection={"_id": False})
@@ -218,6 +212,21 @@ def get_response(
             f"no cache entry for kind={kind!r} dataset={dataset!r} config={config!r} split={split!r}"
         )
     return CachedResponse.model_validate(document)
+
+
+def get_previous_step_response(
+    kind: str, dataset: str, config: str | None = None, split: str | None = None
+) -> CachedResponse:
+    """A parent step's successful response; a typed error when it is missing or failed."""
+    try:
+        entry = get_response(kind, dataset, config, split)
+    except CachedResponseNotFoundError as error:
+        raise PreviousStepMissingError(f"the response of {kind!r} is not in the cache yet", cause=error) from error
+    if not entry.is_success:
+        failure = ParentStepFailedError(f"{kind!r} failed with {entry.error_code}: {entry.content.get('error')}")
+        failure.http_status = HTTPStatus(entry.http_status)
+        raise failure
+    return entry
 
 
 @retry_transient

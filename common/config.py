@@ -46,6 +46,11 @@ WORKER_MAX_JOB_DURATION_SECONDS = 20 * 60
 WORKER_CONTENT_MAX_BYTES = 10_000_000
 WORKER_MAX_ATTEMPTS = 3
 WORKER_METRICS_PORT = 9808
+WORKER_PARQUET_DIRECTORY = ""
+WORKER_FIRST_ROWS_MAX_BYTES = 1_000_000
+WORKER_FIRST_ROWS_MAX_COLUMNS = 1_000
+WORKER_FIRST_ROWS_MIN_CELL_BYTES = 100
+WORKER_MAX_FAILED_RUNS = 3
 WORKER_HARD_LIMIT_GRACE_SECONDS = 30.0
 
 
@@ -151,6 +156,18 @@ class WorkerConfig(_Settings):
     max_attempts: Annotated[int, Field(ge=1)] = WORKER_MAX_ATTEMPTS
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = WORKER_METRICS_PORT
     hard_limit_grace_seconds: Annotated[float, Field(gt=0)] = WORKER_HARD_LIMIT_GRACE_SECONDS
+    parquet_directory: str = WORKER_PARQUET_DIRECTORY
+    first_rows_max_bytes: Annotated[int, Field(ge=1000)] = WORKER_FIRST_ROWS_MAX_BYTES
+    first_rows_max_columns: Annotated[int, Field(ge=1)] = WORKER_FIRST_ROWS_MAX_COLUMNS
+    first_rows_min_cell_bytes: Annotated[int, Field(ge=10)] = WORKER_FIRST_ROWS_MIN_CELL_BYTES
+    max_failed_runs: Annotated[int, Field(ge=1)] = WORKER_MAX_FAILED_RUNS
+
+    @property
+    def parquet_path(self) -> Path:
+        """Where config-parquet-and-info writes Parquet files."""
+        if self.parquet_directory:
+            return Path(self.parquet_directory)
+        return Path(platformdirs.user_cache_dir()) / "stepcache_parquet"
 
     @property
     def lease_ttl_seconds(self) -> float:

@@ -48,9 +48,7 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class EventBus:
     """Publish and read events on one stream."""
 
-    def __init__(
-        self, client: redis.Redis, stream: str = EVENTS_STREAM, max_length: int = DEFAULT_MAX_LENGTH
-    ):
+    def __init__(self, client: redis.Redis, stream: str = EVENTS_STREAM, max_length: int = DEFAULT_MAX_LENGTH):
         # redis-py's stream replies are typed loosely; this module knows their shapes.
         self.redis: Any = client
         self.stream = stream
@@ -71,9 +69,7 @@ class EventBus:
         newest = self.redis.xrevrange(self.stream, count=1)
         return _text(newest[0][0]) if newest else "0-0"
 
-    def read(
-        self, after: str = "$", count: int = 100, block_ms: int | None = None
-    ) -> list[tuple[str, Event]]:
+    def read(self, after: str = "$", count: int = 100, block_ms: int | None = None) -> list[tuple[str, Event]]:
         """Events after the stream id `after` ('$': only new ones), waiting up to `block_ms` for one."""
         answer = self.redis.xread({self.stream: after}, count=count, block=block_ms)
         entries = answer[0][1] if answer else []
@@ -185,18 +181,14 @@ class Consumer:
             except Exception:
                 # The others still run; the entry stays pending and is retried after claim_idle_ms.
                 failed = True
-                logger.exception(
-                    "handler %s failed on event %s", getattr(function, "__name__", function), stream_id
-                )
+                logger.exception("handler %s failed on event %s", getattr(function, "__name__", function), stream_id)
         if failed:
             return 0
         self.bus.redis.xack(self.bus.stream, self.group, stream_id)
         return 1
 
     def _deliveries(self, stream_id: str) -> int:
-        pending = self.bus.redis.xpending_range(
-            self.bus.stream, self.group, min=stream_id, max=stream_id, count=1
-        )
+        pending = self.bus.redis.xpending_range(self.bus.stream, self.group, min=stream_id, max=stream_id, count=1)
         return int(pending[0]["times_delivered"]) if pending else 0
 
     def _dead_letter(self, stream_id: str, raw: bytes | str, reason: str) -> int:

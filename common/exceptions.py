@@ -24,6 +24,14 @@
           ├── JobManagerExceededMaximumDurationError 500  the job hit its time limit
           ├── StepNotImplementedError            501  the step has no function yet
           ├── HubUnavailableError                503  the Hub's circuit breaker is open
+          ├── DatasetNotFoundError               404  no such dataset (or no access to it)
+          ├── ConfigNotFoundError                404  no such config in the dataset
+          ├── SplitNotFoundError                 404  no such split in the config
+          ├── EmptyDatasetError                  500  the dataset has no data files
+          ├── DatasetGenerationError             500  a data file cannot be read (corrupted, wrong format)
+          ├── TooManyColumnsError                501  more columns than WORKER_FIRST_ROWS_MAX_COLUMNS
+          ├── PreviousStepMissingError           500  a parent step's response is not in the cache
+          └── ParentStepFailedError              (the parent's status)  a parent step's response is an error
           └── UnexpectedError                    500  a step raised something untyped (the cause says what)
 
 A :class:`CacheableError` is stored as the response of the step that raised it: its ``error_code``
@@ -162,3 +170,43 @@ class HubUnavailableError(CacheableError):
     """The Hub failed too often lately: calls fail fast until the circuit breaker half-opens."""
 
     http_status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class DatasetNotFoundError(CacheableError):
+    """The dataset does not exist, or the token gives no access to it."""
+
+    http_status = HTTPStatus.NOT_FOUND
+
+
+class ConfigNotFoundError(CacheableError):
+    """The dataset has no config of that name."""
+
+    http_status = HTTPStatus.NOT_FOUND
+
+
+class SplitNotFoundError(CacheableError):
+    """The config has no split of that name."""
+
+    http_status = HTTPStatus.NOT_FOUND
+
+
+class EmptyDatasetError(CacheableError):
+    """The dataset has no data file stepcache can read."""
+
+
+class DatasetGenerationError(CacheableError):
+    """A data file cannot be read: corrupted, or not in the format its name says."""
+
+
+class TooManyColumnsError(CacheableError):
+    """The dataset has more columns than the viewer shows."""
+
+    http_status = HTTPStatus.NOT_IMPLEMENTED
+
+
+class PreviousStepMissingError(CacheableError):
+    """A step ran before the response of its parent step was in the cache."""
+
+
+class ParentStepFailedError(CacheableError):
+    """A parent step's response is an error, so this step is not computed; the cause says which."""

@@ -27,9 +27,7 @@ MAX_CONFIG_OR_SPLIT_LENGTH = 256
 _MAX_QUOTED_LENGTH = 100
 
 # One part of a dataset name: no "--" or "..", no leading or trailing "-" or ".".
-_DATASET_PART = re.compile(
-    rf"(?![-.])(?!.*(?:--|\.\.))[A-Za-z0-9._-]{{1,{MAX_DATASET_PART_LENGTH}}}(?<![-.])"
-)
+_DATASET_PART = re.compile(rf"(?![-.])(?!.*(?:--|\.\.))[A-Za-z0-9._-]{{1,{MAX_DATASET_PART_LENGTH}}}(?<![-.])")
 _DATASET_RULES = (
     f"expected 'org/name' or 'name', each part 1 to {MAX_DATASET_PART_LENGTH} characters of "
     "[A-Za-z0-9._-], not starting or ending with '-' or '.', and without '--' or '..'"
@@ -110,9 +108,7 @@ def _segment_problem(value: str) -> str | None:
     return None
 
 
-def _validate_segment(
-    value: object, kind: str, error: type[InvalidConfigNameError | InvalidSplitNameError]
-) -> str:
+def _validate_segment(value: object, kind: str, error: type[InvalidConfigNameError | InvalidSplitNameError]) -> str:
     if isinstance(value, str):
         text = str.__str__(value)
         problem = _segment_problem(text)
@@ -133,16 +129,12 @@ def validate_split(split: object) -> str:
     return _validate_segment(split, "split", InvalidSplitNameError)
 
 
-def validate_key(
-    dataset: object, config: object | None, split: object | None
-) -> tuple[str, str | None, str | None]:
+def validate_key(dataset: object, config: object | None, split: object | None) -> tuple[str, str | None, str | None]:
     """Validate a (dataset, config, split) key; config and split may be None, but not split alone."""
     valid_dataset = validate_dataset(dataset)
     if config is None:
         if split is not None:
-            raise InvalidSplitNameError(
-                f"Split {_quote(split)} given without a config for {valid_dataset!r}."
-            )
+            raise InvalidSplitNameError(f"Split {_quote(split)} given without a config for {valid_dataset!r}.")
         return valid_dataset, None, None
     valid_config = validate_config(config)
     return valid_dataset, valid_config, None if split is None else validate_split(split)

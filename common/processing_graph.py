@@ -60,9 +60,7 @@ class ProcessingStep:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _STEP_NAME.fullmatch(self.name):
-            raise InvalidStepSpecError(
-                f"step name {self.name!r} is not lowercase words of [a-z0-9] joined by '-'"
-            )
+            raise InvalidStepSpecError(f"step name {self.name!r} is not lowercase words of [a-z0-9] joined by '-'")
         # Specs may come from plain data (a list, strings), so coerce to the types the rest of the code
         # relies on; the dataclass is frozen, hence object.__setattr__.
         object.__setattr__(self, "input_type", _coerce(InputType, self.input_type, self.name, "input type"))
@@ -178,9 +176,7 @@ class ProcessingGraph:
     def descendants(self, name: str) -> list[ProcessingStep]:
         return self._closure(name, lambda step: self._children[step.name])
 
-    def _closure(
-        self, name: str, neighbours: Callable[[ProcessingStep], Iterable[str]]
-    ) -> list[ProcessingStep]:
+    def _closure(self, name: str, neighbours: Callable[[ProcessingStep], Iterable[str]]) -> list[ProcessingStep]:
         start = self.get_step(name)
         seen: set[str] = set()
         pending = list(neighbours(start))
@@ -262,16 +258,12 @@ DEFAULT_STEPS: tuple[ProcessingStep, ...] = (
     ProcessingStep("dataset-config-names", InputType.DATASET),
     ProcessingStep("config-split-names", InputType.CONFIG, ("dataset-config-names",)),
     ProcessingStep("split-first-rows", InputType.SPLIT, ("config-split-names",)),
-    ProcessingStep(
-        "config-parquet-and-info", InputType.CONFIG, ("dataset-config-names",), queue=QueueName.HEAVY
-    ),
+    ProcessingStep("config-parquet-and-info", InputType.CONFIG, ("dataset-config-names",), queue=QueueName.HEAVY),
     ProcessingStep("config-parquet", InputType.CONFIG, ("config-parquet-and-info",)),
     ProcessingStep("config-info", InputType.CONFIG, ("config-parquet-and-info",)),
     ProcessingStep("config-size", InputType.CONFIG, ("config-parquet-and-info",)),
     ProcessingStep("dataset-size", InputType.DATASET, ("config-size",)),
-    ProcessingStep(
-        "split-descriptive-statistics", InputType.SPLIT, ("config-parquet",), queue=QueueName.HEAVY
-    ),
+    ProcessingStep("split-descriptive-statistics", InputType.SPLIT, ("config-parquet",), queue=QueueName.HEAVY),
     ProcessingStep("dataset-is-valid", InputType.DATASET, ("split-first-rows", "config-parquet")),
 )
 

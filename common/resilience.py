@@ -53,9 +53,7 @@ def hub_breaker(
     client: redis.Redis, name: str = "hub", fail_max: int = 5, reset_timeout: float = 30
 ) -> pybreaker.CircuitBreaker:
     """A circuit breaker around the Hub whose state every process shares through Redis."""
-    storage = pybreaker.CircuitRedisStorage(
-        pybreaker.STATE_CLOSED, client, namespace=f"{BREAKER_NAMESPACE}:{name}"
-    )
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace=f"{BREAKER_NAMESPACE}:{name}")
     return pybreaker.CircuitBreaker(
         fail_max=fail_max,
         reset_timeout=reset_timeout,
@@ -65,9 +63,7 @@ def hub_breaker(
     )
 
 
-def call_hub(
-    breaker: pybreaker.CircuitBreaker, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs
-) -> R:
+def call_hub(breaker: pybreaker.CircuitBreaker, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Call the Hub through the breaker, retrying transient errors; an open breaker fails fast."""
 
     @retry_transient
@@ -75,8 +71,6 @@ def call_hub(
         try:
             return breaker.call(function, *args, **kwargs)
         except pybreaker.CircuitBreakerError as error:
-            raise HubUnavailableError(
-                "the Hub is failing: calls are suspended for a while", cause=error
-            ) from error
+            raise HubUnavailableError("the Hub is failing: calls are suspended for a while", cause=error) from error
 
     return attempt()

@@ -24,9 +24,7 @@ BAR_WIDTH = 30
 
 def progress_bar(fraction: float, message: str | None = None) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH)
-    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}" + (
-        f" {message}" if message else ""
-    )
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}" + (f" {message}" if message else "")
 
 
 def follow(job_id: str, out: TextIO = sys.stdout) -> int:

@@ -67,9 +67,7 @@ def _wait_until_ready(server: EmbeddedServer, ready: Callable[[], object]) -> Em
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise ServerUnavailableError(
-                f"{server.name} exited with status {server.process.returncode} at start"
-            )
+            raise ServerUnavailableError(f"{server.name} exited with status {server.process.returncode} at start")
         try:
             ready()
             return server
@@ -215,9 +213,7 @@ class WorkerProcess:
         """Whether the worker answers a Celery control ping (it does once it consumes)."""
         from celery import Celery
 
-        broker = (
-            self.env.get("CELERY_BROKER_URL") or self.env.get("QUEUE_REDIS_URL") or "redis://localhost:6379/0"
-        )
+        broker = self.env.get("CELERY_BROKER_URL") or self.env.get("QUEUE_REDIS_URL") or "redis://localhost:6379/0"
         probe = Celery(broker=broker)
         try:
             return bool(probe.control.ping(destination=[self.nodename], timeout=0.5))

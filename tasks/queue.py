@@ -22,9 +22,7 @@ class CeleryDispatcher:
         from tasks import app
 
         job = dispatch.payload
-        kwargs = {
-            name: value for name, value in (("config", job.config), ("split", job.split)) if value is not None
-        }
+        kwargs = {name: value for name, value in (("config", job.config), ("split", job.split)) if value is not None}
         app.send_task(
             job.step,
             args=[job.dataset],

@@ -36,8 +36,6 @@ class Reaper:
             try:
                 report = get_queue().reap()
                 if report is not None and (report.crashed or report.requeued):
-                    logger.warning(
-                        "reaper: requeued %s, failed as crashed %s", report.requeued, report.crashed
-                    )
+                    logger.warning("reaper: requeued %s, failed as crashed %s", report.requeued, report.crashed)
             except Exception:
                 logger.exception("reaper pass failed")

@@ -117,7 +117,7 @@ def _hard_time_limit(
         error,
         config=payload.config,
         split=payload.split,
-        job_runner_version=sender.step.job_runner_version,
+        job_runner_version=sender.processing_step.job_runner_version,
     )
     if token is not None:
         queue.finish(payload, token, Outcome(error.http_status, error.error_code, error.message))
@@ -127,9 +127,7 @@ def _hard_time_limit(
 def _revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
     if not terminated or request is None:
         return  # revoked before it ran: it never held a started lease, cancel() handled its slot
-    payload = _step_job(
-        sender, request.id, request.args, request.kwargs, getattr(request, PRIORITY_HEADER, None)
-    )
+    payload = _step_job(sender, request.id, request.args, request.kwargs, getattr(request, PRIORITY_HEADER, None))
     if payload is None:
         return
     queue = get_queue()

@@ -25,7 +25,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
-from common import cache, metrics
+from common import cache, metrics, orchestrator
 from common.events import JobProgress
 from common.exceptions import (
     CacheableError,
@@ -37,7 +37,8 @@ from common.exceptions import (
 )
 from common.logging import job_context
 from common.names import namespace_of
-from common.processing_graph import ProcessingStep
+from common.orchestrator import JobKey
+from common.processing_graph import ProcessingStep, get_processing_graph
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority, Queue
 from common.queue.jobs import unicity_id
@@ -50,9 +51,10 @@ PROGRESS_STATE = "PROGRESS"
 STEP_ARGUMENTS = ("dataset", "config", "split")
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepJob:
-    """What a step's function gets: the job's input and a progress reporter."""
+    """What a step's function gets: the job's input, a progress reporter, and the dataset's revision
+    (looked up in the dataset's source the first time a step asks for it)."""
 
     job_id: str | None
     step: str
@@ -60,6 +62,23 @@ class StepJob:
     config: str | None
     split: str | None
     progress: Progress
+    known_revision: str | None = None
+
+    def previous_step(self, kind: str, config: str | None = None, split: str | None = None) -> dict[str, Any]:
+        """The content of a parent step's successful response (a typed error otherwise); this job's
+        revision is then the one that response was computed at."""
+        entry = cache.get_previous_step_response(kind, self.dataset, config, split)
+        if self.known_revision is None:
+            self.known_revision = entry.dataset_git_revision
+        return entry.content
+
+    @property
+    def revision(self) -> str:
+        if self.known_revision is None:
+            from common.sources import get_source
+
+            self.known_revision = get_source().revision(self.dataset)
+        return self.known_revision
 
 
 StepFunction = Callable[[StepJob], Mapping[str, Any]]
@@ -77,9 +96,7 @@ def bind_step_arguments(args: Any, kwargs: Any) -> tuple[Any, Any, Any]:
     bound = dict(zip(STEP_ARGUMENTS, args, strict=False))
     for name, value in kwargs.items():
         if name not in STEP_ARGUMENTS or name in bound:
-            raise InvalidArgumentsError(
-                f"unexpected or repeated argument {name!r}; a step takes {STEP_ARGUMENTS}"
-            )
+            raise InvalidArgumentsError(f"unexpected or repeated argument {name!r}; a step takes {STEP_ARGUMENTS}")
         bound[name] = value
     if "dataset" not in bound:
         raise InvalidArgumentsError("a step needs a dataset")
@@ -112,6 +129,11 @@ class StepTask(Task):  # type: ignore[misc]
     # the limiter's decisions, so it is refused.
     CALL_OPTIONS: ClassVar[frozenset[str]] = frozenset({"priority"})
 
+    @property
+    def processing_step(self) -> ProcessingStep:
+        """The step as the graph declares it now (a user may have registered a newer version)."""
+        return get_processing_graph().get_step(self.name)
+
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> AsyncResult:
@@ -137,15 +159,11 @@ class StepTask(Task):  # type: ignore[misc]
         token = getattr(request, TOKEN_HEADER, None)
         if request.called_directly:
             # A plain function call computes the content here, outside the queue and the cache.
-            return self._compute(
-                StepJob(None, self.name, dataset, config, split, Progress(lambda meta: None))
-            )
+            return self._compute(StepJob(None, self.name, dataset, config, split, Progress(lambda meta: None)))
         if not token:
             logger.warning("dropping message %s of %s without a lease token", request.id, self.name)
             raise Ignore()
-        payload = message_payload(
-            self.name, request.id, args, kwargs, getattr(request, PRIORITY_HEADER, None)
-        )
+        payload = message_payload(self.name, request.id, args, kwargs, getattr(request, PRIORITY_HEADER, None))
         return self._run_job(payload, token)
 
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
@@ -156,6 +174,7 @@ class StepTask(Task):  # type: ignore[misc]
         metrics.job_started(self.name)
         started = time.monotonic()
         error: CacheableError | None = None
+        content: Mapping[str, Any] = {}
         progress = Progress(lambda meta: self._report_progress(queue, payload, meta))
         job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
         with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(queue, payload, token):
@@ -167,7 +186,8 @@ class StepTask(Task):  # type: ignore[misc]
                     content,
                     config=payload.config,
                     split=payload.split,
-                    job_runner_version=self.step.job_runner_version,
+                    job_runner_version=self.processing_step.job_runner_version,
+                    dataset_git_revision=job.known_revision,
                     duration=time.monotonic() - started,
                 )
             except Exception as raised:
@@ -178,7 +198,8 @@ class StepTask(Task):  # type: ignore[misc]
                     error,
                     config=payload.config,
                     split=payload.split,
-                    job_runner_version=self.step.job_runner_version,
+                    job_runner_version=self.processing_step.job_runner_version,
+                    dataset_git_revision=job.known_revision,
                     duration=time.monotonic() - started,
                 )
             finally:
@@ -187,6 +208,7 @@ class StepTask(Task):  # type: ignore[misc]
                     outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
                 queue.finish(payload, token, outcome)
                 metrics.job_finished(self.name, "error" if error else "success", outcome.duration)
+        self._enqueue_next(queue, payload, content, error)
         if error is not None:
             raise error
         return {
@@ -204,15 +226,28 @@ class StepTask(Task):  # type: ignore[misc]
         cache.update_progress(self.name, payload.dataset, payload.config, payload.split, meta["fraction"])
         queue.emit(JobProgress, payload, **meta)
 
+    def _enqueue_next(
+        self, queue: Queue, payload: JobPayload, content: Mapping[str, Any], error: CacheableError | None
+    ) -> None:
+        """The processing graph's next jobs (children inherit the priority); never fails the job."""
+        key = JobKey(self.name, payload.dataset, payload.config, payload.split)
+        try:
+            if error is None:
+                next_jobs = orchestrator.after_success(self.name, key, content)
+            else:
+                next_jobs = orchestrator.after_failure(self.name, key, error)
+            for job in next_jobs:
+                queue.enqueue(job.step, job.dataset, job.config, job.split, priority=payload.priority)
+        except Exception:
+            logger.exception("could not enqueue the jobs after %s %s", self.name, payload.job_id)
+
     def _compute(self, job: StepJob) -> Mapping[str, Any]:
         function = type(self).function
         if function is None:
             raise StepNotImplementedError(f"step {self.name!r} has no function")
         content = function(job)
         if not isinstance(content, Mapping):
-            raise ContentNotStorableError(
-                f"step {self.name!r} returned {type(content).__name__}, not a mapping"
-            )
+            raise ContentNotStorableError(f"step {self.name!r} returned {type(content).__name__}, not a mapping")
         return content
 
 

@@ -106,9 +106,7 @@ def test_errors_are_stored_with_their_code_and_counted_by_code(stores: Stores) -
 
 def test_failed_runs_counts_consecutive_errors_of_one_revision(stores: Stores) -> None:
     def fail(revision: str) -> int:
-        cache.upsert_error(
-            "dataset-config-names", "org/ds", JobManagerCrashedError("x"), dataset_git_revision=revision
-        )
+        cache.upsert_error("dataset-config-names", "org/ds", JobManagerCrashedError("x"), dataset_git_revision=revision)
         return cache.get_response("dataset-config-names", "org/ds").failed_runs
 
     assert [fail("r1"), fail("r1"), fail("r1")] == [1, 2, 3]

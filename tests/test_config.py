@@ -83,9 +83,7 @@ def test_every_variable_is_read_from_the_environment(clean_env: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize(("variable", "value"), [(v, x) for v, x in BAD_VALUES if x is not None])
-def test_a_bad_value_is_one_line_naming_the_variable(
-    clean_env: pytest.MonkeyPatch, variable: str, value: str
-) -> None:
+def test_a_bad_value_is_one_line_naming_the_variable(clean_env: pytest.MonkeyPatch, variable: str, value: str) -> None:
     clean_env.setenv(variable, value)
     with pytest.raises(ConfigError) as raised:
         get_config()

@@ -33,9 +33,7 @@ def client(stores: Stores) -> Iterator[redis.Redis]:
 
 
 def queued(dataset: str) -> JobQueued:
-    return JobQueued(
-        job_id=dataset, step="dataset-config-names", dataset=dataset, namespace=dataset.split("/")[0]
-    )
+    return JobQueued(job_id=dataset, step="dataset-config-names", dataset=dataset, namespace=dataset.split("/")[0])
 
 
 def test_an_event_round_trips_through_json_as_its_own_class() -> None:

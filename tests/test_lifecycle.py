@@ -81,9 +81,7 @@ def test_a_running_step_shows_progress_in_its_result_and_in_flowers_api(
 
             def flower_result() -> dict[str, Any] | None:
                 try:
-                    with urllib.request.urlopen(
-                        f"http://127.0.0.1:{port}/api/task/result/{result.id}", timeout=5
-                    ) as r:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task/result/{result.id}", timeout=5) as r:
                         answer: dict[str, Any] = json.load(r)
                         return answer if answer.get("state") == "PROGRESS" else None
                 except OSError:
@@ -171,9 +169,7 @@ def test_a_killed_workers_job_is_cached_as_crashed_within_the_lease_ttl_and_its_
         victim.kill()
         killed_at = time.monotonic()
         with sample_worker("survivor", {**crash_env, "TEST_SLEEP_SECONDS": "0.05"}, tmp_path):
-            behind = sample_steps.test_sleep.delay(
-                "org/behind"
-            )  # same namespace, limit 1: waits for the slot
+            behind = sample_steps.test_sleep.delay("org/behind")  # same namespace, limit 1: waits for the slot
             job = eventually(
                 lambda: (j := queue.ledger.get(doomed.id)) is not None and j.status.is_terminal and j,
                 what="the crashed job ending",
@@ -216,9 +212,7 @@ def test_a_slow_step_hits_the_soft_limit_and_its_error_is_cached(
     assert job is not None and job.status == JobStatus.ERROR
 
 
-def test_a_worker_serves_metrics_of_all_its_processes(
-    env: dict[str, str], celery_app: Celery, tmp_path: Path
-) -> None:
+def test_a_worker_serves_metrics_of_all_its_processes(env: dict[str, str], celery_app: Celery, tmp_path: Path) -> None:
     port = free_port()
     with sample_worker("w", {**env, "WORKER_METRICS_PORT": str(port)}, tmp_path):
         for i in range(3):
@@ -230,7 +224,5 @@ def test_a_worker_serves_metrics_of_all_its_processes(
     assert 'stepcache_jobs_finished_total{status="success",step="test-noop"} 3.0' in text
     assert 'stepcache_jobs_finished_total{status="error",step="test-fail"} 1.0' in text
     assert 'stepcache_job_duration_seconds_count{step="test-noop"} 3.0' in text
-    assert (
-        'stepcache_cache_entries{error_code="SampleStepError",http_status="500",kind="test-fail"} 1.0' in text
-    )
+    assert 'stepcache_cache_entries{error_code="SampleStepError",http_status="500",kind="test-fail"} 1.0' in text
     assert "stepcache_leases_in_use 0.0" in text

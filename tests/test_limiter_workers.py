@@ -107,9 +107,7 @@ def test_a_killed_worker_gives_its_slots_back_and_its_jobs_run_again_within_the_
         results = [sample_steps.test_sleep.delay(f"ns{i % 4}/ds{i}") for i in range(24)]
         ledger = get_queue().ledger
         deadline = time.monotonic() + RESULT_TIMEOUT
-        while not any(
-            (job.worker or "").startswith("victim") for job in ledger.jobs(statuses=[JobStatus.STARTED])
-        ):
+        while not any((job.worker or "").startswith("victim") for job in ledger.jobs(statuses=[JobStatus.STARTED])):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         victim.kill()

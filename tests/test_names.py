@@ -247,9 +247,7 @@ def test_a_split_without_a_config_is_refused() -> None:
 
 @settings(deadline=None)
 @given(dataset=ACCEPTED_DATASET_STRINGS, config=ACCEPTED_CONFIGS, split=ACCEPTED_SPLITS)
-def test_an_asset_path_built_from_accepted_names_stays_inside_its_base(
-    dataset: str, config: str, split: str
-) -> None:
+def test_an_asset_path_built_from_accepted_names_stays_inside_its_base(dataset: str, config: str, split: str) -> None:
     path = os.path.normpath(os.path.join(BASE, dataset, "--", config, split))
     assert path.startswith(BASE + os.sep)
     components = os.path.relpath(path, BASE).split(os.sep)

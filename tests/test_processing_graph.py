@@ -56,9 +56,7 @@ def test_python_name_replaces_dashes_with_underscores() -> None:
     assert DEFAULT.get_step("dataset-config-names").python_name == "dataset_config_names"
 
 
-@pytest.mark.parametrize(
-    "name", ["", "Dataset-info", "dataset_info", "-dataset", "dataset-", "a--b", "a b", "é"]
-)
+@pytest.mark.parametrize("name", ["", "Dataset-info", "dataset_info", "-dataset", "dataset-", "a--b", "a b", "é"])
 def test_a_bad_step_name_is_refused(name: str) -> None:
     with pytest.raises(InvalidStepSpecError, match="step name"):
         ProcessingStep(name, InputType.DATASET)
@@ -120,9 +118,7 @@ def test_an_unknown_parent_is_refused_naming_the_step_and_the_parent() -> None:
 
 def test_a_duplicate_step_name_is_refused() -> None:
     with pytest.raises(InvalidStepSpecError, match="'root' is declared twice"):
-        ProcessingGraph(
-            [ProcessingStep("root", InputType.DATASET), ProcessingStep("root", InputType.DATASET)]
-        )
+        ProcessingGraph([ProcessingStep("root", InputType.DATASET), ProcessingStep("root", InputType.DATASET)])
 
 
 @pytest.mark.parametrize("input_type", [InputType.CONFIG, InputType.SPLIT])

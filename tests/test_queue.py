@@ -152,9 +152,7 @@ def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_cras
     assert report.crashed == [job.job_id]
     assert dispatcher.take() == []
     ended = q.ledger.get(job.job_id)
-    assert (
-        ended is not None and ended.status == JobStatus.ERROR and ended.error_code == "JobManagerCrashedError"
-    )
+    assert ended is not None and ended.status == JobStatus.ERROR and ended.error_code == "JobManagerCrashedError"
     entry = cache.get_response("dataset-config-names", "org/ds")
     assert entry.error_code == "JobManagerCrashedError" and entry.http_status == 500
     assert q.counts()["org"].running == 0

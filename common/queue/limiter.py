@@ -153,9 +153,7 @@ class NamespaceLimiter:
 
     def cancel(self, namespace: str, job_ids: Sequence[str]) -> tuple[list[str], list[Dispatch]]:
         """Forget these jobs (waiting or leased), and lease the freed slots to waiting jobs."""
-        cancelled, dispatched = self._run(
-            "cancel", namespace, self.default_limit, self.queued_ttl_ms, *job_ids
-        )
+        cancelled, dispatched = self._run("cancel", namespace, self.default_limit, self.queued_ttl_ms, *job_ids)
         return [_text(job) for job in cancelled], _dispatches(dispatched)
 
     def promote(self, namespace: str) -> list[Dispatch]:
@@ -182,9 +180,7 @@ class NamespaceLimiter:
             raise ValueError("a namespace limit is 0 (paused) or more")
         self.redis.sadd(NAMESPACES_KEY, namespace)
         return _dispatches(
-            self._run(
-                "set_limit", namespace, self.default_limit, self.queued_ttl_ms, "" if limit is None else limit
-            )
+            self._run("set_limit", namespace, self.default_limit, self.queued_ttl_ms, "" if limit is None else limit)
         )
 
     def get_limit(self, namespace: str) -> tuple[int, bool]:
@@ -225,6 +221,5 @@ def _text(value: bytes | str) -> str:
 def _dispatches(flat: Iterable[Any]) -> list[Dispatch]:
     items = list(flat)
     return [
-        Dispatch(JobPayload.model_validate_json(items[i + 2]), _text(items[i + 1]))
-        for i in range(0, len(items), 3)
+        Dispatch(JobPayload.model_validate_json(items[i + 2]), _text(items[i + 1])) for i in range(0, len(items), 3)
     ]

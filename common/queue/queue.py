@@ -40,6 +40,7 @@ from common.exceptions import (
     InvalidArgumentsError,
     JobManagerCrashedError,
     MissingStepInputError,
+    StepcacheError,
     UnknownJobError,
 )
 from common.names import namespace_of, validate_key
@@ -97,9 +98,7 @@ def check_step_input(step: ProcessingStep, config: str | None, split: str | None
             InputType.CONFIG: "a dataset and a config",
             InputType.SPLIT: "a dataset, a config and a split",
         }[step.input_type]
-        raise MissingStepInputError(
-            f"step {step.name!r} takes {wanted}; got config={config!r} split={split!r}"
-        )
+        raise MissingStepInputError(f"step {step.name!r} takes {wanted}; got config={config!r} split={split!r}")
 
 
 def parse_priority(priority: object) -> Priority:
@@ -205,9 +204,7 @@ class Queue:
             if job is not None and not job.status.is_terminal:
                 self._admit(job)  # parked again; promotion sends it a fresh message
             return Confirmation("drop")
-        if confirmation.run and not self.ledger.mark_started(
-            payload.job_id, token, confirmation.attempt, worker
-        ):
+        if confirmation.run and not self.ledger.mark_started(payload.job_id, token, confirmation.attempt, worker):
             # Cancelled between dispatch and start.
             self.release(payload, token)
             return Confirmation("drop")
@@ -310,6 +307,22 @@ class Queue:
                     yield event
                     if event.type in ENDING_EVENTS:
                         return
+
+    def backfill(self, dataset: str, priority: object = Priority.LOW) -> list[Job]:
+        """Enqueue what the graph expects of the dataset and the cache lacks: missing, obsolete (older
+        job_runner_version), stale (another revision) or retryable errors; returns the jobs enqueued."""
+        from common.orchestrator import backfill_plan
+        from common.sources import get_source
+
+        dataset, _, _ = validate_key(dataset, None, None)
+        try:
+            revision: str | None = get_source().revision(dataset)
+        except StepcacheError:
+            revision = None  # the root step will cache why
+        return [
+            self.enqueue(job.step, job.dataset, job.config, job.split, priority=priority)
+            for job in backfill_plan(dataset, revision)
+        ]
 
     # --- operators -----------------------------------------------------------------------------------
 

@@ -79,17 +79,21 @@ def step(
     return decorator
 
 
-def _builtin(name: str) -> StepTask:
-    return make_step_task(get_processing_graph().get_step(name), None)
+def _builtin(name: str, function: StepFunction) -> StepTask:
+    return make_step_task(get_processing_graph().get_step(name), function)
 
 
-dataset_config_names = _builtin("dataset-config-names")
-config_split_names = _builtin("config-split-names")
-split_first_rows = _builtin("split-first-rows")
-config_parquet_and_info = _builtin("config-parquet-and-info")
-config_parquet = _builtin("config-parquet")
-config_info = _builtin("config-info")
-config_size = _builtin("config-size")
-dataset_size = _builtin("dataset-size")
-split_descriptive_statistics = _builtin("split-descriptive-statistics")
-dataset_is_valid = _builtin("dataset-is-valid")
+# The built-in steps' functions live in modules named after what they compute (configs, first_rows,
+# parquet, statistics, validity): the names below are the steps' tasks.
+from tasks.steps import configs, first_rows, parquet, statistics, validity  # noqa: E402
+
+dataset_config_names = _builtin("dataset-config-names", configs.dataset_config_names)
+config_split_names = _builtin("config-split-names", configs.config_split_names)
+split_first_rows = _builtin("split-first-rows", first_rows.split_first_rows)
+config_parquet_and_info = _builtin("config-parquet-and-info", parquet.config_parquet_and_info)
+config_parquet = _builtin("config-parquet", parquet.config_parquet)
+config_info = _builtin("config-info", parquet.config_info)
+config_size = _builtin("config-size", parquet.config_size)
+dataset_size = _builtin("dataset-size", parquet.dataset_size)
+split_descriptive_statistics = _builtin("split-descriptive-statistics", statistics.split_descriptive_statistics)
+dataset_is_valid = _builtin("dataset-is-valid", validity.dataset_is_valid)

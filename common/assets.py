@@ -1,0 +1,84 @@
+"""Asset files (images, audio) that responses point to, stored under ASSETS_STORAGE_DIRECTORY.
+
+A cell's file goes to `<dataset>/--/<revision>/--/<config>/<split>/<row>/<column>/<name>` and is served
+at the same path under ASSETS_BASE_URL. Every part of the path is a validated name (the dataset, config
+and split rules of common.names, a hex revision, a row number, and the column's name when it passes the
+split-name rules or else its index), so no cell can write outside the storage directory.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import get_config
+from common.exceptions import InvalidSplitNameError
+from common.names import validate_dataset, validate_key, validate_split
+
+_REVISION = re.compile(r"[0-9a-f]{1,64}")
+AUDIO_SIGNATURES = (
+    (b"RIFF", "wav", "audio/wav"),
+    (b"fLaC", "flac", "audio/flac"),
+    (b"OggS", "ogg", "audio/ogg"),
+)
+
+
+@dataclass(frozen=True)
+class CellLocation:
+    dataset: str
+    revision: str
+    config: str
+    split: str
+    row: int
+    column: str
+    column_index: int
+
+    def relative_directory(self) -> Path:
+        validate_key(self.dataset, self.config, self.split)
+        if not _REVISION.fullmatch(self.revision):
+            raise ValueError(f"a revision is a hex digest, not {self.revision!r}")
+        try:
+            column = validate_split(self.column)
+        except InvalidSplitNameError:
+            column = f"column-{self.column_index}"
+        return Path(
+            validate_dataset(self.dataset),
+            "--",
+            self.revision,
+            "--",
+            self.config,
+            self.split,
+            str(int(self.row)),
+            column,
+        )
+
+
+def _store(location: CellLocation, name: str, data: bytes) -> str:
+    settings = get_config().assets
+    relative = location.relative_directory() / name
+    path = settings.storage_path / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return f"{settings.base_url.rstrip('/')}/{relative.as_posix()}"
+
+
+def store_image(location: CellLocation, data: bytes) -> dict[str, object]:
+    """Write the image as JPEG; returns its URL and size, as a viewer shows an image cell."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        output = io.BytesIO()
+        image.convert("RGB").save(output, format="JPEG", quality=90)
+    return {"src": _store(location, "image.jpg", output.getvalue()), "height": height, "width": width}
+
+
+def store_audio(location: CellLocation, data: bytes) -> list[dict[str, str]]:
+    """Write the audio file as it is; returns its URL and type, as a viewer shows an audio cell."""
+    extension, mime = "mp3", "audio/mpeg"
+    for signature, known_extension, known_mime in AUDIO_SIGNATURES:
+        if data.startswith(signature):
+            extension, mime = known_extension, known_mime
+    return [{"src": _store(location, f"audio.{extension}", data), "type": mime}]
