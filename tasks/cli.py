@@ -55,12 +55,29 @@ def describe(event: Event) -> str:
     return event.type.removeprefix("job.")
 
 
+def backfill(dataset: str, out: TextIO = sys.stdout) -> int:
+    """Enqueue what the graph expects of the dataset and the cache lacks, is obsolete or stale."""
+    from tasks.queue import get_queue
+
+    jobs = get_queue().backfill(dataset)
+    for job in jobs:
+        out.write(f"{job.job_id}  {job.step}  {job.dataset}  {job.config or ''}  {job.split or ''}\n")
+    if not jobs:
+        out.write(f"{dataset}: nothing to backfill\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tasks", description="stepcache from the command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     follow_parser = commands.add_parser("follow", help="show a job's progress until it ends")
     follow_parser.add_argument("job_id", metavar="JOB", help="the job id (what step.delay returned)")
     follow_parser.set_defaults(run=lambda args: follow(args.job_id))
+    backfill_parser = commands.add_parser(
+        "backfill", help="enqueue the dataset's missing, obsolete, stale or retryable cache entries"
+    )
+    backfill_parser.add_argument("dataset", metavar="DATASET", help="org/name or name")
+    backfill_parser.set_defaults(run=lambda args: backfill(args.dataset))
     return parser
 
 

@@ -33,6 +33,11 @@ DEFAULTS = {
     "WORKER_METRICS_PORT": (9808, lambda c: c.worker.metrics_port),
     "WORKER_HARD_LIMIT_GRACE_SECONDS": (30.0, lambda c: c.worker.hard_limit_grace_seconds),
     "COMMON_LOG_FORMAT": ("plain", lambda c: c.common.log_format),
+    "WORKER_PARQUET_DIRECTORY": ("", lambda c: c.worker.parquet_directory),
+    "WORKER_FIRST_ROWS_MAX_BYTES": (1_000_000, lambda c: c.worker.first_rows_max_bytes),
+    "WORKER_FIRST_ROWS_MAX_COLUMNS": (1000, lambda c: c.worker.first_rows_max_columns),
+    "WORKER_FIRST_ROWS_MIN_CELL_BYTES": (100, lambda c: c.worker.first_rows_min_cell_bytes),
+    "WORKER_MAX_FAILED_RUNS": (3, lambda c: c.worker.max_failed_runs),
 }
 
 BAD_VALUES = [
@@ -56,6 +61,10 @@ BAD_VALUES = [
     ("WORKER_METRICS_PORT", "70000"),
     ("WORKER_HARD_LIMIT_GRACE_SECONDS", "-5"),
     ("COMMON_LOG_FORMAT", "xml"),
+    ("WORKER_FIRST_ROWS_MAX_BYTES", "10"),
+    ("WORKER_FIRST_ROWS_MAX_COLUMNS", "0"),
+    ("WORKER_FIRST_ROWS_MIN_CELL_BYTES", "x"),
+    ("WORKER_MAX_FAILED_RUNS", "0"),
 ]
 
 
@@ -74,6 +83,8 @@ def test_every_variable_is_read_from_the_environment(clean_env: pytest.MonkeyPat
         "QUEUE_MONGO_URL": "mongodb+srv://cluster.example",
         "QUEUE_REDIS_URL": "rediss://cache:6380/2",
         "COMMON_LOG_FORMAT": "json",
+        "WORKER_FIRST_ROWS_MAX_BYTES": "5000",
+        "WORKER_FIRST_ROWS_MIN_CELL_BYTES": "50",
     }
     expected_default, read = DEFAULTS[variable]
     raw = values.get(variable, "7" if not isinstance(expected_default, str) else "something-else")
