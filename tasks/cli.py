@@ -1,7 +1,9 @@
 """`python -m tasks COMMAND`: stepcache from the command line.
 
-Exit codes: 0 done (a followed job succeeded), 1 a followed job failed or was cancelled, 2 bad input or
-configuration (one line on stderr, no traceback), 3 a server could not be reached.
+Commands: run, enqueue, status, follow, backfill, cancel, limits, workers (`python -m tasks COMMAND -h`).
+Exit codes: 0 done (a followed job succeeded), 1 a followed job failed or was cancelled (or `run --once`
+did not finish), 2 bad input or configuration (one line on stderr, no traceback), 3 a server could not be
+reached (or no worker answered).
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.events import Event, EventType, JobFailed, JobProgress, JobState
-from common.exceptions import StepcacheError
+from common.exceptions import InvalidArgumentsError, StepcacheError
 from common.queue import JobStatus
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -67,6 +70,115 @@ def backfill(dataset: str, out: TextIO = sys.stdout) -> int:
     return EXIT_OK
 
 
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Rows as an aligned text table."""
+    cells = [[str(cell) for cell in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines) + "\n"
+
+
+def enqueue(step: str, dataset: str, config: str | None, split: str | None, priority: str, out: TextIO) -> int:
+    from tasks.steps import get_step_task
+
+    kwargs = {name: value for name, value in (("config", config), ("split", split)) if value is not None}
+    result = get_step_task(step).apply_async([dataset], kwargs, priority=priority)
+    out.write(f"{result.id}\n")
+    return EXIT_OK
+
+
+def status(dataset: str, out: TextIO) -> int:
+    from common import cache
+    from tasks.queue import get_queue
+
+    entries = cache.get_dataset_responses(dataset)
+    out.write(f"cache of {dataset}:\n")
+    out.write(
+        table(
+            ["kind", "config", "split", "status", "error", "duration", "updated"],
+            [
+                [
+                    e.kind,
+                    e.config or "",
+                    e.split or "",
+                    e.http_status,
+                    e.error_code or "",
+                    f"{e.duration:.2f}s" if e.duration is not None else "",
+                    e.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+                ]
+                for e in entries
+            ],
+        )
+    )
+    jobs = get_queue().jobs(dataset)[-50:]
+    out.write(f"\njobs of {dataset} (the latest {len(jobs)}):\n")
+    out.write(
+        table(
+            ["job", "step", "config", "split", "priority", "status", "attempts", "error"],
+            [
+                [j.job_id, j.step, j.config or "", j.split or "", j.priority, j.status, j.attempts, j.error_code or ""]
+                for j in jobs
+            ],
+        )
+    )
+    return EXIT_OK
+
+
+def cancel(dataset: str, revoke: bool, out: TextIO) -> int:
+    from tasks.queue import get_queue
+
+    cancelled = get_queue().cancel(dataset, revoke_started=revoke)
+    out.write(f"{len(cancelled)} job(s) of {dataset} cancelled\n")
+    return EXIT_OK
+
+
+def limits(action: str, namespace: str | None, value: int | None, out: TextIO) -> int:
+    from common.config import get_config
+    from tasks.queue import get_queue
+
+    queue = get_queue()
+    if action == "set":
+        if namespace is None or value is None:
+            raise InvalidArgumentsError("limits set NAMESPACE N: both are needed")
+        queue.set_limit(namespace, value)
+    elif action == "clear":
+        if namespace is None:
+            raise InvalidArgumentsError("limits clear NAMESPACE: the namespace is needed")
+        queue.set_limit(namespace, None)
+    out.write(f"default (QUEUE_MAX_JOBS_PER_NAMESPACE): {get_config().queue.max_jobs_per_namespace}\n")
+    rows = []
+    for name, counts in sorted(queue.counts().items()):
+        limit, overridden = queue.get_limit(name)
+        rows.append(
+            [name, f"{limit}{' (override)' if overridden else ''}", counts.waiting, counts.queued, counts.started]
+        )
+    out.write(table(["namespace", "limit", "waiting", "queued", "started"], rows))
+    return EXIT_OK
+
+
+def workers(out: TextIO) -> int:
+    from tasks import app
+
+    inspector = app.control.inspect(timeout=2.0)
+    replies = inspector.ping() or {}
+    if not replies:
+        out.write("no worker answered\n")
+        return EXIT_UNREACHABLE
+    active = inspector.active() or {}
+    queues = inspector.active_queues() or {}
+    out.write(
+        table(
+            ["worker", "queues", "running"],
+            [
+                [name, ",".join(q["name"] for q in queues.get(name, [])), len(active.get(name, []))]
+                for name in sorted(replies)
+            ],
+        )
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tasks", description="stepcache from the command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -78,7 +190,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backfill_parser.add_argument("dataset", metavar="DATASET", help="org/name or name")
     backfill_parser.set_defaults(run=lambda args: backfill(args.dataset))
+
+    run_parser = commands.add_parser("run", help="run everything locally on embedded defaults (make run)")
+    run_parser.add_argument("--once", action="store_true", help="exit when the sample pipelines are done")
+    run_parser.add_argument("--home", type=Path, default=None, help="where local data goes (default: .stepcache)")
+    run_parser.add_argument("--flower-port", type=int, default=5555, help="Flower's port (default: 5555)")
+    run_parser.set_defaults(run=_run)
+
+    enqueue_parser = commands.add_parser("enqueue", help="enqueue one step for a dataset, config or split")
+    enqueue_parser.add_argument("step", metavar="STEP", help="a step of the graph, e.g. dataset-config-names")
+    enqueue_parser.add_argument("dataset", metavar="DATASET", help="org/name or name")
+    enqueue_parser.add_argument("--config", default=None)
+    enqueue_parser.add_argument("--split", default=None)
+    enqueue_parser.add_argument("--priority", default="normal", help="low, normal (default) or high")
+    enqueue_parser.set_defaults(
+        run=lambda args: enqueue(args.step, args.dataset, args.config, args.split, args.priority, sys.stdout)
+    )
+
+    status_parser = commands.add_parser("status", help="a dataset's cache entries and jobs, as tables")
+    status_parser.add_argument("dataset", metavar="DATASET")
+    status_parser.set_defaults(run=lambda args: status(args.dataset, sys.stdout))
+
+    cancel_parser = commands.add_parser("cancel", help="cancel a dataset's waiting and queued jobs")
+    cancel_parser.add_argument("dataset", metavar="DATASET")
+    cancel_parser.add_argument("--revoke", action="store_true", help="also stop its started jobs (SIGTERM)")
+    cancel_parser.set_defaults(run=lambda args: cancel(args.dataset, args.revoke, sys.stdout))
+
+    limits_parser = commands.add_parser("limits", help="show, set or clear per-namespace limits")
+    limits_parser.add_argument("action", nargs="?", choices=["show", "set", "clear"], default="show")
+    limits_parser.add_argument("namespace", nargs="?", default=None)
+    limits_parser.add_argument("value", nargs="?", type=int, default=None, help="the limit; 0 pauses")
+    limits_parser.set_defaults(run=lambda args: limits(args.action, args.namespace, args.value, sys.stdout))
+
+    workers_parser = commands.add_parser("workers", help="the workers that answer, their queues and running jobs")
+    workers_parser.set_defaults(run=lambda args: workers(sys.stdout))
     return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tasks.run import DEFAULT_HOME, run
+
+    return run(home=args.home or DEFAULT_HOME, once=args.once, flower_port=args.flower_port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

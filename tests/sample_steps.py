@@ -15,7 +15,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from common.config import get_config
 from common.exceptions import CacheableError
-from tasks.steps import StepJob, step
+from common.processing_graph import InputType, ProcessingStep, register_step
+from tasks.steps import StepJob, make_step_task, step
 
 EXECUTIONS_KEY = "test:executions"
 
@@ -70,3 +71,6 @@ def test_stubborn(job: StepJob) -> dict[str, Any]:
             _record(job, "soft-limit")
     _record(job, "end")
     return {}
+
+
+test_unimplemented = make_step_task(register_step(ProcessingStep("test-unimplemented", InputType.DATASET)), None)

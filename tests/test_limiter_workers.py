@@ -19,7 +19,7 @@ from tests.conftest import Stores
 from tests.workers import sample_worker
 
 pytestmark = pytest.mark.slow
-RESULT_TIMEOUT = 120
+RESULT_TIMEOUT = 180
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

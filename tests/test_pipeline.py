@@ -16,9 +16,8 @@ from common.config import get_config
 from common.exceptions import JobManagerCrashedError
 from common.processing_graph import ProcessingStep, get_processing_graph
 from common.queue import JobStatus
-from tasks import steps
+from tasks import samples, steps
 from tasks.queue import get_queue
-from tests import datasets
 from tests.conftest import Stores
 
 TIMEOUT = 120.0
@@ -75,7 +74,7 @@ def content(
 
 
 def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, worker: object) -> None:
-    dataset = datasets.csv_dataset(mirror)
+    dataset = samples.csv_dataset(mirror)
     entries = run_pipeline(dataset)
     assert all(entry.is_success for entry in entries.values()), [
         (k, e.error_code) for k, e in entries.items() if not e.is_success
@@ -107,20 +106,20 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, worker: 
 
 
 def test_json_lines_parquet_and_multi_config_datasets(mirror: Path, worker: object) -> None:
-    jsonl = run_pipeline(datasets.jsonl_dataset(mirror))
+    jsonl = run_pipeline(samples.jsonl_dataset(mirror))
     assert content(jsonl, "config-size", "default")["size"]["config"]["num_rows"] == 8
     rows = content(jsonl, "split-first-rows", "default", "test")["rows"]
     assert rows[0]["row"] == {"question": "q0?", "answer": 0}
-    parquet = run_pipeline(datasets.parquet_dataset(mirror))
+    parquet = run_pipeline(samples.parquet_dataset(mirror))
     assert content(parquet, "split-first-rows", "default", "train")["rows"][19]["row"] == {"x": 19, "y": "s19"}
-    multi = run_pipeline(datasets.multi_config_dataset(mirror))
+    multi = run_pipeline(samples.multi_config_dataset(mirror))
     assert [c["config"] for c in content(multi, "dataset-config-names")["config_names"]] == ["en", "fr"]
     assert [s["split"] for s in content(multi, "config-split-names", "fr")["splits"]] == ["train", "test"]
     assert content(multi, "dataset-size")["size"]["dataset"]["num_rows"] == 4
 
 
 def test_image_and_audio_cells_become_files_under_the_assets_directory(mirror: Path, worker: object) -> None:
-    images = run_pipeline(datasets.image_dataset(mirror))
+    images = run_pipeline(samples.image_dataset(mirror))
     first_rows = content(images, "split-first-rows", "default", "train")
     assert [f["type"] for f in first_rows["features"]] == [
         {"_type": "Image"},
@@ -137,7 +136,7 @@ def test_image_and_audio_cells_become_files_under_the_assets_directory(mirror: P
         if c["column_name"] == "label"
     )
     assert labels["column_statistics"]["frequencies"] == {"cat": 1, "dog": 2}
-    audio = run_pipeline(datasets.audio_dataset(mirror))
+    audio = run_pipeline(samples.audio_dataset(mirror))
     (audio_cell,) = content(audio, "split-first-rows", "default", "train")["rows"][0]["row"]["audio"]
     assert audio_cell["type"] == "audio/wav" and audio_cell["src"].endswith("/0/audio/audio.wav")
     assert (Path(get_config().assets.storage_path) / audio_cell["src"].removeprefix("assets/")).is_file()
@@ -147,18 +146,18 @@ def test_bad_datasets_get_typed_cached_errors(mirror: Path, worker: object) -> N
     missing = run_pipeline("org/missing")
     assert missing[("dataset-config-names", None, None)].error_code == "DatasetNotFoundError"
     assert missing[("dataset-config-names", None, None)].http_status == 404
-    empty = run_pipeline(datasets.empty_dataset(mirror))
+    empty = run_pipeline(samples.empty_dataset(mirror))
     assert empty[("dataset-config-names", None, None)].error_code == "EmptyDatasetError"
     assert empty[("dataset-is-valid", None, None)].error_code == "ParentStepFailedError"
     assert len(empty) == 3  # nothing to fan out to: the dataset-level descendants say why
-    corrupted = run_pipeline(datasets.corrupted_dataset(mirror))
+    corrupted = run_pipeline(samples.corrupted_dataset(mirror))
     assert corrupted[("split-first-rows", "default", "train")].error_code == "DatasetGenerationError"
     assert corrupted[("config-parquet-and-info", "default", None)].error_code == "DatasetGenerationError"
     child = corrupted[("config-size", "default", None)]
     assert child.error_code == "ParentStepFailedError" and "config-parquet-and-info" in child.content["error"]
     assert content(corrupted, "dataset-size")["failed"] == ["default"]
     assert content(corrupted, "dataset-is-valid") == {"viewer": False, "preview": False}
-    wide = run_pipeline(datasets.wide_dataset(mirror))
+    wide = run_pipeline(samples.wide_dataset(mirror))
     assert (
         wide[("split-first-rows", "default", "train")].http_status,
         wide[("split-first-rows", "default", "train")].error_code,
@@ -166,7 +165,7 @@ def test_bad_datasets_get_typed_cached_errors(mirror: Path, worker: object) -> N
 
 
 def test_a_ten_megabyte_cell_is_truncated_to_fit(mirror: Path, worker: object) -> None:
-    entries = run_pipeline(datasets.big_cell_dataset(mirror))
+    entries = run_pipeline(samples.big_cell_dataset(mirror))
     first_rows = content(entries, "split-first-rows", "default", "train")
     assert first_rows["rows"][0]["truncated_cells"] == ["text"]
     assert len(first_rows["rows"][0]["row"]["text"]) == get_config().worker.first_rows_min_cell_bytes
@@ -182,7 +181,7 @@ def default_graph(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
     mirror: Path, worker: object, default_graph: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dataset = datasets.csv_dataset(mirror)
+    dataset = samples.csv_dataset(mirror)
     before = run_pipeline(dataset)
     assert get_queue().backfill(dataset) == []
     bumped = [
@@ -202,7 +201,7 @@ def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
 def test_backfill_enqueues_a_missing_root_and_retries_retryable_errors(
     mirror: Path, worker: object, default_graph: None
 ) -> None:
-    dataset = datasets.jsonl_dataset(mirror)
+    dataset = samples.jsonl_dataset(mirror)
     assert [job.step for job in get_queue().backfill(dataset)] == ["dataset-config-names"]
     entries = wait_until_settled(dataset)
     revision = entries[("config-info", "default", None)].dataset_git_revision

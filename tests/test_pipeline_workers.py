@@ -11,9 +11,8 @@ import pytest
 from celery import Celery
 
 from common.config import get_config
-from tasks import steps
+from tasks import samples, steps
 from tasks.embedded import ROOT
-from tests import datasets
 from tests.conftest import Stores
 from tests.test_pipeline import wait_until_settled
 from tests.workers import sample_worker
@@ -35,7 +34,7 @@ def test_one_call_with_real_workers_fills_every_entry_the_graph_expects(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     get_config.cache_clear()
-    dataset = datasets.multi_config_dataset(root)
+    dataset = samples.multi_config_dataset(root)
     with sample_worker("w", env, tmp_path):
         steps.dataset_config_names.delay(dataset)
         entries = wait_until_settled(dataset)

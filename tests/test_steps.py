@@ -50,10 +50,10 @@ def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores
 
 
 def test_a_step_without_a_function_caches_a_not_implemented_error(stores: Stores, worker: object) -> None:
-    result = steps.dataset_is_valid.delay("org/ds")
+    result = sample_steps.test_unimplemented.delay("org/ds")
     with pytest.raises(Exception, match="has no function"):
         result.get(timeout=RESULT_TIMEOUT)
-    assert cache.get_response("dataset-is-valid", "org/ds").http_status == 501
+    assert cache.get_response("test-unimplemented", "org/ds").http_status == 501
 
 
 def test_a_config_step_gets_its_config(stores: Stores, worker: object) -> None:

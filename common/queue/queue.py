@@ -60,6 +60,7 @@ from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
 REAPER_LOCK_KEY = "stepcache:reaper"
+REAPER_LOCK_SECONDS = 10
 ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
 
@@ -246,7 +247,8 @@ class Queue:
 
     def reap(self) -> ReapReport | None:
         """Take back expired leases in every namespace; None when another process is reaping."""
-        lock = self.limiter.redis.lock(REAPER_LOCK_KEY, timeout=60, blocking=False)
+        # Short-lived: a reaper killed mid-pass must not keep the others from reaping for long.
+        lock = self.limiter.redis.lock(REAPER_LOCK_KEY, timeout=REAPER_LOCK_SECONDS, blocking=False)
         if not lock.acquire():
             return None
         try:

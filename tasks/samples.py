@@ -1,4 +1,8 @@
-"""Small datasets the tests create on disk, laid out like Hub dataset repositories (nothing downloads)."""
+"""Small sample datasets written to disk, laid out like Hub dataset repositories (nothing downloads).
+
+`make run` mirrors a few of them (DEMO_DATASETS) for its demo; the tests use all of them, including the
+broken ones.
+"""
 
 from __future__ import annotations
 
@@ -107,3 +111,19 @@ def wide_dataset(root: Path, name: str = "org/wide", columns: int = 2000) -> str
     header = ",".join(f"c{i}" for i in range(columns))
     write(root / name / "train.csv", header + "\n" + ",".join("1" for _ in range(columns)) + "\n")
     return name
+
+
+DEMO_DATASETS = {
+    "demo/csv": csv_dataset,
+    "demo/jsonl": jsonl_dataset,
+    "other/parquet": parquet_dataset,
+    "other/images": image_dataset,
+}
+
+
+def write_demo_mirror(root: Path) -> list[str]:
+    """Write the demo datasets (two namespaces: CSV, JSON Lines, Parquet, an image folder) under root."""
+    for name, make in DEMO_DATASETS.items():
+        if not (root / name).exists():
+            make(root, name)
+    return list(DEMO_DATASETS)

