@@ -1,0 +1,67 @@
+"""docker-compose.yml and the Dockerfile agree with the code (there is no Docker engine to run them here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.config import AppConfig
+from tasks.embedded import ROOT
+
+SETTINGS = {
+    prefix + name.upper()
+    for settings in AppConfig.PREFIXES.values()
+    for prefix in [str(settings.model_config.get("env_prefix", ""))]
+    for name in settings.model_fields
+}
+SETTINGS |= {"PROMETHEUS_MULTIPROC_DIR"}
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def test_the_compose_file_parses_and_has_the_documented_services() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", "mongo", "worker-light", "worker-heavy", "flower"}
+    assert services["redis"]["image"] == "redis:7" and services["mongo"]["image"] == "mongo:7"
+    for name in ("redis", "mongo"):
+        assert services[name]["healthcheck"]["test"] and services[name]["volumes"]
+
+
+def test_workers_consume_the_queues_the_graph_routes_to() -> None:
+    from common.processing_graph import get_processing_graph
+
+    services = compose()["services"]
+    queues = set()
+    for name in ("worker-light", "worker-heavy"):
+        command = services[name]["command"]
+        assert command[:4] == ["celery", "-A", "tasks", "worker"]
+        queues |= set(command[command.index("-Q") + 1].split(","))
+    assert queues == {step.queue.value for step in get_processing_graph()}
+
+
+def test_every_variable_the_services_set_is_one_the_code_reads() -> None:
+    services = compose()["services"]
+    for name in ("worker-light", "worker-heavy", "flower"):
+        environment = services[name]["environment"]
+        assert set(environment) <= SETTINGS, set(environment) - SETTINGS
+        assert {"QUEUE_REDIS_URL", "CACHE_MONGO_URL", "QUEUE_MONGO_URL"} <= set(environment)
+        assert services[name]["volumes"] is not None
+
+
+def test_flower_needs_basic_auth_from_the_environment() -> None:
+    command = " ".join(compose()["services"]["flower"]["command"])
+    assert "celery -A tasks flower" in command and "--basic-auth=${FLOWER_BASIC_AUTH" in command
+
+
+def test_the_dockerfile_installs_the_project_and_starts_a_worker() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
+    for copied in ("common", "tasks", "celeryconfig.py", "pyproject.toml"):
+        assert copied in dockerfile and Path(ROOT / copied).exists()
+    assert 'CMD ["celery", "-A", "tasks", "worker", "-Q", "light,heavy"]' in dockerfile

@@ -1,0 +1,136 @@
+"""`make run` (`python -m tasks run`) on a machine with nothing configured, and Flower while it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.embedded import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+SERVER_VARIABLES = ("QUEUE_REDIS_URL", "CACHE_MONGO_URL", "QUEUE_MONGO_URL", "CELERY_BROKER_URL", "COMMON_HF_ENDPOINT")
+SAMPLE_ENTRIES = 12 + 12 + 10 + 10  # demo/csv, demo/jsonl (2 splits each), other/parquet, other/images
+
+
+def unconfigured_env() -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES and not k.startswith(("ASSETS_", "WORKER_"))
+    }
+    return {**env, "WORKER_METRICS_PORT": "0", "FLOWER_UNAUTHENTICATED_API": "true"}
+
+
+def test_the_makefile_runs_the_cli_command() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/python -m tasks run $(if $(ONCE),--once)" in makefile
+
+
+def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(tmp_path: Path) -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "tasks", "run", "--once", "--home", str(tmp_path), "--flower-port", str(free_port())],
+        cwd=ROOT,
+        env=unconfigured_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    lines = process.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("kind"))
+    rows = [line for line in lines[header + 2 :] if line.strip() and not line.startswith("Flower")]
+    assert len(rows) == SAMPLE_ENTRIES
+    assert all(line.split()[-2] == "ok" for line in rows), rows
+    assert {line.split()[1] for line in rows} == {"demo/csv", "demo/jsonl", "other/parquet", "other/images"}
+    assert "Flower: http://localhost:" in process.stdout
+    assert (tmp_path / "mongo").is_dir() and (tmp_path / "mirror" / "demo" / "csv" / "train.csv").is_file()
+
+
+def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    env = unconfigured_env()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasks", "run", "--home", str(tmp_path), "--flower-port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_for(lambda: any("serving" in line for line in output), "the samples' pipelines")
+        # A reader of the README enqueues a step of their own while it serves, with the servers it printed.
+        servers = dict(re.findall(r"^(redis-server|SecantusDB): (\S+)", "".join(output), re.MULTILINE))
+        client_env = {
+            **env,
+            "QUEUE_REDIS_URL": servers["redis-server"],
+            "CACHE_MONGO_URL": servers["SecantusDB"],
+            "QUEUE_MONGO_URL": servers["SecantusDB"],
+            "COMMON_HF_ENDPOINT": f"file://{tmp_path / 'mirror'}",
+        }
+        (tmp_path / "mirror" / "me" / "pets").mkdir(parents=True)
+        (tmp_path / "mirror" / "me" / "pets" / "train.csv").write_text("name,legs\ncat,4\nbird,2\n")
+        enqueued = subprocess.run(
+            [sys.executable, "-m", "tasks", "enqueue", "dataset-config-names", "me/pets"],
+            cwd=ROOT,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert enqueued.returncode == 0, enqueued.stderr
+        job_id = enqueued.stdout.strip()
+
+        def flower_tasks() -> dict[str, Any] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks", timeout=5) as answer:
+                    tasks: dict[str, Any] = json.load(answer)
+            except OSError:
+                return None
+            done = [t for t in tasks.values() if t["name"] == "split-first-rows" and "me/pets" in (t["args"] or "")]
+            return tasks if job_id in tasks and done and done[0]["state"] == "SUCCESS" else None
+
+        tasks = wait_for(flower_tasks, "Flower showing the enqueued pipeline")
+        assert tasks[job_id]["name"] == "dataset-config-names" and tasks[job_id]["state"] == "SUCCESS"
+        first_rows = next(t for t in tasks.values() if t["name"] == "split-first-rows" and "me/pets" in t["args"])
+        assert "'split': 'train'" in first_rows["kwargs"]
+        status = subprocess.run(
+            [sys.executable, "-m", "tasks", "status", "me/pets"],
+            cwd=ROOT,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "split-first-rows" in status.stdout and "200" in status.stdout
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+        reader.join(timeout=10)
+    assert process.returncode == 0, "".join(output)[-3000:]
+    assert "stopped" in "".join(output)
+    with socket.socket() as sock:  # Flower is gone with it
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_for(condition: Any, what: str, timeout: float = 240) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout}s")
