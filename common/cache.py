@@ -10,7 +10,6 @@ Readers use :func:`get_response`; steps never call this module, the worker store
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -33,14 +32,12 @@ from common.exceptions import (
     PreviousStepMissingError,
     UnknownStepError,
 )
-from common.mongo import get_database
+from common.mongo import get_collection
 from common.names import validate_key
 from common.resilience import retry_transient
 
 KEY_FIELDS = ("kind", "dataset", "config", "split")
 UPSERT_ATTEMPTS = 3
-_indexed: set[tuple[str, str]] = set()
-_indexed_lock = threading.Lock()
 
 
 class CachedResponse(BaseModel):
@@ -80,14 +77,7 @@ class CacheCount(BaseModel):
 def cache_collection() -> Collection[dict[str, Any]]:
     """The `cachedResponses` collection of this process's settings, its indexes created on first use."""
     settings = get_config().cache
-    collection = get_database(settings.mongo_url, settings.mongo_database)[CACHE_COLLECTION]
-    marker = (settings.mongo_url.get_secret_value(), settings.mongo_database)
-    if marker not in _indexed:
-        with _indexed_lock:
-            if marker not in _indexed:
-                _create_indexes(collection)
-                _indexed.add(marker)
-    return collection
+    return get_collection(settings.mongo_url, settings.mongo_database, CACHE_COLLECTION, _create_indexes)
 
 
 def _create_indexes(collection: Collection[dict[str, Any]]) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import SecretStr
 from pymongo import MongoClient
+from pymongo.collection import Collection
 from pymongo.database import Database
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
@@ -44,6 +46,22 @@ def get_database(url: SecretStr, database: str) -> Database[dict[str, Any]]:
             )
             _clients[key] = client
     return client[database]
+
+
+IndexMaker = Callable[[Collection[dict[str, Any]]], None]
+_indexed: set[tuple[str, str, str]] = set()
+
+
+def get_collection(url: SecretStr, database: str, name: str, create_indexes: IndexMaker) -> Collection[dict[str, Any]]:
+    """A collection whose indexes `create_indexes` makes, once per process, on first use."""
+    collection = get_database(url, database)[name]
+    marker = (url.get_secret_value(), database, name)
+    if marker not in _indexed:
+        with _lock:
+            if marker not in _indexed:
+                create_indexes(collection)
+                _indexed.add(marker)
+    return collection
 
 
 def close_clients() -> None:

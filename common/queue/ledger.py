@@ -10,7 +10,6 @@ index, so two identical pending jobs cannot exist; the first writer wins and lat
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -21,34 +20,27 @@ from pymongo.errors import DuplicateKeyError
 
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
-from common.mongo import get_database
+from common.mongo import get_collection
 from common.queue.jobs import PENDING_STATUSES, TERMINAL_STATUSES, Job, JobStatus
 from common.resilience import retry_transient
 
 CREATE_ATTEMPTS = 5
-_indexed: set[tuple[str, str]] = set()
-_indexed_lock = threading.Lock()
 
 
 def jobs_collection() -> Collection[dict[str, Any]]:
     """The `jobs` collection of this process's settings, its indexes created on first use."""
     settings = get_config().queue
-    collection = get_database(settings.mongo_url, settings.mongo_database)[JOBS_COLLECTION]
-    marker = (settings.mongo_url.get_secret_value(), settings.mongo_database)
-    if marker not in _indexed:
-        with _indexed_lock:
-            if marker not in _indexed:
-                collection.create_index(
-                    "pending_key",
-                    unique=True,
-                    name="pending",
-                    partialFilterExpression={"pending_key": {"$type": "string"}},
-                )
-                collection.create_index([("unicity_id", ASCENDING), ("status", ASCENDING)], name="unicity")
-                collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
-                collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
-                _indexed.add(marker)
-    return collection
+    return get_collection(settings.mongo_url, settings.mongo_database, JOBS_COLLECTION, _create_indexes)
+
+
+def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
+    # A pending job holds its unicity id here: two identical pending jobs cannot exist.
+    collection.create_index(
+        "pending_key", unique=True, name="pending", partialFilterExpression={"pending_key": {"$type": "string"}}
+    )
+    collection.create_index([("unicity_id", ASCENDING), ("status", ASCENDING)], name="unicity")
+    collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
+    collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
 
 
 def _now() -> datetime:
