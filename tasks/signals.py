@@ -121,6 +121,7 @@ def _hard_time_limit(
     )
     if token is not None:
         queue.finish(payload, token, Outcome(error.http_status, error.error_code, error.message))
+    queue.enqueue_next(payload, None, error)
     metrics.job_finished(payload.step, "error", None)
 
 

@@ -25,7 +25,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 
-from common import cache, metrics, orchestrator
+from common import cache, metrics
 from common.events import JobProgress
 from common.exceptions import (
     CacheableError,
@@ -37,7 +37,6 @@ from common.exceptions import (
 )
 from common.logging import job_context
 from common.names import namespace_of
-from common.orchestrator import JobKey
 from common.processing_graph import ProcessingStep, get_processing_graph
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority, Queue
@@ -208,7 +207,7 @@ class StepTask(Task):  # type: ignore[misc]
                     outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
                 queue.finish(payload, token, outcome)
                 metrics.job_finished(self.name, "error" if error else "success", outcome.duration)
-        self._enqueue_next(queue, payload, content, error)
+        queue.enqueue_next(payload, content, error)
         if error is not None:
             raise error
         return {
@@ -225,21 +224,6 @@ class StepTask(Task):  # type: ignore[misc]
         self.update_state(state=PROGRESS_STATE, meta=meta)
         cache.update_progress(self.name, payload.dataset, payload.config, payload.split, meta["fraction"])
         queue.emit(JobProgress, payload, **meta)
-
-    def _enqueue_next(
-        self, queue: Queue, payload: JobPayload, content: Mapping[str, Any], error: CacheableError | None
-    ) -> None:
-        """The processing graph's next jobs (children inherit the priority); never fails the job."""
-        key = JobKey(self.name, payload.dataset, payload.config, payload.split)
-        try:
-            if error is None:
-                next_jobs = orchestrator.after_success(self.name, key, content)
-            else:
-                next_jobs = orchestrator.after_failure(self.name, key, error)
-            for job in next_jobs:
-                queue.enqueue(job.step, job.dataset, job.config, job.split, priority=payload.priority)
-        except Exception:
-            logger.exception("could not enqueue the jobs after %s %s", self.name, payload.job_id)
 
     def _compute(self, job: StepJob) -> Mapping[str, Any]:
         function = type(self).function

@@ -156,6 +156,9 @@ def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_cras
     entry = cache.get_response("dataset-config-names", "org/ds")
     assert entry.error_code == "JobManagerCrashedError" and entry.http_status == 500
     assert q.counts()["org"].running == 0
+    # Its children are still scheduled: they get an error that says where it came from.
+    child = cache.get_response("dataset-is-valid", "org/ds")
+    assert child.error_code == "ParentStepFailedError" and "JobManagerCrashedError" in child.content["error"]
 
 
 def test_a_lost_message_is_dispatched_again_without_counting_an_attempt(stores: Stores) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -37,6 +37,7 @@ from common.events import (
     JobSucceeded,
 )
 from common.exceptions import (
+    CacheableError,
     InvalidArgumentsError,
     JobManagerCrashedError,
     MissingStepInputError,
@@ -282,6 +283,25 @@ class Queue:
         )
         self.emit(CacheUpdated, payload, http_status=error.http_status, error_code=error.error_code)
         self.emit(JobFailed, payload, error_code=error.error_code, message=error.message)
+        self.enqueue_next(payload, None, error)  # its children are still scheduled: with an error
+
+    def enqueue_next(
+        self, payload: JobPayload, content: Mapping[str, Any] | None, error: CacheableError | None
+    ) -> None:
+        """Enqueue what the processing graph asks for after this job (children inherit its priority);
+        a failure here is logged and never fails the job that ended."""
+        from common import orchestrator
+
+        key = orchestrator.JobKey(payload.step, payload.dataset, payload.config, payload.split)
+        try:
+            if error is None:
+                next_jobs = orchestrator.after_success(payload.step, key, content or {})
+            else:
+                next_jobs = orchestrator.after_failure(payload.step, key, error)
+            for job in next_jobs:
+                self.enqueue(job.step, job.dataset, job.config, job.split, priority=payload.priority)
+        except Exception:
+            logger.exception("could not enqueue the jobs after %s %s", payload.step, payload.job_id)
 
     def follow(self, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
         """The job's events until it ends, starting with its state in the ledger, so that a late follower
