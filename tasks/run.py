@@ -75,14 +75,14 @@ def environment(home: Path, stack: ExitStack, out: TextIO) -> dict[str, str]:
 
 def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER_PORT, out: TextIO = sys.stdout) -> int:
     home.mkdir(parents=True, exist_ok=True)
-    stopping = False
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        # Stop once: a second Ctrl-C or SIGTERM must not interrupt the clean-up of the children.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ExitStack() as stack:
             env = environment(home, stack, out)
@@ -113,7 +113,8 @@ def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER
         out.write("\nstopped\n")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def follow_pipelines(datasets: list[str], out: TextIO) -> bool:

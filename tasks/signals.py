@@ -38,7 +38,7 @@ from common.config import get_config
 from common.exceptions import JobManagerExceededMaximumDurationError, StepcacheError
 from common.logging import configure_logging
 from common.queue.queue import Outcome
-from tasks.queue import PRIORITY_HEADER, get_queue
+from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_queue
 from tasks.reaper import Reaper
 
 logger = logging.getLogger(__name__)
@@ -132,9 +132,9 @@ def _revoked(sender: Any = None, request: Any = None, terminated: bool = False, 
     if payload is None:
         return
     queue = get_queue()
-    token = queue.limiter.lease_token(payload.namespace, payload.job_id)
     queue.ledger.cancel([payload.job_id])
-    if token is not None:
+    token = getattr(request, TOKEN_HEADER, None)  # the killed attempt's own lease, not a newer one
+    if token:
         queue.release(payload, token)  # its process is gone: the slot can go to the next job
 
 

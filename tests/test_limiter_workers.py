@@ -52,7 +52,9 @@ def wait_until_all_ended(job_ids: list[str], timeout: float = RESULT_TIMEOUT) ->
         jobs = [ledger.get(job_id) for job_id in job_ids]
         if all(job is not None and job.status.is_terminal for job in jobs):
             return [job for job in jobs if job is not None]
-        assert time.monotonic() < deadline, "jobs did not end in time"
+        assert time.monotonic() < deadline, (
+            f"jobs did not end in time: {[(j.status, j.attempts, j.worker) for j in jobs if j]}"
+        )
         time.sleep(0.2)
 
 

@@ -43,7 +43,7 @@ class RecordingDispatcher:
 
 
 def make_queue(
-    started_ttl: float = 60.0, queued_ttl: float = 3600.0, limit: int = 2
+    started_ttl: float = 60.0, queued_ttl: float = 3600.0, limit: int = 2, max_attempts: int = 2
 ) -> tuple[Queue, RecordingDispatcher]:
     dispatcher = RecordingDispatcher()
     settings = get_config()
@@ -52,7 +52,7 @@ def make_queue(
         default_limit=limit,
         started_ttl_seconds=started_ttl,
         queued_ttl_seconds=queued_ttl,
-        max_attempts=2,
+        max_attempts=max_attempts,
     )
     return Queue(dispatcher, Ledger(), limiter), dispatcher
 
@@ -138,6 +138,7 @@ def test_a_stale_worker_cannot_release_a_slot_it_no_longer_holds(stores: Stores)
     q.finish(first.payload, first.token, SUCCESS)  # the stale worker ends late
     assert q.counts()["org"].started == 1  # b still holds its slot
     assert dispatcher.take() == []
+    assert q.ledger.get(first.payload.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
 
 
 def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_crashed(stores: Stores) -> None:
@@ -254,8 +255,8 @@ def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone
     assert [j.job_id for j in q.cancel("org/ds", revoke_started=True)] == [job.job_id]
     assert dispatcher.revoked == [job.job_id]
     assert q.counts()["org"].started == 1
-    assert not q.heartbeat(dispatch.payload, dispatch.token)
-    q.finish(dispatch.payload, dispatch.token, SUCCESS)
+    assert q.heartbeat(dispatch.payload, dispatch.token)  # still running: it keeps its slot...
+    q.finish(dispatch.payload, dispatch.token, SUCCESS)  # ...until it ends
     assert q.ledger.get(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
     assert q.counts()["org"].running == 0
 
@@ -363,3 +364,52 @@ def test_a_heartbeat_after_the_job_finished_does_nothing(queue: tuple[Queue, Rec
     assert not q.heartbeat(dispatch.payload, dispatch.token)
     assert q.ledger.get(dispatch.payload.job_id) == ended  # no resurrection, not even a timestamp
     assert q.counts()["org"].running == 0
+
+
+class FlakyDispatcher(RecordingDispatcher):
+    """A broker that refuses the first message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    def publish(self, dispatch: Dispatch) -> None:
+        if not self.refused:
+            self.refused += 1
+            raise ConnectionError("broker unavailable")
+        super().publish(dispatch)
+
+
+def test_a_message_that_could_not_be_published_waits_again_and_the_reaper_sends_it(stores: Stores) -> None:
+    q, _ = make_queue(limit=1)
+    flaky = FlakyDispatcher()
+    q.dispatcher = flaky
+    job = q.enqueue("dataset-config-names", "org/ds")
+    assert flaky.published == [] and q.counts()["org"].waiting == 1  # not leased: its slot is free
+    assert q.ledger.get(job.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
+    q.reap()
+    assert ids(flaky.take()) == [job.job_id]
+
+
+def test_a_pending_job_whose_admission_was_lost_is_admitted_by_the_next_identical_call(
+    queue: tuple[Queue, RecordingDispatcher],
+) -> None:
+    q, dispatcher = queue
+    stranded = q.enqueue("dataset-config-names", "org/ds")
+    redis.Redis.from_url(get_config().queue.redis_url.get_secret_value()).flushall()  # as if admit never ran
+    dispatcher.take()
+    assert q.enqueue("dataset-config-names", "org/ds").job_id == stranded.job_id
+    assert ids(dispatcher.take()) == [stranded.job_id]
+
+
+def test_a_job_that_ended_but_lost_its_release_is_not_recorded_as_crashed(stores: Stores) -> None:
+    q, dispatcher = make_queue(started_ttl=0, limit=1, max_attempts=1)
+    job = q.enqueue("dataset-config-names", "org/ds")
+    (dispatch,) = dispatcher.take()
+    assert q.start(dispatch.payload, dispatch.token, "w").run
+    cache.upsert_response("dataset-config-names", "org/ds", {"config_names": []})
+    q.ledger.finish(job.job_id, dispatch.token, JobStatus.SUCCESS)  # then the worker died before releasing
+    report = q.reap()
+    assert report is not None and report.crashed == [job.job_id]
+    assert cache.get_response("dataset-config-names", "org/ds").is_success
+    assert q.ledger.get(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ from pymongo.errors import DuplicateKeyError
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
 from common.mongo import get_collection
-from common.queue.jobs import PENDING_STATUSES, TERMINAL_STATUSES, Job, JobStatus
+from common.queue.jobs import TERMINAL_STATUSES, Job, JobStatus
 from common.resilience import retry_transient
 
 CREATE_ATTEMPTS = 5
@@ -88,13 +88,17 @@ class Ledger:
             )
 
     @retry_transient
-    def mark_waiting(self, job_ids: Sequence[str]) -> None:
-        """Jobs whose lease was taken back go back to waiting, pending again unless a twin is."""
-        for job_id in job_ids:
+    def mark_waiting(self, expired: Sequence[tuple[str, str]]) -> None:
+        """Jobs whose lease expired go back to waiting (pending again unless a twin is), unless a newer
+        attempt already started: only a queued job, or one started under the expired token, moves."""
+        for job_id, token in expired:
             document = self.collection.find_one({"_id": job_id}, {"unicity_id": True})
             if document is None:
                 continue
-            query = {"_id": job_id, "status": {"$in": [JobStatus.QUEUED, JobStatus.STARTED]}}
+            query = {
+                "_id": job_id,
+                "$or": [{"status": JobStatus.QUEUED}, {"status": JobStatus.STARTED, "lease_token": token}],
+            }
             try:
                 self.collection.update_one(
                     query, {"$set": {"status": JobStatus.WAITING, "pending_key": document["unicity_id"]}}
@@ -105,8 +109,10 @@ class Ledger:
     @retry_transient
     def mark_started(self, job_id: str, token: str, attempt: int, worker: str) -> bool:
         now = _now()
+        # Any status but an end: the Redis lease just confirmed is the fence, and a ledger that lags
+        # (a requeue not recorded yet) must not lose the job.
         result = self.collection.update_one(
-            {"_id": job_id, "status": {"$in": list(PENDING_STATUSES)}},
+            {"_id": job_id, "status": {"$nin": list(TERMINAL_STATUSES)}},
             [
                 {
                     "$set": {
@@ -122,7 +128,7 @@ class Ledger:
                 {"$unset": "pending_key"},
             ],
         )
-        return result.modified_count == 1
+        return result.matched_count == 1
 
     @retry_transient
     def heartbeat(self, job_id: str) -> bool:
@@ -132,34 +138,38 @@ class Ledger:
         return result.modified_count == 1
 
     @retry_transient
-    def finish(self, job_id: str, status: JobStatus, error_code: str | None = None) -> bool:
-        """Record the end of a started job; False when it was not started (cancelled, reaped)."""
+    def finish(self, job_id: str, token: str, status: JobStatus, error_code: str | None = None) -> bool:
+        """Record the end of the job's attempt that started under this lease token; False when that
+        attempt is not the job's current one (cancelled, taken back, started again elsewhere)."""
         if not status.is_terminal:
             raise ValueError(f"{status} is not a terminal status")
         result = self.collection.update_one(
-            {"_id": job_id, "status": JobStatus.STARTED},
+            {"_id": job_id, "status": JobStatus.STARTED, "lease_token": token},
             {"$set": {"status": status, "finished_at": _now(), "error_code": error_code}},
         )
-        return result.modified_count == 1
+        return result.matched_count == 1
 
-    def fail(self, job_ids: Iterable[str], error_code: str) -> None:
-        """End non-terminal jobs as errors (the reaper's crashed jobs)."""
-        self._end(job_ids, JobStatus.ERROR, error_code)
+    def fail(self, job_ids: Iterable[str], error_code: str) -> int:
+        """End non-terminal jobs as errors (the reaper's crashed jobs); returns how many were not ended yet."""
+        return self._end(job_ids, JobStatus.ERROR, error_code)
 
-    def cancel(self, job_ids: Iterable[str]) -> None:
-        self._end(job_ids, JobStatus.CANCELLED, None)
+    def cancel(self, job_ids: Iterable[str]) -> int:
+        return self._end(job_ids, JobStatus.CANCELLED, None)
 
     @retry_transient
-    def _end(self, job_ids: Iterable[str], status: JobStatus, error_code: str | None) -> None:
+    def _end(self, job_ids: Iterable[str], status: JobStatus, error_code: str | None) -> int:
         ids = list(job_ids)
-        if ids:
+        if not ids:
+            return 0
+        return int(
             self.collection.update_many(
                 {"_id": {"$in": ids}, "status": {"$nin": list(TERMINAL_STATUSES)}},
                 [
                     {"$set": {"status": status, "finished_at": _now(), "error_code": error_code}},
                     {"$unset": "pending_key"},
                 ],
-            )
+            ).modified_count
+        )
 
     @retry_transient
     def jobs(self, dataset: str | None = None, statuses: Iterable[JobStatus] | None = None) -> list[Job]:

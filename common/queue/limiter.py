@@ -60,7 +60,7 @@ class Confirmation:
 @dataclass(frozen=True)
 class Reaped:
     crashed: list[JobPayload]
-    requeued: list[str]
+    requeued: list[tuple[str, str]]  # job id, and the token of the lease that expired
     dispatched: list[Dispatch]
 
 
@@ -104,6 +104,7 @@ class NamespaceLimiter:
                 "set_limit",
                 "promote",
                 "restore",
+                "unlease",
             )
         }
 
@@ -113,6 +114,7 @@ class NamespaceLimiter:
     def _run(self, script: str, namespace: str, *args: Any) -> Any:
         return self.scripts[script](keys=namespace_keys(namespace), args=list(args))
 
+    @retry_transient
     def admit(self, payload: JobPayload) -> tuple[bool, list[Dispatch]]:
         """Park the job (behind its started twin, if it has one), then lease free slots of its
         namespace; False when the job was already admitted."""
@@ -132,9 +134,13 @@ class NamespaceLimiter:
         decision = _text(result[0])
         return Confirmation(decision, int(result[1]) if len(result) > 1 else 0)
 
-    def renew(self, namespace: str, job_id: str, token: str) -> bool:
-        """Extend a started job's lease; False when it no longer holds one."""
-        return bool(self._run("renew", namespace, job_id, token, self.started_ttl_ms))
+    def renew(self, namespace: str, job_id: str, token: str) -> int:
+        """Extend a started job's lease: 1 renewed, 2 renewed for a job cancelled while it runs, 0 lost."""
+        return int(self._run("renew", namespace, job_id, token, self.started_ttl_ms))
+
+    def unlease(self, namespace: str, job_id: str, token: str) -> bool:
+        """Give back the slot of a job whose message could not be published, and park it again."""
+        return bool(self._run("unlease", namespace, job_id, token))
 
     def release_and_promote(self, namespace: str, job_id: str, token: str) -> tuple[bool, list[Dispatch]]:
         """Free the job's slot if its token still holds it, and lease free slots to waiting jobs."""
@@ -149,7 +155,8 @@ class NamespaceLimiter:
             "reap", namespace, self.max_attempts, self.default_limit, self.queued_ttl_ms, REAP_BATCH
         )
         payloads = [JobPayload.model_validate_json(crashed[i + 1]) for i in range(0, len(crashed), 2)]
-        return Reaped(payloads, [_text(job) for job in requeued], _dispatches(dispatched))
+        pairs = [(_text(requeued[i]), _text(requeued[i + 1])) for i in range(0, len(requeued), 2)]
+        return Reaped(payloads, pairs, _dispatches(dispatched))
 
     def cancel(self, namespace: str, job_ids: Sequence[str]) -> tuple[list[str], list[Dispatch]]:
         """Forget these jobs (waiting or leased), and lease the freed slots to waiting jobs."""

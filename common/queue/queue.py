@@ -182,7 +182,9 @@ class Queue:
             created_at=datetime.now(UTC),
         )
         job, created = self.ledger.create(job)
-        if created:
+        if created or job.status in PENDING_STATUSES:
+            # Admitting is idempotent: this also rescues a pending twin whose admission was lost
+            # (its process died between the ledger and Redis).
             self._admit(job)
         return job
 
@@ -191,10 +193,17 @@ class Queue:
         self._publish(dispatched)
 
     def _publish(self, dispatched: Sequence[Dispatch]) -> None:
+        published = []
         for dispatch in dispatched:
-            self.dispatcher.publish(dispatch)
-        self.ledger.mark_queued([dispatch.payload.job_id for dispatch in dispatched])
-        for dispatch in dispatched:
+            try:
+                self.dispatcher.publish(dispatch)
+                published.append(dispatch)
+            except Exception:
+                # Back to the waiting room: the reaper's next pass (or a release) dispatches it anew.
+                logger.exception("could not publish job %s; it waits again", dispatch.payload.job_id)
+                self.limiter.unlease(dispatch.payload.namespace, dispatch.payload.job_id, dispatch.token)
+        self.ledger.mark_queued([dispatch.payload.job_id for dispatch in published])
+        for dispatch in published:
             self.emit(JobQueued, dispatch.payload, priority=dispatch.payload.priority.value)
 
     def start(self, payload: JobPayload, token: str, worker: str) -> Confirmation:
@@ -217,16 +226,16 @@ class Queue:
     def heartbeat(self, payload: JobPayload, token: str) -> bool:
         """Keep a started job's lease; False when it lost it (cancelled, reaped)."""
         renewed = self.limiter.renew(payload.namespace, payload.job_id, token)
-        if renewed:
+        if renewed == 1:
             self.ledger.heartbeat(payload.job_id)
             self.emit(JobHeartbeat, payload)
-        return renewed
+        return renewed != 0  # a job cancelled while it runs keeps its slot until it ends
 
     def finish(self, payload: JobPayload, token: str, outcome: Outcome) -> None:
         """Record the job's end (its response is in the cache), give its slot to the next waiting job,
         and wake its blocked twin."""
         status = JobStatus.SUCCESS if outcome.http_status == HTTPStatus.OK else JobStatus.ERROR
-        recorded = self.ledger.finish(payload.job_id, status, outcome.error_code)
+        recorded = self.ledger.finish(payload.job_id, token, status, outcome.error_code)
         self.release(payload, token)
         self.emit(CacheUpdated, payload, http_status=outcome.http_status, error_code=outcome.error_code)
         if not recorded:
@@ -259,10 +268,12 @@ class Queue:
                 self.ledger.mark_waiting(reaped.requeued)
                 for payload in reaped.crashed:
                     self._fail_crashed(payload)
-                self._publish(reaped.dispatched)
+                # Also a safety net for free slots nobody promoted (a message that could not be published).
+                dispatched = reaped.dispatched + self.limiter.promote(namespace)
+                self._publish(dispatched)
                 report.crashed += [p.job_id for p in reaped.crashed]
-                report.requeued += reaped.requeued
-                report.dispatched += len(reaped.dispatched)
+                report.requeued += [job_id for job_id, _ in reaped.requeued]
+                report.dispatched += len(dispatched)
             return report
         finally:
             lock.release()
@@ -271,7 +282,8 @@ class Queue:
         error = JobManagerCrashedError(
             f"the job's worker stopped sending heartbeats {get_config().worker.max_attempts} times"
         )
-        self.ledger.fail([payload.job_id], error.error_code)
+        if not self.ledger.fail([payload.job_id], error.error_code):
+            return  # it had ended (only its release was lost): its response stays
         step = get_processing_graph().get_step(payload.step)
         cache.upsert_error(
             payload.step,

@@ -2,7 +2,7 @@
 -- message was lost) or has attempts left is parked again; a started job out of attempts is forgotten
 -- and returned as crashed.
 -- ARGV[1] max attempts, ARGV[2] default limit, ARGV[3] queued lease TTL (ms), ARGV[4] batch size
--- Returns {crashed {job, payload, ...}, requeued {job, ...}, dispatched}.
+-- Returns {crashed {job, payload, ...}, requeued {job, token of the expired lease, ...}, dispatched}.
 local now = now_ms()
 local crashed, requeued = {}, {}
 for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
@@ -23,6 +23,7 @@ for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0
       -- It keeps owning its cache entry: its blocked twin still waits for it to end.
       park(job, cjson.decode(payload)['rank'])
       requeued[#requeued + 1] = job
+      requeued[#requeued + 1] = lease and string.sub(lease, 3) or ''
     end
   end
 end
