@@ -13,6 +13,7 @@ It does not know Celery: a :class:`Dispatcher` publishes the messages and revoke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, Protocol
+
+from redis.exceptions import LockError
 
 from common import cache
 from common.config import get_config
@@ -276,7 +279,8 @@ class Queue:
                 report.dispatched += len(dispatched)
             return report
         finally:
-            lock.release()
+            with contextlib.suppress(LockError):  # a pass longer than the lock: another reaper may run now
+                lock.release()
 
     def _fail_crashed(self, payload: JobPayload) -> None:
         error = JobManagerCrashedError(
