@@ -166,10 +166,13 @@ def find_layout(directory: Path) -> Layout:
 
 
 def _data_files(directory: Path) -> list[Path]:
+    """The dataset's data files, leaving out hidden files and folders inside it (.git, .cache...)."""
     return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file() and p.suffix.lower() in FORMATS and not any(part.startswith(".") for part in p.parts)
+        path
+        for path in directory.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in FORMATS
+        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
     )
 
 

@@ -101,10 +101,10 @@ def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER
             stack.enter_context(_flower({**env}, flower_port, home / "flower.log"))
             out.write(f"worker: running (log in {home / 'worker.log'})\nFlower: http://localhost:{flower_port}\n")
             done = follow_pipelines(datasets, out)
-            print_cache(datasets, out)
+            all_ok = print_cache(datasets, out)
             out.write(f"\nFlower: http://localhost:{flower_port}\n")
             if once:
-                return 0 if done else 1
+                return 0 if done and all_ok else 1
             out.write("serving; Ctrl-C stops everything\n")
             out.flush()
             while True:
@@ -157,7 +157,8 @@ def follow_pipelines(datasets: list[str], out: TextIO) -> bool:
     return False
 
 
-def print_cache(datasets: list[str], out: TextIO) -> None:
+def print_cache(datasets: list[str], out: TextIO) -> bool:
+    """Print the samples' cache entries as a table; whether every one of them is a success."""
     from common import cache
     from tasks.cli import table
 
@@ -168,3 +169,4 @@ def print_cache(datasets: list[str], out: TextIO) -> None:
             duration = f"{entry.duration:.2f}s" if entry.duration is not None else ""
             rows.append([entry.kind, entry.dataset, entry.config or "", entry.split or "", status, duration])
     out.write(table(["kind", "dataset", "config", "split", "status", "duration"], rows))
+    return bool(rows) and all(row[4] == "ok" for row in rows)

@@ -38,7 +38,17 @@ def test_the_makefile_runs_the_cli_command() -> None:
 
 def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(tmp_path: Path) -> None:
     process = subprocess.run(
-        [sys.executable, "-m", "tasks", "run", "--once", "--home", str(tmp_path), "--flower-port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "tasks",
+            "run",
+            "--once",
+            "--home",
+            str(tmp_path / ".stepcache"),
+            "--flower-port",
+            str(free_port()),
+        ],
         cwd=ROOT,
         env=unconfigured_env(),
         capture_output=True,
@@ -53,7 +63,8 @@ def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(t
     assert all(line.split()[-2] == "ok" for line in rows), rows
     assert {line.split()[1] for line in rows} == {"demo/csv", "demo/jsonl", "other/parquet", "other/images"}
     assert "Flower: http://localhost:" in process.stdout
-    assert (tmp_path / "mongo").is_dir() and (tmp_path / "mirror" / "demo" / "csv" / "train.csv").is_file()
+    home = tmp_path / ".stepcache"
+    assert (home / "mongo").is_dir() and (home / "mirror" / "demo" / "csv" / "train.csv").is_file()
 
 
 def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
