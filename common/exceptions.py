@@ -17,6 +17,7 @@
      │    ├── UnknownParentStepError
      │    └── InvalidStepSpecError
      ├── CachedResponseNotFoundError        no cache entry for (kind, dataset, config, split)
+     ├── JobLeaseLostError                  a running job lost its lease: it stops and writes nothing
      └── CacheableError                     lands in the cache: error_code, http_status, cause
           ├── ContentTooBigError                 501  content over WORKER_CONTENT_MAX_BYTES
           ├── ContentNotStorableError            500  content that is not a JSON/BSON document
@@ -103,6 +104,10 @@ class InvalidStepSpecError(ProcessingGraphError):
 
 class CachedResponseNotFoundError(StepcacheError, LookupError):
     """The cache holds no entry for this (kind, dataset, config, split)."""
+
+
+class JobLeaseLostError(StepcacheError):
+    """The job's lease was taken back while it ran (missed heartbeats): another attempt may run now."""
 
 
 class CacheableError(StepcacheError):

@@ -31,6 +31,7 @@ from common.exceptions import (
     CacheableError,
     ContentNotStorableError,
     InvalidArgumentsError,
+    JobLeaseLostError,
     JobManagerExceededMaximumDurationError,
     StepNotImplementedError,
     UnexpectedError,
@@ -174,11 +175,13 @@ class StepTask(Task):  # type: ignore[misc]
         started = time.monotonic()
         error: CacheableError | None = None
         content: Mapping[str, Any] = {}
-        progress = Progress(lambda meta: self._report_progress(queue, payload, meta))
+        heartbeat = Heartbeat(queue, payload, token)
+        progress = Progress(lambda meta: self._report_progress(queue, payload, meta, heartbeat))
         job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
-        with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(queue, payload, token):
+        with job_context(payload.job_id, self.name, payload.dataset), heartbeat:
             try:
                 content = self._compute(job)
+                self._check_lease(heartbeat)
                 cache.upsert_response(
                     self.name,
                     payload.dataset,
@@ -189,6 +192,10 @@ class StepTask(Task):  # type: ignore[misc]
                     dataset_git_revision=job.known_revision,
                     duration=time.monotonic() - started,
                 )
+            except JobLeaseLostError:
+                # Another attempt may hold the slot now: this one writes nothing and leaves the rest to it.
+                logger.warning("job %s lost its lease while it ran; it stops without a response", payload.job_id)
+                raise Ignore() from None
             except Exception as raised:
                 error = _as_cacheable(raised)
                 cache.upsert_error(
@@ -201,12 +208,11 @@ class StepTask(Task):  # type: ignore[misc]
                     dataset_git_revision=job.known_revision,
                     duration=time.monotonic() - started,
                 )
-            finally:
-                outcome = Outcome(HTTPStatus.OK, duration=time.monotonic() - started)
-                if error is not None:
-                    outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
-                queue.finish(payload, token, outcome)
-                metrics.job_finished(self.name, "error" if error else "success", outcome.duration)
+            outcome = Outcome(HTTPStatus.OK, duration=time.monotonic() - started)
+            if error is not None:
+                outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
+            queue.finish(payload, token, outcome)
+            metrics.job_finished(self.name, "error" if error else "success", outcome.duration)
         queue.enqueue_next(payload, content, error)
         if error is not None:
             raise error
@@ -218,9 +224,16 @@ class StepTask(Task):  # type: ignore[misc]
             "http_status": HTTPStatus.OK,
         }
 
-    def _report_progress(self, queue: Queue, payload: JobPayload, meta: ProgressMeta) -> None:
+    @staticmethod
+    def _check_lease(heartbeat: Heartbeat) -> None:
+        if heartbeat.lease_lost:
+            raise JobLeaseLostError("the job's lease was taken back while it ran")
+
+    def _report_progress(self, queue: Queue, payload: JobPayload, meta: ProgressMeta, heartbeat: Heartbeat) -> None:
         """Where a step's progress goes: Celery's PROGRESS state (Flower, AsyncResult.info), the cache
-        entry's progress (when there is one from an earlier run), and a job.progress event."""
+        entry's progress (when there is one from an earlier run), and a job.progress event. A job that
+        lost its lease stops here, at its next report."""
+        self._check_lease(heartbeat)
         self.update_state(state=PROGRESS_STATE, meta=meta)
         cache.update_progress(self.name, payload.dataset, payload.config, payload.split, meta["fraction"])
         queue.emit(JobProgress, payload, **meta)

@@ -74,3 +74,19 @@ def test_stubborn(job: StepJob) -> dict[str, Any]:
 
 
 test_unimplemented = make_step_task(register_step(ProcessingStep("test-unimplemented", InputType.DATASET)), None)
+
+
+@step("test-lease-thief", input_type="dataset")
+def test_lease_thief(job: StepJob) -> dict[str, Any]:
+    """Takes its own lease away (as a reaper would after missed heartbeats), then keeps reporting progress."""
+    from common.queue.limiter import namespace_key
+
+    client = redis.Redis.from_url(get_config().queue.redis_url.get_secret_value())
+    client.hdel(namespace_key(job.dataset.split("/")[0], "leases"), job.job_id or "")
+    client.close()
+    for i in range(50):
+        time.sleep(0.1)
+        _record(job, "tick")
+        job.progress.update(i + 1, 50)
+    _record(job, "end")  # never reached: the job stops at a progress report once its heartbeat saw the loss
+    return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
@@ -10,7 +11,12 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from common import cache
-from common.exceptions import InvalidArgumentsError, InvalidDatasetNameError, MissingStepInputError
+from common.exceptions import (
+    CachedResponseNotFoundError,
+    InvalidArgumentsError,
+    InvalidDatasetNameError,
+    MissingStepInputError,
+)
 from common.queue import JobStatus
 from tasks import steps
 from tasks.queue import get_queue
@@ -107,3 +113,31 @@ def test_only_json_crosses_the_broker(celery_app: Celery) -> None:
     assert celery_app.conf.accept_content == ["json"]
     assert celery_app.conf.task_serializer == "json"
     assert json.dumps(celery_app.conf.result_accept_content) == '["json"]'
+
+
+def test_a_job_that_lost_its_lease_stops_and_writes_nothing(
+    stores: Stores, celery_app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from common.config import get_config
+
+    monkeypatch.setenv("WORKER_HEARTBEAT_INTERVAL_SECONDS", "0.1")
+    get_config.cache_clear()
+    client = redis.Redis.from_url(stores.redis_url)
+
+    def ticks() -> int:
+        return sum(1 for e in client.lrange(sample_steps.EXECUTIONS_KEY, 0, -1) if e.startswith(b"tick"))
+
+    with start_worker(celery_app, pool="threads", concurrency=2, perform_ping_check=False, queues=["light"]):
+        sample_steps.test_lease_thief.delay("org/ds")
+        deadline, seen, still_since = time.monotonic() + RESULT_TIMEOUT, -1, time.monotonic()
+        while time.monotonic() - still_since < 1.0:  # until the step has stopped ticking for a second
+            assert time.monotonic() < deadline
+            if ticks() != seen:
+                seen, still_since = ticks(), time.monotonic()
+            time.sleep(0.05)
+    assert 0 < seen < 50  # it stopped at a progress report soon after its heartbeat saw the lease gone
+    assert not any(e.startswith(b"end") for e in client.lrange(sample_steps.EXECUTIONS_KEY, 0, -1))
+    with pytest.raises(CachedResponseNotFoundError):
+        cache.get_response("test-lease-thief", "org/ds")
