@@ -34,6 +34,7 @@ from common.exceptions import (
 )
 from common.mongo import get_collection
 from common.names import validate_key
+from common.processing_graph import get_processing_graph
 from common.resilience import retry_transient
 
 KEY_FIELDS = ("kind", "dataset", "config", "split")
@@ -125,10 +126,14 @@ def upsert_response(
 ) -> None:
     """Create or replace the entry of this key; writing the same response twice leaves one entry.
 
-    Raises ContentTooBigError or ContentNotStorableError, and writes nothing, when the content cannot be
-    stored; the entry already in the cache stays as it was.
+    `job_runner_version` defaults to the processing graph's version of the step `kind`. Raises
+    ContentTooBigError or ContentNotStorableError, and writes nothing, when the content cannot be stored;
+    the entry already in the cache stays as it was.
     """
     key = _key(kind, dataset, config, split)
+    if job_runner_version is None:
+        graph = get_processing_graph()
+        job_runner_version = graph.get_step(kind).job_runner_version if kind in graph else None
     document = check_content(content)
     is_error = http_status != HTTPStatus.OK
     fields: dict[str, Any] = {

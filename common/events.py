@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
+JOB_KEY_FIELDS: set[str] = {"job_id", "step", "dataset", "config", "split", "namespace"}  # every event carries them
 
 
 class EventType(StrEnum):

@@ -128,7 +128,6 @@ def after_failure(step: str, key: JobKey, error: CacheableError) -> list[JobKey]
             failure,
             config=child.config,
             split=child.split,
-            job_runner_version=graph.get_step(child.step).job_runner_version,
         )
         to_enqueue += after_failure(child.step, child, failure)
     return to_enqueue

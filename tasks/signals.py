@@ -117,7 +117,6 @@ def _hard_time_limit(
         error,
         config=payload.config,
         split=payload.split,
-        job_runner_version=sender.processing_step.job_runner_version,
     )
     if token is not None:
         queue.finish(payload, token, Outcome(error.http_status, error.error_code, error.message))

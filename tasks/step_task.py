@@ -38,7 +38,7 @@ from common.exceptions import (
 )
 from common.logging import job_context
 from common.names import namespace_of
-from common.processing_graph import ProcessingStep, get_processing_graph
+from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority, Queue
 from common.queue.jobs import unicity_id
@@ -129,11 +129,6 @@ class StepTask(Task):  # type: ignore[misc]
     # the limiter's decisions, so it is refused.
     CALL_OPTIONS: ClassVar[frozenset[str]] = frozenset({"priority"})
 
-    @property
-    def processing_step(self) -> ProcessingStep:
-        """The step as the graph declares it now (a user may have registered a newer version)."""
-        return get_processing_graph().get_step(self.name)
-
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> AsyncResult:
@@ -188,7 +183,6 @@ class StepTask(Task):  # type: ignore[misc]
                     content,
                     config=payload.config,
                     split=payload.split,
-                    job_runner_version=self.processing_step.job_runner_version,
                     dataset_git_revision=job.known_revision,
                     duration=time.monotonic() - started,
                 )
@@ -204,7 +198,6 @@ class StepTask(Task):  # type: ignore[misc]
                     error,
                     config=payload.config,
                     split=payload.split,
-                    job_runner_version=self.processing_step.job_runner_version,
                     dataset_git_revision=job.known_revision,
                     duration=time.monotonic() - started,
                 )

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +28,11 @@ from tasks.embedded import ROOT, free_port
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores
+from tests.waiting import eventually
 from tests.workers import sample_worker
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60.0
-
-
-def eventually(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy (for states that no event announces)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.fixture

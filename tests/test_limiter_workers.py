@@ -16,6 +16,7 @@ from common.queue import Job, JobStatus
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores
+from tests.waiting import eventually
 from tests.workers import sample_worker
 
 pytestmark = pytest.mark.slow
@@ -47,15 +48,13 @@ def executions(stores: Stores) -> dict[str, list[dict[str, float]]]:
 
 def wait_until_all_ended(job_ids: list[str], timeout: float = RESULT_TIMEOUT) -> list[Job]:
     ledger = get_queue().ledger
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def ended() -> list[Job] | None:
         jobs = [ledger.get(job_id) for job_id in job_ids]
-        if all(job is not None and job.status.is_terminal for job in jobs):
-            return [job for job in jobs if job is not None]
-        assert time.monotonic() < deadline, (
-            f"jobs did not end in time: {[(j.status, j.attempts, j.worker) for j in jobs if j]}"
-        )
-        time.sleep(0.2)
+        done = [job for job in jobs if job is not None and job.status.is_terminal]
+        return done if len(done) == len(job_ids) else None
+
+    return eventually(ended, "every job ending", timeout=timeout, every=0.2)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from tasks.embedded import ROOT, free_port
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 SERVER_VARIABLES = ("QUEUE_REDIS_URL", "CACHE_MONGO_URL", "QUEUE_MONGO_URL", "CELERY_BROKER_URL", "COMMON_HF_ENDPOINT")
@@ -82,7 +82,7 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
     reader = threading.Thread(target=lambda: output.extend(iter(process.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        wait_for(lambda: any("serving" in line for line in output), "the samples' pipelines")
+        eventually(lambda: any("serving" in line for line in output), "the samples' pipelines", timeout=240)
         # A reader of the README enqueues a step of their own while it serves, with the servers it printed.
         servers = dict(re.findall(r"^(redis-server|SecantusDB): (\S+)", "".join(output), re.MULTILINE))
         client_env = {
@@ -114,7 +114,7 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
             done = [t for t in tasks.values() if t["name"] == "split-first-rows" and "me/pets" in (t["args"] or "")]
             return tasks if job_id in tasks and done and done[0]["state"] == "SUCCESS" else None
 
-        tasks = wait_for(flower_tasks, "Flower showing the enqueued pipeline")
+        tasks = eventually(flower_tasks, "Flower showing the enqueued pipeline", timeout=240, every=0.5)
         assert tasks[job_id]["name"] == "dataset-config-names" and tasks[job_id]["state"] == "SUCCESS"
         first_rows = next(t for t in tasks.values() if t["name"] == "split-first-rows" and "me/pets" in t["args"])
         assert "'split': 'train'" in first_rows["kwargs"]
@@ -135,13 +135,3 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
     assert "stopped" in "".join(output)
     with socket.socket() as sock:  # Flower is gone with it
         assert sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def wait_for(condition: Any, what: str, timeout: float = 240) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout}s")

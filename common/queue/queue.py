@@ -28,6 +28,7 @@ from common import cache
 from common.config import get_config
 from common.event_bus import EventBus
 from common.events import (
+    JOB_KEY_FIELDS,
     CacheUpdated,
     Event,
     EventType,
@@ -130,17 +131,7 @@ class Queue:
     def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
         """Publish an event about this job; a failure to publish is logged, never fatal to the job."""
         try:
-            self.events.publish(
-                kind(
-                    job_id=payload.job_id,
-                    step=payload.step,
-                    dataset=payload.dataset,
-                    config=payload.config,
-                    split=payload.split,
-                    namespace=payload.namespace,
-                    **fields,
-                )
-            )
+            self.events.publish(kind(**payload.model_dump(include=JOB_KEY_FIELDS), **fields))
         except Exception:
             logger.exception("could not publish %s for job %s", kind.__name__, payload.job_id)
 
@@ -288,14 +279,12 @@ class Queue:
         )
         if not self.ledger.fail([payload.job_id], error.error_code):
             return  # it had ended (only its release was lost): its response stays
-        step = get_processing_graph().get_step(payload.step)
         cache.upsert_error(
             payload.step,
             payload.dataset,
             error,
             config=payload.config,
             split=payload.split,
-            job_runner_version=step.job_runner_version,
         )
         self.emit(CacheUpdated, payload, http_status=error.http_status, error_code=error.error_code)
         self.emit(JobFailed, payload, error_code=error.error_code, message=error.message)
@@ -326,16 +315,7 @@ class Queue:
         job = self.ledger.get(job_id)
         if job is None:
             raise UnknownJobError(f"no job {job_id!r} in the ledger")
-        yield JobState(
-            job_id=job.job_id,
-            step=job.step,
-            dataset=job.dataset,
-            config=job.config,
-            split=job.split,
-            namespace=job.namespace,
-            status=job.status.value,
-            attempts=job.attempts,
-        )
+        yield JobState(**job.model_dump(include=JOB_KEY_FIELDS), status=job.status.value, attempts=job.attempts)
         if job.status.is_terminal:
             return
         while True:
