@@ -51,6 +51,7 @@ WORKER_FIRST_ROWS_MAX_BYTES = 1_000_000
 WORKER_FIRST_ROWS_MAX_COLUMNS = 1_000
 WORKER_FIRST_ROWS_MIN_CELL_BYTES = 100
 WORKER_MAX_FAILED_RUNS = 3
+WORKER_QUEUED_LEASE_SECONDS = 300.0
 WORKER_HARD_LIMIT_GRACE_SECONDS = 30.0
 
 
@@ -161,6 +162,7 @@ class WorkerConfig(_Settings):
     first_rows_max_columns: Annotated[int, Field(ge=1)] = WORKER_FIRST_ROWS_MAX_COLUMNS
     first_rows_min_cell_bytes: Annotated[int, Field(ge=10)] = WORKER_FIRST_ROWS_MIN_CELL_BYTES
     max_failed_runs: Annotated[int, Field(ge=1)] = WORKER_MAX_FAILED_RUNS
+    queued_lease_seconds: Annotated[float, Field(gt=0)] = WORKER_QUEUED_LEASE_SECONDS
 
     @property
     def parquet_path(self) -> Path:
@@ -176,10 +178,8 @@ class WorkerConfig(_Settings):
 
     @property
     def visibility_timeout_seconds(self) -> float:
-        """How long the broker waits before redelivering an unacknowledged message, and how long a
-        dispatched job keeps its slot before it starts: longer than any job, so a running job's message
-        is never handed to a second worker, and a job waiting behind busy workers is never dispatched twice.
-        """
+        """How long the broker waits before redelivering an unacknowledged message: longer than any job, so
+        a running job's message is not handed to a second worker."""
         return max(3600.0, 2 * self.max_job_duration_seconds + self.lease_ttl_seconds)
 
 

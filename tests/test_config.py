@@ -38,6 +38,7 @@ DEFAULTS = {
     "WORKER_FIRST_ROWS_MAX_COLUMNS": (1000, lambda c: c.worker.first_rows_max_columns),
     "WORKER_FIRST_ROWS_MIN_CELL_BYTES": (100, lambda c: c.worker.first_rows_min_cell_bytes),
     "WORKER_MAX_FAILED_RUNS": (3, lambda c: c.worker.max_failed_runs),
+    "WORKER_QUEUED_LEASE_SECONDS": (300.0, lambda c: c.worker.queued_lease_seconds),
 }
 
 BAD_VALUES = [
@@ -65,6 +66,7 @@ BAD_VALUES = [
     ("WORKER_FIRST_ROWS_MAX_COLUMNS", "0"),
     ("WORKER_FIRST_ROWS_MIN_CELL_BYTES", "x"),
     ("WORKER_MAX_FAILED_RUNS", "0"),
+    ("WORKER_QUEUED_LEASE_SECONDS", "0"),
 ]
 
 

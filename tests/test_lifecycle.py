@@ -146,10 +146,10 @@ def test_follow_shows_a_late_follower_everything_and_ends_with_the_status(
 
 
 def test_a_killed_workers_job_is_cached_as_crashed_within_the_lease_ttl_and_its_slot_promoted(
-    env: dict[str, str], celery_app: Celery, tmp_path: Path
+    env: dict[str, str], celery_app: Celery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     crash_env = {**env, "WORKER_MAX_ATTEMPTS": "1", "TEST_SLEEP_SECONDS": "30"}
-    os.environ["WORKER_MAX_ATTEMPTS"] = "1"
+    monkeypatch.setenv("WORKER_MAX_ATTEMPTS", "1")
     get_config.cache_clear()
     queue = get_queue()
     victim = sample_worker("victim", crash_env, tmp_path).start()

@@ -54,7 +54,11 @@ def wait_until_all_ended(job_ids: list[str], timeout: float = RESULT_TIMEOUT) ->
         done = [job for job in jobs if job is not None and job.status.is_terminal]
         return done if len(done) == len(job_ids) else None
 
-    return eventually(ended, "every job ending", timeout=timeout, every=0.2)
+    try:
+        return eventually(ended, "every job ending", timeout=timeout, every=0.2)
+    except AssertionError:
+        jobs = [ledger.get(job_id) for job_id in job_ids]
+        raise AssertionError(f"not every job ended: {[(j.status, j.attempts, j.worker) for j in jobs if j]}") from None
 
 
 @pytest.fixture
@@ -65,6 +69,7 @@ def worker_env(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
         "WORKER_HEARTBEAT_INTERVAL_SECONDS": "0.3",
         "WORKER_MAX_MISSING_HEARTBEATS": "2",
         "TEST_SLEEP_SECONDS": "0.05",
+        "WORKER_QUEUED_LEASE_SECONDS": "5",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the enqueuing process shares the workers' settings
@@ -101,6 +106,8 @@ def test_no_namespace_ever_runs_more_than_its_limit_and_every_job_succeeds(
 def test_a_killed_worker_gives_its_slots_back_and_its_jobs_run_again_within_the_limit(
     stores: Stores, celery_app: Celery, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # A worker killed between promoting a job and publishing its message (or holding a prefetched one)
+    # leaves a dispatched lease with no live message: it comes back after WORKER_QUEUED_LEASE_SECONDS.
     env = {**worker_env, "TEST_SLEEP_SECONDS": "1.0"}
     survivor = sample_worker("survivor", env, tmp_path).start()
     victim = sample_worker("victim", env, tmp_path).start()

@@ -142,7 +142,7 @@ class Queue:
             get_redis(settings.queue.redis_url),
             default_limit=settings.queue.max_jobs_per_namespace,
             started_ttl_seconds=settings.worker.lease_ttl_seconds,
-            queued_ttl_seconds=settings.worker.visibility_timeout_seconds,
+            queued_ttl_seconds=settings.worker.queued_lease_seconds,
             max_attempts=settings.worker.max_attempts,
         )
         return cls(dispatcher, Ledger(), limiter)
