@@ -46,7 +46,7 @@ def _splits_in(content: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(item["split"] for item in listed))
 
 
-def _known_configs(entries: Iterable[cache.CachedResponse]) -> dict[str, list[str]]:
+def known_configs(entries: Iterable[cache.CachedResponse]) -> dict[str, list[str]]:
     """The configs and splits the cache knows of: from dataset-config-names and config-split-names."""
     entries = list(entries)
     configs: dict[str, list[str]] = {}
@@ -67,7 +67,7 @@ def _fan_in_ready(child: ProcessingStep, dataset: str, config: str | None) -> bo
     ancestors = {step.name for step in graph.ancestors(child.name)}
     expected = [
         key
-        for key in graph.expected_entries(dataset, _known_configs(entries))
+        for key in graph.expected_entries(dataset, known_configs(entries))
         if key.kind in ancestors and (config is None or key.config == config)
     ]
     return bool(expected) and all((key.kind, key.config, key.split) in present for key in expected)
@@ -82,7 +82,7 @@ def _children(step: str, key: JobKey, content: Mapping[str, Any] | None) -> list
             jobs.append(JobKey(child.name, key.dataset, key.config, key.split))
         elif LEVEL[child.input_type] > LEVEL[parent.input_type]:
             # A failed parent lists nothing: fan out to what the cache knows of the dataset instead.
-            known = _known_configs(cache.get_dataset_responses(key.dataset)) if content is None else None
+            known = known_configs(cache.get_dataset_responses(key.dataset)) if content is None else None
             if parent.input_type == InputType.DATASET and child.input_type == InputType.CONFIG:
                 configs = list(known) if known is not None else _configs_in(content or {})
                 jobs += [JobKey(child.name, key.dataset, config, None) for config in configs]
@@ -138,7 +138,7 @@ def backfill_plan(dataset: str, revision: str | None) -> list[JobKey]:
     stale (another revision), or a retryable error that failed fewer than WORKER_MAX_FAILED_RUNS times."""
     graph = get_processing_graph()
     entries = {(e.kind, e.config, e.split): e for e in cache.get_dataset_responses(dataset)}
-    expected: list[CacheKey] = graph.expected_entries(dataset, _known_configs(entries.values()))
+    expected: list[CacheKey] = graph.expected_entries(dataset, known_configs(entries.values()))
     done_kinds = {kind for kind, _, _ in entries}
     max_failed_runs = get_config().worker.max_failed_runs
     plan = []

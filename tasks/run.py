@@ -120,7 +120,7 @@ def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER
 def follow_pipelines(datasets: list[str], out: TextIO) -> bool:
     """Enqueue each dataset's pipeline and show a progress bar until the graph has nothing left to do."""
     from common import cache
-    from common.orchestrator import _known_configs
+    from common.orchestrator import known_configs
     from common.processing_graph import get_processing_graph
     from common.queue import JobStatus
     from tasks.cli import progress_bar
@@ -135,7 +135,7 @@ def follow_pipelines(datasets: list[str], out: TextIO) -> bool:
         done_total = expected_total = 0
         for dataset in datasets:
             entries = cache.get_dataset_responses(dataset)
-            expected = graph.expected_entries(dataset, _known_configs(entries))
+            expected = graph.expected_entries(dataset, known_configs(entries))
             present = {(e.kind, e.config, e.split) for e in entries}
             done_total += sum((k.kind, k.config, k.split) in present for k in expected)
             expected_total += len(expected)

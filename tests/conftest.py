@@ -93,13 +93,20 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytes
     get_config.cache_clear()
 
 
+def use_settings(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> dict[str, str]:
+    """Set these variables for this process's settings (re-read) and return them for the workers it starts:
+    the enqueuing process and its workers must share the same settings."""
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    get_config.cache_clear()
+    return values
+
+
 @pytest.fixture
 def stores(clean_env: pytest.MonkeyPatch, redis_url: str, mongo_url: str) -> Iterator[Stores]:
     run = uuid.uuid4().hex[:12]
     result = Stores(redis_url, mongo_url, f"stepcache_test_{run}_cache", f"stepcache_test_{run}_queue")
-    for name, value in result.env().items():
-        clean_env.setenv(name, value)
-    get_config.cache_clear()
+    use_settings(clean_env, result.env())
     redis_client = redis.Redis.from_url(redis_url)
     redis_client.flushdb()
     yield result

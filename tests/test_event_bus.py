@@ -20,9 +20,9 @@ from common.events import (
     JobQueued,
     parse_event,
 )
+from tasks.embedded import ROOT
 from tests.conftest import Stores
 from tests.event_consumer import HANDLED_KEY
-from tests.workers import ROOT
 
 
 @pytest.fixture

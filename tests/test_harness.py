@@ -8,9 +8,8 @@ from pathlib import Path
 import redis
 from pymongo import MongoClient
 
+from tasks.embedded import ROOT
 from tests.conftest import Stores
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_test_gets_fresh_databases_named_for_tests(stores: Stores) -> None:

@@ -27,7 +27,7 @@ from common.redis_connection import get_redis
 from tasks.embedded import ROOT, free_port
 from tasks.queue import get_queue
 from tests import sample_steps
-from tests.conftest import Stores
+from tests.conftest import Stores, use_settings
 from tests.waiting import eventually
 from tests.workers import sample_worker
 
@@ -44,11 +44,7 @@ def env(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, s
         "WORKER_METRICS_PORT": "0",
         "TEST_SLEEP_SECONDS": "3",
     }
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    get_config.cache_clear()
-    yield values
-    get_config.cache_clear()
+    yield use_settings(monkeypatch, values)
 
 
 def test_a_running_step_shows_progress_in_its_result_and_in_flowers_api(

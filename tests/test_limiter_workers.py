@@ -11,11 +11,10 @@ import pytest
 import redis
 from celery import Celery
 
-from common.config import get_config
 from common.queue import Job, JobStatus
 from tasks.queue import get_queue
 from tests import sample_steps
-from tests.conftest import Stores
+from tests.conftest import Stores, use_settings
 from tests.waiting import eventually
 from tests.workers import sample_worker
 
@@ -71,11 +70,7 @@ def worker_env(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict
         "TEST_SLEEP_SECONDS": "0.05",
         "WORKER_QUEUED_LEASE_SECONDS": "5",
     }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)  # the enqueuing process shares the workers' settings
-    get_config.cache_clear()
-    yield env
-    get_config.cache_clear()
+    yield use_settings(monkeypatch, env)
 
 
 def test_no_namespace_ever_runs_more_than_its_limit_and_every_job_succeeds(

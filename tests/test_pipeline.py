@@ -51,7 +51,7 @@ def wait_until_settled(
     deadline, quiet_since = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         entries = {(e.kind, e.config, e.split): e for e in cache.get_dataset_responses(dataset)}
-        expected = graph.expected_entries(dataset, orchestrator._known_configs(entries.values()))
+        expected = graph.expected_entries(dataset, orchestrator.known_configs(entries.values()))
         defaults = [k for k in expected if not k.kind.startswith(("test-", "bench-"))]
         busy = queue.jobs(dataset, [JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED])
         settled = not busy and all((k.kind, k.config, k.split) in entries for k in defaults)

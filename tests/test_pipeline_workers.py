@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from common.config import get_config
 from tasks import samples, steps
 from tasks.embedded import ROOT
-from tests.conftest import Stores
+from tests.conftest import Stores, use_settings
 from tests.test_pipeline import wait_until_settled
 from tests.workers import sample_worker
 
@@ -31,9 +30,7 @@ def test_one_call_with_real_workers_fills_every_entry_the_graph_expects(
         "WORKER_PARQUET_DIRECTORY": str(tmp_path / "parquet"),
         "WORKER_METRICS_PORT": "0",
     }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    get_config.cache_clear()
+    use_settings(monkeypatch, env)
     dataset = samples.multi_config_dataset(root)
     with sample_worker("w", env, tmp_path):
         steps.dataset_config_names.delay(dataset)

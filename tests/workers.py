@@ -9,6 +9,3 @@ from tasks.embedded import WorkerProcess
 
 def sample_worker(name: str, env: dict[str, str], log_dir: Path, concurrency: int = 4) -> WorkerProcess:
     return WorkerProcess(name, env, log_dir / f"worker-{name}.log", concurrency, include=["tests.sample_steps"])
-
-
-ROOT = Path(__file__).resolve().parent.parent
