@@ -9,8 +9,10 @@ Anycast
     failed after `claim_idle_ms`, and moved to the dead-letter stream once delivered `max_deliveries`
     times, or when no handler of the group takes its type: an event is never silently dropped.
 Length
-    The stream is trimmed to about `max_length` entries, but never past an entry that a consumer group
-    has not acknowledged or not read yet: a lagging group makes the stream longer, not lossy.
+    The stream is trimmed to about `max_length` entries, but never past an entry that a live consumer
+    group has not acknowledged or not read yet: a lagging group makes the stream longer, not lossy. A
+    group none of whose consumers read for `group_idle_ms` is abandoned (a removed service): it no longer
+    holds trimming back, so the stream stays at about `max_length` entries plus what live groups hold.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 EVENTS_STREAM = f"{REDIS_PREFIX}:events"
 DEAD_LETTER_SUFFIX = ":dead"
 DEFAULT_MAX_LENGTH = 100_000
+DEFAULT_GROUP_IDLE_MS = 3_600_000  # above claim_idle_ms and any handler's run, when a live consumer reads nothing
 TRIM_EVERY = 100
 Handler = Callable[[Event], None]
 
@@ -48,12 +51,19 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class EventBus:
     """Publish and read events on one stream."""
 
-    def __init__(self, client: redis.Redis, stream: str = EVENTS_STREAM, max_length: int = DEFAULT_MAX_LENGTH):
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str = EVENTS_STREAM,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        group_idle_ms: int = DEFAULT_GROUP_IDLE_MS,
+    ):
         # redis-py's stream replies are typed loosely; this module knows their shapes.
         self.redis: Any = client
         self.stream = stream
         self.dead_letter_stream = stream + DEAD_LETTER_SUFFIX
         self.max_length = max_length
+        self.group_idle_ms = group_idle_ms
         self._published = 0
 
     def publish(self, event: Event) -> str:
@@ -90,19 +100,51 @@ class EventBus:
                 yield stream_id, event
 
     def trim(self) -> int:
-        """Trim to about max_length entries, never past an entry a group has not acknowledged or read."""
+        """Trim to about max_length entries, never past an entry a live group has not acknowledged or read.
+
+        An abandoned group (see :meth:`abandoned`) that would hold the trim back is detached: ignored, with
+        a warning naming it at every trim it is ignored by. It is kept, not destroyed, so a consumer that
+        comes back resumes where the group was; the entries trimmed meanwhile are lost to it, and those it
+        had pending leave its pending list at its first XAUTOCLAIM.
+        """
         excess = int(self.redis.xlen(self.stream)) - self.max_length
         if excess <= 0:
             return 0
         cutoff = _text(self.redis.xrange(self.stream, "-", "+", count=excess + 1)[-1][0])
         for group in self.redis.xinfo_groups(self.stream):
+            name = _text(group["name"])
             milliseconds, sequence = _id_key(_text(group["last-delivered-id"]))
             keep_from = f"{milliseconds}-{sequence + 1}"  # the group has not read what comes after
-            pending = self.redis.xpending(self.stream, group["name"])
+            pending = self.redis.xpending(self.stream, name)
             if pending["pending"]:
                 keep_from = min(keep_from, _text(pending["min"]), key=_id_key)
-            cutoff = min(cutoff, keep_from, key=_id_key)
+            if _id_key(keep_from) >= _id_key(cutoff):
+                continue
+            if self.abandoned(name, keep_from):
+                logger.warning("event group %r is abandoned: trimming %s past what it has not read", name, self.stream)
+                continue
+            cutoff = keep_from
         return int(self.redis.xtrim(self.stream, minid=cutoff, approximate=False))
+
+    def abandoned(self, group: str, held_from: str = "0-0") -> bool:
+        """Whether none of the group's consumers read or claimed for `group_idle_ms`.
+
+        A consumer's `idle` counts from its last read or claim (before Redis 7.2: the last that got
+        entries; `inactive`, from 7.2, always counts so and is not needed). A live consumer of a group that
+        holds the trim back has entries to read, or pending ones to claim after `claim_idle_ms`: so keep
+        `group_idle_ms` above `claim_idle_ms` and the longest handler run. Redis records neither when a
+        group was created nor when its last consumer was deleted: a group without consumers is abandoned
+        once the first entry it holds (from the stream id `held_from`) is older than `group_idle_ms`.
+        """
+        consumers = self.redis.xinfo_consumers(self.stream, group)
+        if consumers:
+            return min(int(consumer["idle"]) for consumer in consumers) > self.group_idle_ms
+        first_held = self.redis.xrange(self.stream, held_from, "+", count=1)
+        if not first_held:
+            return False
+        seconds, microseconds = self.redis.time()
+        now_ms = int(seconds) * 1000 + int(microseconds) // 1000  # the server's clock, the one stream ids come from
+        return now_ms - _id_key(_text(first_held[0][0]))[0] > self.group_idle_ms
 
     def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         """The newest entries of the dead-letter stream: the event's JSON, its reason and its group."""

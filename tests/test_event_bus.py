@@ -134,6 +134,72 @@ def test_trimming_never_drops_what_a_group_has_not_acknowledged(client: redis.Re
     assert len(bus.read("0-0", count=1000)) == 10
 
 
+IDLE_MS = 50  # group_idle_ms of the tests that let a group be abandoned
+
+
+def pause_longer_than(milliseconds: int) -> None:
+    time.sleep(2 * milliseconds / 1000)  # time passing is the one thing here that cannot be awaited
+
+
+def stream_ids(bus: EventBus) -> list[str]:
+    return [stream_id for stream_id, _ in bus.read("0-0", count=1000)]
+
+
+def test_an_abandoned_group_no_longer_keeps_the_stream_from_being_trimmed_and_a_returning_consumer_resumes(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = EventBus(client, max_length=10, group_idle_ms=IDLE_MS)
+    Consumer(bus, "removed-service", "c")
+    for i in range(5):
+        bus.publish(queued(f"org/early{i}"))
+    client.xreadgroup("removed-service", "c", {bus.stream: ">"}, count=2)  # read, never acknowledged
+    late = [bus.publish(queued(f"org/late{i}")) for i in range(50)]
+    pause_longer_than(IDLE_MS)
+    bus.trim()
+    assert stream_ids(bus) == late[-10:]
+    warnings = [record for record in caplog.records if "removed-service" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert [group["name"] for group in client.xinfo_groups(bus.stream)] == [b"removed-service"]
+    returning = Consumer(bus, "removed-service", "back", claim_idle_ms=0)
+    handled: list[str] = []
+    returning.handler("*")(lambda event: handled.append(event.dataset))
+    while returning.run_once(block_ms=10, count=1000):
+        pass
+    assert handled == [f"org/late{i}" for i in range(40, 50)]  # what was trimmed is lost to the group
+    assert client.xpending(bus.stream, "removed-service")["pending"] == 0
+
+
+def test_a_lagging_group_whose_consumer_is_still_reading_keeps_what_it_has_not_read_or_acknowledged(
+    client: redis.Redis,
+) -> None:
+    bus = EventBus(client, max_length=10, group_idle_ms=IDLE_MS)
+    consumer = Consumer(bus, "slow", "c")
+
+    @consumer.handler("*")
+    def fails_on_the_third(event: Event) -> None:
+        if event.dataset == "org/early2":
+            raise RuntimeError("not yet")
+
+    first = [bus.publish(queued(f"org/early{i}")) for i in range(5)]
+    for i in range(50):
+        bus.publish(queued(f"org/late{i}"))
+    pause_longer_than(IDLE_MS)  # every entry is older than group_idle_ms, the consumer is not idle
+    consumer.run_once(block_ms=10, count=3)  # 2 acknowledged, the third pending
+    bus.trim()
+    assert stream_ids(bus)[0] == first[2]
+    assert len(stream_ids(bus)) == 53
+
+
+def test_a_group_that_never_had_a_consumer_holds_its_entries_only_for_group_idle_ms(client: redis.Redis) -> None:
+    Consumer(EventBus(client), "never-ran", "c")  # creates the group; no consumer of it ever reads
+    ids = [EventBus(client).publish(queued(f"org/ds{i}")) for i in range(30)]
+    EventBus(client, max_length=10).trim()  # the default group_idle_ms: an hour
+    assert stream_ids(EventBus(client)) == ids
+    pause_longer_than(IDLE_MS)
+    EventBus(client, max_length=10, group_idle_ms=IDLE_MS).trim()
+    assert stream_ids(EventBus(client)) == ids[-10:]
+
+
 def test_a_consumer_killed_inside_its_handler_loses_nothing_and_acknowledged_nothing_early(
     stores: Stores, client: redis.Redis
 ) -> None:
