@@ -42,7 +42,8 @@ task_time_limit = _settings.worker.max_job_duration_seconds + _settings.worker.h
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-task_track_started = True
+# The step task stores STARTED itself, once its lease is confirmed: a dropped message changes no state.
+task_track_started = False
 
 task_default_queue = QueueName.LIGHT.value
 worker_send_task_events = True

@@ -7,7 +7,7 @@ real `celery -A tasks worker` processes, and measures:
 
 (a) throughput of a no-op step through stepcache vs a plain Celery no-op task, as a ratio;
 (b) promote latency: from the end of one job's step to the start of the next job's step in a namespace
-    with a limit of 1 (includes the cache write, the ledger, release_and_promote, the broker and the
+    with a limit of 1 (includes the cache write, the ledger, the end script, the broker and the
     worker picking the message up), p50 and p99;
 (c) the wait of one job of namespace B enqueued behind a backlog of namespace A, with stepcache, with
     the usual "retry with countdown when over the limit" recipe, and with no limiter at all.
@@ -92,14 +92,14 @@ class Bench:
         return {**rates, "ratio": rates["stepcache"] / rates["plain_celery"]}
 
     def promote_latency(self, jobs: int) -> dict[str, float]:
-        """In a namespace with a limit of 1, from the release_and_promote script freeing a job's slot (as
+        """In a namespace with a limit of 1, from the end script freeing a job's slot (as
         Redis' MONITOR timestamps it) to the next job's step starting; and from one step's end to the next
         step's start (adding the cache write and the ledger update that come before the release)."""
         from bench import steps
         from tasks.queue import get_queue
 
         self.reset()
-        release_sha = get_queue().limiter.scripts["release_and_promote"].sha
+        release_sha = get_queue().limiter.scripts["end"].sha
         releases: list[float] = []
         stop = threading.Event()
 

@@ -60,6 +60,7 @@ class CachedResponse(BaseModel):
     duration: float | None = None
     failed_runs: int = 0
     updated_at: datetime
+    fence: int | None = None  # the limiter's fence of the attempt that wrote it; None: not written by a job
 
     @property
     def is_success(self) -> bool:
@@ -123,8 +124,12 @@ def upsert_response(
     dataset_git_revision: str | None = None,
     progress: float | None = 1.0,
     duration: float | None = None,
-) -> None:
+    fence: int | None = None,
+) -> bool:
     """Create or replace the entry of this key; writing the same response twice leaves one entry.
+
+    With a `fence` (the limiter's, for the attempt that computed the response), the entry is written
+    only over an older one: False when the entry holds this fence or a newer one, and nothing changed.
 
     `job_runner_version` defaults to the processing graph's version of the step `kind`. Raises
     ContentTooBigError or ContentNotStorableError, and writes nothing, when the content cannot be stored;
@@ -145,6 +150,7 @@ def upsert_response(
         "progress": progress,
         "duration": duration,
         "updated_at": datetime.now(UTC),
+        **({"fence": fence} if fence is not None else {}),
     }
     # The revision is compared before it is overwritten: both $set stages run in order, atomically.
     same_revision = {"$eq": ["$dataset_git_revision", {"$literal": dataset_git_revision}]}
@@ -153,14 +159,23 @@ def upsert_response(
         {"$set": {**{name: {"$literal": value} for name, value in fields.items()}, "failed_runs": runs}},
         {"$set": {"dataset_git_revision": {"$literal": dataset_git_revision}}},
     ]
+    query = key if fence is None else {**key, **_older_than(fence)}
     for attempt in range(UPSERT_ATTEMPTS):
         try:
-            cache_collection().update_one(key, pipeline, upsert=True)
-            return
+            cache_collection().update_one(query, pipeline, upsert=True)
+            return True
         except DuplicateKeyError:
-            # Two first writers of one key raced; the loser retries as an update of the winner's entry.
+            # Two first writers of one key raced, or (fenced) the entry is as new as this one or newer.
+            if fence is not None and cache_collection().find_one(query, {"_id": True}) is None:
+                return False
             if attempt == UPSERT_ATTEMPTS - 1:
                 raise
+    return False  # unreachable: the last attempt returns or raises
+
+
+def _older_than(fence: int) -> dict[str, Any]:
+    """Entries written under an older fence, or by no job (no fence)."""
+    return {"$or": [{"fence": {"$lt": fence}}, {"fence": None}]}
 
 
 def upsert_error(
@@ -172,9 +187,10 @@ def upsert_error(
     job_runner_version: int | None = None,
     dataset_git_revision: str | None = None,
     duration: float | None = None,
-) -> None:
-    """Store a typed error as the response of this key."""
-    upsert_response(
+    fence: int | None = None,
+) -> bool:
+    """Store a typed error as the response of this key (fenced as `upsert_response` is)."""
+    return upsert_response(
         kind,
         dataset,
         content={"error": error.message},
@@ -186,14 +202,20 @@ def upsert_error(
         job_runner_version=job_runner_version,
         dataset_git_revision=dataset_git_revision,
         duration=duration,
+        fence=fence,
     )
 
 
 @retry_transient
-def update_progress(kind: str, dataset: str, config: str | None, split: str | None, progress: float) -> bool:
-    """Set the progress (0..1) of an existing entry while its job runs again; False when there is none."""
+def update_progress(
+    kind: str, dataset: str, config: str | None, split: str | None, progress: float, fence: int
+) -> bool:
+    """Set the progress (0..1) of an existing entry older than the running attempt's `fence`; False when
+    there is none."""
     key = _key(kind, dataset, config, split)
-    result = cache_collection().update_one(key, {"$set": {"progress": min(1.0, max(0.0, progress))}})
+    result = cache_collection().update_one(
+        {**key, **_older_than(fence)}, {"$set": {"progress": min(1.0, max(0.0, progress))}}
+    )
     return result.matched_count == 1
 
 

@@ -1,7 +1,10 @@
-"""A running job's heartbeat: a thread that renews its lease and stamps the ledger every interval.
+"""A running attempt's heartbeat: a thread that renews its lease every interval, beside the step.
 
-It never blocks the step (it runs beside it), stops with the job, and stops for good when it finds the
-lease gone (the job was cancelled or reaped): a heartbeat never brings a finished job back.
+Renewing is a Redis call only: it never waits on MongoDB. The ledger's `last_heartbeat` and the
+heartbeat event are written from a second thread, one at a time; a write that hangs (MongoDB stalled)
+skips the beats that come meanwhile instead of delaying the lease. The thread keeps beating until the
+job's end is recorded, so a slow end (MongoDB retrying) keeps its lease; it stops for good once it
+finds the lease gone (the job was cancelled and ended, or reaped): a heartbeat never brings a job back.
 """
 
 from __future__ import annotations
@@ -11,23 +14,24 @@ import threading
 from types import TracebackType
 
 from common.config import get_config
-from common.queue import JobPayload, Queue
+from common.lifecycle import Attempt, Lifecycle
+from common.queue.limiter import LeaseState
 
 logger = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """`with Heartbeat(queue, payload, token):` beats while the block runs."""
+    """`with Heartbeat(lifecycle, attempt):` beats while the block runs."""
 
-    def __init__(self, queue: Queue, payload: JobPayload, token: str, interval: float | None = None) -> None:
-        self.queue = queue
-        self.payload = payload
-        self.token = token
+    def __init__(self, lifecycle: Lifecycle, attempt: Attempt, interval: float | None = None) -> None:
+        self.lifecycle = lifecycle
+        self.attempt = attempt
         self.interval = interval if interval is not None else get_config().worker.heartbeat_interval_seconds
         self.beats = 0
         self.lease_lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{payload.job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._renew, name=f"heartbeat-{attempt.payload.job_id}", daemon=True)
+        self._ledger_beat: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -39,14 +43,25 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
-    def _beat(self) -> None:
+    def _renew(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if not self.queue.heartbeat(self.payload, self.token):
-                    self.lease_lost = True
-                    logger.warning("job %s lost its lease; heartbeats stop", self.payload.job_id)
-                    return
-                self.beats += 1
+                state = self.lifecycle.renew(self.attempt)
             except Exception:
                 # A missed beat is not fatal: the lease tolerates WORKER_MAX_MISSING_HEARTBEATS of them.
-                logger.exception("heartbeat of job %s failed", self.payload.job_id)
+                logger.exception("heartbeat of job %s failed", self.attempt.payload.job_id)
+                continue
+            if state == LeaseState.LOST:
+                self.lease_lost = True
+                logger.warning("job %s lost its lease; heartbeats stop", self.attempt.payload.job_id)
+                return
+            self.beats += 1
+            if state == LeaseState.RUNNING and (self._ledger_beat is None or not self._ledger_beat.is_alive()):
+                self._ledger_beat = threading.Thread(target=self._beat, name="ledger-heartbeat", daemon=True)
+                self._ledger_beat.start()
+
+    def _beat(self) -> None:
+        try:
+            self.lifecycle.beat(self.attempt)
+        except Exception:
+            logger.exception("could not stamp the heartbeat of job %s", self.attempt.payload.job_id)

@@ -1,4 +1,4 @@
-"""This process's Queue, publishing through the Celery app."""
+"""This process's Queue and Lifecycle, publishing through the Celery app."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import threading
 from collections.abc import Sequence
 
 from common.config import AppConfig, get_config
+from common.lifecycle import Lifecycle
 from common.processing_graph import get_processing_graph
 from common.queue import Dispatch, Queue
 
 TOKEN_HEADER = "stepcache_token"
 PRIORITY_HEADER = "stepcache_priority"
-_current: tuple[AppConfig, Queue] | None = None
+_current: tuple[AppConfig, Lifecycle] | None = None
 _lock = threading.Lock()
 
 
@@ -42,11 +43,16 @@ class CeleryDispatcher:
         app.control.revoke(list(job_ids), terminate=True, signal="SIGTERM")
 
 
-def get_queue() -> Queue:
-    """The Queue of this process's settings (rebuilt when the settings are re-read, as tests do)."""
+def get_lifecycle() -> Lifecycle:
+    """The Lifecycle of this process's settings (rebuilt when the settings are re-read, as tests do)."""
     global _current
     settings = get_config()
     with _lock:
         if _current is None or _current[0] is not settings:
-            _current = (settings, Queue.from_config(CeleryDispatcher()))
+            _current = (settings, Lifecycle(Queue.from_config(CeleryDispatcher())))
         return _current[1]
+
+
+def get_queue() -> Queue:
+    """The Queue of this process's settings."""
+    return get_lifecycle().queue

@@ -1,6 +1,6 @@
 """The reaper: a safety net in every worker's main process that takes back expired leases.
 
-Each worker runs one thread that calls `Queue.reap()` every heartbeat interval; a Redis lock makes
+Each worker runs one thread that calls `Lifecycle.reap()` every heartbeat interval; a Redis lock makes
 one of them do it at a time. Slots freed by finished jobs never wait for it: they are promoted by the
 release itself.
 """
@@ -11,7 +11,7 @@ import logging
 import threading
 
 from common.config import get_config
-from tasks.queue import get_queue
+from tasks.queue import get_lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Reaper:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                report = get_queue().reap()
+                report = get_lifecycle().reap()
                 if report is not None and (report.crashed or report.requeued):
                     logger.warning("reaper: requeued %s, failed as crashed %s", report.requeued, report.crashed)
             except Exception:

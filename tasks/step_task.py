@@ -16,35 +16,38 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
+from celery.worker.request import Request
 
-from common import cache, metrics
-from common.events import JobProgress
+from common import cache
+from common.config import get_config
 from common.exceptions import (
     CacheableError,
     ContentNotStorableError,
     InvalidArgumentsError,
     JobLeaseLostError,
     JobManagerExceededMaximumDurationError,
+    StepcacheError,
     StepNotImplementedError,
     UnexpectedError,
 )
+from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.logging import job_context
 from common.names import namespace_of
 from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
-from common.queue import JobPayload, Priority, Queue
+from common.queue import JobPayload, Priority
 from common.queue.jobs import unicity_id
-from common.queue.queue import Outcome
 from tasks.heartbeat import Heartbeat
-from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_queue
+from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_lifecycle, get_queue
 
 logger = logging.getLogger(__name__)
 PROGRESS_STATE = "PROGRESS"
@@ -162,53 +165,30 @@ class StepTask(Task):  # type: ignore[misc]
         return self._run_job(payload, token)
 
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
-        queue = get_queue()
-        confirmation = queue.start(payload, token, worker=f"{self.request.hostname}:{os.getpid()}")
-        if not confirmation.run:
-            raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run
-        metrics.job_started(self.name)
+        lifecycle = get_lifecycle()
+        attempt = lifecycle.start(payload, token, delivery=uuid.uuid4().hex)
+        if attempt is None:
+            raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run, no state
+        worker = f"{self.request.hostname}:{os.getpid()}"
+        # Celery's own STARTED (task_track_started) would be stored before the lease is confirmed.
+        self.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.request.hostname})
         started = time.monotonic()
-        error: CacheableError | None = None
-        content: Mapping[str, Any] = {}
-        heartbeat = Heartbeat(queue, payload, token)
-        progress = Progress(lambda meta: self._report_progress(queue, payload, meta, heartbeat))
-        job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
-        with job_context(payload.job_id, self.name, payload.dataset), heartbeat:
+        with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(lifecycle, attempt) as heartbeat:
+            lifecycle.record_start(attempt, worker)
+            progress = Progress(lambda meta: self._report_progress(lifecycle, attempt, meta, heartbeat))
+            job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
             try:
-                content = self._compute(job)
-                self._check_lease(heartbeat)
-                cache.upsert_response(
-                    self.name,
-                    payload.dataset,
-                    content,
-                    config=payload.config,
-                    split=payload.split,
-                    dataset_git_revision=job.known_revision,
-                    duration=time.monotonic() - started,
-                )
+                outcome = Outcome.success(self._compute(job), time.monotonic() - started, job.known_revision)
             except JobLeaseLostError:
-                # Another attempt may hold the slot now: this one writes nothing and leaves the rest to it.
-                logger.warning("job %s lost its lease while it ran; it stops without a response", payload.job_id)
-                raise Ignore() from None
+                outcome = None
             except Exception as raised:
-                error = _as_cacheable(raised)
-                cache.upsert_error(
-                    self.name,
-                    payload.dataset,
-                    error,
-                    config=payload.config,
-                    split=payload.split,
-                    dataset_git_revision=job.known_revision,
-                    duration=time.monotonic() - started,
-                )
-            outcome = Outcome(HTTPStatus.OK, duration=time.monotonic() - started)
-            if error is not None:
-                outcome = Outcome(error.http_status, error.error_code, error.message, outcome.duration)
-            queue.finish(payload, token, outcome)
-            metrics.job_finished(self.name, "error" if error else "success", outcome.duration)
-        queue.enqueue_next(payload, content, error)
-        if error is not None:
-            raise error
+                outcome = Outcome.failure(_as_cacheable(raised), time.monotonic() - started, job.known_revision)
+            if outcome is None or not lifecycle.end(attempt, outcome):
+                # Another attempt may hold the slot now: this one wrote nothing and leaves the rest to it.
+                logger.warning("job %s lost its lease while it ran; it ends without a response", payload.job_id)
+                raise Ignore()
+        if outcome.error is not None:
+            raise outcome.error
         return {
             "kind": self.name,
             "dataset": payload.dataset,
@@ -217,19 +197,16 @@ class StepTask(Task):  # type: ignore[misc]
             "http_status": HTTPStatus.OK,
         }
 
-    @staticmethod
-    def _check_lease(heartbeat: Heartbeat) -> None:
+    def _report_progress(
+        self, lifecycle: Lifecycle, attempt: Attempt, meta: ProgressMeta, heartbeat: Heartbeat
+    ) -> None:
+        """Where a step's progress goes: Celery's PROGRESS state (Flower, AsyncResult.info), the cache
+        entry's progress (when there is one from an earlier run), and a job.progress event. An attempt
+        that lost its lease stops here, at its next report."""
         if heartbeat.lease_lost:
             raise JobLeaseLostError("the job's lease was taken back while it ran")
-
-    def _report_progress(self, queue: Queue, payload: JobPayload, meta: ProgressMeta, heartbeat: Heartbeat) -> None:
-        """Where a step's progress goes: Celery's PROGRESS state (Flower, AsyncResult.info), the cache
-        entry's progress (when there is one from an earlier run), and a job.progress event. A job that
-        lost its lease stops here, at its next report."""
-        self._check_lease(heartbeat)
         self.update_state(state=PROGRESS_STATE, meta=meta)
-        cache.update_progress(self.name, payload.dataset, payload.config, payload.split, meta["fraction"])
-        queue.emit(JobProgress, payload, **meta)
+        lifecycle.progress(attempt, meta)
 
     def _compute(self, job: StepJob) -> Mapping[str, Any]:
         function = type(self).function
@@ -239,6 +216,52 @@ class StepTask(Task):  # type: ignore[misc]
         if not isinstance(content, Mapping):
             raise ContentNotStorableError(f"step {self.name!r} returned {type(content).__name__}, not a mapping")
         return content
+
+
+def end_delivered_attempt(task: Any, job_id: str, args: Any, kwargs: Any, headers: Any, outcome: Outcome) -> bool:
+    """End, from the worker's main process, the attempt of a message whose process is gone (hard time
+    limit, revoke with terminate): the one way out, under that message's own lease token, so that a
+    newer attempt of the job is never touched. False when the attempt was stale, or not a step's."""
+    token = _header(headers, TOKEN_HEADER)
+    if not isinstance(task, StepTask) or not token:
+        return False
+    try:
+        payload = message_payload(task.name, job_id, args, kwargs, _header(headers, PRIORITY_HEADER))
+    except StepcacheError:
+        return False
+    return get_lifecycle().end(Attempt(payload, token), outcome)
+
+
+def _header(headers: Any, name: str) -> Any:
+    return headers.get(name) if isinstance(headers, Mapping) else getattr(headers, name, None)
+
+
+class StepRequest(Request):  # type: ignore[misc]
+    """A step's request in the worker's main process: when the hard time limit killed its process, the
+    attempt ends through the one way out before Celery stores FAILURE, which it stores only if that
+    attempt was the job's current one (a stale attempt changes no state)."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft:
+            error = JobManagerExceededMaximumDurationError(
+                f"the job was killed after {get_config().worker.max_job_duration_seconds:.0f}s and a grace period"
+            )
+            try:
+                ended = end_delivered_attempt(
+                    self.task, self.id, self.args, self.kwargs, self._request_dict, Outcome.failure(error)
+                )
+            except Exception:
+                logger.exception("could not end job %s after its hard time limit; the reaper will", self.id)
+                ended = True
+            self._stepcache_stale = not ended
+        super().on_timeout(soft, timeout)
+
+    @property
+    def store_errors(self) -> bool:
+        return not getattr(self, "_stepcache_stale", False) and bool(super().store_errors)
+
+
+StepTask.Request = StepRequest
 
 
 def _as_cacheable(error: BaseException) -> CacheableError:

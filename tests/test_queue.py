@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import redis
@@ -18,10 +20,10 @@ from common.exceptions import (
     MissingStepInputError,
     UnknownStepError,
 )
-from common.queue import Dispatch, JobStatus, Queue
+from common.lifecycle import Attempt, Lifecycle, Outcome, ReapReport
+from common.queue import Dispatch, JobPayload, JobStatus, Queue
 from common.queue.ledger import Ledger
-from common.queue.limiter import NamespaceLimiter, namespace_keys
-from common.queue.queue import Outcome
+from common.queue.limiter import LeaseState, NamespaceLimiter, namespace_keys
 from common.redis_connection import get_redis
 from tests.conftest import Stores
 
@@ -42,9 +44,31 @@ class RecordingDispatcher:
         return taken
 
 
+class Jobs(Lifecycle):
+    """The queue and the lifecycle, driven as a worker would drive them."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    def start(self, payload: JobPayload, token: str, delivery: str) -> Attempt | None:  # type: ignore[override]
+        attempt = super().start(payload, token, delivery)
+        if attempt is not None:
+            self.record_start(attempt, delivery)
+        return attempt
+
+    def finish(self, payload: JobPayload, token: str, outcome: Outcome | None = None) -> bool:
+        return self.end(Attempt(payload, token), outcome or SUCCESS)
+
+    def heartbeat(self, payload: JobPayload, token: str) -> bool:
+        return self.renew(Attempt(payload, token)) != LeaseState.LOST
+
+    def reap(self) -> ReapReport | None:
+        return super().reap()
+
+
 def make_queue(
     started_ttl: float = 60.0, queued_ttl: float = 3600.0, limit: int = 2, max_attempts: int = 2
-) -> tuple[Queue, RecordingDispatcher]:
+) -> tuple[Jobs, RecordingDispatcher]:
     dispatcher = RecordingDispatcher()
     settings = get_config()
     limiter = NamespaceLimiter(
@@ -54,20 +78,20 @@ def make_queue(
         queued_ttl_seconds=queued_ttl,
         max_attempts=max_attempts,
     )
-    return Queue(dispatcher, Ledger(), limiter), dispatcher
+    return Jobs(Queue(dispatcher, Ledger(), limiter)), dispatcher
 
 
 @pytest.fixture
-def queue(stores: Stores) -> Iterator[tuple[Queue, RecordingDispatcher]]:
+def queue(stores: Stores) -> Iterator[tuple[Jobs, RecordingDispatcher]]:
     yield make_queue()
 
 
-SUCCESS = Outcome(200)
+SUCCESS = Outcome.success({})
 
 
-def run(queue: Queue, dispatch: Dispatch) -> None:
+def run(queue: Jobs, dispatch: Dispatch) -> None:
     """Start and finish a dispatched job, as a worker would."""
-    assert queue.start(dispatch.payload, dispatch.token, "test-worker").run
+    assert queue.start(dispatch.payload, dispatch.token, "test-worker")
     queue.finish(dispatch.payload, dispatch.token, SUCCESS)
 
 
@@ -76,7 +100,7 @@ def ids(dispatches: Sequence[Dispatch]) -> list[str]:
 
 
 def test_a_namespace_gets_its_limit_of_slots_and_the_rest_wait(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(5)]
@@ -89,7 +113,7 @@ def test_a_namespace_gets_its_limit_of_slots_and_the_rest_wait(
 
 
 def test_a_freed_slot_promotes_the_next_job_in_the_release_itself(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(3)]
@@ -100,7 +124,7 @@ def test_a_freed_slot_promotes_the_next_job_in_the_release_itself(
     assert q.ledger.get(jobs[0].job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
 
 
-def test_waiting_jobs_run_by_priority_then_age(queue: tuple[Queue, RecordingDispatcher]) -> None:
+def test_waiting_jobs_run_by_priority_then_age(queue: tuple[Jobs, RecordingDispatcher]) -> None:
     q, dispatcher = queue
     q.set_limit("org", 0)
     low = q.enqueue("dataset-config-names", "org/low", priority="low")
@@ -112,33 +136,36 @@ def test_waiting_jobs_run_by_priority_then_age(queue: tuple[Queue, RecordingDisp
     assert ids(dispatcher.take()) == [high.job_id, normal1.job_id, normal2.job_id, low.job_id]
 
 
-def test_a_redelivered_message_runs_once(queue: tuple[Queue, RecordingDispatcher]) -> None:
+def test_a_redelivered_message_runs_once(queue: tuple[Jobs, RecordingDispatcher]) -> None:
     q, dispatcher = queue
     q.enqueue("dataset-config-names", "org/ds")
     (dispatch,) = dispatcher.take()
-    assert q.start(dispatch.payload, dispatch.token, "w1").run
-    assert not q.start(dispatch.payload, dispatch.token, "w2").run
+    assert q.start(dispatch.payload, dispatch.token, "w1")
+    assert not q.start(dispatch.payload, dispatch.token, "w2")
     q.finish(dispatch.payload, dispatch.token, SUCCESS)
-    assert not q.start(dispatch.payload, dispatch.token, "w3").run
+    assert not q.start(dispatch.payload, dispatch.token, "w3")
     assert q.ledger.get(dispatch.payload.job_id).attempts == 1  # type: ignore[union-attr]
 
 
-def test_a_stale_worker_cannot_release_a_slot_it_no_longer_holds(stores: Stores) -> None:
+def test_a_stale_worker_cannot_end_an_attempt_it_no_longer_holds(stores: Stores) -> None:
     q, dispatcher = make_queue(started_ttl=0, limit=1)
     q.enqueue("dataset-config-names", "org/a")
     q.enqueue("dataset-config-names", "org/b")
     (first,) = dispatcher.take()
-    assert q.start(first.payload, first.token, "w1").run
-    report = q.reap()  # the lease (TTL 0) expired: requeued behind b, and b got the slot
+    assert q.start(first.payload, first.token, "w1")
+    report = q.reap()  # the lease (TTL 0) expired: requeued at its place in line, before b, and sent again
     assert report is not None and report.requeued == [first.payload.job_id]
-    (second,) = dispatcher.take()
-    assert second.payload.dataset == "org/b"
-    assert q.start(second.payload, second.token, "w2").run
+    (again,) = dispatcher.take()
+    assert again.payload.dataset == "org/a" and again.token != first.token
+    q.limiter.started_ttl_ms = 60_000
+    assert q.start(again.payload, again.token, "w2")
     assert not q.heartbeat(first.payload, first.token)
-    q.finish(first.payload, first.token, SUCCESS)  # the stale worker ends late
-    assert q.counts()["org"].started == 1  # b still holds its slot
+    assert not q.finish(first.payload, first.token, SUCCESS)  # the stale worker ends late: nothing happens
+    assert q.counts()["org"].started == 1  # the new attempt still holds its slot
     assert dispatcher.take() == []
-    assert q.ledger.get(first.payload.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
+    assert q.ledger.get(first.payload.job_id).status == JobStatus.STARTED  # type: ignore[union-attr]
+    with pytest.raises(CachedResponseNotFoundError):
+        cache.get_response("dataset-config-names", "org/a")
 
 
 def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_crashed(stores: Stores) -> None:
@@ -147,7 +174,7 @@ def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_cras
     for attempt in (1, 2):
         (dispatch,) = dispatcher.take()
         confirmation = q.start(dispatch.payload, dispatch.token, "w")
-        assert confirmation.run and confirmation.attempt == attempt
+        assert confirmation is not None and confirmation.number == attempt
         report = q.reap()
         assert report is not None
     assert report.crashed == [job.job_id]
@@ -156,7 +183,7 @@ def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_cras
     assert ended is not None and ended.status == JobStatus.ERROR and ended.error_code == "JobManagerCrashedError"
     entry = cache.get_response("dataset-config-names", "org/ds")
     assert entry.error_code == "JobManagerCrashedError" and entry.http_status == 500
-    assert q.counts()["org"].running == 0
+    assert "org" not in q.counts()  # nothing left: the namespace is no longer listed
     # Its children are still scheduled: they get an error that says where it came from.
     child = cache.get_response("dataset-is-valid", "org/ds")
     assert child.error_code == "ParentStepFailedError" and "JobManagerCrashedError" in child.content["error"]
@@ -170,11 +197,11 @@ def test_a_lost_message_is_dispatched_again_without_counting_an_attempt(stores: 
     assert report is not None and report.requeued == [lost.payload.job_id]
     (again,) = dispatcher.take()
     assert again.token != lost.token
-    assert not q.start(lost.payload, lost.token, "w").run  # the old message, if it shows up, holds no lease
-    assert q.start(again.payload, again.token, "w").attempt == 1
+    assert not q.start(lost.payload, lost.token, "w")  # the old message, if it shows up, holds no lease
+    assert q.start(again.payload, again.token, "w") == Attempt(again.payload, again.token, 1, ANY)
 
 
-def test_only_one_reaper_runs_at_a_time(queue: tuple[Queue, RecordingDispatcher]) -> None:
+def test_only_one_reaper_runs_at_a_time(queue: tuple[Jobs, RecordingDispatcher]) -> None:
     q, _ = queue
     lock = q.limiter.redis.lock("stepcache:reaper", timeout=5)
     assert lock.acquire()
@@ -184,7 +211,7 @@ def test_only_one_reaper_runs_at_a_time(queue: tuple[Queue, RecordingDispatcher]
 
 
 def test_an_identical_waiting_job_is_returned_instead_of_a_new_one(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     q.set_limit("org", 0)
@@ -197,11 +224,11 @@ def test_an_identical_waiting_job_is_returned_instead_of_a_new_one(
     assert q.enqueue("config-split-names", "org/ds", config="c").job_id == first.job_id  # queued, not started
 
 
-def test_an_identical_job_waits_behind_the_started_one(queue: tuple[Queue, RecordingDispatcher]) -> None:
+def test_an_identical_job_waits_behind_the_started_one(queue: tuple[Jobs, RecordingDispatcher]) -> None:
     q, dispatcher = queue
     q.enqueue("dataset-config-names", "org/ds")
     (dispatch,) = dispatcher.take()
-    assert q.start(dispatch.payload, dispatch.token, "w").run
+    assert q.start(dispatch.payload, dispatch.token, "w")
     second = q.enqueue("dataset-config-names", "org/ds")
     assert second.job_id != dispatch.payload.job_id
     assert dispatcher.take() == []  # a free slot, but the same key is running
@@ -211,7 +238,7 @@ def test_an_identical_job_waits_behind_the_started_one(queue: tuple[Queue, Recor
 
 
 def test_an_override_applies_to_one_namespace_and_zero_pauses_it(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     q.set_limit("big", 3)
@@ -229,7 +256,7 @@ def test_an_override_applies_to_one_namespace_and_zero_pauses_it(
 
 
 def test_cancel_ends_waiting_and_queued_jobs_of_a_dataset_only(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     for config in ("a", "b", "c"):
@@ -241,16 +268,16 @@ def test_cancel_ends_waiting_and_queued_jobs_of_a_dataset_only(
     assert {j.status for j in q.jobs("org/ds")} == {JobStatus.CANCELLED}
     # The freed slots went to the other dataset's job, and a cancelled job's message does not run.
     assert ids(dispatcher.take()) == [other.job_id]
-    assert not q.start(queued[0].payload, queued[0].token, "w").run
+    assert not q.start(queued[0].payload, queued[0].token, "w")
 
 
 def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     job = q.enqueue("dataset-config-names", "org/ds")
     (dispatch,) = dispatcher.take()
-    assert q.start(dispatch.payload, dispatch.token, "w").run
+    assert q.start(dispatch.payload, dispatch.token, "w")
     assert q.cancel("org/ds") == []  # started jobs are left alone unless asked
     assert [j.job_id for j in q.cancel("org/ds", revoke_started=True)] == [job.job_id]
     assert dispatcher.revoked == [job.job_id]
@@ -262,12 +289,12 @@ def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone
 
 
 def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
-    stores: Stores, queue: tuple[Queue, RecordingDispatcher]
+    stores: Stores, queue: tuple[Jobs, RecordingDispatcher]
 ) -> None:
     q, dispatcher = queue
     jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(4)]
     started, queued = dispatcher.take()
-    assert q.start(started.payload, started.token, "w").run
+    assert q.start(started.payload, started.token, "w")
     redis.Redis.from_url(stores.redis_url).flushall()
     assert q.counts() == {}
     assert q.reconcile() == 4
@@ -294,7 +321,7 @@ def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
     ],
 )
 def test_bad_input_is_a_typed_error_and_nothing_is_written(
-    stores: Stores, queue: tuple[Queue, RecordingDispatcher], call: object, error: type[Exception]
+    stores: Stores, queue: tuple[Jobs, RecordingDispatcher], call: object, error: type[Exception]
 ) -> None:
     q, dispatcher = queue
     with pytest.raises(error):
@@ -317,24 +344,24 @@ def test_a_blocked_twin_keeps_waiting_while_its_owner_is_requeued(stores: Stores
     q, dispatcher = make_queue(started_ttl=0, limit=2)
     q.enqueue("dataset-config-names", "org/ds")
     (owner,) = dispatcher.take()
-    assert q.start(owner.payload, owner.token, "w1").run
+    assert q.start(owner.payload, owner.token, "w1")
     twin = q.enqueue("dataset-config-names", "org/ds")
     assert dispatcher.take() == []
     q.reap()  # the owner's worker died: the owner runs again, its twin still waits behind it
     (again,) = dispatcher.take()
     assert again.payload.job_id == owner.payload.job_id
-    assert q.start(again.payload, again.token, "w2").run
+    assert q.start(again.payload, again.token, "w2")
     q.finish(again.payload, again.token, SUCCESS)
     assert ids(dispatcher.take()) == [twin.job_id]
 
 
 def test_reconcile_keeps_a_twin_blocked_behind_its_started_owner(
-    stores: Stores, queue: tuple[Queue, RecordingDispatcher]
+    stores: Stores, queue: tuple[Jobs, RecordingDispatcher]
 ) -> None:
     q, dispatcher = queue
     q.enqueue("dataset-config-names", "org/ds")
     (owner,) = dispatcher.take()
-    assert q.start(owner.payload, owner.token, "w").run
+    assert q.start(owner.payload, owner.token, "w")
     twin = q.enqueue("dataset-config-names", "org/ds")
     redis.Redis.from_url(stores.redis_url).flushall()
     assert q.reconcile() == 2
@@ -343,11 +370,11 @@ def test_reconcile_keeps_a_twin_blocked_behind_its_started_owner(
     assert ids(dispatcher.take()) == [twin.job_id]
 
 
-def test_cancelling_a_blocked_twin_forgets_it(queue: tuple[Queue, RecordingDispatcher]) -> None:
+def test_cancelling_a_blocked_twin_forgets_it(queue: tuple[Jobs, RecordingDispatcher]) -> None:
     q, dispatcher = queue
     q.enqueue("dataset-config-names", "org/ds")
     (owner,) = dispatcher.take()
-    assert q.start(owner.payload, owner.token, "w").run
+    assert q.start(owner.payload, owner.token, "w")
     twin = q.enqueue("dataset-config-names", "org/ds")
     assert [job.job_id for job in q.cancel("org/ds")] == [twin.job_id]
     q.finish(owner.payload, owner.token, SUCCESS)
@@ -355,7 +382,7 @@ def test_cancelling_a_blocked_twin_forgets_it(queue: tuple[Queue, RecordingDispa
     assert q.counts()["org"].running == 0 and q.counts()["org"].waiting == 0
 
 
-def test_a_heartbeat_after_the_job_finished_does_nothing(queue: tuple[Queue, RecordingDispatcher]) -> None:
+def test_a_heartbeat_after_the_job_finished_does_nothing(queue: tuple[Jobs, RecordingDispatcher]) -> None:
     q, dispatcher = queue
     q.enqueue("dataset-config-names", "org/ds")
     (dispatch,) = dispatcher.take()
@@ -383,7 +410,7 @@ class FlakyDispatcher(RecordingDispatcher):
 def test_a_message_that_could_not_be_published_waits_again_and_the_reaper_sends_it(stores: Stores) -> None:
     q, _ = make_queue(limit=1)
     flaky = FlakyDispatcher()
-    q.dispatcher = flaky
+    q.queue.dispatcher = flaky
     job = q.enqueue("dataset-config-names", "org/ds")
     assert flaky.published == [] and q.counts()["org"].waiting == 1  # not leased: its slot is free
     assert q.ledger.get(job.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
@@ -392,7 +419,7 @@ def test_a_message_that_could_not_be_published_waits_again_and_the_reaper_sends_
 
 
 def test_a_pending_job_whose_admission_was_lost_is_admitted_by_the_next_identical_call(
-    queue: tuple[Queue, RecordingDispatcher],
+    queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     stranded = q.enqueue("dataset-config-names", "org/ds")
@@ -402,14 +429,15 @@ def test_a_pending_job_whose_admission_was_lost_is_admitted_by_the_next_identica
     assert ids(dispatcher.take()) == [stranded.job_id]
 
 
-def test_a_job_that_ended_but_lost_its_release_is_not_recorded_as_crashed(stores: Stores) -> None:
+def test_a_job_whose_worker_died_after_writing_its_response_but_before_ending_is_crashed(stores: Stores) -> None:
     q, dispatcher = make_queue(started_ttl=0, limit=1, max_attempts=1)
     job = q.enqueue("dataset-config-names", "org/ds")
     (dispatch,) = dispatcher.take()
-    assert q.start(dispatch.payload, dispatch.token, "w").run
-    cache.upsert_response("dataset-config-names", "org/ds", {"config_names": []})
-    q.ledger.finish(job.job_id, dispatch.token, JobStatus.SUCCESS)  # then the worker died before releasing
-    report = q.reap()
+    attempt = q.start(dispatch.payload, dispatch.token, "w")
+    assert attempt is not None
+    cache.upsert_response("dataset-config-names", "org/ds", {"config_names": []}, fence=attempt.fence)
+    report = q.reap()  # the worker died before its end was recorded: the reaper's crash is the job's end
     assert report is not None and report.crashed == [job.job_id]
-    assert cache.get_response("dataset-config-names", "org/ds").is_success
-    assert q.ledger.get(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    entry = cache.get_response("dataset-config-names", "org/ds")
+    ended = q.ledger.get(job.job_id)
+    assert ended is not None and ended.status == JobStatus.ERROR and entry.fence == ended.fence

@@ -87,6 +87,7 @@ class Job(BaseModel):
     attempts: int = 0
     lease_token: str | None = None
     error_code: str | None = None
+    fence: int = 0  # the limiter's fence of the last decision recorded here (the ending's, once ended)
 
     def payload(self) -> JobPayload:
         return JobPayload(

@@ -1,8 +1,9 @@
 """The job ledger: collection `jobs` in QUEUE_MONGO_DATABASE, the durable record of every job.
 
 Redis holds the fast path (waiting rooms, leases); the ledger is what survives Redis losing its data.
-Every transition is conditional on the status it leaves (waiting -> queued -> started -> success |
-error, any non-terminal -> cancelled), so a late or repeated writer never moves a job backwards.
+Every transition (waiting -> queued -> started -> success | error | cancelled, and back to waiting when a
+lease expires) applies a decision of the limiter and carries its fence: it happens only if the job has
+not ended and no newer decision was recorded, so a late, repeated or stale writer never moves a job back.
 
 Dedupe: a pending job (waiting or queued) holds `pending_key`, its unicity id, under a unique partial
 index, so two identical pending jobs cannot exist; the first writer wins and later ones get its id.
@@ -10,7 +11,7 @@ index, so two identical pending jobs cannot exist; the first writer wins and lat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,97 +80,48 @@ class Ledger:
         document = self.collection.find_one({"_id": job_id})
         return None if document is None else _job(document)
 
-    @retry_transient
-    def mark_queued(self, job_ids: Sequence[str]) -> None:
-        if job_ids:
-            self.collection.update_many(
-                {"_id": {"$in": list(job_ids)}, "status": JobStatus.WAITING},
-                {"$set": {"status": JobStatus.QUEUED, "queued_at": _now()}},
-            )
+    def mark_queued(self, job_id: str, fence: int) -> bool:
+        return self._move(job_id, fence, JobStatus.QUEUED, {"queued_at": _now()}, pending=True)
 
-    @retry_transient
-    def mark_waiting(self, expired: Sequence[tuple[str, str]]) -> None:
-        """Jobs whose lease expired go back to waiting (pending again unless a twin is), unless a newer
-        attempt already started: only a queued job, or one started under the expired token, moves."""
-        for job_id, token in expired:
-            document = self.collection.find_one({"_id": job_id}, {"unicity_id": True})
-            if document is None:
-                continue
-            query = {
-                "_id": job_id,
-                "$or": [{"status": JobStatus.QUEUED}, {"status": JobStatus.STARTED, "lease_token": token}],
-            }
-            try:
-                self.collection.update_one(
-                    query, {"$set": {"status": JobStatus.WAITING, "pending_key": document["unicity_id"]}}
-                )
-            except DuplicateKeyError:
-                self.collection.update_one(query, {"$set": {"status": JobStatus.WAITING}})
+    def mark_waiting(self, job_id: str, fence: int) -> bool:
+        """A job whose lease expired waits again (pending again, unless its twin is)."""
+        return self._move(job_id, fence, JobStatus.WAITING, {}, pending=True)
 
-    @retry_transient
-    def mark_started(self, job_id: str, token: str, attempt: int, worker: str) -> bool:
+    def mark_started(self, job_id: str, fence: int, token: str, attempt: int, worker: str) -> bool:
         now = _now()
-        # Any status but an end: the Redis lease just confirmed is the fence, and a ledger that lags
-        # (a requeue not recorded yet) must not lose the job.
-        result = self.collection.update_one(
-            {"_id": job_id, "status": {"$nin": list(TERMINAL_STATUSES)}},
-            [
-                {
-                    "$set": {
-                        "status": JobStatus.STARTED,
-                        "queued_at": {"$ifNull": ["$queued_at", now]},
-                        "started_at": now,
-                        "last_heartbeat": now,
-                        "lease_token": token,
-                        "attempts": attempt,
-                        "worker": worker,
-                    }
-                },
-                {"$unset": "pending_key"},
-            ],
-        )
-        return result.matched_count == 1
+        fields = {"started_at": now, "last_heartbeat": now, "lease_token": token, "attempts": attempt, "worker": worker}
+        return self._move(job_id, fence, JobStatus.STARTED, fields, pending=False)
+
+    def end(self, job_id: str, fence: int, status: JobStatus, error_code: str | None = None) -> bool:
+        """Record the job's end, decided under this fence; False when it had ended already."""
+        if not status.is_terminal:
+            raise ValueError(f"{status} is not a terminal status")
+        return self._move(job_id, fence, status, {"finished_at": _now(), "error_code": error_code}, pending=False)
 
     @retry_transient
-    def heartbeat(self, job_id: str) -> bool:
-        result = self.collection.update_one(
-            {"_id": job_id, "status": JobStatus.STARTED}, {"$set": {"last_heartbeat": _now()}}
-        )
+    def _move(self, job_id: str, fence: int, status: JobStatus, fields: dict[str, Any], pending: bool) -> bool:
+        """Move the job to `status` if it has not ended and no newer decision was recorded: the limiter's
+        fences only grow, so records applied late, twice or out of order never move a job backwards."""
+        query = {"_id": job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": fence}}
+        values = {**fields, "status": status, "fence": fence}
+        if not pending:
+            update: Any = [{"$set": {k: {"$literal": v} for k, v in values.items()}}, {"$unset": "pending_key"}]
+            return self.collection.update_one(query, update).modified_count == 1
+        document = self.collection.find_one({"_id": job_id}, {"unicity_id": True})
+        if document is None:
+            return False
+        try:
+            result = self.collection.update_one(query, {"$set": {**values, "pending_key": document["unicity_id"]}})
+        except DuplicateKeyError:  # its identical twin is pending: dedupe goes to that one
+            result = self.collection.update_one(query, {"$set": values})
         return result.modified_count == 1
 
     @retry_transient
-    def finish(self, job_id: str, token: str, status: JobStatus, error_code: str | None = None) -> bool:
-        """Record the end of the job's attempt that started under this lease token; False when that
-        attempt is not the job's current one (cancelled, taken back, started again elsewhere)."""
-        if not status.is_terminal:
-            raise ValueError(f"{status} is not a terminal status")
+    def heartbeat(self, job_id: str, token: str) -> bool:
         result = self.collection.update_one(
-            {"_id": job_id, "status": JobStatus.STARTED, "lease_token": token},
-            {"$set": {"status": status, "finished_at": _now(), "error_code": error_code}},
+            {"_id": job_id, "status": JobStatus.STARTED, "lease_token": token}, {"$set": {"last_heartbeat": _now()}}
         )
-        return result.matched_count == 1
-
-    def fail(self, job_ids: Iterable[str], error_code: str) -> int:
-        """End non-terminal jobs as errors (the reaper's crashed jobs); returns how many were not ended yet."""
-        return self._end(job_ids, JobStatus.ERROR, error_code)
-
-    def cancel(self, job_ids: Iterable[str]) -> int:
-        return self._end(job_ids, JobStatus.CANCELLED, None)
-
-    @retry_transient
-    def _end(self, job_ids: Iterable[str], status: JobStatus, error_code: str | None) -> int:
-        ids = list(job_ids)
-        if not ids:
-            return 0
-        return int(
-            self.collection.update_many(
-                {"_id": {"$in": ids}, "status": {"$nin": list(TERMINAL_STATUSES)}},
-                [
-                    {"$set": {"status": status, "finished_at": _now(), "error_code": error_code}},
-                    {"$unset": "pending_key"},
-                ],
-            ).modified_count
-        )
+        return result.modified_count == 1
 
     @retry_transient
     def jobs(self, dataset: str | None = None, statuses: Iterable[JobStatus] | None = None) -> list[Job]:

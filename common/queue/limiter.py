@@ -8,14 +8,22 @@ namespace's waiting room, ordered by priority then age, without occupying a work
 Every decision is one Lua script (scripts/*.lua) over the namespace's keys, all passed in KEYS and
 sharing one hash tag, so check-then-act never races and the keys live on one Redis Cluster slot.
 Leases carry a fencing token: a redelivered or stale message, or a stale worker, holds no lease and
-can neither run nor release someone else's slot. Lease expiry uses Redis server time, never a
-worker's clock. The limiter only decides: its caller publishes what it dispatches.
+can neither run nor end someone else's attempt. Lease expiry uses Redis server time.
+
+No decision lives only in memory: what a script dispatches, requeues, cancels or ends is recorded by
+that script in the namespace's outbox (:class:`Record`), with a fence that only grows. The caller applies
+a record's effects (publish, ledger, cache, events, next steps) and marks it `applied`; if it cannot (a
+lost reply, an exception, a SIGKILL), the reaper's next pass gets the record back from `reap`.
+
+Namespaces with work are listed in one set, so a reaper pass costs what the live namespaces cost; a
+namespace with no job and no record keeps no key but its limit override.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib.resources import files
 from typing import Any
 
@@ -25,9 +33,36 @@ from common.constants import REDIS_PREFIX
 from common.queue.jobs import Dispatch, JobPayload
 from common.resilience import retry_transient
 
-NAMESPACES_KEY = f"{REDIS_PREFIX}:namespaces"
+ACTIVE_KEY = f"{REDIS_PREFIX}:active"  # namespaces with jobs or records
+LIMITS_KEY = f"{REDIS_PREFIX}:limits"  # namespaces with a limit override
 REAP_BATCH = 100
-_KEY_NAMES = ("leases", "expiry", "waiting", "jobs", "attempts", "limit", "sequence", "owners", "blocked")
+_KEY_NAMES = (
+    "leases",
+    "expiry",
+    "waiting",
+    "jobs",
+    "attempts",
+    "limit",
+    "sequence",
+    "owners",
+    "blocked",
+    "ages",
+    "outbox",
+    "runners",
+)
+_SCRIPTS = (
+    "admit",
+    "confirm",
+    "renew",
+    "end",
+    "reap",
+    "cancel",
+    "set_limit",
+    "promote",
+    "restore",
+    "unlease",
+    "applied",
+)
 
 
 def namespace_key(namespace: str, name: str) -> str:
@@ -45,23 +80,91 @@ def _load_script(name: str) -> str:
     return (scripts / "prelude.lua").read_text() + "\n" + (scripts / f"{name}.lua").read_text()
 
 
+class RecordKind(StrEnum):
+    DISPATCH = "dispatch"  # publish the message; the ledger says queued
+    REQUEUE = "requeue"  # the ledger says waiting again
+    CANCEL = "cancel"  # a job cancelled before it started: the ledger says cancelled
+    END = "end"  # an attempt ended, or the reaper ended it: cache, ledger, events, next steps
+
+
+class Ending(StrEnum):
+    """How an attempt ended, as the outbox records it."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    CRASHED = "crashed"  # the reaper's: its worker died WORKER_MAX_ATTEMPTS times
+
+
+@dataclass(frozen=True)
+class Record:
+    """A limiter decision whose effects outside Redis are to be applied (idempotently, fenced)."""
+
+    kind: RecordKind
+    fence: int
+    token: str
+    at_ms: int
+    attempt: int
+    ending: Ending | None
+    error_code: str | None
+    payload: JobPayload
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Record:
+        kind, fence, token, at, attempt, ending, code, payload = _text(raw).split("|", 7)
+        return cls(
+            RecordKind(kind),
+            int(fence),
+            token,
+            int(at),
+            int(attempt),
+            Ending(ending) if ending else None,
+            code or None,
+            JobPayload.model_validate_json(payload),
+        )
+
+    @property
+    def dispatch(self) -> Dispatch:
+        return Dispatch(self.payload, self.token)
+
+
+class ConfirmDecision(StrEnum):
+    RUN = "run"
+    DROP = "drop"  # a redelivered, stale, cancelled or ended job's message
+
+
 @dataclass(frozen=True)
 class Confirmation:
-    """What `confirm` decided for a message: run it (as this attempt), drop it, or ask the ledger."""
+    """What `confirm` decided for a message; a run is attempt number `attempt`, started at `fence`."""
 
-    decision: str
+    decision: ConfirmDecision
     attempt: int = 0
+    fence: int = 0
 
     @property
     def run(self) -> bool:
-        return self.decision == "run"
+        return self.decision == ConfirmDecision.RUN
+
+
+class LeaseState(StrEnum):
+    RUNNING = "running"
+    CANCELLED = "cancelled"  # still holds its slot until it ends
+    LOST = "lost"  # reaped, or ended: this attempt is stale
+
+
+@dataclass(frozen=True)
+class Renewal:
+    state: LeaseState
+    fence: int = 0  # asked for: the fence of the outcome this attempt is about to write
 
 
 @dataclass(frozen=True)
 class Reaped:
-    crashed: list[JobPayload]
-    requeued: list[tuple[str, str]]  # job id, and the token of the lease that expired
-    dispatched: list[Dispatch]
+    records: list[Record]
+    dispatched: list[Record]
+    idle: bool
+    requeued: list[str]
+    crashed: list[str]
 
 
 @dataclass(frozen=True)
@@ -92,85 +195,109 @@ class NamespaceLimiter:
         self.started_ttl_ms = int(started_ttl_seconds * 1000)
         self.queued_ttl_ms = int(queued_ttl_seconds * 1000)
         self.max_attempts = max_attempts
-        self.scripts = {
-            name: client.register_script(_load_script(name))
-            for name in (
-                "admit",
-                "confirm",
-                "renew",
-                "release_and_promote",
-                "reap",
-                "cancel",
-                "set_limit",
-                "promote",
-                "restore",
-                "unlease",
-            )
-        }
+        self.scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
 
-    # A script whose answer was lost is run again: every script is safe to repeat (admit and restore are
-    # idempotent; a repeated confirm drops the message and the reaper later requeues its job).
+    # A script whose answer was lost is run again: every script is safe to repeat, and what the first
+    # run decided is in the outbox (confirm and end answer a repeated call as they answered the first).
     @retry_transient
     def _run(self, script: str, namespace: str, *args: Any) -> Any:
         return self.scripts[script](keys=namespace_keys(namespace), args=list(args))
 
     @retry_transient
-    def admit(self, payload: JobPayload) -> tuple[bool, list[Dispatch]]:
+    def _run_active(self, script: str, namespace: str, *args: Any) -> Any:
+        """Run a script that may give the namespace work, listing the namespace as active before and
+        after (the reaper unlists an idle namespace, then looks again: see `unlist_if_idle`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(ACTIVE_KEY, namespace)
+        self.scripts[script](keys=namespace_keys(namespace), args=list(args), client=pipe)
+        pipe.sadd(ACTIVE_KEY, namespace)
+        return pipe.execute()[1]
+
+    def admit(self, payload: JobPayload) -> tuple[bool, list[Record]]:
         """Park the job (behind its started twin, if it has one), then lease free slots of its
         namespace; False when the job was already admitted."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(NAMESPACES_KEY, payload.namespace)
-        self.scripts["admit"](
-            keys=namespace_keys(payload.namespace),
-            args=[payload.job_id, payload.model_dump_json(), self.default_limit, self.queued_ttl_ms],
-            client=pipe,
+        admitted, dispatched = self._run_active(
+            "admit", payload.namespace, payload.job_id, payload.model_dump_json(), *self._promote_args()
         )
-        _, (admitted, dispatched) = pipe.execute()
-        return bool(admitted), _dispatches(dispatched)
+        return bool(admitted), self._dispatched(dispatched)
 
-    def confirm(self, namespace: str, job_id: str, token: str) -> Confirmation:
-        """At task start: run the job only if this message's token holds a lease not started yet."""
-        result = self._run("confirm", namespace, job_id, token, self.started_ttl_ms)
-        decision = _text(result[0])
-        return Confirmation(decision, int(result[1]) if len(result) > 1 else 0)
+    def confirm(self, namespace: str, job_id: str, token: str, delivery: str) -> Confirmation:
+        """At task start: run the job only if this message's token holds a lease not started yet, or
+        this same delivery already confirmed it."""
+        result = self._run("confirm", namespace, job_id, token, delivery, self.started_ttl_ms)
+        if _text(result[0]) != ConfirmDecision.RUN:
+            return Confirmation(ConfirmDecision.DROP)
+        return Confirmation(ConfirmDecision.RUN, int(result[1]), int(_text(result[2])))
 
-    def renew(self, namespace: str, job_id: str, token: str) -> int:
-        """Extend a started job's lease: 1 renewed, 2 renewed for a job cancelled while it runs, 0 lost."""
-        return int(self._run("renew", namespace, job_id, token, self.started_ttl_ms))
+    def renew(self, namespace: str, job_id: str, token: str, fence: bool = False) -> Renewal:
+        """Extend a started attempt's lease; with `fence`, also hand out the fence of its outcome."""
+        result = self._run("renew", namespace, job_id, token, self.started_ttl_ms, "1" if fence else "")
+        state = LeaseState(_text(result[0]))
+        return Renewal(state, int(_text(result[1])) if state != LeaseState.LOST and fence else 0)
+
+    def end(
+        self, payload: JobPayload, token: str, fence: int, ending: Ending, error_code: str | None
+    ) -> tuple[Record | None, list[Record]]:
+        """End the attempt holding this token: its end record and the jobs dispatched to the freed slot;
+        (None, []) when the attempt is stale."""
+        result = self._run(
+            "end",
+            payload.namespace,
+            payload.job_id,
+            token,
+            fence,
+            ending.value,
+            error_code or "",
+            *self._promote_args(),
+        )
+        if _text(result[0]) != "ended":
+            return None, []
+        return Record.parse(result[1]), self._dispatched(result[2])
+
+    def reap(self, namespaces: Sequence[str], grace_ms: int) -> dict[str, Reaped]:
+        """Take back expired leases of these namespaces (up to a batch each), lease free slots, and return
+        the records their callers left behind for longer than `grace_ms`; one round trip for all."""
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace in namespaces:
+            self.scripts["reap"](
+                keys=namespace_keys(namespace),
+                args=[self.max_attempts, *self._promote_args(), REAP_BATCH, grace_ms],
+                client=pipe,
+            )
+        reaped = {}
+        for namespace, (records, dispatched, idle, requeued, crashed) in zip(namespaces, pipe.execute(), strict=True):
+            reaped[namespace] = Reaped(
+                [Record.parse(records[i + 1]) for i in range(0, len(records), 2)],
+                self._dispatched(dispatched),
+                bool(idle),
+                [_text(job) for job in requeued],
+                [_text(job) for job in crashed],
+            )
+        return reaped
+
+    def cancel(self, namespace: str, job_ids: Sequence[str]) -> tuple[list[Record], list[str], list[Record]]:
+        """Cancel these jobs: the records of those cancelled now, the started ones (they keep their slot
+        until they end), and the jobs dispatched to freed slots."""
+        records, started, dispatched = self._run("cancel", namespace, *self._promote_args(), *job_ids)
+        cancelled = [Record.parse(records[i + 1]) for i in range(0, len(records), 2)]
+        return cancelled, [_text(job) for job in started], self._dispatched(dispatched)
+
+    def promote(self, namespace: str) -> list[Record]:
+        return self._dispatched(self._run("promote", namespace, *self._promote_args()))
 
     def unlease(self, namespace: str, job_id: str, token: str) -> bool:
         """Give back the slot of a job whose message could not be published, and park it again."""
         return bool(self._run("unlease", namespace, job_id, token))
 
-    def release_and_promote(self, namespace: str, job_id: str, token: str) -> tuple[bool, list[Dispatch]]:
-        """Free the job's slot if its token still holds it, and lease free slots to waiting jobs."""
-        released, dispatched = self._run(
-            "release_and_promote", namespace, job_id, token, self.default_limit, self.queued_ttl_ms
-        )
-        return bool(released), _dispatches(dispatched)
+    def applied(self, namespace: str, records: Iterable[Record]) -> bool:
+        """Drop these records, their effects applied; True when the namespace has nothing left."""
+        args = [value for record in records for value in (record.payload.job_id, record.fence)]
+        return bool(self._run("applied", namespace, *args))
 
-    def reap(self, namespace: str) -> Reaped:
-        """Take back the namespace's expired leases (up to a batch), requeue or fail their jobs, promote."""
-        crashed, requeued, dispatched = self._run(
-            "reap", namespace, self.max_attempts, self.default_limit, self.queued_ttl_ms, REAP_BATCH
-        )
-        payloads = [JobPayload.model_validate_json(crashed[i + 1]) for i in range(0, len(crashed), 2)]
-        pairs = [(_text(requeued[i]), _text(requeued[i + 1])) for i in range(0, len(requeued), 2)]
-        return Reaped(payloads, pairs, _dispatches(dispatched))
-
-    def cancel(self, namespace: str, job_ids: Sequence[str]) -> tuple[list[str], list[Dispatch]]:
-        """Forget these jobs (waiting or leased), and lease the freed slots to waiting jobs."""
-        cancelled, dispatched = self._run("cancel", namespace, self.default_limit, self.queued_ttl_ms, *job_ids)
-        return [_text(job) for job in cancelled], _dispatches(dispatched)
-
-    def promote(self, namespace: str) -> list[Dispatch]:
-        return _dispatches(self._run("promote", namespace, self.default_limit, self.queued_ttl_ms))
-
-    def restore(self, payload: JobPayload, lease_token: str | None, attempts: int) -> bool:
+    def restore(self, payload: JobPayload, lease_token: str | None, attempts: int, age: int) -> bool:
         """Rebuild one job from the ledger unless Redis knows it: a started job gets its lease back."""
-        self.redis.sadd(NAMESPACES_KEY, payload.namespace)
         return bool(
-            self._run(
+            self._run_active(
                 "restore",
                 payload.namespace,
                 payload.job_id,
@@ -178,17 +305,20 @@ class NamespaceLimiter:
                 lease_token or "",
                 attempts,
                 self.started_ttl_ms,
+                age,
             )
         )
 
-    def set_limit(self, namespace: str, limit: int | None) -> list[Dispatch]:
+    def set_limit(self, namespace: str, limit: int | None) -> list[Record]:
         """Override the namespace's limit (0 pauses it), or clear the override with None."""
         if limit is not None and limit < 0:
             raise ValueError("a namespace limit is 0 (paused) or more")
-        self.redis.sadd(NAMESPACES_KEY, namespace)
-        return _dispatches(
-            self._run("set_limit", namespace, self.default_limit, self.queued_ttl_ms, "" if limit is None else limit)
-        )
+        if limit is None:
+            self.redis.srem(LIMITS_KEY, namespace)
+        else:
+            self.redis.sadd(LIMITS_KEY, namespace)
+        dispatched = self._run("set_limit", namespace, *self._promote_args(), "" if limit is None else limit)
+        return self._dispatched(dispatched)
 
     def get_limit(self, namespace: str) -> tuple[int, bool]:
         """The namespace's limit in force, and whether it is an override."""
@@ -197,15 +327,19 @@ class NamespaceLimiter:
 
     def overrides(self) -> dict[str, int]:
         """Every namespace whose limit is overridden, with its limit."""
-        result = {}
-        for namespace in self.namespaces():
-            limit, overridden = self.get_limit(namespace)
-            if overridden:
-                result[namespace] = limit
-        return result
+        namespaces = sorted(_text(ns) for ns in self.redis.smembers(LIMITS_KEY))
+        return {namespace: self.get_limit(namespace)[0] for namespace in namespaces}
 
     def namespaces(self) -> list[str]:
-        return sorted(_text(ns) for ns in self.redis.smembers(NAMESPACES_KEY))
+        """The namespaces with work: jobs waiting, leased or blocked, or records to apply."""
+        return sorted(_text(ns) for ns in self.redis.smembers(ACTIVE_KEY))
+
+    def unlist_if_idle(self, namespace: str) -> None:
+        """Unlist a namespace found idle; then look again, because a job may have come meanwhile
+        (admitting lists the namespace after its script, so one of the two sees the other)."""
+        self.redis.srem(ACTIVE_KEY, namespace)
+        if self.redis.exists(namespace_key(namespace, "jobs"), namespace_key(namespace, "outbox")):
+            self.redis.sadd(ACTIVE_KEY, namespace)
 
     def counts(self, namespace: str) -> NamespaceCounts:
         pipe = self.redis.pipeline(transaction=False)
@@ -220,13 +354,27 @@ class NamespaceLimiter:
         lease = self.redis.hget(namespace_key(namespace, "leases"), job_id)
         return None if lease is None else _text(lease)[2:]
 
+    def _promote_args(self) -> tuple[int, int]:
+        return self.default_limit, self.queued_ttl_ms
+
+    @staticmethod
+    def _dispatched(flat: Iterable[Any]) -> list[Record]:
+        """The dispatch records of a script's `promote`, as the outbox holds them."""
+        items = list(flat)
+        return [
+            Record(
+                RecordKind.DISPATCH,
+                int(_text(items[i + 1])),
+                _text(items[i + 1]),
+                0,
+                0,
+                None,
+                None,
+                JobPayload.model_validate_json(items[i + 2]),
+            )
+            for i in range(0, len(items), 3)
+        ]
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _dispatches(flat: Iterable[Any]) -> list[Dispatch]:
-    items = list(flat)
-    return [
-        Dispatch(JobPayload.model_validate_json(items[i + 2]), _text(items[i + 1])) for i in range(0, len(items), 3)
-    ]

@@ -1,49 +1,36 @@
 """The Queue: the ledger and the limiter working together, as callers and operators use them.
 
-A job's life through this class::
+    enqueue  -> ledger: waiting -> limiter.admit -> records: dispatch -> publish, ledger: queued
+    cancel   -> limiter.cancel -> records: cancel -> ledger: cancelled; started jobs are revoked
+    set_limit, reconcile -> records: dispatch
 
-    enqueue  -> ledger: waiting -> limiter.admit -> dispatched? publish, ledger: queued
-    start    -> limiter.confirm -> ledger: started          (or: drop a stale/redelivered message)
-    heartbeat-> limiter.renew + ledger.last_heartbeat
-    finish   -> ledger: success|error -> limiter.release_and_promote -> publish the promoted jobs
-    reap     -> expired leases: requeue, or fail as JobManagerCrashedError in ledger and cache
-
-It does not know Celery: a :class:`Dispatcher` publishes the messages and revokes started jobs.
+Every limiter call returns the outbox records it made; `apply` carries out the dispatch, requeue and
+cancel ones (fenced ledger writes, events, messages) and drops them from the outbox. A record left
+behind (an exception, a lost reply, a SIGKILL) is applied by the reaper's next pass. How a started job
+runs and ends is the lifecycle's (common/lifecycle.py). It does not know Celery: a :class:`Dispatcher`
+publishes the messages and revokes started jobs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any, Protocol
 
-from redis.exceptions import LockError
-
-from common import cache
 from common.config import get_config
 from common.event_bus import EventBus
 from common.events import (
     JOB_KEY_FIELDS,
-    CacheUpdated,
     Event,
     EventType,
     JobCancelled,
-    JobFailed,
-    JobHeartbeat,
     JobQueued,
-    JobStarted,
     JobState,
-    JobSucceeded,
 )
 from common.exceptions import (
-    CacheableError,
     InvalidArgumentsError,
-    JobManagerCrashedError,
     MissingStepInputError,
     StepcacheError,
     UnknownJobError,
@@ -60,12 +47,12 @@ from common.queue.jobs import (
     unicity_id,
 )
 from common.queue.ledger import Ledger
-from common.queue.limiter import Confirmation, NamespaceCounts, NamespaceLimiter
+from common.queue.limiter import NamespaceCounts, NamespaceLimiter, Record, RecordKind
 from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
-REAPER_LOCK_KEY = "stepcache:reaper"
-REAPER_LOCK_SECONDS = 10
+EPOCH_KEY = "stepcache:epoch"  # set after a reconcile; its absence means Redis lost (or never had) our data
+FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua
 ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
 
@@ -77,21 +64,9 @@ class Dispatcher(Protocol):
     def revoke(self, job_ids: Sequence[str]) -> None: ...
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a job ended, as its cache entry says."""
-
-    http_status: int
-    error_code: str | None = None
-    message: str | None = None
-    duration: float | None = None
-
-
-@dataclass
-class ReapReport:
-    crashed: list[str] = field(default_factory=list)
-    requeued: list[str] = field(default_factory=list)
-    dispatched: int = 0
+def age_of(job: Job) -> int:
+    """A job's place in line, as the limiter's fence of its admission would be: its creation time."""
+    return int((job.created_at.timestamp() * 1000 - FENCE_EPOCH_MS) * 1000)
 
 
 def check_step_input(step: ProcessingStep, config: str | None, split: str | None) -> None:
@@ -184,129 +159,40 @@ class Queue:
 
     def _admit(self, job: Job) -> None:
         _, dispatched = self.limiter.admit(job.payload())
-        self._publish(dispatched)
+        self.apply(dispatched)
 
-    def _publish(self, dispatched: Sequence[Dispatch]) -> None:
-        published = []
-        for dispatch in dispatched:
+    def apply(self, records: Sequence[Record]) -> None:
+        """Carry out the dispatch, requeue and cancel records of one namespace, then drop them from the
+        outbox; one that fails stays there for the reaper."""
+        done = []
+        for record in records:
             try:
-                self.dispatcher.publish(dispatch)
-                published.append(dispatch)
+                self._apply(record)
+                done.append(record)
+            except Exception:
+                logger.exception("could not apply %s of job %s; the reaper will", record.kind, record.payload.job_id)
+        if done:
+            self.limiter.applied(done[0].payload.namespace, done)
+
+    def _apply(self, record: Record) -> None:
+        payload = record.payload
+        if record.kind == RecordKind.DISPATCH:
+            try:
+                self.dispatcher.publish(record.dispatch)
             except Exception:
                 # Back to the waiting room: the reaper's next pass (or a release) dispatches it anew.
-                logger.exception("could not publish job %s; it waits again", dispatch.payload.job_id)
-                self.limiter.unlease(dispatch.payload.namespace, dispatch.payload.job_id, dispatch.token)
-        self.ledger.mark_queued([dispatch.payload.job_id for dispatch in published])
-        for dispatch in published:
-            self.emit(JobQueued, dispatch.payload, priority=dispatch.payload.priority.value)
-
-    def start(self, payload: JobPayload, token: str, worker: str) -> Confirmation:
-        """At task start: whether this message may run; it may only while holding a lease."""
-        confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token)
-        if confirmation.decision == "orphan":
-            # Redis forgot the job (finished, cancelled, or Redis lost its data): ask the ledger.
-            job = self.ledger.get(payload.job_id)
-            if job is not None and not job.status.is_terminal:
-                self._admit(job)  # parked again; promotion sends it a fresh message
-            return Confirmation("drop")
-        if confirmation.run and not self.ledger.mark_started(payload.job_id, token, confirmation.attempt, worker):
-            # Cancelled between dispatch and start.
-            self.release(payload, token)
-            return Confirmation("drop")
-        if confirmation.run:
-            self.emit(JobStarted, payload, worker=worker, attempt=confirmation.attempt)
-        return confirmation
-
-    def heartbeat(self, payload: JobPayload, token: str) -> bool:
-        """Keep a started job's lease; False when it lost it (cancelled, reaped)."""
-        renewed = self.limiter.renew(payload.namespace, payload.job_id, token)
-        if renewed == 1:
-            self.ledger.heartbeat(payload.job_id)
-            self.emit(JobHeartbeat, payload)
-        return renewed != 0  # a job cancelled while it runs keeps its slot until it ends
-
-    def finish(self, payload: JobPayload, token: str, outcome: Outcome) -> None:
-        """Record the job's end (its response is in the cache), give its slot to the next waiting job,
-        and wake its blocked twin."""
-        status = JobStatus.SUCCESS if outcome.http_status == HTTPStatus.OK else JobStatus.ERROR
-        recorded = self.ledger.finish(payload.job_id, token, status, outcome.error_code)
-        self.release(payload, token)
-        self.emit(CacheUpdated, payload, http_status=outcome.http_status, error_code=outcome.error_code)
-        if not recorded:
-            return  # cancelled or taken back meanwhile: its end was told already
-        if status == JobStatus.SUCCESS:
-            self.emit(JobSucceeded, payload, duration=outcome.duration)
+                logger.exception("could not publish job %s; it waits again", payload.job_id)
+                self.limiter.unlease(payload.namespace, payload.job_id, record.token)
+                return
+            self.ledger.mark_queued(payload.job_id, record.fence)
+            self.emit(JobQueued, payload, priority=payload.priority.value)
+        elif record.kind == RecordKind.REQUEUE:
+            self.ledger.mark_waiting(payload.job_id, record.fence)
+        elif record.kind == RecordKind.CANCEL:
+            self.ledger.end(payload.job_id, record.fence, JobStatus.CANCELLED)
+            self.emit(JobCancelled, payload)
         else:
-            self.emit(
-                JobFailed,
-                payload,
-                error_code=outcome.error_code,
-                message=outcome.message,
-                duration=outcome.duration,
-            )
-
-    def release(self, payload: JobPayload, token: str) -> None:
-        _, dispatched = self.limiter.release_and_promote(payload.namespace, payload.job_id, token)
-        self._publish(dispatched)
-
-    def reap(self) -> ReapReport | None:
-        """Take back expired leases in every namespace; None when another process is reaping."""
-        # Short-lived: a reaper killed mid-pass must not keep the others from reaping for long.
-        lock = self.limiter.redis.lock(REAPER_LOCK_KEY, timeout=REAPER_LOCK_SECONDS, blocking=False)
-        if not lock.acquire():
-            return None
-        try:
-            report = ReapReport()
-            for namespace in self.limiter.namespaces():
-                reaped = self.limiter.reap(namespace)
-                self.ledger.mark_waiting(reaped.requeued)
-                for payload in reaped.crashed:
-                    self._fail_crashed(payload)
-                # Also a safety net for free slots nobody promoted (a message that could not be published).
-                dispatched = reaped.dispatched + self.limiter.promote(namespace)
-                self._publish(dispatched)
-                report.crashed += [p.job_id for p in reaped.crashed]
-                report.requeued += [job_id for job_id, _ in reaped.requeued]
-                report.dispatched += len(dispatched)
-            return report
-        finally:
-            with contextlib.suppress(LockError):  # a pass longer than the lock: another reaper may run now
-                lock.release()
-
-    def _fail_crashed(self, payload: JobPayload) -> None:
-        error = JobManagerCrashedError(
-            f"the job's worker stopped sending heartbeats {get_config().worker.max_attempts} times"
-        )
-        if not self.ledger.fail([payload.job_id], error.error_code):
-            return  # it had ended (only its release was lost): its response stays
-        cache.upsert_error(
-            payload.step,
-            payload.dataset,
-            error,
-            config=payload.config,
-            split=payload.split,
-        )
-        self.emit(CacheUpdated, payload, http_status=error.http_status, error_code=error.error_code)
-        self.emit(JobFailed, payload, error_code=error.error_code, message=error.message)
-        self.enqueue_next(payload, None, error)  # its children are still scheduled: with an error
-
-    def enqueue_next(
-        self, payload: JobPayload, content: Mapping[str, Any] | None, error: CacheableError | None
-    ) -> None:
-        """Enqueue what the processing graph asks for after this job (children inherit its priority);
-        a failure here is logged and never fails the job that ended."""
-        from common import orchestrator
-
-        key = orchestrator.JobKey(payload.step, payload.dataset, payload.config, payload.split)
-        try:
-            if error is None:
-                next_jobs = orchestrator.after_success(payload.step, key, content or {})
-            else:
-                next_jobs = orchestrator.after_failure(payload.step, key, error)
-            for job in next_jobs:
-                self.enqueue(job.step, job.dataset, job.config, job.split, priority=payload.priority)
-        except Exception:
-            logger.exception("could not enqueue the jobs after %s %s", payload.step, payload.job_id)
+            raise ValueError(f"the queue does not apply {record.kind} records")
 
     def follow(self, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
         """The job's events until it ends, starting with its state in the ledger, so that a late follower
@@ -345,19 +231,15 @@ class Queue:
     # --- operators -----------------------------------------------------------------------------------
 
     def cancel(self, dataset: str, revoke_started: bool = False) -> list[Job]:
-        """Cancel every waiting or queued job of the dataset, and its started ones if asked to."""
+        """Cancel every waiting or queued job of the dataset, and its started ones if asked to: those keep
+        their slot until their process is gone, and end as cancelled."""
         dataset, _, _ = validate_key(dataset, None, None)
         statuses = [*PENDING_STATUSES, *([JobStatus.STARTED] if revoke_started else [])]
         jobs = self.ledger.jobs(dataset, statuses)
         if not jobs:
             return []
-        # The ledger first: a worker starting one of them now finds it cancelled and does not run it.
-        self.ledger.cancel(job.job_id for job in jobs)
-        _, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
-        self._publish(dispatched)
-        for job in jobs:
-            self.emit(JobCancelled, job.payload())
-        started = [job.job_id for job in jobs if job.status == JobStatus.STARTED]
+        cancelled, started, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
+        self.apply([*cancelled, *dispatched])
         if started:
             self.dispatcher.revoke(started)
         return jobs
@@ -371,18 +253,28 @@ class Queue:
 
     def set_limit(self, namespace: str, limit: int | None) -> None:
         """Override one namespace's limit (0 pauses it) or, with None, go back to the default."""
-        namespace = namespace_of(namespace)
-        self._publish(self.limiter.set_limit(namespace, limit))
+        self.apply(self.limiter.set_limit(namespace_of(namespace), limit))
 
     def get_limit(self, namespace: str) -> tuple[int, bool]:
         return self.limiter.get_limit(namespace_of(namespace))
 
     def reconcile(self) -> int:
-        """Rebuild waiting rooms and leases from the ledger after Redis lost its data; returns how many."""
+        """Rebuild waiting rooms and leases from the ledger after Redis lost its data; returns how many
+        jobs Redis did not know. A started job gets its lease back under its own token: its attempt goes on."""
         restored = 0
         for job in self.ledger.unfinished():
             token = job.lease_token if job.status == JobStatus.STARTED else None
-            restored += self.limiter.restore(job.payload(), token, job.attempts)
+            restored += self.limiter.restore(job.payload(), token, job.attempts, age_of(job))
         for namespace in self.limiter.namespaces():
-            self._publish(self.limiter.promote(namespace))
+            self.apply(self.limiter.promote(namespace))
         return restored
+
+    def check_epoch(self) -> bool:
+        """Whether Redis kept its data since the last check; if it lost it (a flush, a restart without
+        persistence, a failover), reconcile first, then mark Redis again. Returns False after a repair."""
+        if self.limiter.redis.exists(EPOCH_KEY):
+            return True
+        restored = self.reconcile()
+        self.limiter.redis.set(EPOCH_KEY, datetime.now(UTC).isoformat())
+        logger.warning("Redis had no epoch marker (new, flushed or restarted empty): restored %s jobs", restored)
+        return False

@@ -2,9 +2,11 @@
 -- slots to the best waiting jobs.
 -- ARGV[1] job id, ARGV[2] payload (JSON), ARGV[3] default limit, ARGV[4] queued lease TTL (ms)
 -- Returns {admitted (1, or 0 when the job is already known), dispatched}.
-local job = ARGV[1]
-if redis.call('HSETNX', JOBS, job, ARGV[2]) == 0 then
+local job, payload = ARGV[1], ARGV[2]
+if redis.call('HSETNX', JOBS, job, payload) == 0 then
   return {0, {}}
 end
-park_or_block(job, ARGV[2])
-return {1, promote(ARGV[3], ARGV[4], now_ms())}
+local now = now_ms()
+redis.call('HSET', AGES, job, fmt(next_fence(now)))
+park_or_block(job, payload)
+return {1, promote(ARGV[3], ARGV[4], now)}

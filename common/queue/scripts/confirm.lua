@@ -1,16 +1,25 @@
--- confirm: at task start, turn the job's dispatched lease into a started one, once.
--- ARGV[1] job id, ARGV[2] the message's lease token, ARGV[3] started lease TTL (ms)
--- Returns {'run', attempt} | {'drop'} (a redelivered, stale or parked job's message) |
---         {'orphan'} (Redis knows nothing of the job: finished, cancelled, or Redis lost its data).
-local job, token = ARGV[1], ARGV[2]
+-- confirm: at task start, turn the job's dispatched lease into a started one, once per dispatch. The same
+-- delivery asking again (its answer was lost) gets the same answer; any other delivery is dropped.
+-- ARGV[1] job id, ARGV[2] the message's lease token, ARGV[3] delivery id, ARGV[4] started lease TTL (ms)
+-- Returns {'run', attempt, attempt's fence} | {'drop'} (a redelivered, stale, cancelled or ended job's message).
+local job, token, delivery = ARGV[1], ARGV[2], ARGV[3]
 local lease = redis.call('HGET', LEASES, job)
 if lease == 'q:' .. token then
+  local now = now_ms()
+  local fence = fmt(next_fence(now))
+  local attempt = redis.call('HINCRBY', ATTEMPTS, job, 1)
   redis.call('HSET', LEASES, job, 's:' .. token)
-  redis.call('HSET', OWNERS, unicity(redis.call('HGET', JOBS, job)), job)
-  redis.call('ZADD', EXPIRY, now_ms() + tonumber(ARGV[3]), job)
-  return {'run', redis.call('HINCRBY', ATTEMPTS, job, 1)}
+  redis.call('HSET', OWNERS, decode(redis.call('HGET', JOBS, job))['unicity_id'], job)
+  redis.call('ZADD', EXPIRY, now + tonumber(ARGV[4]), job)
+  redis.call('HSET', RUNNERS, job, delivery .. '|' .. fence .. '|' .. attempt)
+  redis.call('HDEL', OUTBOX, job) -- its dispatch was delivered: the started attempt supersedes it
+  return {'run', attempt, fence}
 end
-if lease or redis.call('HEXISTS', JOBS, job) == 1 then
-  return {'drop'}
+if lease == 's:' .. token then
+  local runner = redis.call('HGET', RUNNERS, job)
+  if runner and string.sub(runner, 1, #delivery + 1) == delivery .. '|' then
+    local _, _, fence, attempt = string.find(runner, '^.*|(%d+)|(%d+)$')
+    return {'run', tonumber(attempt), fence}
+  end
 end
-return {'orphan'}
+return {'drop'}

@@ -1,21 +1,41 @@
 -- Shared by every limiter script; all of them take the same KEYS, one namespace's keys (one hash tag):
---   KEYS[1] leases    hash  job id -> "q:<token>" (dispatched, not started) | "s:<token>" (started)
---                           | "c:<token>" (cancelled while started: holds its slot until it is gone)
---   KEYS[2] expiry    zset  job id -> lease expiry, Redis server time in ms
---   KEYS[3] waiting   zset  job id -> priority rank * 1e15 + admission sequence (lowest runs first)
---   KEYS[4] jobs      hash  job id -> job payload (JSON), kept while the job is waiting or leased
---   KEYS[5] attempts  hash  job id -> how many times the job started
---   KEYS[6] limit     string  this namespace's override of the default limit (absent: default)
---   KEYS[7] sequence  string  counter for admission order and lease tokens
---   KEYS[8] owners    hash  unicity id -> the job that started computing that cache entry, until it ends
---   KEYS[9] blocked   hash  unicity id -> the identical job waiting for the owner to end
-local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+--   KEYS[1]  leases    hash  job -> "q:<token>" (dispatched, not started) | "s:<token>" (started)
+--                            | "c:<token>" (cancelled while started: holds its slot until it ends)
+--   KEYS[2]  expiry    zset  job -> lease expiry, Redis server time in ms
+--   KEYS[3]  waiting   zset  job -> priority rank * RANK_WEIGHT + age (lowest runs first)
+--   KEYS[4]  jobs      hash  job -> payload (JSON), while the job is waiting, blocked or leased
+--   KEYS[5]  attempts  hash  job -> how many times the job started
+--   KEYS[6]  limit     string  this namespace's override of the default limit (absent: default)
+--   KEYS[7]  sequence  string  the last fence handed out in this namespace
+--   KEYS[8]  owners    hash  unicity id -> the job that started computing that cache entry, until it ends
+--   KEYS[9]  blocked   hash  unicity id -> the identical job waiting for the owner to end
+--   KEYS[10] ages      hash  job -> the fence of its admission: its place in line, kept when requeued
+--   KEYS[11] outbox    hash  job -> a decision whose effects outside Redis are not applied yet:
+--                            "kind|fence|token|at ms|attempt|status|error code|payload"
+--   KEYS[12] runners   hash  job -> "delivery|fence|attempt" of its started attempt
+-- Fences only grow within a namespace, also after its keys expired or Redis lost them: they are at least
+-- the Redis clock in microseconds since FENCE_EPOCH_MS. Every effect outside Redis is conditional on one.
+local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED, AGES, OUTBOX, RUNNERS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local RANK_WEIGHT = 1e15
+local FENCE_EPOCH_MS = 1700000000000
+-- An idle namespace's sequence outlives its other keys this long: fences handed out in a burst may run
+-- a little ahead of the clock, and the next fence must still be larger.
+local SEQUENCE_LINGER_MS = 1000
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fmt(number)
+  return string.format('%d', number)
+end
+
+local function next_fence(now)
+  local fence = math.max(tonumber(redis.call('GET', SEQUENCE) or '0') + 1, (now - FENCE_EPOCH_MS) * 1000)
+  redis.call('SET', SEQUENCE, fmt(fence))
+  return fence
 end
 
 local function limit(default_limit)
@@ -24,37 +44,44 @@ local function limit(default_limit)
   return tonumber(default_limit)
 end
 
--- Waiting jobs are ordered by priority rank, then by admission order.
-local function park(job, rank)
-  redis.call('ZADD', WAITING, tonumber(rank) * RANK_WEIGHT + redis.call('INCR', SEQUENCE), job)
+local function decode(payload)
+  return cjson.decode(payload)
 end
 
-local function unicity(payload)
-  return cjson.decode(payload)['unicity_id']
+-- Record a decision in the outbox; the caller applies its effects, or the reaper does if it cannot.
+local function record(job, kind, fence, token, now, attempt, status, code, payload)
+  redis.call('HSET', OUTBOX, job, table.concat(
+    {kind, fmt(fence), token or '', fmt(now), fmt(attempt or 0), status or '', code or '', payload or ''}, '|'))
+end
+
+-- Waiting jobs are ordered by priority rank, then by age (the fence of their admission).
+local function park(job)
+  local rank = decode(redis.call('HGET', JOBS, job))['rank']
+  redis.call('ZADD', WAITING, tonumber(rank) * RANK_WEIGHT + tonumber(redis.call('HGET', AGES, job)), job)
 end
 
 -- A job whose identical twin started waits outside the waiting room until the twin ends:
 -- one cache entry is never computed twice at once.
 local function park_or_block(job, payload)
-  local key = unicity(payload)
+  local key = decode(payload)['unicity_id']
   local owner = redis.call('HGET', OWNERS, key)
   if owner and owner ~= job then
     redis.call('HSET', BLOCKED, key, job)
   else
-    park(job, cjson.decode(payload)['rank'])
+    park(job)
   end
 end
 
--- Drop every trace of the job; if it owned its cache entry, the twin blocked behind it is parked.
+-- Drop every trace of the job but its outbox record; if it owned its cache entry, its blocked twin is parked.
 local function forget(job)
   local payload = redis.call('HGET', JOBS, job)
   redis.call('HDEL', LEASES, job)
   redis.call('ZREM', EXPIRY, job)
   redis.call('ZREM', WAITING, job)
-  redis.call('HDEL', JOBS, job)
   redis.call('HDEL', ATTEMPTS, job)
+  redis.call('HDEL', RUNNERS, job)
   if not payload then return end
-  local key = unicity(payload)
+  local key = decode(payload)['unicity_id']
   if redis.call('HGET', BLOCKED, key) == job then
     redis.call('HDEL', BLOCKED, key)
   end
@@ -63,13 +90,24 @@ local function forget(job)
     local twin = redis.call('HGET', BLOCKED, key)
     if twin then
       redis.call('HDEL', BLOCKED, key)
-      park(twin, cjson.decode(redis.call('HGET', JOBS, twin))['rank'])
+      park(twin)
     end
   end
+  redis.call('HDEL', JOBS, job)
+  redis.call('HDEL', AGES, job)
 end
 
--- Lease free slots to the best waiting jobs; returns {job, token, payload, job, token, payload, ...},
--- which the caller publishes to Celery.
+-- A namespace with no job and nothing left to apply keeps no key but its limit override.
+local function tidy()
+  if redis.call('HLEN', JOBS) == 0 and redis.call('HLEN', OUTBOX) == 0 then
+    redis.call('PEXPIRE', SEQUENCE, SEQUENCE_LINGER_MS)
+    return 1
+  end
+  return 0
+end
+
+-- Lease free slots to the best waiting jobs, each under a new fence that is its message's token, and
+-- record each dispatch; returns {job, token, payload, ...}, which the caller publishes to Celery.
 local function promote(default_limit, queued_ttl_ms, now)
   local dispatched = {}
   local free = limit(default_limit) - redis.call('HLEN', LEASES)
@@ -77,13 +115,14 @@ local function promote(default_limit, queued_ttl_ms, now)
     local head = redis.call('ZPOPMIN', WAITING)
     if #head == 0 then break end
     local job = head[1]
-    -- The token fences this dispatch: a message or a worker holding an older token has no lease.
-    local token = redis.call('INCR', SEQUENCE) .. '.' .. now
+    local token = fmt(next_fence(now))
+    local payload = redis.call('HGET', JOBS, job)
     redis.call('HSET', LEASES, job, 'q:' .. token)
     redis.call('ZADD', EXPIRY, now + tonumber(queued_ttl_ms), job)
+    record(job, 'dispatch', tonumber(token), token, now, 0, '', '', payload)
     dispatched[#dispatched + 1] = job
     dispatched[#dispatched + 1] = token
-    dispatched[#dispatched + 1] = redis.call('HGET', JOBS, job)
+    dispatched[#dispatched + 1] = payload
     free = free - 1
   end
   return dispatched

@@ -1,30 +1,47 @@
--- reap: take back expired leases. A cancelled job ('c:') is forgotten; a job that never started (its
--- message was lost) or has attempts left is parked again; a started job out of attempts is forgotten
--- and returned as crashed.
--- ARGV[1] max attempts, ARGV[2] default limit, ARGV[3] queued lease TTL (ms), ARGV[4] batch size
--- Returns {crashed {job, payload, ...}, requeued {job, token of the expired lease, ...}, dispatched}.
+-- reap: take back expired leases, then lease free slots, and hand back the outbox records nobody applied.
+-- A cancelled job ('c:') ends as cancelled; a started job out of attempts ends as crashed; any other
+-- (its worker died, or its message was lost) is parked again at its old place in line.
+-- ARGV[1] max attempts, ARGV[2] default limit, ARGV[3] queued lease TTL (ms), ARGV[4] batch size,
+-- ARGV[5] grace (ms): records older than this were left behind by their caller
+-- Returns {records {job, record, ...}, dispatched, idle (1 when the namespace has nothing left),
+--          requeued {job, ...}, crashed {job, ...}}.
 local now = now_ms()
-local crashed, requeued = {}, {}
+local fresh, requeued, crashed = {}, {}, {}
 for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
-  local lease = redis.call('HGET', LEASES, job)
+  local lease = redis.call('HGET', LEASES, job) or ''
   local payload = redis.call('HGET', JOBS, job)
+  local kind, token = string.sub(lease, 1, 1), string.sub(lease, 3)
+  local attempt = tonumber(redis.call('HGET', ATTEMPTS, job) or '0')
   redis.call('HDEL', LEASES, job)
   redis.call('ZREM', EXPIRY, job)
-  if lease and string.sub(lease, 1, 1) == 'c' then
+  if not payload then
+    -- nothing to do: a lease without a job cannot be made, but an old version may have left one
+  elseif kind == 'c' then
     forget(job)
-  elseif payload then
-    local started = lease and string.sub(lease, 1, 1) == 's'
-    local attempts = tonumber(redis.call('HGET', ATTEMPTS, job) or '0')
-    if started and attempts >= tonumber(ARGV[1]) then
-      forget(job)
-      crashed[#crashed + 1] = job
-      crashed[#crashed + 1] = payload
-    else
-      -- It keeps owning its cache entry: its blocked twin still waits for it to end.
-      park(job, cjson.decode(payload)['rank'])
-      requeued[#requeued + 1] = job
-      requeued[#requeued + 1] = lease and string.sub(lease, 3) or ''
-    end
+    record(job, 'end', next_fence(now), token, now, attempt, 'cancelled', '', payload)
+  elseif kind == 's' and attempt >= tonumber(ARGV[1]) then
+    forget(job)
+    record(job, 'end', next_fence(now), token, now, attempt, 'crashed', 'JobManagerCrashedError', payload)
+    crashed[#crashed + 1] = job
+  else
+    -- It keeps owning its cache entry: its blocked twin still waits for it to end.
+    redis.call('HDEL', RUNNERS, job)
+    park(job)
+    record(job, 'requeue', next_fence(now), token, now, attempt, '', '', payload)
+    requeued[#requeued + 1] = job
+  end
+  fresh[job] = true
+end
+local dispatched = promote(ARGV[2], ARGV[3], now)
+for i = 1, #dispatched, 3 do fresh[dispatched[i]] = true end
+local records = {}
+local entries = redis.call('HGETALL', OUTBOX)
+for i = 1, #entries, 2 do
+  local job, rec = entries[i], entries[i + 1]
+  local _, _, at = string.find(rec, '^%a+|%d+|[^|]*|(%d+)|')
+  if fresh[job] or tonumber(at) <= now - tonumber(ARGV[5]) then
+    records[#records + 1] = job
+    records[#records + 1] = rec
   end
 end
-return {crashed, requeued, promote(ARGV[2], ARGV[3], now)}
+return {records, dispatched, tidy(), requeued, crashed}

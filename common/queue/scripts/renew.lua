@@ -1,15 +1,21 @@
 -- renew: a started job's heartbeat extends its lease, if it still holds it. A job cancelled while it
 -- runs ('c:') keeps its slot the same way until its process ends: the limit counts it until then.
--- ARGV[1] job id, ARGV[2] lease token, ARGV[3] started lease TTL (ms)
--- Returns 1 when renewed, 2 when renewed for a cancelled job, 0 when the lease is gone or not this token's.
+-- Before an attempt writes its outcome it asks for a fence (ARGV[4] = '1'): the cache entry and the
+-- ledger keep it, and refuse anything older.
+-- ARGV[1] job id, ARGV[2] lease token, ARGV[3] started lease TTL (ms), ARGV[4] '1' to get a fence
+-- Returns {'running' | 'cancelled', fence or ''} | {'lost'}.
 local lease = redis.call('HGET', LEASES, ARGV[1])
-local renewed = 0
+local state
 if lease == 's:' .. ARGV[2] then
-  renewed = 1
+  state = 'running'
 elseif lease == 'c:' .. ARGV[2] then
-  renewed = 2
+  state = 'cancelled'
 else
-  return 0
+  return {'lost'}
 end
-redis.call('ZADD', EXPIRY, now_ms() + tonumber(ARGV[3]), ARGV[1])
-return renewed
+local now = now_ms()
+redis.call('ZADD', EXPIRY, now + tonumber(ARGV[3]), ARGV[1])
+if ARGV[4] == '1' then
+  return {state, fmt(next_fence(now))}
+end
+return {state, ''}

@@ -1,5 +1,5 @@
--- unlease: give back the slot of a job whose message could not be published, and park it again, so
--- that a later promotion (a release, or the reaper's pass) dispatches it anew.
+-- unlease: give back the slot of a job whose message could not be published, and park it again at its
+-- place in line, so that a later promotion (a release, or the reaper's pass) dispatches it anew.
 -- ARGV[1] job id, ARGV[2] lease token
 -- Returns 1 when the job was parked again, 0 when it no longer held this dispatched lease.
 local job = ARGV[1]
@@ -8,5 +8,6 @@ if redis.call('HGET', LEASES, job) ~= 'q:' .. ARGV[2] then
 end
 redis.call('HDEL', LEASES, job)
 redis.call('ZREM', EXPIRY, job)
-park(job, cjson.decode(redis.call('HGET', JOBS, job))['rank'])
+redis.call('HDEL', OUTBOX, job)
+park(job)
 return 1
