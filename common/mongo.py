@@ -18,6 +18,9 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 SERVER_SELECTION_TIMEOUT_MS = 10_000
+# A stalled server (SIGSTOP, a network partition) fails a call after this long instead of blocking its
+# caller for the whole stall; the call is then retried (common.resilience.retry_transient).
+SOCKET_TIMEOUT_MS = 10_000
 _clients: dict[str, MongoClient[dict[str, Any]]] = {}
 _lock = threading.Lock()
 
@@ -43,6 +46,7 @@ def get_database(url: SecretStr, database: str) -> Database[dict[str, Any]]:
                 tz_aware=True,
                 serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
                 connectTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+                socketTimeoutMS=SOCKET_TIMEOUT_MS,
             )
             _clients[key] = client
     return client[database]

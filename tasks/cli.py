@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from common.events import Event, EventType, JobFailed, JobProgress, JobState
 from common.exceptions import InvalidArgumentsError, StepcacheError
 from common.queue import JobStatus
+from common.queue.limiter import NamespaceCounts
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 BAR_WIDTH = 30
@@ -148,12 +149,24 @@ def limits(action: str, namespace: str | None, value: int | None, out: TextIO) -
         queue.set_limit(namespace, None)
     out.write(f"default (QUEUE_MAX_JOBS_PER_NAMESPACE): {get_config().queue.max_jobs_per_namespace}\n")
     rows = []
-    for name, counts in sorted(queue.counts().items()):
+    counts_of = queue.counts()
+    idle = NamespaceCounts(0, 0, 0)
+    for name, counts in sorted({**dict.fromkeys(queue.limiter.overrides(), idle), **counts_of}.items()):
         limit, overridden = queue.get_limit(name)
         rows.append(
             [name, f"{limit}{' (override)' if overridden else ''}", counts.waiting, counts.queued, counts.started]
         )
     out.write(table(["namespace", "limit", "waiting", "queued", "started"], rows))
+    return EXIT_OK
+
+
+def reconcile(out: TextIO) -> int:
+    """Rebuild Redis' waiting rooms and leases from the ledger (the reaper also does it by itself when
+    Redis lost its data); jobs Redis knows are left as they are."""
+    from tasks.queue import get_queue
+
+    restored = get_queue().reconcile()
+    out.write(f"{restored} job(s) restored from the ledger\n")
     return EXIT_OK
 
 
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits_parser.add_argument("value", nargs="?", type=int, default=None, help="the limit; 0 pauses")
     limits_parser.set_defaults(run=lambda args: limits(args.action, args.namespace, args.value, sys.stdout))
 
+    reconcile_parser = commands.add_parser("reconcile", help="rebuild Redis' limiter state from the ledger")
+    reconcile_parser.set_defaults(run=lambda args: reconcile(sys.stdout))
     workers_parser = commands.add_parser("workers", help="the workers that answer, their queues and running jobs")
     workers_parser.set_defaults(run=lambda args: workers(sys.stdout))
     return parser
