@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 REAPER_LOCK_KEY = "stepcache:reaper"
 REAPER_LOCK_SECONDS = 10
 REAP_NAMESPACES_PER_ROUND = 200
+# A record older than two heartbeat intervals (at least a second) was left behind by its caller: the
+# reaper applies it. Younger ones are their caller's, which is applying them now.
+OUTBOX_GRACE_MIN_SECONDS = 1.0
 EPOCH_WAIT_SECONDS = 30.0  # how long a repair of Redis may keep another one waiting
 STATUS_OF = {
     Ending.SUCCESS: JobStatus.SUCCESS,
@@ -260,7 +263,7 @@ class Lifecycle:
         try:
             self.queue.check_epoch()
             report = ReapReport()
-            grace_ms = int(get_config().worker.heartbeat_interval_seconds * 1000)
+            grace_ms = int(max(OUTBOX_GRACE_MIN_SECONDS, 2 * get_config().worker.heartbeat_interval_seconds) * 1000)
             namespaces = self.limiter.namespaces()
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]

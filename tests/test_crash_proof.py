@@ -126,7 +126,7 @@ def test_4_a_crash_the_reaper_could_not_record_is_recorded_by_its_next_pass(
     assert report is not None and report.crashed == [job.job_id]
     assert q.ledger.get(job.job_id).status == JobStatus.STARTED  # type: ignore[union-attr]
     monkeypatch.setattr(Ledger, "end", real_end)
-    time.sleep(0.15)  # older than the grace
+    time.sleep(1.05)  # older than the grace
     q.reap()  # the record stayed in the outbox: this pass applies it
     assert q.ledger.get(job.job_id).status == JobStatus.ERROR  # type: ignore[union-attr]
     assert cache.get_response(ROOT_STEP, "org/ds").error_code == "JobManagerCrashedError"
@@ -152,7 +152,7 @@ def test_4_an_end_whose_effects_were_lost_is_finished_by_the_reaper_with_its_nex
     again, _ = q.limiter.end(dispatch.payload, dispatch.token, fence, Ending.SUCCESS, None)
     assert again == record  # a retried end (its reply lost) gets the recorded end back
     assert dispatcher.take() == []
-    time.sleep(0.15)  # older than the grace: its caller is not coming back
+    time.sleep(1.05)  # older than the grace: its caller is not coming back
     q.reap()
     assert q.ledger.get(first.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
     assert [d.payload.job_id for d in dispatcher.take()] == [waiting.job_id]
