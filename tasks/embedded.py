@@ -197,7 +197,7 @@ class WorkerProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_SECONDS
-        while not self.answers_ping():
+        while not self._answers_ping_yet():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = self.log_path.read_text(errors="replace")[-3000:]
@@ -208,6 +208,14 @@ class WorkerProcess:
     @property
     def nodename(self) -> str:
         return f"{self.name}@{socket.gethostname()}"
+
+    def _answers_ping_yet(self) -> bool:
+        """A ping that fails (the broker connection was cut) counts as "not ready yet", never as an error
+        that would leave the started worker running."""
+        try:
+            return self.answers_ping()
+        except Exception:
+            return False
 
     def answers_ping(self) -> bool:
         """Whether the worker answers a Celery control ping (it does once it consumes)."""
