@@ -33,7 +33,6 @@ from common.exceptions import CacheableError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import JobPayload, JobStatus, Queue
 from common.queue.limiter import Ending, LeaseState, Record, RecordKind
-from common.queue.queue import EPOCH_KEY
 
 logger = logging.getLogger(__name__)
 REAPER_LOCK_KEY = "stepcache:reaper"
@@ -42,7 +41,6 @@ REAP_NAMESPACES_PER_ROUND = 200
 # A record older than two heartbeat intervals (at least a second) was left behind by its caller: the
 # reaper applies it. Younger ones are their caller's, which is applying them now.
 OUTBOX_GRACE_MIN_SECONDS = 1.0
-EPOCH_WAIT_SECONDS = 30.0  # how long a repair of Redis may keep another one waiting
 STATUS_OF = {
     Ending.SUCCESS: JobStatus.SUCCESS,
     Ending.ERROR: JobStatus.ERROR,
@@ -132,13 +130,18 @@ class Lifecycle:
         self.ledger.heartbeat(attempt.payload.job_id, attempt.token)
         self.queue.emit(JobHeartbeat, attempt.payload)
 
-    def progress(self, attempt: Attempt, meta: ProgressMeta) -> None:
-        """The cache entry of an earlier run shows the progress (fenced: never a newer entry), and an event."""
+    def progress(self, attempt: Attempt, meta: ProgressMeta) -> bool:
+        """If the attempt still holds its lease (asked of Redis: reports are throttled), the cache entry of
+        an earlier run shows the progress (fenced: never a newer entry), and an event tells it. False:
+        the attempt is stale, and nothing was written."""
+        if self.renew(attempt) == LeaseState.LOST:
+            return False
         payload = attempt.payload
         cache.update_progress(
             payload.step, payload.dataset, payload.config, payload.split, meta["fraction"], attempt.fence
         )
         self.queue.emit(JobProgress, payload, **meta)
+        return True
 
     # --- the one way out -----------------------------------------------------------------------------
 
@@ -220,12 +223,17 @@ class Lifecycle:
             content, error = outcome.content, outcome.error
         elif ending != Ending.CANCELLED:
             content, error = _outcome_in_cache(record)
-        first = self.ledger.end(payload.job_id, record.fence, STATUS_OF[ending], error.error_code if error else None)
+        error_code = error.error_code if error is not None else record.error_code
+        first = self.ledger.end(payload.job_id, record.fence, STATUS_OF[ending], error_code)
         if ending != Ending.CANCELLED and (content is not None or error is not None):
             self.enqueue_next(payload, content, error)
         duration = outcome.duration if outcome is not None else None
         if ending == Ending.CANCELLED:
             self.queue.emit(JobCancelled, payload)
+        elif content is None and error is None:
+            # A newer entry replaced this job's: only the job's own end is told, as the record says it.
+            kind = JobSucceeded if ending == Ending.SUCCESS else JobFailed
+            self.queue.emit(kind, payload, **({} if ending == Ending.SUCCESS else {"error_code": error_code}))
         else:
             http_status = HTTPStatus.OK if error is None else error.http_status
             self.queue.emit(CacheUpdated, payload, http_status=http_status, error_code=error and error.error_code)
@@ -287,15 +295,10 @@ class Lifecycle:
         return self.limiter.applied(namespace, [])
 
     def redis_kept_its_data(self) -> bool:
-        """True when Redis has its epoch marker. Otherwise it lost its data (or is new): repair it from
-        the ledger first, once, under the reaper's lock, and return False: an attempt that found its
-        lease gone asks again, since a started job gets its lease back."""
-        redis = self.limiter.redis
-        if redis.exists(EPOCH_KEY):
-            return True
-        with redis.lock(REAPER_LOCK_KEY, timeout=REAPER_LOCK_SECONDS, blocking_timeout=EPOCH_WAIT_SECONDS):
-            self.queue.check_epoch()
-        return False
+        """True when Redis has its epoch marker. Otherwise it lost its data (or is new): it is repaired
+        from the ledger first, and False is returned: an attempt that found its lease gone asks again,
+        since a started job gets its lease back."""
+        return self.queue.check_epoch()
 
 
 def _outcome_in_cache(record: Record) -> tuple[Mapping[str, Any] | None, CacheableError | None]:

@@ -203,10 +203,9 @@ class StepTask(Task):  # type: ignore[misc]
         """Where a step's progress goes: Celery's PROGRESS state (Flower, AsyncResult.info), the cache
         entry's progress (when there is one from an earlier run), and a job.progress event. An attempt
         that lost its lease stops here, at its next report."""
-        if heartbeat.lease_lost:
+        if heartbeat.lease_lost or not lifecycle.progress(attempt, meta):
             raise JobLeaseLostError("the job's lease was taken back while it ran")
         self.update_state(state=PROGRESS_STATE, meta=meta)
-        lifecycle.progress(attempt, meta)
 
     def _compute(self, job: StepJob) -> Mapping[str, Any]:
         function = type(self).function

@@ -52,6 +52,8 @@ from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
 EPOCH_KEY = "stepcache:epoch"  # set after a reconcile; its absence means Redis lost (or never had) our data
+REPAIR_LOCK_KEY = "stepcache:repair"
+REPAIR_LOCK_SECONDS = 60
 FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua
 ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
@@ -158,6 +160,8 @@ class Queue:
         return job
 
     def _admit(self, job: Job) -> None:
+        # Redis that lost its data gets its started jobs back first: a slot is never leased twice.
+        self.check_epoch()
         _, dispatched = self.limiter.admit(job.payload())
         self.apply(dispatched)
 
@@ -270,11 +274,15 @@ class Queue:
         return restored
 
     def check_epoch(self) -> bool:
-        """Whether Redis kept its data since the last check; if it lost it (a flush, a restart without
-        persistence, a failover), reconcile first, then mark Redis again. Returns False after a repair."""
-        if self.limiter.redis.exists(EPOCH_KEY):
+        """Whether Redis kept its data; if it lost it (a flush, a restart without persistence, a failover)
+        or is new, repair it from the ledger first (one process at a time), then mark it again. Returns
+        False when Redis had no marker."""
+        redis = self.limiter.redis
+        if redis.exists(EPOCH_KEY):
             return True
-        restored = self.reconcile()
-        self.limiter.redis.set(EPOCH_KEY, datetime.now(UTC).isoformat())
-        logger.warning("Redis had no epoch marker (new, flushed or restarted empty): restored %s jobs", restored)
+        with redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS):
+            if not redis.exists(EPOCH_KEY):
+                restored = self.reconcile()
+                redis.set(EPOCH_KEY, datetime.now(UTC).isoformat())
+                logger.warning("Redis had no epoch marker (new, or lost its data): restored %s jobs", restored)
         return False

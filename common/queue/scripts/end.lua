@@ -16,7 +16,8 @@ if lease == 's:' .. token or lease == 'c:' .. token then
   return {'ended', redis.call('HGET', OUTBOX, job), promote(ARGV[6], ARGV[7], now)}
 end
 local recorded = redis.call('HGET', OUTBOX, job)
-if recorded and string.sub(recorded, 1, 4) == 'end|' and string.find(recorded, '^end|%d+|' .. token .. '|') then
+-- Only this attempt's own end (its fence): an end the reaper recorded for it (crashed, cancelled) is not.
+if recorded and string.find(recorded, '^end|' .. ARGV[3] .. '|' .. token .. '|') then
   return {'ended', recorded, {}}
 end
 return {'stale'}

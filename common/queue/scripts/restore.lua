@@ -4,9 +4,10 @@
 -- or blocked behind its started twin (restore started jobs first).
 -- ARGV[1] job id, ARGV[2] payload, ARGV[3] lease token ('' unless started), ARGV[4] attempts,
 -- ARGV[5] started lease TTL (ms), ARGV[6] age (the fence its creation time gives)
--- Returns 1 when restored, 0 when Redis already knew the job.
+-- Returns 1 when restored, 0 when Redis already knew the job or its end.
 local job, payload = ARGV[1], ARGV[2]
-if redis.call('HSETNX', JOBS, job, payload) == 0 then
+-- A job with a record not applied yet (an end, a cancel) has ended: the ledger has not caught up.
+if redis.call('HEXISTS', OUTBOX, job) == 1 or redis.call('HSETNX', JOBS, job, payload) == 0 then
   return 0
 end
 local now = now_ms()
