@@ -50,7 +50,7 @@ def events_after(q: Jobs, position: str) -> list[Any]:
     return [event for _, event in q.events.read(position, count=1000)]
 
 
-# --- found (fixed): Limit: after Redis lost its data, admissions before the reconcile ignore the started jobs ----------
+# --- found (fixed): Limit: after Redis lost its data, admissions before the reconcile ignore the started jobs
 
 
 def test_after_redis_lost_its_data_a_new_job_waits_for_the_running_one_to_get_its_lease_back(
@@ -74,7 +74,7 @@ def test_after_redis_lost_its_data_a_new_job_waits_for_the_running_one_to_get_it
     assert q.counts()["org"].started <= 1, f"{q.counts()['org']}: b was leased beside a, over the limit of 1"
 
 
-# --- found (fixed): Fencing: a stale attempt's progress writes the cache and an event ---------------------------------
+# --- found (fixed): Fencing: a stale attempt's progress writes the cache and an event
 
 
 def test_a_stale_attempts_progress_writes_neither_the_cache_nor_an_event(stores: Stores) -> None:
@@ -90,7 +90,7 @@ def test_a_stale_attempts_progress_writes_neither_the_cache_nor_an_event(stores:
     assert stale_events == [], "the stale attempt published job.progress"
 
 
-# --- found (fixed): end.lua gives a stale attempt the reaper's end record as if it were its own ------------------------
+# --- found (fixed): end.lua gives a stale attempt the reaper's end record as if it were its own
 
 
 @pytest.mark.parametrize("cancelled", [False, True], ids=["crashed", "cancelled"])
@@ -140,7 +140,7 @@ def _renew_then_pause(q: Jobs, attempt: Attempt, monkeypatch: pytest.MonkeyPatch
     return renew
 
 
-# --- found (fixed): A late-applied end whose cache entry was replaced records and announces the wrong outcome ----------
+# --- found (fixed): A late-applied end whose cache entry was replaced records and announces the wrong outcome
 
 
 def test_an_error_end_applied_by_the_reaper_after_a_newer_entry_is_recorded_and_told_as_an_error(
