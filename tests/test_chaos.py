@@ -215,6 +215,9 @@ def celery_broker(url: str) -> Iterator[None]:
         app._pool = None
         with contextlib.suppress(KeyError, AttributeError):
             app.__dict__["amqp"]._producer_pool = None
+        # The result backend keeps its own connection (and a pub/sub consumer) to the Redis it was made for.
+        app._local.__dict__.pop("backend", None)
+        app._backend_cache = None
 
     saved = {name: app.conf[name] for name in ("broker_url", "result_backend")}
     app.conf.update(broker_url=url, result_backend=url)

@@ -27,25 +27,11 @@ from tasks.queue import CeleryDispatcher, get_lifecycle, get_queue
 from tasks.step_task import end_delivered_attempt
 from tests import sample_steps
 from tests.conftest import Stores, use_settings
-from tests.test_queue import SUCCESS, Jobs, RecordingDispatcher, make_queue
+from tests.test_queue import SUCCESS, make_queue, stale_and_current
 from tests.waiting import eventually
 from tests.workers import sample_worker
 
 ROOT_STEP = "dataset-config-names"
-
-
-def stale_and_current(q: Jobs, dispatcher: RecordingDispatcher, dataset: str = "org/ds") -> tuple[Attempt, Attempt]:
-    """Attempt 1 starts, its lease lapses and the reaper takes it back; attempt 2 starts."""
-    q.limiter.started_ttl_ms = 0
-    q.enqueue(ROOT_STEP, dataset)
-    (first,) = dispatcher.take()
-    stale = q.start(first.payload, first.token, "w1")
-    q.reap()
-    q.limiter.started_ttl_ms = 60_000
-    (second,) = dispatcher.take()
-    current = q.start(second.payload, second.token, "w2")
-    assert stale is not None and current is not None and current.number == 2
-    return stale, current
 
 
 def test_1_a_stale_attempt_that_raises_after_the_current_one_succeeded_writes_nothing(stores: Stores) -> None:

@@ -17,24 +17,10 @@ from common.queue import JobStatus
 from common.queue.ledger import Ledger
 from common.queue.limiter import ACTIVE_KEY, NamespaceLimiter
 from tests.conftest import Stores, use_settings
-from tests.test_queue import SUCCESS, Jobs, RecordingDispatcher, make_queue
+from tests.test_queue import SUCCESS, Jobs, make_queue, stale_and_current
 
 ROOT = "dataset-config-names"
 CONTENT = {"config_names": [{"dataset": "org/ds", "config": "default"}]}
-
-
-def stale_and_current(q: Jobs, dispatcher: RecordingDispatcher, dataset: str = "org/ds") -> tuple[Attempt, Attempt]:
-    """Attempt 1 starts, its lease lapses and the reaper takes it back; attempt 2 starts."""
-    q.limiter.started_ttl_ms = 0
-    q.enqueue(ROOT, dataset)
-    (first,) = dispatcher.take()
-    stale = q.start(first.payload, first.token, "w1")
-    q.reap()
-    q.limiter.started_ttl_ms = 60_000
-    (second,) = dispatcher.take()
-    current = q.start(second.payload, second.token, "w2")
-    assert stale is not None and current is not None and current.number == 2
-    return stale, current
 
 
 def past_grace() -> None:

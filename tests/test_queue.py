@@ -95,6 +95,20 @@ def run(queue: Jobs, dispatch: Dispatch) -> None:
     queue.finish(dispatch.payload, dispatch.token, SUCCESS)
 
 
+def stale_and_current(q: Jobs, dispatcher: RecordingDispatcher, dataset: str = "org/ds") -> tuple[Attempt, Attempt]:
+    """Attempt 1 starts, its lease lapses and the reaper takes it back; attempt 2 starts."""
+    q.limiter.started_ttl_ms = 0
+    q.enqueue("dataset-config-names", dataset)
+    (first,) = dispatcher.take()
+    stale = q.start(first.payload, first.token, "w1")
+    q.reap()
+    q.limiter.started_ttl_ms = 60_000
+    (second,) = dispatcher.take()
+    current = q.start(second.payload, second.token, "w2")
+    assert stale is not None and current is not None and current.number == 2
+    return stale, current
+
+
 def ids(dispatches: Sequence[Dispatch]) -> list[str]:
     return [d.payload.job_id for d in dispatches]
 
