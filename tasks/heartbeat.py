@@ -9,11 +9,15 @@ finds the lease gone (the job was cancelled and ended, or reaped): a heartbeat n
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from common.config import get_config
+from common.exceptions import JobLeaseLostError
 from common.lifecycle import Attempt, Lifecycle
 from common.queue.limiter import LeaseState
 
@@ -32,6 +36,8 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"heartbeat-{attempt.payload.job_id}", daemon=True)
         self._ledger_beat: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._interruptible: int | None = None  # the thread to stop if the lease is lost
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -43,6 +49,21 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """While the block runs, a lost lease raises JobLeaseLostError in this thread."""
+        thread = threading.get_ident()
+        with self._lock:
+            if self.lease_lost:
+                raise JobLeaseLostError("the job's lease was taken back")
+            self._interruptible = thread
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._interruptible = None
+                _raise_in(thread, None)  # drop a stop that was not delivered yet: the block is over
+
     def _renew(self) -> None:
         while not self._stop.wait(self.interval):
             try:
@@ -52,7 +73,10 @@ class Heartbeat:
                 logger.exception("heartbeat of job %s failed", self.attempt.payload.job_id)
                 continue
             if state == LeaseState.LOST:
-                self.lease_lost = True
+                with self._lock:
+                    self.lease_lost = True
+                    if self._interruptible is not None:
+                        _raise_in(self._interruptible, JobLeaseLostError)
                 logger.warning("job %s lost its lease; heartbeats stop", self.attempt.payload.job_id)
                 return
             self.beats += 1
@@ -65,3 +89,10 @@ class Heartbeat:
             self.lifecycle.beat(self.attempt)
         except Exception:
             logger.exception("could not stamp the heartbeat of job %s", self.attempt.payload.job_id)
+
+
+def _raise_in(thread: int, error: type[BaseException] | None) -> None:
+    """Raise `error` in `thread` at its next Python instruction (None: cancel one not raised yet)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread), None if error is None else ctypes.py_object(error)
+    )

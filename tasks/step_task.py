@@ -178,7 +178,9 @@ class StepTask(Task):  # type: ignore[misc]
             progress = Progress(lambda meta: self._report_progress(lifecycle, attempt, meta, heartbeat))
             job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
             try:
-                outcome = Outcome.success(self._compute(job), time.monotonic() - started, job.known_revision)
+                with heartbeat.interruptible():
+                    content = self._compute(job)
+                outcome = Outcome.success(content, time.monotonic() - started, job.known_revision)
             except JobLeaseLostError:
                 outcome = None
             except Exception as raised:

@@ -76,17 +76,30 @@ def test_stubborn(job: StepJob) -> dict[str, Any]:
 test_unimplemented = make_step_task(register_step(ProcessingStep("test-unimplemented", InputType.DATASET)), None)
 
 
-@step("test-lease-thief", input_type="dataset")
-def test_lease_thief(job: StepJob) -> dict[str, Any]:
-    """Takes its own lease away (as a reaper would after missed heartbeats), then keeps reporting progress."""
+def _steal_own_lease_then_tick(job: StepJob, report_progress: bool) -> dict[str, Any]:
+    """Takes its own lease away (as a reaper would after missed heartbeats), then keeps ticking."""
     from common.queue.limiter import namespace_key
 
+    _record(job, "start")
     client = redis.Redis.from_url(get_config().queue.redis_url.get_secret_value())
     client.hdel(namespace_key(job.dataset.split("/")[0], "leases"), job.job_id or "")
     client.close()
     for i in range(50):
         time.sleep(0.1)
         _record(job, "tick")
-        job.progress.update(i + 1, 50)
-    _record(job, "end")  # never reached: the job stops at a progress report once its heartbeat saw the loss
+        if report_progress:
+            job.progress.update(i + 1, 50)
+    _record(job, "end")  # never reached: the job stops soon after its heartbeat saw the loss
     return {}
+
+
+@step("test-lease-thief", input_type="dataset")
+def test_lease_thief(job: StepJob) -> dict[str, Any]:
+    """Loses its lease, then keeps reporting progress: it stops at a report."""
+    return _steal_own_lease_then_tick(job, report_progress=True)
+
+
+@step("test-silent-lease-thief", input_type="dataset")
+def test_silent_lease_thief(job: StepJob) -> dict[str, Any]:
+    """Loses its lease, then computes without a word: its heartbeat stops it."""
+    return _steal_own_lease_then_tick(job, report_progress=False)

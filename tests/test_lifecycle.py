@@ -200,7 +200,10 @@ def test_a_slow_step_hits_the_soft_limit_and_its_error_is_cached(
 
 def test_a_worker_serves_metrics_of_all_its_processes(env: dict[str, str], celery_app: Celery, tmp_path: Path) -> None:
     port = free_port()
-    with sample_worker("w", {**env, "WORKER_METRICS_PORT": str(port)}, tmp_path):
+    # Its own metrics directory: this test process may have counted jobs of its own in an inherited one.
+    metrics_env = {"WORKER_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    (tmp_path / "metrics").mkdir()
+    with sample_worker("w", {**env, **metrics_env}, tmp_path):
         for i in range(3):
             sample_steps.test_noop.delay(f"org/ds{i}").get(timeout=TIMEOUT)
         with pytest.raises(sample_steps.SampleStepError):
