@@ -41,7 +41,8 @@ def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Store
     job = get_queue().ledger.get(result.id)
     assert job is not None and job.status == JobStatus.SUCCESS
     assert job.started_at is not None and job.finished_at is not None and job.worker
-    assert get_queue().counts()["org"].running == 0
+    counts = get_queue().counts()  # the namespace is unlisted once a reaper pass found it idle
+    assert "org" not in counts or counts["org"].running == 0
 
 
 def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores, worker: object) -> None:
