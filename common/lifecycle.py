@@ -107,15 +107,22 @@ class Lifecycle:
             return None
         return Attempt(payload, token, confirmation.attempt, confirmation.fence)
 
-    def record_start(self, attempt: Attempt, worker: str) -> None:
+    def record_start(self, attempt: Attempt, worker: str) -> bool:
         """The ledger and the events learn of the start; a failure here never stops the attempt (its
-        lease is in Redis) and its end is recorded whatever the ledger missed."""
+        lease is in Redis) and its end is recorded whatever the ledger missed. False when the ledger says
+        the job has ended (Redis was rebuilt from a ledger that lagged): it is forgotten, and must not run."""
+        payload = attempt.payload
         try:
-            self.ledger.mark_started(attempt.payload.job_id, attempt.fence, attempt.token, attempt.number, worker)
+            if not self.ledger.mark_started(payload.job_id, attempt.fence, attempt.token, attempt.number, worker):
+                job = self.ledger.get(payload.job_id)
+                if job is None or job.status.is_terminal:
+                    self.queue.forget_ended(payload)
+                    return False
         except Exception:
-            logger.exception("could not record the start of job %s", attempt.payload.job_id)
-        self.queue.emit(JobStarted, attempt.payload, worker=worker, attempt=attempt.number)
-        metrics.job_started(attempt.payload.step)
+            logger.exception("could not record the start of job %s", payload.job_id)
+        self.queue.emit(JobStarted, payload, worker=worker, attempt=attempt.number)
+        metrics.job_started(payload.step)
+        return True
 
     def renew(self, attempt: Attempt) -> LeaseState:
         """Keep the attempt's lease (Redis only: this never waits on Mongo). LOST only once Redis is known
@@ -217,6 +224,9 @@ class Lifecycle:
         content: Mapping[str, Any] | None = None
         error: CacheableError | None = None
         if ending == Ending.CRASHED:
+            job = self.ledger.get(payload.job_id)
+            if job is not None and job.status.is_terminal and job.fence != record.fence:
+                return  # it had ended (Redis was rebuilt from a ledger that lagged): its response stays
             error = JobManagerCrashedError(f"the job's worker stopped sending heartbeats {record.attempt} times")
             cache.upsert_error(payload.step, payload.dataset, error, payload.config, payload.split, fence=record.fence)
         elif outcome is not None:

@@ -17,11 +17,14 @@ from contextlib import contextmanager
 from types import TracebackType
 
 from common.config import get_config
-from common.exceptions import JobLeaseLostError
 from common.lifecycle import Attempt, Lifecycle
 from common.queue.limiter import LeaseState
 
 logger = logging.getLogger(__name__)
+
+
+class AttemptStopped(BaseException):
+    """Raised inside a step whose attempt lost its lease; not an Exception, so the step cannot swallow it."""
 
 
 class Heartbeat:
@@ -51,11 +54,11 @@ class Heartbeat:
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """While the block runs, a lost lease raises JobLeaseLostError in this thread."""
+        """While the block runs, a lost lease raises AttemptStopped in this thread."""
         thread = threading.get_ident()
         with self._lock:
             if self.lease_lost:
-                raise JobLeaseLostError("the job's lease was taken back")
+                raise AttemptStopped()
             self._interruptible = thread
         try:
             yield
@@ -73,16 +76,24 @@ class Heartbeat:
                 logger.exception("heartbeat of job %s failed", self.attempt.payload.job_id)
                 continue
             if state == LeaseState.LOST:
-                with self._lock:
-                    self.lease_lost = True
-                    if self._interruptible is not None:
-                        _raise_in(self._interruptible, JobLeaseLostError)
-                logger.warning("job %s lost its lease; heartbeats stop", self.attempt.payload.job_id)
+                logger.warning("job %s lost its lease; its step is stopped", self.attempt.payload.job_id)
+                self._stop_step()
                 return
             self.beats += 1
             if state == LeaseState.RUNNING and (self._ledger_beat is None or not self._ledger_beat.is_alive()):
                 self._ledger_beat = threading.Thread(target=self._beat, name="ledger-heartbeat", daemon=True)
                 self._ledger_beat.start()
+
+    def _stop_step(self) -> None:
+        """Stop the step now and at every interval until it is out of its interruptible block."""
+        while True:
+            with self._lock:
+                self.lease_lost = True
+                if self._interruptible is None:
+                    return
+                _raise_in(self._interruptible, AttemptStopped)
+            if self._stop.wait(self.interval):
+                return
 
     def _beat(self) -> None:
         try:

@@ -46,7 +46,7 @@ from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority
 from common.queue.jobs import unicity_id
-from tasks.heartbeat import Heartbeat
+from tasks.heartbeat import AttemptStopped, Heartbeat
 from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_lifecycle, get_queue
 
 logger = logging.getLogger(__name__)
@@ -174,14 +174,15 @@ class StepTask(Task):  # type: ignore[misc]
         self.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.request.hostname})
         started = time.monotonic()
         with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(lifecycle, attempt) as heartbeat:
-            lifecycle.record_start(attempt, worker)
+            if not lifecycle.record_start(attempt, worker):
+                raise Ignore()  # the job had ended: Redis, rebuilt from a lagging ledger, forgot it now
             progress = Progress(lambda meta: self._report_progress(lifecycle, attempt, meta, heartbeat))
             job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
             try:
                 with heartbeat.interruptible():
                     content = self._compute(job)
                 outcome = Outcome.success(content, time.monotonic() - started, job.known_revision)
-            except JobLeaseLostError:
+            except (JobLeaseLostError, AttemptStopped):
                 outcome = None
             except Exception as raised:
                 outcome = Outcome.failure(_as_cacheable(raised), time.monotonic() - started, job.known_revision)

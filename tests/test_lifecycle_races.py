@@ -279,7 +279,7 @@ def test_every_way_a_job_ends_leaves_no_namespace_key(stores: Stores, monkeypatc
     q.reap()
     unfinished = q.ledger.unfinished()
     keys = sorted(k.decode() for k in client.keys("stepcache:*") if not k.startswith(b"stepcache:events"))
-    assert unfinished == [] and keys in ([], ["stepcache:epoch"]), (unfinished, keys)
+    assert unfinished == [] and keys in ([], ["{stepcache}:epoch"]), (unfinished, keys)
     assert client.smembers(ACTIVE_KEY) == set()
 
 
@@ -409,15 +409,15 @@ def test_records_applied_late_or_out_of_order_never_move_the_ledger_back(stores:
     current = q.start(second.payload, second.token, "w2")
     assert current is not None
     ledger = q.ledger
-    assert not ledger.mark_queued(job.job_id, int(first.token))
-    assert not ledger.mark_waiting(job.job_id, stale.fence)
+    assert not ledger.mark_queued(job.job_id, int(first.token), job.unicity_id)
+    assert not ledger.mark_waiting(job.job_id, stale.fence, job.unicity_id)
     assert not ledger.mark_started(job.job_id, stale.fence, stale.token, 1, "w1")
     assert not ledger.end(job.job_id, stale.fence, JobStatus.ERROR)
     assert q.end(current, Outcome.success(CONTENT))
     ended = ledger.get(job.job_id)
     assert ended is not None and ended.status == JobStatus.SUCCESS
     assert not ledger.mark_started(job.job_id, ended.fence + 10**9, "x", 9, "late")
-    assert not ledger.mark_waiting(job.job_id, ended.fence + 10**9)
+    assert not ledger.mark_waiting(job.job_id, ended.fence + 10**9, job.unicity_id)
 
 
 # --- one reaper pass over many namespaces requeues and dispatches in all of them --------------------

@@ -80,38 +80,36 @@ class Ledger:
         document = self.collection.find_one({"_id": job_id})
         return None if document is None else _job(document)
 
-    def mark_queued(self, job_id: str, fence: int) -> bool:
-        return self._move(job_id, fence, JobStatus.QUEUED, {"queued_at": _now()}, pending=True)
+    def mark_queued(self, job_id: str, fence: int, unicity_id: str) -> bool:
+        return self._move(job_id, fence, JobStatus.QUEUED, {"queued_at": _now()}, pending=unicity_id)
 
-    def mark_waiting(self, job_id: str, fence: int) -> bool:
+    def mark_waiting(self, job_id: str, fence: int, unicity_id: str) -> bool:
         """A job whose lease expired waits again (pending again, unless its twin is)."""
-        return self._move(job_id, fence, JobStatus.WAITING, {}, pending=True)
+        return self._move(job_id, fence, JobStatus.WAITING, {}, pending=unicity_id)
 
     def mark_started(self, job_id: str, fence: int, token: str, attempt: int, worker: str) -> bool:
         now = _now()
         fields = {"started_at": now, "last_heartbeat": now, "lease_token": token, "attempts": attempt, "worker": worker}
-        return self._move(job_id, fence, JobStatus.STARTED, fields, pending=False)
+        return self._move(job_id, fence, JobStatus.STARTED, fields, pending=None)
 
     def end(self, job_id: str, fence: int, status: JobStatus, error_code: str | None = None) -> bool:
         """Record the job's end, decided under this fence; False when it had ended already."""
         if not status.is_terminal:
             raise ValueError(f"{status} is not a terminal status")
-        return self._move(job_id, fence, status, {"finished_at": _now(), "error_code": error_code}, pending=False)
+        return self._move(job_id, fence, status, {"finished_at": _now(), "error_code": error_code}, pending=None)
 
     @retry_transient
-    def _move(self, job_id: str, fence: int, status: JobStatus, fields: dict[str, Any], pending: bool) -> bool:
+    def _move(self, job_id: str, fence: int, status: JobStatus, fields: dict[str, Any], pending: str | None) -> bool:
         """Move the job to `status` if it has not ended and no newer decision was recorded: the limiter's
-        fences only grow, so records applied late, twice or out of order never move a job backwards."""
+        fences only grow, so records applied late, twice or out of order never move a job backwards.
+        A pending status (waiting, queued) holds the job's unicity id `pending` for dedupe."""
         query = {"_id": job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": fence}}
         values = {**fields, "status": status, "fence": fence}
-        if not pending:
+        if pending is None:
             update: Any = [{"$set": {k: {"$literal": v} for k, v in values.items()}}, {"$unset": "pending_key"}]
             return self.collection.update_one(query, update).modified_count == 1
-        document = self.collection.find_one({"_id": job_id}, {"unicity_id": True})
-        if document is None:
-            return False
         try:
-            result = self.collection.update_one(query, {"$set": {**values, "pending_key": document["unicity_id"]}})
+            result = self.collection.update_one(query, {"$set": {**values, "pending_key": pending}})
         except DuplicateKeyError:  # its identical twin is pending: dedupe goes to that one
             result = self.collection.update_one(query, {"$set": values})
         return result.modified_count == 1

@@ -62,6 +62,7 @@ _SCRIPTS = (
     "restore",
     "unlease",
     "applied",
+    "drop",
 )
 
 
@@ -285,9 +286,14 @@ class NamespaceLimiter:
     def promote(self, namespace: str) -> list[Record]:
         return self._dispatched(self._run("promote", namespace, *self._promote_args()))
 
-    def unlease(self, namespace: str, job_id: str, token: str) -> bool:
-        """Give back the slot of a job whose message could not be published, and park it again."""
-        return bool(self._run("unlease", namespace, job_id, token))
+    def drop(self, namespace: str, job_id: str) -> list[Record]:
+        """Forget a job the ledger says has ended, and lease the freed slot."""
+        return self._dispatched(self._run("drop", namespace, job_id, *self._promote_args()))
+
+    def unlease(self, namespace: str, job_id: str, token: str) -> int:
+        """Give back the slot of a job whose message could not be published, and park it again; the fence
+        of that decision, 0 when the job no longer held this dispatched lease."""
+        return int(self._run("unlease", namespace, job_id, token))
 
     def applied(self, namespace: str, records: Iterable[Record]) -> bool:
         """Drop these records, their effects applied; True when the namespace has nothing left."""

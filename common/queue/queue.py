@@ -13,11 +13,16 @@ publishes the messages and revokes started jobs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
+
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from common.config import get_config
 from common.event_bus import EventBus
@@ -51,9 +56,19 @@ from common.queue.limiter import NamespaceCounts, NamespaceLimiter, Record, Reco
 from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
-EPOCH_KEY = "stepcache:epoch"  # set after a reconcile; its absence means Redis lost (or never had) our data
+# Set after a repair; its absence means Redis lost (or never had) our data. One hash tag: one cluster slot.
+EPOCH_KEY = "{stepcache}:epoch"
+REPAIRING_KEY = "{stepcache}:repairing"  # the repair in progress: a flush during it removes it too
 REPAIR_LOCK_KEY = "stepcache:repair"
 REPAIR_LOCK_SECONDS = 60
+REPAIR_ATTEMPTS = 3
+# Set the marker only if the repair's own key survived it.
+MARK_EPOCH = """if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0"""
 FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua
 ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
@@ -104,6 +119,7 @@ class Queue:
         self.ledger = ledger
         self.limiter = limiter
         self.events = events if events is not None else EventBus(limiter.redis)
+        self._mark_epoch = limiter.redis.register_script(MARK_EPOCH)
 
     def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
         """Publish an event about this job; a failure to publish is logged, never fatal to the job."""
@@ -181,17 +197,28 @@ class Queue:
     def _apply(self, record: Record) -> None:
         payload = record.payload
         if record.kind == RecordKind.DISPATCH:
+            if not self.ledger.mark_queued(payload.job_id, record.fence, payload.unicity_id):
+                job = self.ledger.get(payload.job_id)
+                if job is None or job.status.is_terminal:
+                    self.forget_ended(payload)
+                    return
+                if not (job.fence == record.fence and job.status == JobStatus.QUEUED):
+                    return  # a newer decision (it started, or was requeued): this message is not needed
             try:
                 self.dispatcher.publish(record.dispatch)
             except Exception:
                 # Back to the waiting room: the reaper's next pass (or a release) dispatches it anew.
                 logger.exception("could not publish job %s; it waits again", payload.job_id)
-                self.limiter.unlease(payload.namespace, payload.job_id, record.token)
+                fence = self.limiter.unlease(payload.namespace, payload.job_id, record.token)
+                if fence:
+                    self.ledger.mark_waiting(payload.job_id, fence, payload.unicity_id)
                 return
-            self.ledger.mark_queued(payload.job_id, record.fence)
             self.emit(JobQueued, payload, priority=payload.priority.value)
         elif record.kind == RecordKind.REQUEUE:
-            self.ledger.mark_waiting(payload.job_id, record.fence)
+            if not self.ledger.mark_waiting(payload.job_id, record.fence, payload.unicity_id):
+                job = self.ledger.get(payload.job_id)
+                if job is None or job.status.is_terminal:
+                    self.forget_ended(payload)
         elif record.kind == RecordKind.CANCEL:
             self.ledger.end(payload.job_id, record.fence, JobStatus.CANCELLED)
             self.emit(JobCancelled, payload)
@@ -234,6 +261,11 @@ class Queue:
 
     # --- operators -----------------------------------------------------------------------------------
 
+    def forget_ended(self, payload: JobPayload) -> None:
+        """Redis was rebuilt from a ledger that lagged behind, and holds a job that has ended: forget it."""
+        logger.warning("job %s had ended: Redis forgets it", payload.job_id)
+        self.apply(self.limiter.drop(payload.namespace, payload.job_id))
+
     def cancel(self, dataset: str, revoke_started: bool = False) -> list[Job]:
         """Cancel every waiting or queued job of the dataset, and its started ones if asked to: those keep
         their slot until their process is gone, and end as cancelled."""
@@ -263,26 +295,58 @@ class Queue:
         return self.limiter.get_limit(namespace_of(namespace))
 
     def reconcile(self) -> int:
-        """Rebuild waiting rooms and leases from the ledger after Redis lost its data; returns how many
-        jobs Redis did not know. A started job gets its lease back under its own token: its attempt goes on."""
+        """Rebuild waiting rooms and leases from the ledger after Redis lost its data, then lease free
+        slots; returns how many jobs Redis did not know. A started job gets its lease back under its own
+        token: its attempt goes on."""
+        restored = self._restore_all()
+        self._promote_all()
+        return restored
+
+    def _restore_all(self, keep_alive: Callable[[], object] | None = None) -> int:
         restored = 0
         for job in self.ledger.unfinished():
+            if keep_alive is not None:
+                keep_alive()
             token = job.lease_token if job.status == JobStatus.STARTED else None
             restored += self.limiter.restore(job.payload(), token, job.attempts, age_of(job))
+        return restored
+
+    def _promote_all(self) -> None:
         for namespace in self.limiter.namespaces():
             self.apply(self.limiter.promote(namespace))
-        return restored
 
     def check_epoch(self) -> bool:
         """Whether Redis kept its data; if it lost it (a flush, a restart without persistence, a failover)
         or is new, repair it from the ledger first (one process at a time), then mark it again. Returns
-        False when Redis had no marker."""
+        False when Redis had no marker. Slots are leased, and the marker set, only once a whole repair ran
+        without Redis losing its data again (otherwise it repairs again)."""
         redis = self.limiter.redis
         if redis.exists(EPOCH_KEY):
             return True
-        with redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS):
-            if not redis.exists(EPOCH_KEY):
-                restored = self.reconcile()
-                redis.set(EPOCH_KEY, datetime.now(UTC).isoformat())
-                logger.warning("Redis had no epoch marker (new, or lost its data): restored %s jobs", restored)
+        lock = redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS)
+        keep_alive = _keeper(lock)
+        with contextlib.suppress(LockError), lock:  # a lock lost to a flush: the repair still completes
+            for _ in range(REPAIR_ATTEMPTS):
+                if redis.exists(EPOCH_KEY):
+                    break
+                repair = uuid.uuid4().hex
+                redis.set(REPAIRING_KEY, repair)
+                restored = self._restore_all(keep_alive)
+                if self._mark_epoch(keys=[REPAIRING_KEY, EPOCH_KEY], args=[repair, datetime.now(UTC).isoformat()]):
+                    self._promote_all()
+                    logger.warning("Redis had no epoch marker (new, or lost its data): restored %s jobs", restored)
+                    break
         return False
+
+
+def _keeper(lock: Lock) -> Callable[[], None]:
+    """Extends the lock when a third of its time has passed: a long repair stays one at a time."""
+    extended = [time.monotonic()]
+
+    def keep_alive() -> None:
+        if time.monotonic() - extended[0] > REPAIR_LOCK_SECONDS / 3:
+            extended[0] = time.monotonic()
+            with contextlib.suppress(LockError):
+                lock.reacquire()
+
+    return keep_alive

@@ -1,7 +1,8 @@
 -- unlease: give back the slot of a job whose message could not be published, and park it again at its
 -- place in line, so that a later promotion (a release, or the reaper's pass) dispatches it anew.
 -- ARGV[1] job id, ARGV[2] lease token
--- Returns 1 when the job was parked again, 0 when it no longer held this dispatched lease.
+-- Returns the fence of this decision (for the ledger: waiting again), or 0 when the job no longer held
+-- this dispatched lease.
 local job = ARGV[1]
 if redis.call('HGET', LEASES, job) ~= 'q:' .. ARGV[2] then
   return 0
@@ -10,4 +11,4 @@ redis.call('HDEL', LEASES, job)
 redis.call('ZREM', EXPIRY, job)
 redis.call('HDEL', OUTBOX, job)
 park(job)
-return 1
+return fmt(next_fence(now_ms()))

@@ -1,9 +1,10 @@
-"""Second adversarial review (the lease-lost interrupt, the epoch repair, outbox-aware restore).
+"""A stale attempt stopped in its step, and Redis repaired after it lost its data (found by the second
+adversarial review of the crash-proof lifecycle; each finding is fixed and its test passes).
 
 Real Redis and MongoDB-protocol server; real Celery workers (in-process threads pool, and a real
 `celery -A tasks worker` prefork subprocess that imports this module for its steps). Only our own code is
 monkeypatched, to inject a Redis loss or a slow repair at one point. Each test asserts what the promises
-say should happen: a failing test is a finding.
+say should happen.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _wait_until_quiet(client: redis.Redis, quiet: float = 1.5, timeout: float = 
     return _executions(client)
 
 
-# --- 1. the interrupt: a step with a broad `except Exception` swallows JobLeaseLostError ----------------
+# --- found (fixed): the interrupt: a step with a broad `except Exception` swallows JobLeaseLostError
 
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
@@ -113,7 +114,7 @@ def test_a_stale_attempt_that_catches_exception_broadly_still_stops(
         )
     else:
         running = WorkerProcess(
-            "r2", env, tmp_path / "worker.log", 2, include=["tests.sample_steps", "tests.test_review_round2"]
+            "r2", env, tmp_path / "worker.log", 2, include=["tests.sample_steps", "tests.test_interrupt_and_repair"]
         )
     with running:
         review_swallowing_thief.delay("org/ds")
@@ -139,7 +140,7 @@ def test_the_interrupt_stops_a_silent_stale_attempt_in_a_prefork_worker(
     )
     client = redis.Redis.from_url(stores.redis_url)
     with WorkerProcess(
-        "r2p", env, tmp_path / "worker.log", 2, include=["tests.sample_steps", "tests.test_review_round2"]
+        "r2p", env, tmp_path / "worker.log", 2, include=["tests.sample_steps", "tests.test_interrupt_and_repair"]
     ):
         review_silent_thief.delay("org/ds")
         executions = _wait_until_quiet(client)
@@ -149,7 +150,7 @@ def test_the_interrupt_stops_a_silent_stale_attempt_in_a_prefork_worker(
     assert "start" in executions and "end" not in executions and executions.count("tick") < 10, executions
 
 
-# --- 2. Redis restarts between a job's end.lua and its apply: the repair resurrects the ended job --------
+# --- found (fixed): Redis restarts between a job's end.lua and its apply: the repair resurrects the ended job
 
 
 def test_an_end_whose_record_redis_lost_before_its_apply_is_not_brought_back_by_the_repair(
@@ -187,7 +188,7 @@ def test_an_end_whose_record_redis_lost_before_its_apply_is_not_brought_back_by_
     assert not problems, problems
 
 
-# --- 3. Redis loses its data again while the repair runs: the marker is set over a half-repaired Redis -----
+# --- found (fixed): Redis loses its data again while the repair runs: the marker is set over a half-repaired Redis
 
 
 def test_a_flush_during_the_repair_leaves_no_job_unknown_to_redis(
@@ -231,7 +232,7 @@ def test_a_flush_during_the_repair_leaves_no_job_unknown_to_redis(
     assert not problems, problems
 
 
-# --- 4. a repair longer than its lock: two repairs at once, and the first one raises -----------------------
+# --- found (fixed): a repair longer than its lock: two repairs at once, and the first one raises
 
 
 def test_a_repair_longer_than_its_lock_is_still_one_at_a_time_and_does_not_fail(
@@ -250,24 +251,24 @@ def test_a_repair_longer_than_its_lock_is_still_one_at_a_time_and_does_not_fail(
 
     def slow(queue: Jobs) -> None:
         real_restore = queue.limiter.restore
-        real_reconcile = queue.queue.reconcile
+        real_reconcile = queue.queue._restore_all
 
         def restore(*args: Any) -> bool:
             time.sleep(0.3)  # a round trip to a remote Redis, times many jobs
             return real_restore(*args)
 
-        def reconcile() -> int:
+        def reconcile(keep_alive: Any = None) -> int:  # the repair's restores, as Queue._restore_all
             with guard:
                 active[0] += 1
                 most[0] = max(most[0], active[0])
             try:
-                return real_reconcile()
+                return real_reconcile(keep_alive)  # type: ignore[no-any-return]
             finally:
                 with guard:
                     active[0] -= 1
 
         monkeypatch.setattr(queue.limiter, "restore", restore)
-        monkeypatch.setattr(queue.queue, "reconcile", reconcile)
+        monkeypatch.setattr(queue.queue, "_restore_all", reconcile)
 
     q2, _ = make_queue(limit=1)
     slow(q1)
