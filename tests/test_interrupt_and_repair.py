@@ -61,12 +61,12 @@ def _steal_once_then_tick(job: StepJob, swallow: bool) -> dict[str, Any]:
     return {}
 
 
-@step("review-swallowing-thief", input_type="dataset")
+@step("test-swallowing-thief", input_type="dataset")
 def review_swallowing_thief(job: StepJob) -> dict[str, Any]:
     return _steal_once_then_tick(job, swallow=True)
 
 
-@step("review-silent-thief", input_type="dataset")
+@step("test-stopped-silent-thief", input_type="dataset")
 def review_silent_thief(job: StepJob) -> dict[str, Any]:
     return _steal_once_then_tick(job, swallow=False)
 
