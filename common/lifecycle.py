@@ -206,10 +206,10 @@ class Lifecycle:
     def apply(self, records: Sequence[Record], outcome: Outcome | None = None) -> None:
         """Carry out records of one namespace (an end with the outcome its own attempt knows, when it is
         there); what fails stays in the outbox for the reaper."""
-        others = []
+        # The next jobs' messages first: a freed slot is not kept waiting for the ending's ledger and children.
+        self.queue.apply([record for record in records if record.kind != RecordKind.END])
         for record in records:
             if record.kind != RecordKind.END:
-                others.append(record)
                 continue
             try:
                 self._apply_end(record, outcome)
@@ -217,7 +217,6 @@ class Lifecycle:
                 logger.exception("could not apply the end of job %s; the reaper will", record.payload.job_id)
                 continue
             self.limiter.applied(record.payload.namespace, [record])
-        self.queue.apply(others)
 
     def _apply_end(self, record: Record, outcome: Outcome | None) -> None:
         payload, ending = record.payload, record.ending or Ending.ERROR

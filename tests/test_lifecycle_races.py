@@ -291,9 +291,11 @@ def test_a_fenced_cache_write_never_replaces_an_entry_as_new_or_newer(stores: St
     assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=9)
     assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=10)
     assert cache.get_response(ROOT, "org/ds").content == {"v": 1}
-    assert not cache.update_progress(ROOT, "org/ds", None, None, 0.5, 10)
-    assert not cache.update_progress(ROOT, "org/ds", None, None, 0.5, 9)
+    cache.update_progress(ROOT, "org/ds", None, None, 0.5, 10)
+    cache.update_progress(ROOT, "org/ds", None, None, 0.5, 9)
+    assert cache.get_response(ROOT, "org/ds").progress == 1.0  # as new or newer: its own progress stays
     assert cache.update_progress(ROOT, "org/ds", None, None, 0.5, 11)
+    assert cache.get_response(ROOT, "org/ds").progress == 0.5
     assert cache.upsert_response(ROOT, "org/ds", {"v": 2}, fence=11)
     assert cache.get_response(ROOT, "org/ds").content == {"v": 2}
     assert not cache.upsert_response(ROOT, "org/new", {"v": 0}, fence=0) or True

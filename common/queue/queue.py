@@ -197,13 +197,6 @@ class Queue:
     def _apply(self, record: Record) -> None:
         payload = record.payload
         if record.kind == RecordKind.DISPATCH:
-            if not self.ledger.mark_queued(payload.job_id, record.fence, payload.unicity_id):
-                job = self.ledger.get(payload.job_id)
-                if job is None or job.status.is_terminal:
-                    self.forget_ended(payload)
-                    return
-                if not (job.fence == record.fence and job.status == JobStatus.QUEUED):
-                    return  # a newer decision (it started, or was requeued): this message is not needed
             try:
                 self.dispatcher.publish(record.dispatch)
             except Exception:
@@ -213,6 +206,11 @@ class Queue:
                 if fence:
                     self.ledger.mark_waiting(payload.job_id, fence, payload.unicity_id)
                 return
+            if not self.ledger.mark_queued(payload.job_id, record.fence, payload.unicity_id):
+                job = self.ledger.get(payload.job_id)
+                if job is None or job.status.is_terminal:
+                    self.forget_ended(payload)  # its message finds no lease, and is dropped
+                    return
             self.emit(JobQueued, payload, priority=payload.priority.value)
         elif record.kind == RecordKind.REQUEUE:
             if not self.ledger.mark_waiting(payload.job_id, record.fence, payload.unicity_id):
