@@ -32,7 +32,7 @@ from common.events import CacheUpdated, JobCancelled, JobFailed, JobHeartbeat, J
 from common.exceptions import CacheableError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import JobPayload, JobStatus, Queue
-from common.queue.limiter import Ending, LeaseState, Record, RecordKind
+from common.queue.limiter import Ending, LeaseState, Record
 
 logger = logging.getLogger(__name__)
 REAPER_LOCK_KEY = "stepcache:reaper"
@@ -203,20 +203,10 @@ class Lifecycle:
         )
         return outcome
 
-    def apply(self, records: Sequence[Record], outcome: Outcome | None = None) -> None:
+    def apply(self, records: Sequence[Record], outcome: Outcome | None = None) -> bool:
         """Carry out records of one namespace (an end with the outcome its own attempt knows, when it is
-        there); what fails stays in the outbox for the reaper."""
-        # The next jobs' messages first: a freed slot is not kept waiting for the ending's ledger and children.
-        self.queue.apply([record for record in records if record.kind != RecordKind.END])
-        for record in records:
-            if record.kind != RecordKind.END:
-                continue
-            try:
-                self._apply_end(record, outcome)
-            except Exception:
-                logger.exception("could not apply the end of job %s; the reaper will", record.payload.job_id)
-                continue
-            self.limiter.applied(record.payload.namespace, [record])
+        there); what fails stays in the outbox for the reaper. True when the namespace has nothing left."""
+        return self.queue.apply(records, end=lambda record: self._apply_end(record, outcome))
 
     def _apply_end(self, record: Record, outcome: Outcome | None) -> None:
         payload, ending = record.payload, record.ending or Ending.ERROR
@@ -289,9 +279,7 @@ class Lifecycle:
                     report.crashed += reaped.crashed
                     report.applied += len(reaped.records)
                     report.dispatched += len(reaped.dispatched)
-                    if reaped.records:
-                        self.apply(reaped.records)
-                    if reaped.idle or (reaped.records and self._tidy(namespace)):
+                    if reaped.idle or (reaped.records and self.apply(reaped.records)):
                         self.limiter.unlist_if_idle(namespace)
                 with contextlib.suppress(LockError):
                     lock.reacquire()
@@ -299,9 +287,6 @@ class Lifecycle:
         finally:
             with contextlib.suppress(LockError):  # a pass longer than the lock: another reaper may run now
                 lock.release()
-
-    def _tidy(self, namespace: str) -> bool:
-        return self.limiter.applied(namespace, [])
 
     def redis_kept_its_data(self) -> bool:
         """True when Redis has its epoch marker. Otherwise it lost its data (or is new): it is repaired

@@ -181,18 +181,21 @@ class Queue:
         _, dispatched = self.limiter.admit(job.payload())
         self.apply(dispatched)
 
-    def apply(self, records: Sequence[Record]) -> None:
-        """Carry out the dispatch, requeue and cancel records of one namespace, then drop them from the
-        outbox; one that fails stays there for the reaper."""
+    def apply(self, records: Sequence[Record], end: Callable[[Record], None] | None = None) -> bool:
+        """Carry out records of one namespace, the dispatches first (a freed slot never waits for the rest),
+        ends through `end` (the lifecycle's), then drop them from the outbox in one call; one that fails
+        stays there for the reaper. True when the namespace has nothing left."""
         done = []
-        for record in records:
+        for record in sorted(records, key=lambda record: record.kind == RecordKind.END):
             try:
-                self._apply(record)
+                if record.kind == RecordKind.END and end is not None:
+                    end(record)
+                else:
+                    self._apply(record)
                 done.append(record)
             except Exception:
                 logger.exception("could not apply %s of job %s; the reaper will", record.kind, record.payload.job_id)
-        if done:
-            self.limiter.applied(done[0].payload.namespace, done)
+        return bool(done) and self.limiter.applied(done[0].payload.namespace, done)
 
     def _apply(self, record: Record) -> None:
         payload = record.payload
