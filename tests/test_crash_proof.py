@@ -162,7 +162,7 @@ def test_4_every_script_answers_a_repeated_call_as_the_first(stores: Stores) -> 
 
 @pytest.mark.slow
 def test_5_a_stalled_mongodb_does_not_get_running_jobs_reaped(
-    stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    stores: Stores, celery_app: Celery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     mongo = start_mongo()
     try:
