@@ -1,14 +1,14 @@
-# stepcache's image: the same code runs the workers (light and heavy) and Flower.
+# stepcache's image: the same code runs the workers (by default one consuming every queue) and Flower.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml README.md ./
 COPY common ./common
 COPY tasks ./tasks
 RUN pip install . && useradd --create-home stepcache && mkdir -p /data/assets /data/parquet /metrics \
     && chown -R stepcache /data /metrics
 USER stepcache
 
-CMD ["celery", "-A", "tasks", "worker", "-Q", "light,heavy"]
+CMD ["celery", "-A", "tasks", "worker"]

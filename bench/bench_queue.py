@@ -197,9 +197,9 @@ def main() -> None:
     from common.config import get_config
 
     get_config.cache_clear()
-    from tasks import app
+    from tasks import create_app
 
-    app.conf.update(broker_url=redis_url, result_backend=redis_url)
+    create_app(get_config())  # the current app: what the steps and plain tasks publish through
     import bench.steps  # noqa: F401  (registers the benchmark's steps and tasks)
 
     try:

@@ -11,10 +11,9 @@ import time
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, shared_task
 
 from common.config import get_config
-from tasks import app
 from tasks.steps import StepJob, step
 
 STARTS_KEY = "bench:starts"
@@ -44,19 +43,19 @@ def bench_sleep(job: StepJob) -> dict[str, Any]:
     return {}
 
 
-@app.task(name="bench.plain-noop")  # type: ignore[untyped-decorator]
+@shared_task(name="bench.plain-noop")  # type: ignore[untyped-decorator]
 def plain_noop(dataset: str) -> dict[str, Any]:
     return {}
 
 
-@app.task(name="bench.plain-sleep")  # type: ignore[untyped-decorator]
+@shared_task(name="bench.plain-sleep")  # type: ignore[untyped-decorator]
 def plain_sleep(dataset: str) -> dict[str, Any]:
     _record(dataset)
     time.sleep(SLEEP_SECONDS)
     return {}
 
 
-@app.task(name="bench.retry-sleep", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+@shared_task(name="bench.retry-sleep", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def retry_sleep(self: Task, dataset: str) -> dict[str, Any]:
     """The usual recipe: a per-namespace counter, and retry with a countdown when over the limit."""
     client = _redis()

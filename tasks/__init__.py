@@ -1,19 +1,13 @@
-"""stepcache's Celery side: `app`, the step tasks (tasks.steps), the signal handlers, the CLI.
+"""stepcache's Celery side: `app` (built by `create_app`, tasks/factory.py), the step tasks, the signals, the CLI.
 
-`celery -A tasks worker -Q light,heavy` starts a worker. A bad setting stops the import with one line.
+`celery -A tasks worker` starts a worker that consumes every queue (`-Q light` or `-Q heavy` for one).
+A bad setting stops the import with one line.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from tasks.factory import create_app
 
-from common.config import get_config_or_exit
+app = create_app()
 
-get_config_or_exit()
-app = Celery("stepcache")
-app.config_from_object("celeryconfig")
-
-import tasks.signals  # noqa: E402  (connects the signal handlers)
-import tasks.steps  # noqa: E402,F401  (registers one task per processing step)
-
-__all__ = ["app"]
+__all__ = ["app", "create_app"]

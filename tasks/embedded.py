@@ -158,7 +158,7 @@ class WorkerProcess:
         env: dict[str, str],
         log_path: Path,
         concurrency: int = 4,
-        queues: str = "light,heavy",
+        queues: str | None = None,
         include: Sequence[str] = (),
     ) -> None:
         self.name = name
@@ -171,8 +171,7 @@ class WorkerProcess:
             "-A",
             "tasks",
             "worker",
-            "-Q",
-            queues,
+            *(["-Q", queues] if queues else []),  # none: every queue, as `celery -A tasks worker` does
             "-c",
             str(concurrency),
             "-n",
@@ -222,7 +221,7 @@ class WorkerProcess:
         from celery import Celery
 
         broker = self.env.get("CELERY_BROKER_URL") or self.env.get("QUEUE_REDIS_URL") or "redis://localhost:6379/0"
-        probe = Celery(broker=broker)
+        probe = Celery(broker=broker, set_as_current=False)  # the process keeps its own current app
         try:
             return bool(probe.control.ping(destination=[self.nodename], timeout=0.5))
         finally:

@@ -1,9 +1,12 @@
-"""This process's Queue and Lifecycle, publishing through the Celery app."""
+"""The Queue and Lifecycle of a Celery app (the current one unless told), publishing through it."""
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
+
+from celery import Celery, current_app
 
 from common.config import AppConfig, get_config
 from common.lifecycle import Lifecycle
@@ -12,19 +15,42 @@ from common.queue import Dispatch, Queue
 
 TOKEN_HEADER = "stepcache_token"
 PRIORITY_HEADER = "stepcache_priority"
-_current: tuple[AppConfig, Lifecycle] | None = None
+_lifecycles: weakref.WeakKeyDictionary[Celery, tuple[AppConfig, Lifecycle]] = weakref.WeakKeyDictionary()
+_apps: list[weakref.ref[Celery]] = []  # stepcache's apps (create_app), oldest first
 _lock = threading.Lock()
+
+
+def remember_app(app: Celery) -> None:
+    with _lock:
+        _apps.append(weakref.ref(app))
+
+
+def stepcache_apps() -> list[Celery]:
+    """The apps create_app built that are still alive, oldest first."""
+    with _lock:
+        return [app for ref in _apps if (app := ref()) is not None]
+
+
+def stepcache_app(app: Celery | None = None) -> Celery:
+    """`app`, else the current app if it is one of stepcache's, else the latest stepcache app built: Celery's
+    current app is per thread, and another thread (or a plain Celery() built since) has another one."""
+    if app is not None:
+        return app
+    current = current_app._get_current_object()
+    apps = stepcache_apps()
+    return current if current in apps or not apps else apps[-1]
 
 
 class CeleryDispatcher:
     """Publishes a leased job as a Celery message to its step's queue, its lease token in a header."""
 
-    def publish(self, dispatch: Dispatch) -> None:
-        from tasks import app
+    def __init__(self, app: Celery) -> None:
+        self.app = app
 
+    def publish(self, dispatch: Dispatch) -> None:
         job = dispatch.payload
         kwargs = {name: value for name, value in (("config", job.config), ("split", job.split)) if value is not None}
-        app.send_task(
+        self.app.send_task(
             job.step,
             args=[job.dataset],
             kwargs=kwargs,
@@ -38,21 +64,21 @@ class CeleryDispatcher:
         )
 
     def revoke(self, job_ids: Sequence[str]) -> None:
-        from tasks import app
-
-        app.control.revoke(list(job_ids), terminate=True, signal="SIGTERM")
+        self.app.control.revoke(list(job_ids), terminate=True, signal="SIGTERM")
 
 
-def get_lifecycle() -> Lifecycle:
-    """The Lifecycle of this process's settings (rebuilt when the settings are re-read, as tests do)."""
-    global _current
+def get_lifecycle(app: Celery | None = None) -> Lifecycle:
+    """The Lifecycle of `app` (by default the current stepcache app: see stepcache_app) and this process's
+    settings (rebuilt when the settings are re-read, as tests do)."""
+    app = stepcache_app(app)
     settings = get_config()
     with _lock:
-        if _current is None or _current[0] is not settings:
-            _current = (settings, Lifecycle(Queue.from_config(CeleryDispatcher())))
-        return _current[1]
+        current = _lifecycles.get(app)
+        if current is None or current[0] is not settings:
+            current = _lifecycles[app] = (settings, Lifecycle(Queue.from_config(CeleryDispatcher(app))))
+        return current[1]
 
 
-def get_queue() -> Queue:
-    """The Queue of this process's settings."""
-    return get_lifecycle().queue
+def get_queue(app: Celery | None = None) -> Queue:
+    """The Queue of `app` (by default the current stepcache app)."""
+    return get_lifecycle(app).queue

@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from celery import Celery
 from pymongo import MongoClient
 
 from common import mongo
-from common.config import get_config
+from common.config import AppConfig, QueueConfig, get_config
 from tasks.embedded import EmbeddedServer, ServerUnavailableError, start_mongo, start_redis
 
 SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_")
@@ -119,14 +120,42 @@ def stores(clean_env: pytest.MonkeyPatch, redis_url: str, mongo_url: str) -> Ite
     client.close()
 
 
-@pytest.fixture(scope="session")
-def celery_app(redis_url: str) -> Celery:
-    """stepcache's app, pointed at the session's Redis, with the sample steps registered."""
-    import tests.sample_steps  # noqa: F401  (registers the sample steps, as a user module would)
-    from tasks import app
+def app_for(redis_url: str) -> Celery:
+    """stepcache's app, built by create_app like any user's, for the environment's settings and this Redis."""
+    from tasks import create_app
 
-    app.conf.update(broker_url=redis_url, result_backend=redis_url)
-    return app
+    settings = AppConfig.from_env()
+    return create_app(settings.model_copy(update={"queue": QueueConfig(redis_url=redis_url)}))
+
+
+@contextmanager
+def current_app_for(redis_url: str) -> Iterator[Celery]:
+    """This process publishes (through the queue's dispatcher) with an app for `redis_url` while the block
+    runs; the app that was current comes back after."""
+    from celery import current_app
+
+    previous = current_app._get_current_object()
+    app = app_for(redis_url)
+    try:
+        yield app
+    finally:
+        previous.set_current()
+        app.close()
+
+
+@pytest.fixture(scope="session")
+def session_app(redis_url: str) -> Celery:
+    import tests.sample_steps  # noqa: F401  (registers the sample steps, as a user module would)
+
+    return app_for(redis_url)
+
+
+@pytest.fixture
+def celery_app(session_app: Celery) -> Celery:
+    """stepcache's app, pointed at the session's Redis, with the sample steps registered; the current app
+    (the one get_queue() publishes through) while the test runs."""
+    session_app.set_current()
+    return session_app
 
 
 @pytest.fixture

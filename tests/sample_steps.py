@@ -6,6 +6,7 @@ the worker's process, so tests can check what ran where and when without trustin
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -16,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from common.config import get_config
 from common.exceptions import CacheableError
 from common.processing_graph import InputType, ProcessingStep, register_step
-from tasks.steps import StepJob, make_step_task, step
+from tasks.steps import StepJob, add_step, step
 
 EXECUTIONS_KEY = "test:executions"
 
@@ -31,7 +32,7 @@ def _record(job: StepJob, event: str) -> None:
     client.close()
 
 
-@step("test-noop", input_type="dataset")
+@step("test-noop", input_type="dataset", fan_out="configs")  # lists none: test-config-echo runs when asked
 def test_noop(job: StepJob) -> dict[str, Any]:
     return {"dataset": job.dataset}
 
@@ -73,7 +74,7 @@ def test_stubborn(job: StepJob) -> dict[str, Any]:
     return {}
 
 
-test_unimplemented = make_step_task(register_step(ProcessingStep("test-unimplemented", InputType.DATASET)), None)
+test_unimplemented = add_step(register_step(ProcessingStep("test-unimplemented", InputType.DATASET)), None)
 
 
 def _steal_own_lease_then_tick(job: StepJob, report_progress: bool) -> dict[str, Any]:
@@ -103,3 +104,9 @@ def test_lease_thief(job: StepJob) -> dict[str, Any]:
 def test_silent_lease_thief(job: StepJob) -> dict[str, Any]:
     """Loses its lease, then computes without a word: its heartbeat stops it."""
     return _steal_own_lease_then_tick(job, report_progress=False)
+
+
+@step("test-bad-fan-out", input_type="dataset", fan_out="configs")
+def test_bad_fan_out(job: StepJob) -> dict[str, Any]:
+    """Lists what TEST_CONFIGS (JSON) says where its fan_out says configs are: numbers, bad names..."""
+    return {"configs": json.loads(os.environ.get("TEST_CONFIGS", "[1, 2]"))}

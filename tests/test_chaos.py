@@ -19,9 +19,9 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import redis
 
 from common import cache, mongo, redis_connection
 from common.cache import cache_collection
-from common.orchestrator import known_configs
+from common.orchestrator import expected_entries
 from common.processing_graph import DEFAULT_STEPS, get_processing_graph
 from common.queue import Job, JobStatus
 from common.queue.ledger import Ledger, jobs_collection
@@ -39,7 +39,7 @@ from tasks import samples
 from tasks.embedded import EmbeddedServer, WorkerProcess, free_port, start_mongo, start_redis
 from tasks.queue import get_queue
 from tests.chaos_recorder import RECORD_DIR_VARIABLE, STEP_SECONDS_VARIABLE, Run, read_runs
-from tests.conftest import use_settings
+from tests.conftest import current_app_for, use_settings
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
@@ -204,29 +204,6 @@ class Servers:
         self.resume_mongo()  # a stopped process does not act on SIGTERM
         self.mongo.stop()
         self.redis.stop()
-
-
-@contextmanager
-def celery_broker(url: str) -> Iterator[None]:
-    """This process publishes (through the queue's dispatcher) to `url`; the app's settings come back after."""
-    from tasks import app
-
-    def forget_connections() -> None:
-        app._pool = None
-        with contextlib.suppress(KeyError, AttributeError):
-            app.__dict__["amqp"]._producer_pool = None
-        # The result backend keeps its own connection (and a pub/sub consumer) to the Redis it was made for.
-        app._local.__dict__.pop("backend", None)
-        app._backend_cache = None
-
-    saved = {name: app.conf[name] for name in ("broker_url", "result_backend")}
-    app.conf.update(broker_url=url, result_backend=url)
-    forget_connections()
-    try:
-        yield
-    finally:
-        app.conf.update(**saved)
-        forget_connections()
 
 
 def write_mirror(root: Path) -> list[str]:
@@ -532,7 +509,7 @@ def check_expected_entries(datasets: list[str], jobs: list[Job]) -> Verdict:
     for dataset in datasets:
         entries = cache.get_dataset_responses(dataset)
         present = {(e.kind, e.config, e.split) for e in entries}
-        expected = [k for k in graph.expected_entries(dataset, known_configs(entries)) if k.kind in DEFAULT_KINDS]
+        expected = [k for k in expected_entries(graph, dataset, entries) if k.kind in DEFAULT_KINDS]
         expected_total += len(expected)
         for k in expected:
             if (k.kind, k.config, k.split) not in present:
@@ -616,7 +593,7 @@ def test_chaos_keeps_every_promise(clean_env: pytest.MonkeyPatch, tmp_path: Path
         )
         stack.callback(redis_connection.close_clients)
         stack.callback(mongo.close_clients)
-        stack.enter_context(celery_broker(proxy_url))
+        stack.enter_context(current_app_for(proxy_url))
         fleet = Fleet({**env, RECORD_DIR_VARIABLE: str(record_dir), STEP_SECONDS_VARIABLE: str(STEP_SECONDS)}, tmp_path)
         stack.callback(fleet.stop_all)
         fleet.start(WORKERS)

@@ -195,13 +195,15 @@ def test_5_a_stalled_mongodb_does_not_get_running_jobs_reaped(
         mongo.stop()
 
 
-def test_6_a_stale_message_does_not_flip_a_finished_task_back_to_started(stores: Stores, worker: object) -> None:
+def test_6_a_stale_message_does_not_flip_a_finished_task_back_to_started(
+    stores: Stores, worker: object, celery_app: Celery
+) -> None:
     result = sample_steps.test_fail.delay("org/ds")
     with pytest.raises(sample_steps.SampleStepError):
         result.get(timeout=30)
     job = get_queue().ledger.get(result.id)
     assert job is not None and job.lease_token is not None
-    CeleryDispatcher().publish(Dispatch(job.payload(), job.lease_token))  # the same message, redelivered
+    CeleryDispatcher(celery_app).publish(Dispatch(job.payload(), job.lease_token))  # the same message, redelivered
     eventually(lambda: get_redis_llen_of_acked(stores), "the redelivered message handled", timeout=10)
     assert result.state == "FAILURE"
     with pytest.raises(sample_steps.SampleStepError):

@@ -13,6 +13,7 @@ from celery.result import AsyncResult
 from common import cache
 from common.exceptions import (
     CachedResponseNotFoundError,
+    ContentNotStorableError,
     InvalidArgumentsError,
     InvalidDatasetNameError,
     MissingStepInputError,
@@ -29,8 +30,10 @@ RESULT_TIMEOUT = 30
 def test_every_step_of_the_graph_is_a_task_named_after_it(celery_app: Celery) -> None:
     assert steps.dataset_config_names.name == "dataset-config-names"
     assert steps.split_descriptive_statistics.name == "split-descriptive-statistics"
-    assert celery_app.tasks["config-parquet-and-info"] is steps.config_parquet_and_info
-    assert steps.get_step_task("test-noop") is sample_steps.test_noop
+    # The module's names are the current app's tasks (a test's or `run`'s app as much as tasks.app).
+    assert celery_app.tasks["config-parquet-and-info"] is steps.config_parquet_and_info._get_current_object()
+    assert steps.get_step_task("test-noop") is sample_steps.test_noop._get_current_object()
+    assert steps.get_step_task("test-noop", celery_app) is celery_app.tasks["test-noop"]
 
 
 def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Stores, worker: object) -> None:
@@ -68,7 +71,7 @@ def test_a_config_step_gets_its_config(stores: Stores, worker: object) -> None:
     assert cache.get_response("test-config-echo", "org/ds", "default").content == {"config": "default"}
 
 
-def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: object) -> None:
+def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: object, celery_app: Celery) -> None:
     queue = get_queue()
     queue.set_limit("org", 0)
     result = sample_steps.test_sleep.delay("org/ds")
@@ -82,7 +85,7 @@ def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: obje
     assert job is not None
     from common.queue import Dispatch
 
-    CeleryDispatcher().publish(Dispatch(job.payload(), dispatch_token.split(":", 1)[-1]))
+    CeleryDispatcher(celery_app).publish(Dispatch(job.payload(), dispatch_token.split(":", 1)[-1]))
     result.get(timeout=RESULT_TIMEOUT)
     client = redis.Redis.from_url(stores.redis_url)
     executions = [e.decode() for e in client.lrange(sample_steps.EXECUTIONS_KEY, 0, -1)]
@@ -145,3 +148,29 @@ def test_a_job_that_lost_its_lease_stops_and_writes_nothing_whether_it_reports_p
     assert not any(e.startswith(b"end") for e in executions)
     with pytest.raises(CachedResponseNotFoundError):
         cache.get_response(step, "org/ds")
+
+
+@pytest.mark.parametrize("configs", ["[1, 2]", '["fine", "../escape"]', '["a/b"]'])
+def test_content_that_does_not_list_names_at_the_fan_out_is_a_typed_cached_error(
+    stores: Stores, worker: object, monkeypatch: pytest.MonkeyPatch, configs: str
+) -> None:
+    monkeypatch.setenv("TEST_CONFIGS", configs)
+    result = sample_steps.test_bad_fan_out.delay("org/ds")
+    with pytest.raises(ContentNotStorableError):
+        result.get(timeout=RESULT_TIMEOUT)
+    entry = cache.get_response("test-bad-fan-out", "org/ds")
+    assert entry.error_code == "ContentNotStorableError" and "fan_out" in entry.content["error"]
+    assert get_queue().jobs("org/ds", [JobStatus.WAITING, JobStatus.QUEUED]) == []  # no children
+
+
+def test_a_step_sent_from_another_thread_or_after_a_plain_celery_app_goes_through_stepcaches_app(
+    stores: Stores, worker: object, celery_app: Celery
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    Celery("someone-elses", broker="memory://")  # becomes this thread's current app
+    with ThreadPoolExecutor(1) as pool:  # a thread whose current app is Celery's fallback
+        job_id = pool.submit(lambda: sample_steps.test_noop.delay("org/thread").id).result()
+    assert get_queue().jobs("org/thread")[0].job_id == job_id
+    assert sample_steps.test_noop.delay("org/main").get(timeout=RESULT_TIMEOUT)["http_status"] == 200
+    assert celery_app.AsyncResult(job_id).get(timeout=RESULT_TIMEOUT)["http_status"] == 200

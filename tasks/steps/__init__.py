@@ -16,6 +16,10 @@ adds a step with the :func:`step` decorator, in a module the worker imports (`ce
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
+
+from celery import Celery
+from celery.local import Proxy
 
 from common.processing_graph import (
     InputType,
@@ -24,35 +28,55 @@ from common.processing_graph import (
     get_processing_graph,
     register_step,
 )
+from tasks.queue import remember_app, stepcache_app, stepcache_apps
 from tasks.step_task import StepFunction, StepJob, StepTask
 
-__all__ = ["StepJob", "StepTask", "get_step_task", "step"]
+__all__ = ["StepJob", "StepTask", "add_step", "get_step_task", "register_tasks", "step"]
 
-_tasks: dict[str, StepTask] = {}
+_functions: dict[str, StepFunction | None] = {}  # what computes each step
 
 
-def make_step_task(processing_step: ProcessingStep, function: StepFunction | None) -> StepTask:
-    """Register the Celery task of a graph step, computing with `function`."""
-    from tasks import app
+def register_tasks(app: Celery) -> None:
+    """Give `app` a task per step of the graph; steps added later get theirs on every such app."""
+    remember_app(app)
+    for processing_step in get_processing_graph():
+        _register(app, processing_step)
 
+
+def _register(app: Celery, processing_step: ProcessingStep) -> None:
+    if processing_step.name in app.tasks:
+        return
+    # One class per app and step: Celery binds a task class to the app that registers it.
     cls = type(
         processing_step.python_name,
         (StepTask,),
         {
             "name": processing_step.name,
             "step": processing_step,
-            "function": staticmethod(function) if function else None,
+            "function": staticmethod(function) if (function := _functions.get(processing_step.name)) else None,
         },
     )
-    task: StepTask = app.register_task(cls())
-    _tasks[processing_step.name] = task
-    return task
+    app.register_task(cls())
 
 
-def get_step_task(name: str) -> StepTask:
-    """The task of a step of the graph (UnknownStepError for any other name)."""
+def add_step(processing_step: ProcessingStep, function: StepFunction | None) -> StepTask:
+    """Register the step's function, and its task on every stepcache app; returns its task on the
+    current stepcache app (resolved on use: a test's or `run`'s app as much as tasks.app)."""
+    _functions[processing_step.name] = function
+    for app in stepcache_apps():
+        _register(app, processing_step)
+    return _task_of(processing_step.name)
+
+
+def _task_of(name: str) -> StepTask:
+    return cast(StepTask, Proxy(lambda: stepcache_app().tasks[name]))
+
+
+def get_step_task(name: str, app: Celery | None = None) -> StepTask:
+    """The task of a step of the graph (UnknownStepError for any other name), on `app` or the current
+    stepcache app."""
     get_processing_graph().get_step(name)
-    return _tasks[name]
+    return cast(StepTask, stepcache_app(app).tasks[name])
 
 
 def step(
@@ -61,8 +85,10 @@ def step(
     parents: Sequence[str] = (),
     queue: QueueName | str = QueueName.LIGHT,
     job_runner_version: int = 1,
+    fan_out: str | Callable[..., object] | None = None,
 ) -> Callable[[StepFunction], StepTask]:
-    """Add a step to the processing graph, computed by the decorated function; returns its task."""
+    """Add a step to the processing graph, computed by the decorated function; returns its task.
+    `fan_out` says where its content lists what its finer children run on (see ProcessingStep)."""
 
     def decorator(function: StepFunction) -> StepTask:
         processing_step = register_step(
@@ -72,15 +98,16 @@ def step(
                 parents=tuple(parents),
                 job_runner_version=job_runner_version,
                 queue=QueueName(queue),
+                fan_out=fan_out,  # type: ignore[arg-type]
             )
         )
-        return make_step_task(processing_step, function)
+        return add_step(processing_step, function)
 
     return decorator
 
 
 def _builtin(name: str, function: StepFunction) -> StepTask:
-    return make_step_task(get_processing_graph().get_step(name), function)
+    return add_step(get_processing_graph().get_step(name), function)
 
 
 # The built-in steps' functions live in modules named after what they compute (configs, first_rows,
