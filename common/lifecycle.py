@@ -28,7 +28,7 @@ from redis.exceptions import LockError
 
 from common import cache, metrics, orchestrator
 from common.config import get_config
-from common.events import CacheUpdated, JobCancelled, JobFailed, JobHeartbeat, JobProgress, JobStarted, JobSucceeded
+from common.events import CacheUpdated, JobCancelled, JobFailed, JobProgress, JobStarted, JobSucceeded
 from common.exceptions import CacheableError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import JobPayload, JobStatus, Queue
@@ -133,9 +133,9 @@ class Lifecycle:
         return state
 
     def beat(self, attempt: Attempt) -> None:
-        """What a heartbeat writes besides the lease: the ledger's last_heartbeat and an event."""
+        """What a heartbeat writes besides the lease: the ledger's last_heartbeat (the heartbeat event of
+        every running task, steps included, comes from Celery's signals: tasks/signals.py)."""
         self.ledger.heartbeat(attempt.payload.job_id, attempt.token)
-        self.queue.emit(JobHeartbeat, attempt.payload)
 
     def progress(self, attempt: Attempt, meta: ProgressMeta) -> bool:
         """If the attempt still holds its lease (asked of Redis: reports are throttled), the cache entry of
@@ -248,14 +248,9 @@ class Lifecycle:
     def enqueue_next(
         self, payload: JobPayload, content: Mapping[str, Any] | None, error: CacheableError | None
     ) -> None:
-        """Enqueue what the processing graph asks for after this job (children inherit its priority)."""
+        """Carry out what the processing graph asks for after this job (children inherit its priority)."""
         key = orchestrator.JobKey(payload.step, payload.dataset, payload.config, payload.split)
-        if error is None:
-            next_jobs = orchestrator.after_success(payload.step, key, content or {})
-        else:
-            next_jobs = orchestrator.after_failure(payload.step, key, error)
-        for job in next_jobs:
-            self.queue.enqueue(job.step, job.dataset, job.config, job.split, priority=payload.priority)
+        orchestrator.after_job(self.queue, key, content, error, payload.priority)
 
     # --- the reaper ----------------------------------------------------------------------------------
 

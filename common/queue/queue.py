@@ -1,14 +1,16 @@
 """The Queue: the ledger and the limiter working together, as callers and operators use them.
 
+It knows neither the processing graph's plans (common/orchestrator.py) nor how a started job ends
+(common/lifecycle.py) nor how events are followed (common/follow.py).
+
     enqueue  -> ledger: waiting -> limiter.admit -> records: dispatch -> publish, ledger: queued
     cancel   -> limiter.cancel -> records: cancel -> ledger: cancelled; started jobs are revoked
     set_limit, reconcile -> records: dispatch
 
 Every limiter call returns the outbox records it made; `apply` carries out the dispatch, requeue and
 cancel ones (fenced ledger writes, events, messages) and drops them from the outbox. A record left
-behind (an exception, a lost reply, a SIGKILL) is applied by the reaper's next pass. How a started job
-runs and ends is the lifecycle's (common/lifecycle.py). It does not know Celery: a :class:`Dispatcher`
-publishes the messages and revokes started jobs.
+behind (an exception, a lost reply, a SIGKILL) is applied by the reaper's next pass. It does not know
+Celery: a :class:`Dispatcher` publishes the messages and revokes started jobs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -29,16 +31,12 @@ from common.event_bus import EventBus
 from common.events import (
     JOB_KEY_FIELDS,
     Event,
-    EventType,
     JobCancelled,
     JobQueued,
-    JobState,
 )
 from common.exceptions import (
     InvalidArgumentsError,
     MissingStepInputError,
-    StepcacheError,
-    UnknownJobError,
 )
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
@@ -52,7 +50,7 @@ from common.queue.jobs import (
     unicity_id,
 )
 from common.queue.ledger import Ledger
-from common.queue.limiter import NamespaceCounts, NamespaceLimiter, Record, RecordKind
+from common.queue.limiter import FENCE_EPOCH_MS, NamespaceCounts, NamespaceLimiter, Record, RecordKind
 from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
@@ -69,8 +67,6 @@ MARK_EPOCH = """if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0"""
-FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua
-ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
 
 class Dispatcher(Protocol):
@@ -225,40 +221,6 @@ class Queue:
             self.emit(JobCancelled, payload)
         else:
             raise ValueError(f"the queue does not apply {record.kind} records")
-
-    def follow(self, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
-        """The job's events until it ends, starting with its state in the ledger, so that a late follower
-        misses nothing: events published after that state are read from the stream."""
-        position = self.events.last_id()  # before reading the state: what happens next is on the stream
-        job = self.ledger.get(job_id)
-        if job is None:
-            raise UnknownJobError(f"no job {job_id!r} in the ledger")
-        yield JobState(**job.model_dump(include=JOB_KEY_FIELDS), status=job.status.value, attempts=job.attempts)
-        if job.status.is_terminal:
-            return
-        while True:
-            for stream_id, event in self.events.read(position, block_ms=block_ms):
-                position = stream_id
-                if event.job_id == job_id:
-                    yield event
-                    if event.type in ENDING_EVENTS:
-                        return
-
-    def backfill(self, dataset: str, priority: object = Priority.LOW) -> list[Job]:
-        """Enqueue what the graph expects of the dataset and the cache lacks: missing, obsolete (older
-        job_runner_version), stale (another revision) or retryable errors; returns the jobs enqueued."""
-        from common.orchestrator import backfill_plan
-        from common.sources import get_source
-
-        dataset, _, _ = validate_key(dataset, None, None)
-        try:
-            revision: str | None = get_source().revision(dataset)
-        except StepcacheError:
-            revision = None  # the root step will cache why
-        return [
-            self.enqueue(job.step, job.dataset, job.config, job.split, priority=priority)
-            for job in backfill_plan(dataset, revision)
-        ]
 
     # --- operators -----------------------------------------------------------------------------------
 

@@ -1,0 +1,31 @@
+"""Following a job: its state in the ledger, then its events from the stream until it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from common.event_bus import EventBus
+from common.events import JOB_KEY_FIELDS, Event, EventType, JobEvent, JobState
+from common.exceptions import UnknownJobError
+from common.queue.ledger import Ledger
+
+ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
+
+
+def follow(ledger: Ledger, events: EventBus, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
+    """The job's state in the ledger, then its job events until it ends, so that a late follower misses
+    nothing: events published after that state are read from the stream."""
+    position = events.last_id()  # before reading the state: what happens next is on the stream
+    job = ledger.get(job_id)
+    if job is None:
+        raise UnknownJobError(f"no job {job_id!r} in the ledger")
+    yield JobState(**job.model_dump(include=JOB_KEY_FIELDS), status=job.status.value, attempts=job.attempts)
+    if job.status.is_terminal:
+        return
+    while True:
+        for stream_id, event in events.read(position, block_ms=block_ms):
+            position = stream_id
+            if isinstance(event, JobEvent) and event.job_id == job_id:
+                yield event
+                if event.type in ENDING_EVENTS:
+                    return
