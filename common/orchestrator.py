@@ -1,24 +1,46 @@
 """What the processing graph asks for after a job, and what a backfill finds missing.
 
+Planning is pure: it reads the graph and a snapshot of the dataset's cache entries, and returns a
+:class:`Plan` (the jobs to enqueue, the errors to cache instead of running); :func:`run_plan` carries one
+out. Nothing here knows a step's name or its content: a step with finer children declares where its
+content lists them (`ProcessingStep.fan_out`).
+
 After a success, a step's children are enqueued: one per config or split its content lists (fan-out), the
-same key for a child of the same level, and a coarser child (fan-in, e.g. dataset-size) once every entry
-of its ancestors that the dataset should have is in the cache. After an error, the children of the same
-level, and finer ones the cache knows the keys of, get a cached ParentStepFailedError that names the
-failing step, instead of running; coarser children are still enqueued when ready, and report what is
-missing or failed.
+same key for a child of the same level, and a coarser child (fan-in) once every entry of its ancestors
+that the dataset should have is in the cache. After an error, the children of the same level, and finer
+ones the cache knows the keys of, get a cached ParentStepFailedError that names the failing step, instead
+of running; coarser children are still enqueued when ready, and report what is missing or failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from common import cache
 from common.config import get_config
-from common.exceptions import CacheableError, ParentStepFailedError
-from common.processing_graph import CacheKey, InputType, ProcessingStep, get_processing_graph
+from common.exceptions import (
+    CacheableError,
+    InvalidInputError,
+    InvalidStepSpecError,
+    ParentStepFailedError,
+    StepcacheError,
+)
+from common.names import validate_key
+from common.processing_graph import (
+    LEVEL,
+    CacheKey,
+    InputType,
+    Listing,
+    ProcessingGraph,
+    ProcessingStep,
+    get_processing_graph,
+)
+from common.queue import Job, Priority, Queue
 
-LEVEL = {InputType.DATASET: 0, InputType.CONFIG: 1, InputType.SPLIT: 2}
+logger = logging.getLogger(__name__)
 RETRYABLE_ERRORS = frozenset(
     {
         "JobManagerCrashedError",
@@ -37,114 +59,152 @@ class JobKey(NamedTuple):
     split: str | None
 
 
-def _configs_in(content: Mapping[str, Any]) -> list[str]:
-    return [item["config"] for item in content.get("config_names", [])]
+@dataclass
+class Plan:
+    """Jobs to enqueue, and errors to cache for entries that will not be computed (their parent failed)."""
+
+    jobs: list[JobKey] = field(default_factory=list)
+    errors: list[tuple[JobKey, CacheableError]] = field(default_factory=list)
 
 
-def _splits_in(content: Mapping[str, Any]) -> list[str]:
-    listed = content.get("splits") or content.get("parquet_files") or []
-    return list(dict.fromkeys(item["split"] for item in listed))
+Present = set[tuple[str, str | None, str | None]]
 
 
-def known_configs(entries: Iterable[cache.CachedResponse]) -> dict[str, list[str]]:
-    """The configs and splits the cache knows of: from dataset-config-names and config-split-names."""
-    entries = list(entries)
-    configs: dict[str, list[str]] = {}
-    for entry in entries:
-        if entry.kind == "dataset-config-names" and entry.is_success:
-            configs = {config: [] for config in _configs_in(entry.content)}
-    for entry in entries:
-        if entry.kind == "config-split-names" and entry.is_success and entry.config in configs:
-            configs[entry.config] = _splits_in(entry.content)
-    return configs
+def _present(entries: Iterable[cache.CachedResponse]) -> Present:
+    return {(entry.kind, entry.config, entry.split) for entry in entries}
 
 
-def _fan_in_ready(child: ProcessingStep, dataset: str, config: str | None) -> bool:
+def _listed(step: ProcessingStep, content: Mapping[str, Any]) -> list[str]:
+    try:
+        return step.names_in(content)
+    except InvalidStepSpecError as error:  # the step's own run checked it; an older entry may not list
+        logger.warning("%s", error)
+        return []
+
+
+def listing(entries: Iterable[cache.CachedResponse]) -> Listing:
+    """What each fanning-out step's successful entry lists (a step without one lists nothing)."""
+    successes = {(entry.kind, entry.config): entry for entry in entries if entry.is_success}
+
+    def listed(source: ProcessingStep, config: str | None) -> list[str]:
+        entry = successes.get((source.name, config))
+        return _listed(source, entry.content) if entry is not None else []
+
+    return listed
+
+
+def expected_entries(graph: ProcessingGraph, dataset: str, entries: Iterable[cache.CachedResponse]) -> list[CacheKey]:
+    """The cache keys the graph expects of the dataset, given what its entries list."""
+    return graph.expected_entries(dataset, listing(entries))
+
+
+def _fan_in_ready(
+    graph: ProcessingGraph,
+    child: ProcessingStep,
+    dataset: str,
+    config: str | None,
+    entries: Sequence[cache.CachedResponse],
+    present: Present,
+) -> bool:
     """Whether every entry of the child's ancestors that the dataset should have is in the cache."""
-    graph = get_processing_graph()
-    entries = cache.get_dataset_responses(dataset)
-    present = {(e.kind, e.config, e.split) for e in entries}
     ancestors = {step.name for step in graph.ancestors(child.name)}
     expected = [
         key
-        for key in graph.expected_entries(dataset, known_configs(entries))
+        for key in expected_entries(graph, dataset, entries)
         if key.kind in ancestors and (config is None or key.config == config)
     ]
     return bool(expected) and all((key.kind, key.config, key.split) in present for key in expected)
 
 
-def _children(step: str, key: JobKey, content: Mapping[str, Any] | None) -> list[JobKey]:
-    graph = get_processing_graph()
-    parent = graph.get_step(step)
+def _children(
+    graph: ProcessingGraph,
+    key: JobKey,
+    content: Mapping[str, Any] | None,
+    entries: Sequence[cache.CachedResponse],
+    present: Present,
+) -> list[JobKey]:
+    parent = graph.get_step(key.step)
     jobs = []
-    for child in graph.children(step):
-        if LEVEL[child.input_type] == LEVEL[parent.input_type]:
+    for child in graph.children(key.step):
+        finer = LEVEL[child.input_type] - LEVEL[parent.input_type]
+        if finer == 0:
             jobs.append(JobKey(child.name, key.dataset, key.config, key.split))
-        elif LEVEL[child.input_type] > LEVEL[parent.input_type]:
-            # A failed parent lists nothing: fan out to what the cache knows of the dataset instead.
-            known = known_configs(cache.get_dataset_responses(key.dataset)) if content is None else None
-            if parent.input_type == InputType.DATASET and child.input_type == InputType.CONFIG:
-                configs = list(known) if known is not None else _configs_in(content or {})
-                jobs += [JobKey(child.name, key.dataset, config, None) for config in configs]
-            elif parent.input_type == InputType.CONFIG and child.input_type == InputType.SPLIT:
-                splits = known.get(key.config or "", []) if known is not None else _splits_in(content or {})
-                jobs += [JobKey(child.name, key.dataset, key.config, split) for split in splits]
-        else:
-            config = key.config if child.input_type == InputType.CONFIG else None
-            if _fan_in_ready(child, key.dataset, config):
+        elif finer == 1 and parent.fan_out is not None:
+            if content is not None:
+                names = _listed(parent, content)
+            else:  # a failed parent lists nothing: its earlier entry's list, and the child's entries there are
+                existing = [
+                    entry.config if child.input_type is InputType.CONFIG else entry.split
+                    for entry in entries
+                    if entry.kind == child.name and (child.input_type is InputType.CONFIG or entry.config == key.config)
+                ]
+                names = list(dict.fromkeys([*listing(entries)(parent, key.config), *filter(None, existing)]))
+            if parent.input_type is InputType.DATASET:
+                jobs += [JobKey(child.name, key.dataset, name, None) for name in names]
+            else:
+                jobs += [JobKey(child.name, key.dataset, key.config, name) for name in names]
+        elif finer < 0:
+            config = key.config if child.input_type is InputType.CONFIG else None
+            if _fan_in_ready(graph, child, key.dataset, config, entries, present):
                 jobs.append(JobKey(child.name, key.dataset, config, None))
+        # two levels finer, or no fan_out: the child's other parents enqueue it
     return jobs
 
 
-def after_success(step: str, key: JobKey, content: Mapping[str, Any]) -> list[JobKey]:
-    """The jobs to enqueue now that this one succeeded."""
-    return _children(step, key, content)
+def plan_after_success(
+    graph: ProcessingGraph, key: JobKey, content: Mapping[str, Any], entries: Sequence[cache.CachedResponse]
+) -> Plan:
+    """The jobs to enqueue now that this one succeeded (its entry is among `entries`)."""
+    return Plan(jobs=_children(graph, key, content, entries, _present(entries)))
 
 
-def after_failure(step: str, key: JobKey, error: CacheableError) -> list[JobKey]:
-    """Cache an error for the same-level descendants (recursively), and return the jobs to enqueue.
+def plan_after_failure(
+    graph: ProcessingGraph, key: JobKey, error: CacheableError, entries: Sequence[cache.CachedResponse]
+) -> Plan:
+    """The errors to cache for the same-level and finer descendants (recursively), and the coarser jobs to
+    enqueue. When a dataset-level step fails, what the dataset holds is unknown: every dataset-level
+    descendant gets the error too."""
+    plan, present = Plan(), _present(entries)
 
-    When a dataset-level step fails, what the dataset holds is unknown: every dataset-level descendant
-    (e.g. dataset-size, dataset-is-valid) gets the error too."""
-    graph = get_processing_graph()
-    to_enqueue = []
-    children = _children(step, key, None)
-    if graph.get_step(step).input_type == InputType.DATASET:
-        children = [
-            JobKey(d.name, key.dataset, None, None)
-            for d in graph.descendants(step)
-            if d.input_type == InputType.DATASET and d.name not in {c.step for c in children}
-        ] + children
-    for child in children:
-        coarser = LEVEL[graph.get_step(child.step).input_type] < LEVEL[graph.get_step(step).input_type]
-        if coarser:
-            to_enqueue.append(child)  # a fan-in step runs anyway and reports what failed
-            continue
-        failure = ParentStepFailedError(f"not computed: {step!r} failed with {error.error_code}", cause=error)
-        failure.http_status = error.http_status
-        cache.upsert_error(
-            child.step,
-            child.dataset,
-            failure,
-            config=child.config,
-            split=child.split,
-        )
-        to_enqueue += after_failure(child.step, child, failure)
-    return to_enqueue
+    def fail(key: JobKey, error: CacheableError) -> None:
+        step = graph.get_step(key.step)
+        children = _children(graph, key, None, entries, present)
+        if step.input_type is InputType.DATASET:
+            listed = {child.step for child in children}
+            children = [
+                JobKey(descendant.name, key.dataset, None, None)
+                for descendant in graph.descendants(key.step)
+                if descendant.input_type is InputType.DATASET and descendant.name not in listed
+            ] + children
+        for child in children:
+            if LEVEL[graph.get_step(child.step).input_type] < LEVEL[step.input_type]:
+                plan.jobs.append(child)  # a fan-in step runs anyway and reports what failed
+                continue
+            failure = ParentStepFailedError(f"not computed: {key.step!r} failed with {error.error_code}", cause=error)
+            failure.http_status = error.http_status
+            plan.errors.append((child, failure))
+            present.add((child.step, child.config, child.split))
+            fail(child, failure)
+
+    fail(key, error)
+    return plan
 
 
-def backfill_plan(dataset: str, revision: str | None) -> list[JobKey]:
+def plan_backfill(
+    graph: ProcessingGraph,
+    dataset: str,
+    entries: Sequence[cache.CachedResponse],
+    revision: str | None,
+    max_failed_runs: int,
+) -> Plan:
     """The entries to compute again: missing (with their parents done), obsolete (older job_runner_version),
-    stale (another revision), or a retryable error that failed fewer than WORKER_MAX_FAILED_RUNS times."""
-    graph = get_processing_graph()
-    entries = {(e.kind, e.config, e.split): e for e in cache.get_dataset_responses(dataset)}
-    expected: list[CacheKey] = graph.expected_entries(dataset, known_configs(entries.values()))
-    done_kinds = {kind for kind, _, _ in entries}
-    max_failed_runs = get_config().worker.max_failed_runs
-    plan = []
-    for key in expected:
+    stale (another revision), or a retryable error that failed fewer than `max_failed_runs` times."""
+    by_key = {(entry.kind, entry.config, entry.split): entry for entry in entries}
+    done_kinds = {kind for kind, _, _ in by_key}
+    plan = Plan()
+    for key in expected_entries(graph, dataset, entries):
         step = graph.get_step(key.kind)
-        entry = entries.get((key.kind, key.config, key.split))
+        entry = by_key.get((key.kind, key.config, key.split))
         if entry is None:
             needed = all(parent in done_kinds for parent in step.parents)
         else:
@@ -158,5 +218,51 @@ def backfill_plan(dataset: str, revision: str | None) -> list[JobKey]:
                 )
             )
         if needed:
-            plan.append(JobKey(key.kind, key.dataset, key.config, key.split))
+            plan.jobs.append(JobKey(key.kind, key.dataset, key.config, key.split))
     return plan
+
+
+# --- carrying plans out ------------------------------------------------------------------------------
+
+
+def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL) -> list[Job]:
+    """Cache the plan's errors, then enqueue its jobs; returns the jobs (a pending twin when there is one)."""
+    for key, error in plan.errors:
+        cache.upsert_error(key.step, key.dataset, error, config=key.config, split=key.split)
+    jobs = []
+    for key in plan.jobs:
+        try:
+            jobs.append(queue.enqueue(key.step, key.dataset, key.config, key.split, priority=priority))
+        except InvalidInputError as error:
+            # A name an older entry listed that is not valid (a step's new content is checked when it runs):
+            # the others go on, and retrying would not make it valid.
+            logger.warning("not enqueued: %s %s %s %s: %s", *key, error)
+    return jobs
+
+
+def after_job(
+    queue: Queue, key: JobKey, content: Mapping[str, Any] | None, error: CacheableError | None, priority: object
+) -> list[Job]:
+    """Carry out what the graph asks for after this job (its children inherit its priority)."""
+    graph = get_processing_graph()
+    entries = cache.get_dataset_responses(key.dataset)
+    if error is None:
+        plan = plan_after_success(graph, key, content or {}, entries)
+    else:
+        plan = plan_after_failure(graph, key, error, entries)
+    return run_plan(plan, queue, priority)
+
+
+def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> list[Job]:
+    """Enqueue what the graph expects of the dataset and the cache lacks: missing, obsolete (older
+    job_runner_version), stale (another revision) or retryable errors; returns the jobs enqueued."""
+    from common.sources import get_source
+
+    dataset, _, _ = validate_key(dataset, None, None)
+    try:
+        revision: str | None = get_source().revision(dataset)
+    except StepcacheError:
+        revision = None  # the root step will cache why
+    entries = cache.get_dataset_responses(dataset)
+    plan = plan_backfill(get_processing_graph(), dataset, entries, revision, get_config().worker.max_failed_runs)
+    return run_plan(plan, queue, priority)

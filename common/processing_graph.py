@@ -2,7 +2,9 @@
 
 A step's parents are the steps whose cached responses it needs; when a job ends, the steps below it in
 the graph are enqueued (fan-out when a child is finer than its parent, fan-in when it is coarser and must
-wait for all of them). The graph is validated whole when it is built, so a bad spec stops the process at
+wait for all of them). A step with finer children declares where its content lists them (`fan_out`: the
+configs of a dataset-level step, the splits of a config-level one), so that no other code needs to know
+any step's content. The graph is validated whole when it is built, so a bad spec stops the process at
 import time instead of surfacing as a job that never runs.
 
 A user adds a step at import time of their module, before workers start, with :func:`register_step`.
@@ -18,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from common.exceptions import (
     InvalidStepSpecError,
@@ -28,6 +30,7 @@ from common.exceptions import (
 )
 
 _STEP_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+_FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 _E = TypeVar("_E", bound=StrEnum)
 
@@ -41,6 +44,23 @@ class InputType(StrEnum):
 class QueueName(StrEnum):
     LIGHT = "light"
     HEAVY = "heavy"
+
+
+FanOut = str | Callable[[Mapping[str, Any]], Iterable[str]]
+LEVEL = {InputType.DATASET: 0, InputType.CONFIG: 1, InputType.SPLIT: 2}
+
+
+def read_field_path(content: Mapping[str, Any], path: str) -> list[Any]:
+    """The values at a dotted field path; a list on the way is read item by item:
+    `config_names.config` of {"config_names": [{"config": "a"}, {"config": "b"}]} is ["a", "b"]."""
+    values: list[Any] = [content]
+    for part in path.split("."):
+        found: list[Any] = []
+        for value in values:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            found += [item[part] for item in items if isinstance(item, Mapping) and part in item]
+        values = found
+    return [item for value in values for item in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 class CacheKey(NamedTuple):
@@ -57,6 +77,9 @@ class ProcessingStep:
     parents: tuple[str, ...] = ()
     job_runner_version: int = 1
     queue: QueueName = QueueName.LIGHT
+    # Where the content lists the configs (of a dataset-level step) or splits (of a config-level step) its
+    # finer children run on: a dotted field path (lists read item by item) or a function of the content.
+    fan_out: FanOut | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _STEP_NAME.fullmatch(self.name):
@@ -82,6 +105,32 @@ class ProcessingStep:
             raise InvalidStepSpecError(
                 f"step {self.name!r}: job_runner_version must be an integer >= 1, got {version!r}"
             )
+        fan_out = self.fan_out
+        if isinstance(fan_out, str) and not _FIELD_PATH.fullmatch(fan_out):
+            raise InvalidStepSpecError(f"step {self.name!r}: fan_out {fan_out!r} is not a dotted field path")
+        if fan_out is not None and not isinstance(fan_out, str) and not callable(fan_out):
+            raise InvalidStepSpecError(f"step {self.name!r}: fan_out must be a field path or a function")
+        if fan_out is not None and self.input_type is InputType.SPLIT:
+            raise InvalidStepSpecError(f"step {self.name!r} is split-level: it has nothing finer to fan out to")
+
+    def names_in(self, content: Mapping[str, Any]) -> list[str]:
+        """The configs or splits this step's content lists for its finer children, in order, once each.
+        InvalidStepSpecError when it has no fan_out, or the content does not list names (str)."""
+        if self.fan_out is None:
+            raise InvalidStepSpecError(f"step {self.name!r} declares no fan_out")
+        try:
+            if isinstance(self.fan_out, str):
+                values = read_field_path(content, self.fan_out)
+            else:
+                listed = self.fan_out(content)
+                if isinstance(listed, (str, bytes, Mapping)):  # iterating would give characters or keys
+                    raise TypeError(f"it returned a {type(listed).__name__}, not a list of names")
+                values = list(listed)
+        except Exception as error:
+            raise InvalidStepSpecError(f"step {self.name!r}: its fan_out failed: {error}") from None
+        if not all(isinstance(value, str) for value in values):
+            raise InvalidStepSpecError(f"step {self.name!r}: its fan_out must list names (str), got {values!r}")
+        return list(dict.fromkeys(values))
 
     @property
     def python_name(self) -> str:
@@ -121,6 +170,11 @@ class ProcessingGraph:
                 raise InvalidStepSpecError(
                     f"step {step.name!r} has no parents, so it must be dataset-level, not {step.input_type}"
                 )
+            if step.parents and not any(_enqueues(by_name[parent], step) for parent in step.parents):
+                raise InvalidStepSpecError(
+                    f"step {step.name!r} ({step.input_type}-level) would never be enqueued: its parents are "
+                    f"coarser and declare no fan_out saying where their content lists its {step.input_type}s"
+                )
         self._declared = declared
         self._by_name = by_name
         self._order = _kahn(declared)
@@ -130,6 +184,11 @@ class ProcessingGraph:
             for parent in step.parents:
                 children[parent].append(step.name)
         self._children = {name: tuple(names) for name, names in children.items()}
+        # Which step's content lists the configs (a dataset-level step) and the splits (a config-level one)
+        # each step runs on: the parent it fans out from, or what its first parent that has one runs on.
+        self._sources: dict[str, tuple[ProcessingStep | None, ProcessingStep | None]] = {}
+        for step in self._order:
+            self._sources[step.name] = _sources_of(step, [by_name[parent] for parent in step.parents], self._sources)
 
     def __contains__(self, item: object) -> bool:
         if isinstance(item, ProcessingStep):
@@ -191,25 +250,76 @@ class ProcessingGraph:
         """A new graph with ``step`` added, validated whole; ``self`` is left as it was."""
         return ProcessingGraph((*self._declared, step))
 
-    def expected_entries(self, dataset: str, configs: Mapping[str, Sequence[str]]) -> list[CacheKey]:
-        """The cache keys every step should have filled for ``dataset``, given its configs and splits."""
-        for config, splits in configs.items():
-            # A str is a Sequence[str]: "train" would otherwise expand to the splits t, r, a, i, n.
-            if isinstance(splits, str):
-                raise TypeError(f"splits of config {config!r} must be a sequence of names, not a str")
+    def sources(self, name: str) -> tuple[ProcessingStep | None, ProcessingStep | None]:
+        """The steps whose content lists the configs and the splits this step runs on (None: none does)."""
+        self.get_step(name)
+        return self._sources[name]
+
+    def expected_entries(self, dataset: str, listed: Mapping[str, Sequence[str]] | Listing) -> list[CacheKey]:
+        """The cache keys every step should have filled for ``dataset``: `listed(source, config)` says what a
+        fanning-out step's entry lists (configs of the dataset, splits of a config); a mapping
+        {config: [splits]} says the same for every such step."""
+        if isinstance(listed, Mapping):
+            listed = _same_listing(listed)
         keys: list[CacheKey] = []
         for step in self._order:
+            config_source, split_source = self._sources[step.name]
             if step.input_type is InputType.DATASET:
                 keys.append(CacheKey(step.name, dataset, None, None))
-            elif step.input_type is InputType.CONFIG:
+                continue
+            configs = listed(config_source, None) if config_source is not None else []
+            if step.input_type is InputType.CONFIG:
                 keys.extend(CacheKey(step.name, dataset, config, None) for config in configs)
-            else:
+            elif split_source is not None:
                 keys.extend(
                     CacheKey(step.name, dataset, config, split)
-                    for config, splits in configs.items()
-                    for split in splits
+                    for config in configs
+                    for split in listed(split_source, config)
                 )
         return keys
+
+
+Listing = Callable[[ProcessingStep, str | None], Sequence[str]]
+
+
+def _same_listing(configs: Mapping[str, Sequence[str]]) -> Listing:
+    for config, splits in configs.items():
+        # A str is a Sequence[str]: "train" would otherwise expand to the splits t, r, a, i, n.
+        if isinstance(splits, str):
+            raise TypeError(f"splits of config {config!r} must be a sequence of names, not a str")
+
+    def listed(source: ProcessingStep, config: str | None) -> Sequence[str]:
+        return list(configs) if config is None else configs.get(config, [])
+
+    return listed
+
+
+def _sources_of(
+    step: ProcessingStep,
+    parents: Sequence[ProcessingStep],
+    known: Mapping[str, tuple[ProcessingStep | None, ProcessingStep | None]],
+) -> tuple[ProcessingStep | None, ProcessingStep | None]:
+    config_source: ProcessingStep | None = None
+    split_source: ProcessingStep | None = None
+    fanned: tuple[ProcessingStep | None, ProcessingStep | None]
+    for parent in parents:
+        finer = LEVEL[step.input_type] - LEVEL[parent.input_type]
+        if finer == 1 and parent.fan_out is not None:
+            fanned = (parent, None) if step.input_type is InputType.CONFIG else (known[parent.name][0], parent)
+        else:
+            fanned = known[parent.name]
+        config_source = config_source or fanned[0]
+        split_source = split_source or fanned[1]
+    if step.input_type is InputType.DATASET:
+        return None, None
+    return config_source, split_source if step.input_type is InputType.SPLIT else None
+
+
+def _enqueues(parent: ProcessingStep, child: ProcessingStep) -> bool:
+    """Whether the parent's end enqueues the child: same level, coarser child (fan-in), or a child one level
+    finer whose configs or splits the parent's content lists (fan-out)."""
+    finer = LEVEL[child.input_type] - LEVEL[parent.input_type]
+    return finer <= 0 or (finer == 1 and parent.fan_out is not None)
 
 
 def _kahn(declared: tuple[ProcessingStep, ...]) -> tuple[ProcessingStep, ...]:
@@ -255,11 +365,11 @@ def _find_cycle(declared: tuple[ProcessingStep, ...], ordered: list[ProcessingSt
 
 
 DEFAULT_STEPS: tuple[ProcessingStep, ...] = (
-    ProcessingStep("dataset-config-names", InputType.DATASET),
-    ProcessingStep("config-split-names", InputType.CONFIG, ("dataset-config-names",)),
+    ProcessingStep("dataset-config-names", InputType.DATASET, fan_out="config_names.config"),
+    ProcessingStep("config-split-names", InputType.CONFIG, ("dataset-config-names",), fan_out="splits.split"),
     ProcessingStep("split-first-rows", InputType.SPLIT, ("config-split-names",)),
     ProcessingStep("config-parquet-and-info", InputType.CONFIG, ("dataset-config-names",), queue=QueueName.HEAVY),
-    ProcessingStep("config-parquet", InputType.CONFIG, ("config-parquet-and-info",)),
+    ProcessingStep("config-parquet", InputType.CONFIG, ("config-parquet-and-info",), fan_out="parquet_files.split"),
     ProcessingStep("config-info", InputType.CONFIG, ("config-parquet-and-info",)),
     ProcessingStep("config-size", InputType.CONFIG, ("config-parquet-and-info",)),
     ProcessingStep("dataset-size", InputType.DATASET, ("config-size",)),

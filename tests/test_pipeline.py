@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from common import cache, orchestrator
 from common.assets import CellLocation
 from common.config import get_config
 from common.exceptions import JobManagerCrashedError
-from common.processing_graph import ProcessingStep, get_processing_graph
+from common.processing_graph import get_processing_graph
 from common.queue import JobStatus
 from tasks import samples, steps
 from tasks.queue import get_queue
@@ -51,7 +52,7 @@ def wait_until_settled(
     deadline, quiet_since = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         entries = {(e.kind, e.config, e.split): e for e in cache.get_dataset_responses(dataset)}
-        expected = graph.expected_entries(dataset, orchestrator.known_configs(entries.values()))
+        expected = orchestrator.expected_entries(graph, dataset, entries.values())
         defaults = [k for k in expected if not k.kind.startswith(("test-", "bench-"))]
         busy = queue.jobs(dataset, [JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED])
         settled = not busy and all((k.kind, k.config, k.split) in entries for k in defaults)
@@ -183,30 +184,30 @@ def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
 ) -> None:
     dataset = samples.csv_dataset(mirror)
     before = run_pipeline(dataset)
-    assert get_queue().backfill(dataset) == []
+    assert orchestrator.backfill(get_queue(), dataset) == []
     bumped = [
-        ProcessingStep(s.name, s.input_type, s.parents, s.job_runner_version + (s.name == "config-parquet"), s.queue)
+        dataclasses.replace(s, job_runner_version=s.job_runner_version + (s.name == "config-parquet"))
         for s in graph_module.DEFAULT_STEPS
     ]
     monkeypatch.setattr(graph_module, "processing_graph", graph_module.ProcessingGraph(bumped))
-    planned = get_queue().backfill(dataset)
+    planned = orchestrator.backfill(get_queue(), dataset)
     assert [(job.step, job.config) for job in planned] == [("config-parquet", "default")]
     after = wait_until_settled(dataset)
     changed = sorted({key[0] for key, entry in after.items() if entry.updated_at != before[key].updated_at})
     assert changed == ["config-parquet", "dataset-is-valid", "split-descriptive-statistics"]
     assert after[("config-parquet", "default", None)].job_runner_version == 2
-    assert get_queue().backfill(dataset) == []
+    assert orchestrator.backfill(get_queue(), dataset) == []
 
 
 def test_backfill_enqueues_a_missing_root_and_retries_retryable_errors(
     mirror: Path, worker: object, default_graph: None
 ) -> None:
     dataset = samples.jsonl_dataset(mirror)
-    assert [job.step for job in get_queue().backfill(dataset)] == ["dataset-config-names"]
+    assert [job.step for job in orchestrator.backfill(get_queue(), dataset)] == ["dataset-config-names"]
     entries = wait_until_settled(dataset)
     revision = entries[("config-info", "default", None)].dataset_git_revision
     crashed = JobManagerCrashedError("the worker died")
-    assert get_queue().backfill(dataset) == []
+    assert orchestrator.backfill(get_queue(), dataset) == []
     get_queue().set_limit("org", 0)  # backfilled jobs wait: this test looks at what backfill plans
     max_failed_runs = get_config().worker.max_failed_runs
     for run in range(1, max_failed_runs + 1):
@@ -216,7 +217,7 @@ def test_backfill_enqueues_a_missing_root_and_retries_retryable_errors(
         assert cache.get_response("config-info", dataset, "default").failed_runs == run
         # Retried while it failed fewer than WORKER_MAX_FAILED_RUNS times in a row, then left alone.
         expected = ["config-info"] if run < max_failed_runs else []
-        assert [job.step for job in get_queue().backfill(dataset)] == expected
+        assert [job.step for job in orchestrator.backfill(get_queue(), dataset)] == expected
         get_queue().cancel(dataset)
 
 

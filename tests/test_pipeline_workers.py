@@ -1,4 +1,5 @@
-"""The whole graph for one dataset, from one call, with a real `celery -A tasks worker` process."""
+"""The whole graph for one dataset, from one call, with a real `celery -A tasks worker` process: the brief's
+own command, without -Q, consumes every queue (heavy steps included)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from common import cache
 from tasks import samples, steps
-from tasks.embedded import ROOT
+from tasks.embedded import ROOT, WorkerProcess
 from tests.conftest import Stores, use_settings
 from tests.test_pipeline import wait_until_settled
+from tests.waiting import eventually
 from tests.workers import sample_worker
 
 pytestmark = pytest.mark.slow
@@ -32,7 +35,9 @@ def test_one_call_with_real_workers_fills_every_entry_the_graph_expects(
     }
     use_settings(monkeypatch, env)
     dataset = samples.multi_config_dataset(root)
-    with sample_worker("w", env, tmp_path):
+    worker = sample_worker("w", env, tmp_path)
+    assert "-Q" not in worker.command  # `celery -A tasks worker`, as the brief says
+    with worker:
         steps.dataset_config_names.delay(dataset)
         entries = wait_until_settled(dataset)
         backfill = subprocess.run(
@@ -47,5 +52,29 @@ def test_one_call_with_real_workers_fills_every_entry_the_graph_expects(
     assert all(entry.is_success for entry in defaults.values()), {k: e.error_code for k, e in defaults.items()}
     # 3 dataset-level entries, 5 per config (en, fr), 2 per split (en/train, fr/train, fr/test)
     assert len(defaults) == 3 + 5 * 2 + 2 * 3
+    heavy = {kind for kind, _, _ in defaults if steps.get_step_task(kind).step.queue == "heavy"}
+    assert heavy == {"config-parquet-and-info", "split-descriptive-statistics"}
     assert backfill.returncode == 0, backfill.stderr
     assert "nothing to backfill" in backfill.stdout or "test-" in backfill.stdout
+
+
+def test_a_users_step_fans_out_to_its_config_level_child_and_fans_in_with_real_workers(
+    stores: Stores, celery_app: Celery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import user_steps
+
+    env = {**stores.env(), "WORKER_METRICS_PORT": "0"}
+    use_settings(monkeypatch, env)
+    include = ["tests.sample_steps", "tests.user_steps"]
+    with WorkerProcess("user", env, tmp_path / "worker-user.log", concurrency=2, include=include):
+        user_steps.test_user_tables.delay("someone/db")
+        total = eventually(lambda: _entry("test-user-total", "someone/db"), "the fan-in step's entry", timeout=90)
+    entries = cache.get_dataset_responses("someone/db")
+    rows = {entry.config: entry.content["rows"] for entry in entries if entry.kind == "test-user-table-rows"}
+    assert rows == user_steps.TABLES
+    assert total.content == {"rows": sum(user_steps.TABLES.values())}
+    assert sorted({entry.kind for entry in entries}) == ["test-user-table-rows", "test-user-tables", "test-user-total"]
+
+
+def _entry(kind: str, dataset: str) -> cache.CachedResponse | None:
+    return next((entry for entry in cache.get_dataset_responses(dataset) if entry.kind == kind), None)

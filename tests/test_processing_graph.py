@@ -91,7 +91,7 @@ def test_parents_that_are_a_bare_string_repeated_or_not_names_are_refused(parent
 
 def test_a_cycle_is_refused_with_the_steps_that_form_it() -> None:
     steps = [
-        ProcessingStep("root", InputType.DATASET),
+        ProcessingStep("root", InputType.DATASET, fan_out="configs"),
         ProcessingStep("a", InputType.CONFIG, ("root", "c")),
         ProcessingStep("b", InputType.CONFIG, ("a",)),
         ProcessingStep("c", InputType.CONFIG, ("b",)),
@@ -130,12 +130,88 @@ def test_a_root_that_is_not_dataset_level_is_refused(input_type: InputType) -> N
 def test_fan_in_to_a_coarser_step_and_fan_out_to_a_finer_one_are_both_allowed() -> None:
     graph = ProcessingGraph(
         [
-            ProcessingStep("root", InputType.DATASET),
-            ProcessingStep("per-split", InputType.SPLIT, ("root",)),
+            ProcessingStep("root", InputType.DATASET, fan_out="configs"),
+            ProcessingStep("per-config", InputType.CONFIG, ("root",), fan_out="splits.name"),
+            ProcessingStep("per-split", InputType.SPLIT, ("per-config",)),
             ProcessingStep("per-dataset", InputType.DATASET, ("per-split",)),
         ]
     )
-    assert names(graph.topological_order()) == ["root", "per-split", "per-dataset"]
+    assert names(graph.topological_order()) == ["root", "per-config", "per-split", "per-dataset"]
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [ProcessingStep("root", InputType.DATASET), ProcessingStep("per-config", InputType.CONFIG, ("root",))],
+        [
+            ProcessingStep("root", InputType.DATASET, fan_out="configs"),
+            ProcessingStep("per-split", InputType.SPLIT, ("root",)),  # two levels finer: nothing lists its key
+        ],
+    ],
+)
+def test_a_finer_step_that_nothing_would_enqueue_is_refused(steps: list[ProcessingStep]) -> None:
+    with pytest.raises(InvalidStepSpecError, match="would never be enqueued"):
+        ProcessingGraph(steps)
+
+
+def test_a_finer_step_needs_one_parent_that_enqueues_it_not_all() -> None:
+    graph = ProcessingGraph(
+        [
+            ProcessingStep("root", InputType.DATASET, fan_out="configs"),
+            ProcessingStep("other", InputType.DATASET, ("root",)),
+            ProcessingStep("per-config", InputType.CONFIG, ("root", "other")),
+        ]
+    )
+    assert "per-config" in graph
+
+
+@pytest.mark.parametrize(
+    ("fan_out", "input_type", "match"),
+    [
+        ("configs..name", InputType.DATASET, "not a dotted field path"),
+        ("", InputType.DATASET, "not a dotted field path"),
+        (42, InputType.DATASET, "a field path or a function"),
+        ("splits", InputType.SPLIT, "nothing finer"),
+    ],
+)
+def test_a_bad_fan_out_is_refused(fan_out: object, input_type: InputType, match: str) -> None:
+    with pytest.raises(InvalidStepSpecError, match=match):
+        ProcessingStep("a-step", input_type, ("root",) if input_type is not InputType.DATASET else (), fan_out=fan_out)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fan_out", "content", "names"),
+    [
+        ("configs", {"configs": ["a", "b", "a"]}, ["a", "b"]),
+        ("configs.name", {"configs": [{"name": "a"}, {"name": "b"}, {"other": 1}]}, ["a", "b"]),
+        ("files.meta.split", {"files": [{"meta": {"split": "train"}}, {"meta": {"split": "test"}}]}, ["train", "test"]),
+        ("configs", {}, []),
+        ("configs", {"configs": "abc"}, ["abc"]),
+        ("configs.name", {"configs": ({"name": "a"}, {"name": "b"})}, ["a", "b"]),
+        (lambda content: sorted(content["by_name"]), {"by_name": {"b": 1, "a": 2}}, ["a", "b"]),
+    ],
+)
+def test_fan_out_reads_names_from_a_field_path_or_a_function(
+    fan_out: object, content: dict[str, object], names: list[str]
+) -> None:
+    step = ProcessingStep("a-step", InputType.DATASET, fan_out=fan_out)  # type: ignore[arg-type]
+    assert step.names_in(content) == names
+
+
+@pytest.mark.parametrize(
+    ("fan_out", "content"),
+    [
+        ("configs", {"configs": [1, 2]}),
+        ("configs", {"configs": [None]}),
+        (lambda content: 1 / 0, {}),
+        (lambda content: content["config"], {"config": "default"}),  # a str, not a list of names
+        (lambda content: content, {"a": 1}),
+    ],
+)
+def test_fan_out_that_does_not_list_names_is_a_typed_error(fan_out: object, content: dict[str, object]) -> None:
+    step = ProcessingStep("a-step", InputType.DATASET, fan_out=fan_out)  # type: ignore[arg-type]
+    with pytest.raises(InvalidStepSpecError, match="a-step"):
+        step.names_in(content)
 
 
 # --- navigation of the default graph ------------------------------------------------------------
@@ -248,7 +324,7 @@ def test_topological_order_is_deterministic_and_breaks_ties_by_declaration_order
     reordered = ProcessingGraph(
         [
             ProcessingStep("late-child", InputType.CONFIG, ("root",)),
-            ProcessingStep("root", InputType.DATASET),
+            ProcessingStep("root", InputType.DATASET, fan_out="configs"),
             ProcessingStep("early-child", InputType.CONFIG, ("root",)),
         ]
     )
