@@ -33,6 +33,8 @@ from common.exceptions import (
     CacheableError,
     ContentNotStorableError,
     InvalidArgumentsError,
+    InvalidInputError,
+    InvalidStepSpecError,
     JobLeaseLostError,
     JobManagerExceededMaximumDurationError,
     StepcacheError,
@@ -41,7 +43,7 @@ from common.exceptions import (
 )
 from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.logging import job_context
-from common.names import namespace_of
+from common.names import namespace_of, validate_key
 from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority
@@ -124,7 +126,7 @@ def message_payload(step: str, job_id: str, args: Any, kwargs: Any, priority: st
 
 
 class StepTask(Task):  # type: ignore[misc]
-    """A processing step as a Celery task; `step` and `function` are set per step by `make_step_task`."""
+    """A processing step as a Celery task; `step` and `function` are set per step and app by tasks.steps."""
 
     step: ClassVar[ProcessingStep]
     function: ClassVar[StepFunction | None] = None
@@ -143,7 +145,7 @@ class StepTask(Task):  # type: ignore[misc]
             )
         dataset, config, split = bind_step_arguments(args, kwargs)
         priority = options.get("priority") or Priority.NORMAL
-        job = get_queue().enqueue(self.name, dataset, config, split, priority=priority)
+        job = get_queue(self.app).enqueue(self.name, dataset, config, split, priority=priority)
         return self.AsyncResult(job.job_id)
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
@@ -165,7 +167,7 @@ class StepTask(Task):  # type: ignore[misc]
         return self._run_job(payload, token)
 
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
-        lifecycle = get_lifecycle()
+        lifecycle = get_lifecycle(self.app)
         attempt = lifecycle.start(payload, token, delivery=uuid.uuid4().hex)
         if attempt is None:
             raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run, no state
@@ -203,12 +205,20 @@ class StepTask(Task):  # type: ignore[misc]
     def _report_progress(
         self, lifecycle: Lifecycle, attempt: Attempt, meta: ProgressMeta, heartbeat: Heartbeat
     ) -> None:
-        """Where a step's progress goes: Celery's PROGRESS state (Flower, AsyncResult.info), the cache
-        entry's progress (when there is one from an earlier run), and a job.progress event. An attempt
-        that lost its lease stops here, at its next report."""
+        """Where a step's progress goes: Celery's PROGRESS state in the result backend (AsyncResult.info),
+        a `task-progress` Celery event (Flower), the cache entry's progress (when there is one from an
+        earlier run), and a job.progress event. An attempt that lost its lease stops here, at its next
+        report."""
         if heartbeat.lease_lost or not lifecycle.progress(attempt, meta):
             raise JobLeaseLostError("the job's lease was taken back while it ran")
         self.update_state(state=PROGRESS_STATE, meta=meta)
+        # Flower's state sets a custom `task-<x>` event's state to "<X>" (PROGRESS, until SUCCESS or
+        # FAILURE wins) and keeps its fields on the task, but its API and task page list only Celery's
+        # own task fields: the meta goes in `result` (as AsyncResult.result has it), then also as fields.
+        try:
+            self.send_event("task-progress", result=json.dumps(meta, default=str), **meta)
+        except Exception:  # monitoring only: a lost event never fails the step
+            logger.warning("could not send the task-progress event of %s", self.request.id, exc_info=True)
 
     def _compute(self, job: StepJob) -> Mapping[str, Any]:
         function = type(self).function
@@ -217,6 +227,13 @@ class StepTask(Task):  # type: ignore[misc]
         content = function(job)
         if not isinstance(content, Mapping):
             raise ContentNotStorableError(f"step {self.name!r} returned {type(content).__name__}, not a mapping")
+        if self.step.fan_out is not None:
+            # What its children are planned from must be names they can be enqueued with.
+            try:
+                for name in self.step.names_in(content):
+                    validate_key(job.dataset, *((name, None) if job.config is None else (job.config, name)))
+            except (InvalidStepSpecError, InvalidInputError) as error:
+                raise ContentNotStorableError(f"step {self.name!r} fans out (fan_out) to bad names: {error}") from None
         return content
 
 
@@ -231,7 +248,7 @@ def end_delivered_attempt(task: Any, job_id: str, args: Any, kwargs: Any, header
         payload = message_payload(task.name, job_id, args, kwargs, _header(headers, PRIORITY_HEADER))
     except StepcacheError:
         return False
-    return get_lifecycle().end(Attempt(payload, token), outcome)
+    return get_lifecycle(task.app).end(Attempt(payload, token), outcome)
 
 
 def _header(headers: Any, name: str) -> Any:

@@ -24,11 +24,22 @@ def config_layout(job: StepJob) -> dict[str, SplitFiles]:
 
 def dataset_config_names(job: StepJob) -> dict[str, Any]:
     """{"config_names": [{"dataset", "config"}]}"""
-    return {"config_names": [{"dataset": job.dataset, "config": config} for config in dataset_layout(job)]}
+    job.progress.update(0, 1, "reading the dataset's files")
+    layout = dataset_layout(job)
+    config_names = []
+    for index, config in enumerate(layout):
+        config_names.append({"dataset": job.dataset, "config": config})
+        job.progress.update(index + 1, len(layout), f"config {config}")
+    return {"config_names": config_names}
 
 
 def config_split_names(job: StepJob) -> dict[str, Any]:
     """{"splits": [{"dataset", "config", "split"}]}"""
     assert job.config is not None
-    splits = config_layout(job)
-    return {"splits": [{"dataset": job.dataset, "config": job.config, "split": split} for split in splits]}
+    job.progress.update(0, 1, "reading the dataset's files")
+    splits = []
+    layout = config_layout(job)
+    for index, split in enumerate(layout):
+        splits.append({"dataset": job.dataset, "config": job.config, "split": split})
+        job.progress.update(index + 1, len(layout), f"split {split}")
+    return {"splits": splits}

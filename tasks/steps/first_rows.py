@@ -58,6 +58,8 @@ def split_first_rows(job: StepJob) -> dict[str, Any]:
     if job.split not in splits:
         raise SplitNotFoundError(f"config {job.config!r} has no split {job.split!r}; it has {sorted(splits)}")
     settings = get_config().worker
+    files = splits[job.split].files
+    job.progress.update(0, 1, f"reading {len(files)} file(s) of split {job.split}")
     table = read_split(splits[job.split])
     if table.num_columns > settings.first_rows_max_columns:
         raise TooManyColumnsError(
@@ -66,13 +68,17 @@ def split_first_rows(job: StepJob) -> dict[str, Any]:
         )
     kinds = [column_kind(field) for field in table.schema]
     rows = []
-    for index, record in enumerate(table.slice(0, MAX_ROWS).to_pylist()):
+    records = table.slice(0, MAX_ROWS).to_pylist()
+    for index, record in enumerate(records):
         row = {}
         for column_index, (name, value) in enumerate(record.items()):
             location = CellLocation(job.dataset, job.revision, job.config, job.split, index, name, column_index)
             row[name] = _cell(value, kinds[column_index], location)
         rows.append({"row_idx": index, "row": row, "truncated_cells": []})
+        # one row at a time: image and audio cells are written to the asset storage
+        job.progress.update(index + 1, len(records) + 1, f"row {index + 1} of {len(records)}")
     truncated = _truncate(rows, settings.first_rows_max_bytes, settings.first_rows_min_cell_bytes)
+    job.progress.update(1, 1, f"{len(rows)} rows")
     return {
         "dataset": job.dataset,
         "config": job.config,

@@ -29,8 +29,11 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
     assert job.config is not None
     parquet_files, splits, schema = [], {}, None
     layout = config_layout(job)
+    total = 2 * len(layout)  # per split: its files read, then its Parquet file written
+    job.progress.update(0, total, f"{len(layout)} split(s) to convert")
     for index, (split, files) in enumerate(layout.items()):
         table = read_split(files)
+        job.progress.update(2 * index + 1, total, f"read {len(files.files)} file(s) of {split}")
         path = parquet_path(job.dataset, job.revision, job.config, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
@@ -47,7 +50,7 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
         )
         splits[split] = {"name": split, "num_examples": table.num_rows, "num_bytes": table.nbytes}
         schema = schema or table.schema
-        job.progress.update(index + 1, len(layout), f"converted {split}")
+        job.progress.update(2 * index + 2, total, f"converted {split}")
     assert schema is not None
     return {
         "parquet_files": parquet_files,
@@ -67,29 +70,35 @@ def _parent(job: StepJob) -> dict[str, Any]:
 
 
 def config_parquet(job: StepJob) -> dict[str, Any]:
-    return {"parquet_files": _parent(job)["parquet_files"], "partial": False}
+    parquet_files = _parent(job)["parquet_files"]
+    job.progress.update(1, 1, f"{len(parquet_files)} Parquet file(s)")  # nothing to iterate over: the end
+    return {"parquet_files": parquet_files, "partial": False}
 
 
 def config_info(job: StepJob) -> dict[str, Any]:
-    return {"dataset_info": _parent(job)["dataset_info"], "partial": False}
+    dataset_info = _parent(job)["dataset_info"]
+    job.progress.update(1, 1, f"{len(dataset_info['splits'])} split(s)")  # nothing to iterate over: the end
+    return {"dataset_info": dataset_info, "partial": False}
 
 
 def config_size(job: StepJob) -> dict[str, Any]:
     parent = _parent(job)
     info, files = parent["dataset_info"], parent["parquet_files"]
     num_columns = len(info["features"])
-    splits = [
-        {
-            "dataset": job.dataset,
-            "config": job.config,
-            "split": name,
-            "num_rows": split["num_examples"],
-            "num_bytes_memory": split["num_bytes"],
-            "num_columns": num_columns,
-            "num_bytes_parquet_files": sum(f["size"] for f in files if f["split"] == name),
-        }
-        for name, split in info["splits"].items()
-    ]
+    splits = []
+    for index, (name, split) in enumerate(info["splits"].items()):
+        splits.append(
+            {
+                "dataset": job.dataset,
+                "config": job.config,
+                "split": name,
+                "num_rows": split["num_examples"],
+                "num_bytes_memory": split["num_bytes"],
+                "num_columns": num_columns,
+                "num_bytes_parquet_files": sum(f["size"] for f in files if f["split"] == name),
+            }
+        )
+        job.progress.update(index + 1, len(info["splits"]), f"split {name}")
     return {
         "size": {
             "config": {
@@ -111,6 +120,7 @@ def dataset_size(job: StepJob) -> dict[str, Any]:
     """Sums the configs' sizes; lists the configs whose size is missing or failed (then partial)."""
     configs = [c["config"] for c in job.previous_step("dataset-config-names")["config_names"]]
     sizes = {e.config: e for e in get_dataset_responses(job.dataset) if e.kind == "config-size"}
+    job.progress.update(1, 1, f"{len(configs)} config(s)")  # one read of the cache: the end
     done = [sizes[c].content["size"] for c in configs if c in sizes and sizes[c].is_success]
     failed = [c for c in configs if c in sizes and not sizes[c].is_success]
     pending = [c for c in configs if c not in sizes]

@@ -68,8 +68,12 @@ def split_descriptive_statistics(job: StepJob) -> dict[str, Any]:
     paths = [f["path"] for f in files if f["split"] == job.split]
     if not paths:
         raise SplitNotFoundError(f"config {job.config!r} has no Parquet file for split {job.split!r}")
+    job.progress.update(0, 1, f"reading {len(paths)} Parquet file(s)")
     table = pa.concat_tables([pq.read_table(path) for path in paths])
-    columns = [column_statistics(field, table.column(field.name)) for field in table.schema]
+    columns = []
+    for index, field in enumerate(table.schema):
+        columns.append(column_statistics(field, table.column(field.name)))
+        job.progress.update(index + 1, table.num_columns, f"column {field.name}")
     return {
         "num_examples": table.num_rows,
         "statistics": [c for c in columns if c is not None],
