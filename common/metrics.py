@@ -2,7 +2,8 @@
 
 Counters and histograms are written by whichever process runs a job, into files under
 PROMETHEUS_MULTIPROC_DIR; the worker's main process serves their sum, plus gauges it reads live from
-Redis and MongoDB at scrape time (waiting and running jobs, leases, cache entries). prometheus_client is
+Redis and MongoDB at scrape time (waiting and running jobs, oldest waits and limits of the top
+TOP_NAMESPACES namespaces plus their totals over all namespaces, leases, cache entries). prometheus_client is
 imported lazily, only after :func:`prepare_multiprocess` set the directory: it picks its storage when
 first imported.
 """
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from common.cache import CacheCount
-from common.queue.limiter import NamespaceCounts
+from common.queue.limiter import NamespaceOverview
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Namespaces with a `namespace` label (the most waiting jobs first): the series stay bounded however many
+# namespaces there are; the `*_all` gauges carry the totals over every namespace.
+TOP_NAMESPACES = 20
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600)
 
 
@@ -71,34 +75,80 @@ def job_finished(step: str, status: str, duration: float | None) -> None:
         metrics.duration.labels(step=step).observe(duration)
 
 
+def top_namespaces(overview: Mapping[str, NamespaceOverview], top: int) -> list[str]:
+    """The `top` namespaces with the most waiting jobs (then running, then the longest wait, then by name)."""
+
+    def rank(namespace: str) -> tuple[int, int, float, str]:
+        o = overview[namespace]
+        return (-o.waiting, -(o.queued + o.started), -(o.oldest_wait or 0.0), namespace)
+
+    return sorted(overview, key=rank)[:top]
+
+
 class LiveCollector:
-    """Gauges read at scrape time: jobs per namespace and state, leases in use, cache entries."""
+    """Gauges read at scrape time: per namespace for the `top` namespaces only (by waiting jobs), totals over
+    all namespaces, leases in use, cache entries. `namespaces` is the limiter's `overview`."""
 
     def __init__(
         self,
-        namespace_counts: Callable[[], Mapping[str, NamespaceCounts]],
+        namespaces: Callable[[], Mapping[str, NamespaceOverview]],
         cache_counts: Callable[[], Sequence[CacheCount]],
+        top: int = TOP_NAMESPACES,
     ) -> None:
-        self.namespace_counts = namespace_counts
+        self.namespaces = namespaces
         self.cache_counts = cache_counts
+        self.top = top
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        waiting = GaugeMetricFamily("stepcache_jobs_waiting", "Jobs waiting for a slot", labels=["namespace"])
+        overview = self.namespaces()
+        waiting = GaugeMetricFamily(
+            "stepcache_jobs_waiting", "Jobs waiting for a slot (the top namespaces)", labels=["namespace"]
+        )
         running = GaugeMetricFamily(
             "stepcache_jobs_running",
-            "Jobs holding a slot, by state (queued, started)",
+            "Jobs holding a slot, by state (queued, started) (the top namespaces)",
             labels=["namespace", "state"],
         )
+        oldest = GaugeMetricFamily(
+            "stepcache_oldest_wait_seconds",
+            "How long the oldest waiting job has waited, 0 when none waits (the top namespaces)",
+            labels=["namespace"],
+        )
+        limit = GaugeMetricFamily(
+            "stepcache_namespace_limit", "Slots a namespace may hold (the top namespaces)", labels=["namespace"]
+        )
+        for namespace in top_namespaces(overview, self.top):
+            o = overview[namespace]
+            waiting.add_metric([namespace], o.waiting)
+            running.add_metric([namespace, "queued"], o.queued)
+            running.add_metric([namespace, "started"], o.started)
+            oldest.add_metric([namespace], o.oldest_wait or 0.0)
+            limit.add_metric([namespace], o.limit)
+        yield from (waiting, running, oldest, limit)
+        waits = [o.oldest_wait for o in overview.values() if o.oldest_wait is not None]
+        totals = {
+            "waiting": sum(o.waiting for o in overview.values()),
+            "queued": sum(o.queued for o in overview.values()),
+            "started": sum(o.started for o in overview.values()),
+        }
+        waiting_all = GaugeMetricFamily("stepcache_jobs_waiting_all", "Jobs waiting for a slot, all namespaces")
+        waiting_all.add_metric([], totals["waiting"])
+        running_all = GaugeMetricFamily(
+            "stepcache_jobs_running_all", "Jobs holding a slot, by state, all namespaces", labels=["state"]
+        )
+        running_all.add_metric(["queued"], totals["queued"])
+        running_all.add_metric(["started"], totals["started"])
+        oldest_all = GaugeMetricFamily(
+            "stepcache_oldest_wait_seconds_all", "How long the oldest waiting job of any namespace has waited"
+        )
+        oldest_all.add_metric([], max(waits, default=0.0))
+        known = GaugeMetricFamily("stepcache_namespaces", "Namespaces with work or a limit override")
+        known.add_metric([], len(overview))
         leases = GaugeMetricFamily("stepcache_leases_in_use", "Slots leased, all namespaces")
-        total = 0
-        for namespace, counts in self.namespace_counts().items():
-            waiting.add_metric([namespace], counts.waiting)
-            running.add_metric([namespace, "queued"], counts.queued)
-            running.add_metric([namespace, "started"], counts.started)
-            total += counts.queued + counts.started
-        leases.add_metric([], total)
+        leases.add_metric([], totals["queued"] + totals["started"])
+        yield from (waiting_all, running_all, oldest_all, known, leases)
         entries = GaugeMetricFamily(
             "stepcache_cache_entries",
             "Cache entries by kind, status and error code",
@@ -106,7 +156,7 @@ class LiveCollector:
         )
         for count in self.cache_counts():
             entries.add_metric([count.kind, str(count.http_status), count.error_code or ""], count.count)
-        yield from (waiting, running, leases, entries)
+        yield entries
 
 
 def serve(port: int, live: LiveCollector | None = None) -> Any:

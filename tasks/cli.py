@@ -1,6 +1,8 @@
 """`python -m tasks COMMAND`: stepcache from the command line.
 
-Commands: run, enqueue, status, follow, backfill, cancel, limits, workers (`python -m tasks COMMAND -h`).
+Commands: run, enqueue, status, follow, backfill, cancel, limits, top, reconcile, workers
+(`python -m tasks COMMAND -h`). Tables and progress bars are drawn by tasks/display.py (rich): plain text
+without escape codes when the output is not a terminal.
 Exit codes: 0 done (a followed job succeeded), 1 a followed job failed or was cancelled (or `run --once`
 did not finish), 2 bad input or configuration (one line on stderr, no traceback), 3 a server could not be
 reached (or no worker answered).
@@ -17,18 +19,15 @@ from typing import TextIO
 from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from common import orchestrator
 from common.events import Event, EventType, JobFailed, JobProgress, JobState
 from common.exceptions import InvalidArgumentsError, StepcacheError
+from common.follow import follow as follow_job
 from common.queue import JobStatus
-from common.queue.limiter import NamespaceCounts
+from tasks.display import ProgressBar, make_console, make_table, print_line, print_table
+from tasks.top import SORT_COLUMNS
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
-BAR_WIDTH = 30
-
-
-def progress_bar(fraction: float, message: str | None = None) -> str:
-    filled = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH)
-    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%}" + (f" {message}" if message else "")
 
 
 def follow(job_id: str, out: TextIO = sys.stdout) -> int:
@@ -36,22 +35,24 @@ def follow(job_id: str, out: TextIO = sys.stdout) -> int:
     from tasks.queue import get_queue
 
     outcome = EXIT_OK
-    for event in get_queue().follow(job_id):
-        out.write("\r\033[K" + describe(event))
-        if not isinstance(event, JobProgress):
-            out.write("\n")
-        out.flush()
-        if isinstance(event, JobState) and JobStatus(event.status).is_terminal:
-            outcome = EXIT_OK if event.status == JobStatus.SUCCESS else EXIT_JOB_FAILED
-        elif event.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
-            outcome = EXIT_JOB_FAILED
+    with ProgressBar(make_console(out)) as bar:
+        queue = get_queue()
+        for event in follow_job(queue.ledger, queue.events, job_id):
+            if isinstance(event, JobProgress):
+                bar.update(event.fraction, event.message)
+            else:
+                bar.print(describe(event))
+            if isinstance(event, JobState) and JobStatus(event.status).is_terminal:
+                outcome = EXIT_OK if event.status == JobStatus.SUCCESS else EXIT_JOB_FAILED
+            elif event.type in (EventType.JOB_FAILED, EventType.JOB_CANCELLED):
+                outcome = EXIT_JOB_FAILED
     return outcome
 
 
 def describe(event: Event) -> str:
     """One line about an event of a followed job."""
     if isinstance(event, JobProgress):
-        return progress_bar(event.fraction, event.message)
+        return f"{event.fraction:.0%}" + (f" {event.message}" if event.message else "")
     if isinstance(event, JobState):
         return f"{event.step} {event.dataset}: {event.status} (attempts: {event.attempts})"
     if isinstance(event, JobFailed):
@@ -63,21 +64,12 @@ def backfill(dataset: str, out: TextIO = sys.stdout) -> int:
     """Enqueue what the graph expects of the dataset and the cache lacks, is obsolete or stale."""
     from tasks.queue import get_queue
 
-    jobs = get_queue().backfill(dataset)
+    jobs = orchestrator.backfill(get_queue(), dataset)
     for job in jobs:
         out.write(f"{job.job_id}  {job.step}  {job.dataset}  {job.config or ''}  {job.split or ''}\n")
     if not jobs:
         out.write(f"{dataset}: nothing to backfill\n")
     return EXIT_OK
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Rows as an aligned text table."""
-    cells = [[str(cell) for cell in row] for row in [headers, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines) + "\n"
 
 
 def enqueue(step: str, dataset: str, config: str | None, split: str | None, priority: str, out: TextIO) -> int:
@@ -93,36 +85,40 @@ def status(dataset: str, out: TextIO) -> int:
     from common import cache
     from tasks.queue import get_queue
 
+    console = make_console(out)
     entries = cache.get_dataset_responses(dataset)
-    out.write(f"cache of {dataset}:\n")
-    out.write(
-        table(
-            ["kind", "config", "split", "status", "error", "duration", "updated"],
+    cache_table = make_table(
+        ["kind", "config", "split", "status", "error", "duration", "updated"],
+        [
             [
-                [
-                    e.kind,
-                    e.config or "",
-                    e.split or "",
-                    e.http_status,
-                    e.error_code or "",
-                    f"{e.duration:.2f}s" if e.duration is not None else "",
-                    e.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
-                ]
-                for e in entries
-            ],
-        )
+                e.kind,
+                e.config or "",
+                e.split or "",
+                e.http_status,
+                e.error_code or "",
+                f"{e.duration:.2f}s" if e.duration is not None else "",
+                e.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            ]
+            for e in entries
+        ],
+        console,
+        right={"duration"},
+        title=f"cache of {dataset}:",
     )
+    print_table(console, cache_table)
     jobs = get_queue().jobs(dataset)[-50:]
-    out.write(f"\njobs of {dataset} (the latest {len(jobs)}):\n")
-    out.write(
-        table(
-            ["job", "step", "config", "split", "priority", "status", "attempts", "error"],
-            [
-                [j.job_id, j.step, j.config or "", j.split or "", j.priority, j.status, j.attempts, j.error_code or ""]
-                for j in jobs
-            ],
-        )
+    jobs_table = make_table(
+        ["job", "step", "config", "split", "priority", "status", "attempts", "error"],
+        [
+            [j.job_id, j.step, j.config or "", j.split or "", j.priority, j.status, j.attempts, j.error_code or ""]
+            for j in jobs
+        ],
+        console,
+        right={"attempts"},
+        title=f"jobs of {dataset} (the latest {len(jobs)}):",
     )
+    print_line(console, "")
+    print_table(console, jobs_table)
     return EXIT_OK
 
 
@@ -147,16 +143,14 @@ def limits(action: str, namespace: str | None, value: int | None, out: TextIO) -
         if namespace is None:
             raise InvalidArgumentsError("limits clear NAMESPACE: the namespace is needed")
         queue.set_limit(namespace, None)
-    out.write(f"default (QUEUE_MAX_JOBS_PER_NAMESPACE): {get_config().queue.max_jobs_per_namespace}\n")
-    rows = []
-    counts_of = queue.counts()
-    idle = NamespaceCounts(0, 0, 0)
-    for name, counts in sorted({**dict.fromkeys(queue.limiter.overrides(), idle), **counts_of}.items()):
-        limit, overridden = queue.get_limit(name)
-        rows.append(
-            [name, f"{limit}{' (override)' if overridden else ''}", counts.waiting, counts.queued, counts.started]
-        )
-    out.write(table(["namespace", "limit", "waiting", "queued", "started"], rows))
+    console = make_console(out)
+    print_line(console, f"default (QUEUE_MAX_JOBS_PER_NAMESPACE): {get_config().queue.max_jobs_per_namespace}")
+    rows = [
+        [name, f"{o.limit}{' (override)' if o.overridden else ''}", o.waiting, o.queued, o.started]
+        for name, o in sorted(queue.limiter.overview().items())
+    ]
+    headers = ["namespace", "limit", "waiting", "queued", "started"]
+    print_table(console, make_table(headers, rows, console, right=headers[2:]))
     return EXIT_OK
 
 
@@ -180,15 +174,11 @@ def workers(out: TextIO) -> int:
         return EXIT_UNREACHABLE
     active = inspector.active() or {}
     queues = inspector.active_queues() or {}
-    out.write(
-        table(
-            ["worker", "queues", "running"],
-            [
-                [name, ",".join(q["name"] for q in queues.get(name, [])), len(active.get(name, []))]
-                for name in sorted(replies)
-            ],
-        )
-    )
+    rows = [
+        [name, ",".join(q["name"] for q in queues.get(name, [])), len(active.get(name, []))] for name in sorted(replies)
+    ]
+    console = make_console(out)
+    print_table(console, make_table(["worker", "queues", "running"], rows, console, right={"running"}))
     return EXIT_OK
 
 
@@ -197,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     follow_parser = commands.add_parser("follow", help="show a job's progress until it ends")
     follow_parser.add_argument("job_id", metavar="JOB", help="the job id (what step.delay returned)")
-    follow_parser.set_defaults(run=lambda args: follow(args.job_id))
+    follow_parser.set_defaults(run=lambda args: follow(args.job_id, sys.stdout))
     backfill_parser = commands.add_parser(
         "backfill", help="enqueue the dataset's missing, obsolete, stale or retryable cache entries"
     )
     backfill_parser.add_argument("dataset", metavar="DATASET", help="org/name or name")
-    backfill_parser.set_defaults(run=lambda args: backfill(args.dataset))
+    backfill_parser.set_defaults(run=lambda args: backfill(args.dataset, sys.stdout))
 
     run_parser = commands.add_parser("run", help="run everything locally on embedded defaults (make run)")
     run_parser.add_argument("--once", action="store_true", help="exit when the sample pipelines are done")
@@ -239,7 +229,47 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile_parser.set_defaults(run=lambda args: reconcile(sys.stdout))
     workers_parser = commands.add_parser("workers", help="the workers that answer, their queues and running jobs")
     workers_parser.set_defaults(run=lambda args: workers(sys.stdout))
+
+    top_parser = commands.add_parser(
+        "top",
+        help="a live view of the namespaces: limit, waiting, queued, started, oldest wait",
+        description="A live view of the namespaces the limiter knows, refreshed every --interval seconds. Keys: "
+        "n, w, u, s, o sort by namespace, waiting, queued, started, oldest wait; r reverses; q or Ctrl-C quits. "
+        "When the output is not a terminal, a table is printed at every refresh.",
+    )
+    top_parser.add_argument(
+        "--sort", choices=SORT_COLUMNS, default="waiting", help="the order (default: waiting; numbers descending)"
+    )
+    top_parser.add_argument("--limit", type=_positive, default=None, metavar="N", help="the top N rows, plus a total")
+    top_parser.add_argument("--once", action="store_true", help="print the table once and exit")
+    top_parser.add_argument("--json", action="store_true", help="print the figures as JSON once and exit")
+    top_parser.add_argument(
+        "--interval", type=_positive_float, default=1.0, metavar="SECONDS", help="refresh period (default: 1)"
+    )
+    top_parser.set_defaults(run=_top)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0, not {text}")
+    return value
+
+
+def _top(args: argparse.Namespace) -> int:
+    from tasks.top import top
+
+    return top(
+        sort=args.sort, limit=args.limit, once=args.once, as_json=args.json, interval=args.interval, out=sys.stdout
+    )
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from tasks.display import ProgressBar, make_console, make_table, print_line, print_table
 from tasks.embedded import ROOT, EmbeddedServer, WorkerProcess, start_mongo, start_redis
 
 DEFAULT_HOME = ROOT / ".stepcache"
@@ -36,7 +37,7 @@ def _started(server: EmbeddedServer) -> Iterator[EmbeddedServer]:
 
 
 @contextmanager
-def _flower(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def flower(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
     if env.get("FLOWER_BASIC_AUTH"):
         command.append(f"--basic-auth={env['FLOWER_BASIC_AUTH']}")
@@ -90,15 +91,15 @@ def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER
             from common.config import get_config
 
             get_config.cache_clear()
-            from tasks import app, samples
+            from tasks import create_app, samples
 
-            # This process imported the app before it knew which servers it would use.
-            broker = env.get("CELERY_BROKER_URL") or env["QUEUE_REDIS_URL"]
-            app.conf.update(broker_url=broker, result_backend=env.get("CELERY_RESULT_BACKEND") or broker)
+            # The app of the servers this process now knows; it becomes the current app, the one
+            # get_queue() publishes through.
+            create_app(get_config())
 
             datasets = samples.write_demo_mirror(Path(get_config().common.hf_endpoint.removeprefix("file://")))
             stack.enter_context(WorkerProcess("stepcache", env, home / "worker.log", concurrency=2))
-            stack.enter_context(_flower({**env}, flower_port, home / "flower.log"))
+            stack.enter_context(flower({**env}, flower_port, home / "flower.log"))
             out.write(f"worker: running (log in {home / 'worker.log'})\nFlower: http://localhost:{flower_port}\n")
             done = follow_pipelines(datasets, out)
             all_ok = print_cache(datasets, out)
@@ -119,48 +120,42 @@ def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER
 
 def follow_pipelines(datasets: list[str], out: TextIO) -> bool:
     """Enqueue each dataset's pipeline and show a progress bar until the graph has nothing left to do."""
-    from common import cache
-    from common.orchestrator import known_configs
+    from common import cache, orchestrator
     from common.processing_graph import get_processing_graph
     from common.queue import JobStatus
-    from tasks.cli import progress_bar
     from tasks.queue import get_queue
 
     queue, graph = get_queue(), get_processing_graph()
     for dataset in datasets:
-        queue.backfill(dataset, priority="normal")
+        orchestrator.backfill(queue, dataset, priority="normal")
     deadline = time.monotonic() + PIPELINE_TIMEOUT_SECONDS
     quiet_since: float | None = None
-    while time.monotonic() < deadline:
-        done_total = expected_total = 0
-        for dataset in datasets:
-            entries = cache.get_dataset_responses(dataset)
-            expected = graph.expected_entries(dataset, known_configs(entries))
-            present = {(e.kind, e.config, e.split) for e in entries}
-            done_total += sum((k.kind, k.config, k.split) in present for k in expected)
-            expected_total += len(expected)
-        busy = queue.jobs(statuses=[JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED])
-        out.write(
-            "\r\033[K"
-            + progress_bar(done_total / max(1, expected_total), f"{done_total}/{expected_total} cache entries")
-        )
-        out.flush()
-        if not busy and done_total == expected_total:
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since > 1.0:
-                out.write("\n")
-                return True
-        else:
-            quiet_since = None
-        time.sleep(0.2)
-    out.write("\npipelines did not finish in time\n")
+    console = make_console(out)
+    with ProgressBar(console) as bar:
+        while time.monotonic() < deadline:
+            done_total = expected_total = 0
+            for dataset in datasets:
+                entries = cache.get_dataset_responses(dataset)
+                expected = orchestrator.expected_entries(graph, dataset, entries)
+                present = {(e.kind, e.config, e.split) for e in entries}
+                done_total += sum((k.kind, k.config, k.split) in present for k in expected)
+                expected_total += len(expected)
+            busy = queue.jobs(statuses=[JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED])
+            bar.update(done_total / max(1, expected_total), f"{done_total}/{expected_total} cache entries")
+            if not busy and done_total == expected_total:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since > 1.0:
+                    return True
+            else:
+                quiet_since = None
+            time.sleep(0.2)
+    print_line(console, "pipelines did not finish in time")
     return False
 
 
 def print_cache(datasets: list[str], out: TextIO) -> bool:
     """Print the samples' cache entries as a table; whether every one of them is a success."""
     from common import cache
-    from tasks.cli import table
 
     rows = []
     for dataset in datasets:
@@ -168,5 +163,6 @@ def print_cache(datasets: list[str], out: TextIO) -> bool:
             status = "ok" if entry.is_success else f"{entry.http_status} {entry.error_code}"
             duration = f"{entry.duration:.2f}s" if entry.duration is not None else ""
             rows.append([entry.kind, entry.dataset, entry.config or "", entry.split or "", status, duration])
-    out.write(table(["kind", "dataset", "config", "split", "status", "duration"], rows))
+    console = make_console(out)
+    print_table(console, make_table(["kind", "dataset", "config", "split", "status", "duration"], rows, console))
     return bool(rows) and all(row[4] == "ok" for row in rows)

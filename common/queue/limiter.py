@@ -30,12 +30,15 @@ from typing import Any
 import redis
 
 from common.constants import REDIS_PREFIX
-from common.queue.jobs import Dispatch, JobPayload
+from common.queue.jobs import Dispatch, JobPayload, Priority
 from common.resilience import retry_transient
 
 ACTIVE_KEY = f"{REDIS_PREFIX}:active"  # namespaces with jobs or records
 LIMITS_KEY = f"{REDIS_PREFIX}:limits"  # namespaces with a limit override
 REAP_BATCH = 100
+OVERVIEW_BATCH = 500  # namespaces read per round trip by `overview`
+RANK_WEIGHT = 10**15  # as in scripts/prelude.lua: a waiting job's score is rank * RANK_WEIGHT + age
+FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua: fences are microseconds since then
 _KEY_NAMES = (
     "leases",
     "expiry",
@@ -178,6 +181,22 @@ class NamespaceCounts:
     def running(self) -> int:
         """Jobs holding a slot: dispatched to Celery or started."""
         return self.queued + self.started
+
+
+@dataclass(frozen=True)
+class NamespaceOverview:
+    """One namespace as operators watch it (`python -m tasks top`, the live gauges)."""
+
+    limit: int
+    overridden: bool
+    waiting: int
+    queued: int
+    started: int
+    oldest_wait: float | None  # seconds its oldest waiting job has waited (Redis clock); None: none waits
+
+    @property
+    def counts(self) -> NamespaceCounts:
+        return NamespaceCounts(self.waiting, self.queued, self.started)
 
 
 class NamespaceLimiter:
@@ -354,6 +373,49 @@ class NamespaceLimiter:
         waiting, leases = pipe.execute()
         queued = sum(1 for lease in leases if lease.startswith(b"q:"))
         return NamespaceCounts(int(waiting), queued, len(leases) - queued)
+
+    def overview(self, namespaces: Iterable[str] | None = None) -> dict[str, NamespaceOverview]:
+        """Limit, counts and oldest wait of these namespaces (by default every namespace with work or a
+        limit override); read-only, one pipelined round trip per OVERVIEW_BATCH namespaces. A waiting job's
+        age is the fence of its admission (kept when requeued), so its wait is measured on the Redis clock."""
+        if namespaces is None:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.smembers(ACTIVE_KEY)
+            pipe.smembers(LIMITS_KEY)
+            active, overridden = pipe.execute()
+            namespaces = (_text(ns) for ns in (*active, *overridden))
+        names = sorted(set(namespaces))
+        ranks = sorted({priority.rank for priority in Priority})
+        result = {}
+        for start in range(0, len(names), OVERVIEW_BATCH):
+            batch = names[start : start + OVERVIEW_BATCH]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.time()
+            for namespace in batch:
+                waiting = namespace_key(namespace, "waiting")
+                pipe.get(namespace_key(namespace, "limit"))
+                pipe.zcard(waiting)
+                pipe.hvals(namespace_key(namespace, "leases"))
+                for rank in ranks:  # the head of each priority: the oldest job of that priority
+                    low, high = rank * RANK_WEIGHT, (rank + 1) * RANK_WEIGHT
+                    pipe.zrangebyscore(waiting, low, f"({high}", start=0, num=1, withscores=True)
+            replies = pipe.execute()
+            seconds, microseconds = replies[0]
+            now = (int(seconds) * 1_000_000 + int(microseconds)) - FENCE_EPOCH_MS * 1000
+            per_namespace = 3 + len(ranks)
+            for i, namespace in enumerate(batch):
+                override, waiting_count, leases, *heads = replies[1 + i * per_namespace : 1 + (i + 1) * per_namespace]
+                ages = [int(head[0][1]) - rank * RANK_WEIGHT for rank, head in zip(ranks, heads, strict=True) if head]
+                queued = sum(1 for lease in leases if _text(lease).startswith("q:"))
+                result[namespace] = NamespaceOverview(
+                    limit=self.default_limit if override is None else int(override),
+                    overridden=override is not None,
+                    waiting=int(waiting_count),
+                    queued=queued,
+                    started=len(leases) - queued,
+                    oldest_wait=max(0, now - min(ages)) / 1_000_000 if ages else None,
+                )
+        return result
 
     def lease_token(self, namespace: str, job_id: str) -> str | None:
         """The token of the job's lease, if it holds one."""
