@@ -23,6 +23,7 @@ from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationErro
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.exceptions import ConfigError
+from common.redis_connection import parse_redis_url
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["plain", "json"]
@@ -56,16 +57,16 @@ WORKER_HARD_LIMIT_GRACE_SECONDS = 30.0
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password (or a lone user token) replaced by `***`; unparsable input fully masked."""
+    """The URL with its password (or a lone user token) replaced by `***`; unparsable input fully masked.
+    A cluster's or Sentinels' URL lists several host:port after the credentials."""
     try:
         parts = urlsplit(url)
-        if parts.password is None and parts.username is None:
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        if not at:
             return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***" if parts.password is not None else "***"
-        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+        username, has_password, _ = userinfo.partition(":")
+        user = f"{username}:***" if has_password else "***"
+        return urlunsplit(parts._replace(netloc=f"{user}@{hosts}"))
     except ValueError:
         return "***"
 
@@ -90,8 +91,14 @@ def _scheme_checker(*schemes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _check_redis_url(value: SecretStr) -> SecretUrl:
+    url = value.get_secret_value()
+    parse_redis_url(url)  # one Redis, a cluster or Sentinels; its ValueError says which forms are taken
+    return SecretUrl(url)
+
+
 MongoUrl = Annotated[SecretStr, _scheme_checker("mongodb", "mongodb+srv")]
-RedisUrl = Annotated[SecretStr, _scheme_checker("redis", "rediss", "unix")]
+RedisUrl = Annotated[SecretStr, AfterValidator(_check_redis_url)]
 
 
 def _check_hf_endpoint(value: str) -> str:

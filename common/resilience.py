@@ -10,7 +10,7 @@ one trial call half-opens it, and a success closes it again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 import pybreaker
 import redis
@@ -18,6 +18,7 @@ from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeout
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from common.exceptions import CacheableError, HubUnavailableError
+from common.redis_connection import RedisClient
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,6 +35,8 @@ class HubTransientError(CacheableError):
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
+    redis.exceptions.ClusterDownError,  # a cluster's master failing over: its replica takes over soon
+    redis.exceptions.TryAgainError,  # a cluster moving a slot
     AutoReconnect,
     NetworkTimeout,
     ServerSelectionTimeoutError,
@@ -50,10 +53,13 @@ retry_transient = retry(
 
 
 def hub_breaker(
-    client: redis.Redis, name: str = "hub", fail_max: int = 5, reset_timeout: float = 30
+    client: RedisClient, name: str = "hub", fail_max: int = 5, reset_timeout: float = 30
 ) -> pybreaker.CircuitBreaker:
     """A circuit breaker around the Hub whose state every process shares through Redis."""
-    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace=f"{BREAKER_NAMESPACE}:{name}")
+    # pybreaker types its client as redis.Redis; a cluster's has the same one-key commands it uses.
+    storage = pybreaker.CircuitRedisStorage(
+        pybreaker.STATE_CLOSED, cast(redis.Redis, client), namespace=f"{BREAKER_NAMESPACE}:{name}"
+    )
     return pybreaker.CircuitBreaker(
         fail_max=fail_max,
         reset_timeout=reset_timeout,

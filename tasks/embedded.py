@@ -220,8 +220,12 @@ class WorkerProcess:
         """Whether the worker answers a Celery control ping (it does once it consumes)."""
         from celery import Celery
 
-        broker = self.env.get("CELERY_BROKER_URL") or self.env.get("QUEUE_REDIS_URL") or "redis://localhost:6379/0"
+        from tasks.factory import kombu_url
+
+        url = self.env.get("CELERY_BROKER_URL") or self.env.get("QUEUE_REDIS_URL") or "redis://localhost:6379/0"
+        broker, options = kombu_url(url)
         probe = Celery(broker=broker, set_as_current=False)  # the process keeps its own current app
+        probe.conf.broker_transport_options = options
         try:
             return bool(probe.control.ping(destination=[self.nodename], timeout=0.5))
         finally:

@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Sequence
 
 from celery import Celery, current_app
+from celery import _state as celery_state
 
 from common.config import AppConfig, get_config
 from common.lifecycle import Lifecycle
@@ -32,13 +33,17 @@ def stepcache_apps() -> list[Celery]:
 
 
 def stepcache_app(app: Celery | None = None) -> Celery:
-    """`app`, else the current app if it is one of stepcache's, else the latest stepcache app built: Celery's
-    current app is per thread, and another thread (or a plain Celery() built since) has another one."""
+    """`app`, else the current app if it is one of stepcache's, else the process's default app (the latest
+    stepcache app built, unless another was made the default since): Celery's current app is per thread,
+    and another thread (or a plain Celery() built since) has another one."""
     if app is not None:
         return app
     current = current_app._get_current_object()
     apps = stepcache_apps()
-    return current if current in apps or not apps else apps[-1]
+    if current in apps or not apps:
+        return current
+    default = celery_state.default_app  # create_app makes each new app the process's default
+    return default if default in apps else apps[-1]
 
 
 class CeleryDispatcher:

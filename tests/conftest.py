@@ -4,6 +4,13 @@ A session starts its own throwaway `redis-server` (from PATH) and an embedded Se
 wire-protocol server) on free ports, unless TEST_REDIS_URL / TEST_MONGO_URL name external servers.
 The `stores` fixture gives a test fresh databases whose names contain `test` and a flushed Redis
 database, and points the process's settings (and any worker it starts) at them.
+
+A test module marked `redis_topologies` runs each of its fast tests that use `stores` twice: on the
+single Redis (`[single]`), and with QUEUE_REDIS_URL at a three-master Redis Cluster the session starts
+when first needed (`[cluster]`, marked `cluster`; TEST_REDIS_CLUSTER_URL names an external one), Celery's
+broker staying on the single Redis through CELERY_BROKER_URL. `-m "not cluster"` skips the second runs.
+A test asks for one topology with `@pytest.mark.parametrize("redis_topology", [...], indirect=True)`:
+SINGLE, CLUSTER, or SENTINEL (a master and a Sentinel, broker included).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -23,9 +31,23 @@ from pymongo import MongoClient
 
 from common import mongo
 from common.config import AppConfig, QueueConfig, get_config
-from tasks.embedded import EmbeddedServer, ServerUnavailableError, start_mongo, start_redis
+from common.redis_connection import RedisClient, connect
+from tasks.embedded import ServerUnavailableError, start_mongo, start_redis
 
-SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_")
+SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_", "CELERY_BROKER_URL")
+SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
+T = TypeVar("T")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a module marked `redis_topologies` that use the stores run on one Redis, then on a cluster
+    (its slow tests, with real worker processes, on one Redis only: tests/test_redis_topologies.py runs
+    real workers on a cluster)."""
+    definition = metafunc.definition
+    topologies_wanted = definition.get_closest_marker("redis_topologies") and not definition.get_closest_marker("slow")
+    if topologies_wanted and "stores" in metafunc.fixturenames:
+        topologies = [SINGLE, pytest.param(CLUSTER, marks=pytest.mark.cluster)]
+        metafunc.parametrize("redis_topology", topologies, indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +77,40 @@ def mongo_url() -> Iterator[str]:
     server.stop()
 
 
-def _started(start: Callable[[], EmbeddedServer]) -> EmbeddedServer:
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A Redis Cluster of three masters (redis+cluster:// URL), started once per session when asked for."""
+    external = os.environ.get("TEST_REDIS_CLUSTER_URL")
+    if external:
+        yield external
+        return
+    from tests.redis_servers import start_cluster
+
+    if shutil.which("redis-cli") is None:
+        pytest.exit("redis-cli not found on PATH: install it (apt-get install redis-tools)", returncode=3)
+    cluster = _started(start_cluster)
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_url() -> Iterator[str]:
+    """One master and one Sentinel monitoring it (redis+sentinel:// URL), started once per session when
+    asked for."""
+    from tests.redis_servers import start_sentinel
+
+    sentinel = _started(start_sentinel)
+    yield sentinel.url
+    sentinel.stop()
+
+
+@pytest.fixture
+def redis_topology(request: pytest.FixtureRequest) -> str:
+    """Where this test's QUEUE_REDIS_URL points: SINGLE, or CLUSTER in a `redis_topologies` module's second run."""
+    return str(getattr(request, "param", SINGLE))
+
+
+def _started(start: Callable[[], T]) -> T:
     try:
         return start()
     except ServerUnavailableError as error:
@@ -66,10 +121,11 @@ def _started(start: Callable[[], EmbeddedServer]) -> EmbeddedServer:
 class Stores:
     """Where this test's data lives: the URLs and database names its settings point at."""
 
-    redis_url: str
+    redis_url: str  # QUEUE_REDIS_URL: the limiter, the leases, the events
     mongo_url: str
     cache_database: str
     queue_database: str
+    broker_url: str | None = None  # CELERY_BROKER_URL, when QUEUE_REDIS_URL cannot be the broker (a cluster)
 
     def env(self) -> dict[str, str]:
         """The environment a worker process needs to use the same stores."""
@@ -79,7 +135,12 @@ class Stores:
             "QUEUE_MONGO_URL": self.mongo_url,
             "CACHE_MONGO_DATABASE": self.cache_database,
             "QUEUE_MONGO_DATABASE": self.queue_database,
+            **({"CELERY_BROKER_URL": self.broker_url} if self.broker_url else {}),
         }
+
+    def redis(self) -> RedisClient:
+        """A new client of QUEUE_REDIS_URL's Redis, whichever its topology (close it after use)."""
+        return connect(self.redis_url)
 
 
 @pytest.fixture
@@ -94,6 +155,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytes
     get_config.cache_clear()
 
 
+def dbsize(client: RedisClient) -> int:
+    """How many keys the Redis holds (on a cluster, all its masters)."""
+    if isinstance(client, redis.Redis):
+        return int(client.dbsize())
+    return int(client.dbsize(target_nodes=client.PRIMARIES))
+
+
 def use_settings(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> dict[str, str]:
     """Set these variables for this process's settings (re-read) and return them for the workers it starts:
     the enqueuing process and its workers must share the same settings."""
@@ -104,16 +172,26 @@ def use_settings(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> dic
 
 
 @pytest.fixture
-def stores(clean_env: pytest.MonkeyPatch, redis_url: str, mongo_url: str) -> Iterator[Stores]:
+def stores(
+    clean_env: pytest.MonkeyPatch, redis_url: str, mongo_url: str, redis_topology: str, request: pytest.FixtureRequest
+) -> Iterator[Stores]:
     run = uuid.uuid4().hex[:12]
-    result = Stores(redis_url, mongo_url, f"stepcache_test_{run}_cache", f"stepcache_test_{run}_queue")
+    databases = f"stepcache_test_{run}_cache", f"stepcache_test_{run}_queue"
+    if redis_topology == CLUSTER:
+        result = Stores(request.getfixturevalue("redis_cluster_url"), mongo_url, *databases, broker_url=redis_url)
+    elif redis_topology == SENTINEL:
+        result = Stores(request.getfixturevalue("redis_sentinel_url"), mongo_url, *databases)
+    else:
+        result = Stores(redis_url, mongo_url, *databases)
     use_settings(clean_env, result.env())
-    redis_client = redis.Redis.from_url(redis_url)
-    redis_client.flushdb()
+    redis_clients = [result.redis(), *([redis.Redis.from_url(redis_url)] if result.broker_url else [])]
+    for client in redis_clients:
+        client.flushdb()  # on a cluster, every master's
     yield result
     mongo.close_clients()
-    redis_client.flushdb()
-    redis_client.close()
+    for client in redis_clients:
+        client.flushdb()
+        client.close()
     client: MongoClient[dict[str, object]] = MongoClient(mongo_url)
     client.drop_database(result.cache_database)
     client.drop_database(result.queue_database)
@@ -132,14 +210,16 @@ def app_for(redis_url: str) -> Celery:
 def current_app_for(redis_url: str) -> Iterator[Celery]:
     """This process publishes (through the queue's dispatcher) with an app for `redis_url` while the block
     runs; the app that was current comes back after."""
-    from celery import current_app
+    from celery import _state, current_app
 
-    previous = current_app._get_current_object()
+    previous, previous_default = current_app._get_current_object(), _state.default_app
     app = app_for(redis_url)
     try:
         yield app
     finally:
         previous.set_current()
+        if previous_default is not None:
+            previous_default.set_default()
         app.close()
 
 
@@ -155,6 +235,7 @@ def celery_app(session_app: Celery) -> Celery:
     """stepcache's app, pointed at the session's Redis, with the sample steps registered; the current app
     (the one get_queue() publishes through) while the test runs."""
     session_app.set_current()
+    session_app.set_default()
     return session_app
 
 

@@ -10,17 +10,16 @@ import sys
 import threading
 import time
 
-import redis
-
 from common.event_bus import Consumer, EventBus
 from common.events import Event
+from common.redis_connection import connect
 
 HANDLED_KEY = "test:handled"
 
 
 def main() -> None:
     url, group, name = sys.argv[1:4]
-    client = redis.Redis.from_url(url)
+    client = connect(url)  # one Redis or a cluster
     consumer = Consumer(EventBus(client), group, name=name, claim_idle_ms=60_000)
 
     @consumer.handler("*")

@@ -11,12 +11,12 @@ import os
 import time
 from typing import Any
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from common.config import get_config
 from common.exceptions import CacheableError
 from common.processing_graph import InputType, ProcessingStep, register_step
+from common.redis_connection import connect
 from tasks.steps import StepJob, add_step, step
 
 EXECUTIONS_KEY = "test:executions"
@@ -27,7 +27,7 @@ class SampleStepError(CacheableError):
 
 
 def _record(job: StepJob, event: str) -> None:
-    client = redis.Redis.from_url(get_config().queue.redis_url.get_secret_value())
+    client = connect(get_config().queue.redis_url.get_secret_value())
     client.rpush(EXECUTIONS_KEY, f"{event} {job.job_id} {job.dataset} {time.time()} {os.getpid()}")
     client.close()
 
@@ -82,7 +82,7 @@ def _steal_own_lease_then_tick(job: StepJob, report_progress: bool) -> dict[str,
     from common.queue.limiter import namespace_key
 
     _record(job, "start")
-    client = redis.Redis.from_url(get_config().queue.redis_url.get_secret_value())
+    client = connect(get_config().queue.redis_url.get_secret_value())
     client.hdel(namespace_key(job.dataset.split("/")[0], "leases"), job.job_id or "")
     client.close()
     for i in range(50):

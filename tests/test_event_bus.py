@@ -24,10 +24,12 @@ from tasks.embedded import ROOT
 from tests.conftest import Stores
 from tests.event_consumer import HANDLED_KEY
 
+pytestmark = pytest.mark.redis_topologies
+
 
 @pytest.fixture
 def client(stores: Stores) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(stores.redis_url)
+    connection = stores.redis()
     yield connection
     connection.close()
 

@@ -7,7 +7,6 @@ from typing import Any
 from unittest.mock import ANY
 
 import pytest
-import redis
 from pymongo import MongoClient
 
 from common import cache
@@ -24,8 +23,10 @@ from common.lifecycle import Attempt, Lifecycle, Outcome, ReapReport
 from common.queue import Dispatch, JobPayload, JobStatus, Queue
 from common.queue.ledger import Ledger
 from common.queue.limiter import LeaseState, NamespaceLimiter, namespace_keys
-from common.redis_connection import get_redis
-from tests.conftest import Stores
+from common.redis_connection import connect, get_redis
+from tests.conftest import Stores, dbsize
+
+pytestmark = pytest.mark.redis_topologies
 
 
 class RecordingDispatcher:
@@ -309,7 +310,7 @@ def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
     jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(4)]
     started, queued = dispatcher.take()
     assert q.start(started.payload, started.token, "w")
-    redis.Redis.from_url(stores.redis_url).flushall()
+    stores.redis().flushall()
     assert q.counts() == {}
     assert q.reconcile() == 4
     # The started job got its lease back under its own token; the lost queued message is sent again.
@@ -340,7 +341,7 @@ def test_bad_input_is_a_typed_error_and_nothing_is_written(
     q, dispatcher = queue
     with pytest.raises(error):
         call(q)  # type: ignore[operator]
-    assert redis.Redis.from_url(stores.redis_url).dbsize() == 0
+    assert dbsize(stores.redis()) == 0
     client: MongoClient[dict[str, object]] = MongoClient(stores.mongo_url)
     assert client[stores.queue_database]["jobs"].count_documents({}) == 0
     client.close()
@@ -377,7 +378,7 @@ def test_reconcile_keeps_a_twin_blocked_behind_its_started_owner(
     (owner,) = dispatcher.take()
     assert q.start(owner.payload, owner.token, "w")
     twin = q.enqueue("dataset-config-names", "org/ds")
-    redis.Redis.from_url(stores.redis_url).flushall()
+    stores.redis().flushall()
     assert q.reconcile() == 2
     assert dispatcher.take() == []
     q.finish(owner.payload, owner.token, SUCCESS)
@@ -437,7 +438,7 @@ def test_a_pending_job_whose_admission_was_lost_is_admitted_by_the_next_identica
 ) -> None:
     q, dispatcher = queue
     stranded = q.enqueue("dataset-config-names", "org/ds")
-    redis.Redis.from_url(get_config().queue.redis_url.get_secret_value()).flushall()  # as if admit never ran
+    connect(get_config().queue.redis_url.get_secret_value()).flushall()  # as if admit never ran
     dispatcher.take()
     assert q.enqueue("dataset-config-names", "org/ds").job_id == stranded.job_id
     assert ids(dispatcher.take()) == [stranded.job_id]

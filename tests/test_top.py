@@ -27,6 +27,8 @@ from tests.conftest import Stores, use_settings
 from tests.test_queue import RecordingDispatcher, make_queue
 from tests.waiting import eventually
 
+pytestmark = pytest.mark.redis_topologies
+
 STEP = "dataset-config-names"
 OLD_WAIT = 90.0  # seconds the oldest job of "gamma" has waited when the test starts
 ESCAPE = "\x1b"
