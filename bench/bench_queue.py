@@ -72,12 +72,14 @@ class Bench:
             recorded.setdefault(label, float(at))
         return recorded
 
-    def throughput(self, jobs: int) -> dict[str, float]:
+    def throughput(self, jobs: int) -> dict[str, Any]:
         from bench import steps
 
-        rates = {}
+        rates: dict[str, float] = {}
+        delays: dict[str, float] = {}
         calls: dict[str, Callable[[int], Any]] = {
             "plain_celery": lambda i: steps.plain_noop.delay(f"ns{i % 100}/ds{i}"),
+            "plain_celery_mongo": lambda i: steps.plain_mongo_upsert.delay(f"ns{i % 100}/ds{i}"),
             "stepcache": lambda i: steps.bench_noop.delay(f"ns{i % 100}/ds{i}"),
         }
         for name, call in calls.items():
@@ -86,10 +88,27 @@ class Bench:
                 call(-1).get(timeout=60)  # warm up the worker's pool and connections
                 begin = time.perf_counter()
                 results = [call(i) for i in range(jobs)]
+                delays[name] = jobs / (time.perf_counter() - begin)
                 for result in results:
                     result.get(timeout=600)
                 rates[name] = jobs / (time.perf_counter() - begin)
-        return {**rates, "ratio": rates["stepcache"] / rates["plain_celery"]}
+        self.reset()
+        with self.worker("throughput-delay-many"):
+            steps.bench_noop.delay("warm/up").get(timeout=60)
+            begin = time.perf_counter()
+            results = steps.bench_noop.delay_many(f"ns{i % 100}/ds{i}" for i in range(jobs))
+            delays["stepcache_delay_many"] = jobs / (time.perf_counter() - begin)
+            for result in results:
+                result.get(timeout=600)
+            # The workers' side alone, once enqueueing is one bulk call.
+            rates["stepcache_delay_many"] = jobs / (time.perf_counter() - begin)
+        return {
+            **rates,
+            "ratio": rates["stepcache"] / rates["plain_celery"],
+            "ratio_to_mongo": rates["stepcache"] / rates["plain_celery_mongo"],
+            "delay_per_s": delays,
+            "delay_ratio": delays["stepcache"] / delays["plain_celery"],
+        }
 
     def promote_latency(self, jobs: int) -> dict[str, float]:
         """In a namespace with a limit of 1, from the end script freeing a job's slot (as
@@ -238,8 +257,17 @@ def report(results: dict[str, Any]) -> None:
     lines = [
         "| measure | stepcache | plain Celery | retry-with-countdown | no limiter |",
         "|---|---|---|---|---|",
-        f"| no-op throughput (jobs/s) | {throughput['stepcache']:.0f} ({throughput['ratio']:.2f}x) "
-        f"| {throughput['plain_celery']:.0f} | | |",
+        f"| no-op throughput (jobs/s) | {throughput['stepcache']:.0f} ({throughput['ratio']:.2f}x; "
+        f"{throughput['ratio_to_mongo']:.2f}x of plain + Mongo upsert) | {throughput['plain_celery']:.0f} "
+        f"(+ Mongo upsert: {throughput['plain_celery_mongo']:.0f}) | | |",
+        f"| `delay()` loop (calls/s) | {throughput['delay_per_s']['stepcache']:.0f} "
+        f"({throughput['delay_ratio']:.2f}x) | {throughput['delay_per_s']['plain_celery']:.0f} | | |",
+        f"| no-op throughput, enqueued by one `delay_many()` (jobs/s) | {throughput['stepcache_delay_many']:.0f} "
+        f"({throughput['stepcache_delay_many'] / throughput['plain_celery_mongo']:.2f}x of plain + Mongo upsert) "
+        "| | | |",
+        f"| `delay_many()` of the same jobs (jobs/s) | {throughput['delay_per_s']['stepcache_delay_many']:.0f} "
+        f"({throughput['delay_per_s']['stepcache_delay_many'] / throughput['delay_per_s']['plain_celery']:.2f}x) "
+        "| | | |",
         f"| promote latency: slot freed to next job started, p50 / p99 (ms) | {p50_p99('release_to_start')} | | | |",
         f"| one step's end to the next step's start, p50 / p99 (ms) | {p50_p99('step_end_to_next_start')} | | | |",
         f"| a message published to its task started, p50 / p99 (ms) | | "

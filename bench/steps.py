@@ -6,14 +6,18 @@ it started in the Redis list `bench:starts` (`<label> <time>`), from the worker 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from celery import Task, shared_task
+from pymongo.collection import Collection
 
 from common.config import get_config
+from common.mongo import get_database
 from tasks.steps import StepJob, step
 
 STARTS_KEY = "bench:starts"
@@ -45,6 +49,23 @@ def bench_sleep(job: StepJob) -> dict[str, Any]:
 
 @shared_task(name="bench.plain-noop")  # type: ignore[untyped-decorator]
 def plain_noop(dataset: str) -> dict[str, Any]:
+    return {}
+
+
+@functools.cache
+def _results() -> Collection[dict[str, Any]]:
+    settings = get_config().cache
+    return get_database(settings.mongo_url, settings.mongo_database)["bench_plain_results"]
+
+
+@shared_task(name="bench.plain-mongo-upsert")  # type: ignore[untyped-decorator]
+def plain_mongo_upsert(dataset: str) -> dict[str, Any]:
+    """What a user writes by hand to get "results in a Mongo cache": a no-op that upserts its result."""
+    _results().update_one(
+        {"kind": "bench-plain", "dataset": dataset},
+        {"$set": {"content": {}, "http_status": 200, "updated_at": datetime.now(UTC)}},
+        upsert=True,
+    )
     return {}
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,8 @@ import redis
 
 from common.constants import REDIS_PREFIX
 from common.events import Event, InvalidEventError, parse_event
+from common.redis_cluster import is_cluster, server_time
+from common.redis_connection import RedisClient
 
 logger = logging.getLogger(__name__)
 EVENTS_STREAM = f"{REDIS_PREFIX}:events"
@@ -53,7 +55,7 @@ class EventBus:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         stream: str = EVENTS_STREAM,
         max_length: int = DEFAULT_MAX_LENGTH,
         group_idle_ms: int = DEFAULT_GROUP_IDLE_MS,
@@ -68,11 +70,18 @@ class EventBus:
 
     def publish(self, event: Event) -> str:
         """Append the event; returns its stream id."""
-        stream_id = _text(self.redis.xadd(self.stream, {"event": event.model_dump_json()}))
-        self._published += 1
-        if self._published % TRIM_EVERY == 0:
+        return self.publish_many([event])[0]
+
+    def publish_many(self, events: Sequence[Event]) -> list[str]:
+        """Append the events, in order, in one round trip; returns their stream ids."""
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(self.stream, {"event": event.model_dump_json()})
+        stream_ids = [_text(stream_id) for stream_id in pipe.execute()]
+        before, self._published = self._published, self._published + len(events)
+        if before // TRIM_EVERY != self._published // TRIM_EVERY:
             self.trim()
-        return stream_id
+        return stream_ids
 
     def last_id(self) -> str:
         """The id of the newest entry ('0-0' for an empty stream): read after it to get what comes next."""
@@ -142,8 +151,8 @@ class EventBus:
         first_held = self.redis.xrange(self.stream, held_from, "+", count=1)
         if not first_held:
             return False
-        seconds, microseconds = self.redis.time()
-        now_ms = int(seconds) * 1000 + int(microseconds) // 1000  # the server's clock, the one stream ids come from
+        seconds, microseconds = server_time(self.redis, self.stream)
+        now_ms = seconds * 1000 + microseconds // 1000  # the clock of the stream's server, which its ids come from
         return now_ms - _id_key(_text(first_held[0][0]))[0] > self.group_idle_ms
 
     def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
@@ -234,7 +243,9 @@ class Consumer:
         return int(pending[0]["times_delivered"]) if pending else 0
 
     def _dead_letter(self, stream_id: str, raw: bytes | str, reason: str) -> int:
-        pipe = self.bus.redis.pipeline()
+        # On a cluster the two streams are on two slots, where no transaction spans: a dead letter written
+        # whose ack was lost is written again when the event is reclaimed (at least once, never lost).
+        pipe = self.bus.redis.pipeline(transaction=not is_cluster(self.bus.redis))
         pipe.xadd(
             self.bus.dead_letter_stream,
             {"event": raw, "reason": reason, "group": self.group, "stream_id": stream_id},

@@ -21,6 +21,7 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http import HTTPStatus
 from typing import Any
 
@@ -41,6 +42,9 @@ REAP_NAMESPACES_PER_ROUND = 200
 # A record older than two heartbeat intervals (at least a second) was left behind by its caller: the
 # reaper applies it. Younger ones are their caller's, which is applying them now.
 OUTBOX_GRACE_MIN_SECONDS = 1.0
+# A job recorded in the ledger this long ago and still unknown to Redis lost its admission (its process
+# died in between): longer than an insert can take with MongoDB's timeouts and retries.
+ADMIT_GRACE = timedelta(minutes=2)
 STATUS_OF = {
     Ending.SUCCESS: JobStatus.SUCCESS,
     Ending.ERROR: JobStatus.ERROR,
@@ -87,6 +91,7 @@ class ReapReport:
     requeued: list[str] = field(default_factory=list)
     dispatched: int = 0
     applied: int = 0
+    admitted: int = 0  # jobs the ledger held but Redis did not know
 
 
 class Lifecycle:
@@ -235,13 +240,12 @@ class Lifecycle:
             self.queue.emit(kind, payload, **({} if ending == Ending.SUCCESS else {"error_code": error_code}))
         else:
             http_status = HTTPStatus.OK if error is None else error.http_status
-            self.queue.emit(CacheUpdated, payload, http_status=http_status, error_code=error and error.error_code)
+            updated = (CacheUpdated, {"http_status": http_status, "error_code": error and error.error_code})
             if error is None:
-                self.queue.emit(JobSucceeded, payload, duration=duration)
+                self.queue.emit_all(payload, updated, (JobSucceeded, {"duration": duration}))
             else:
-                self.queue.emit(
-                    JobFailed, payload, error_code=error.error_code, message=error.message, duration=duration
-                )
+                failed = {"error_code": error.error_code, "message": error.message, "duration": duration}
+                self.queue.emit_all(payload, updated, (JobFailed, failed))
         if first:
             metrics.job_finished(payload.step, STATUS_OF[ending].value, duration)
 
@@ -266,6 +270,7 @@ class Lifecycle:
             self.queue.check_epoch()
             report = ReapReport()
             grace_ms = int(max(OUTBOX_GRACE_MIN_SECONDS, 2 * get_config().worker.heartbeat_interval_seconds) * 1000)
+            report.admitted = self.queue.admit_unknown(ADMIT_GRACE)
             namespaces = self.limiter.namespaces()
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -51,8 +52,18 @@ class _JobMetrics:
     duration: Any
 
 
+_job_metrics_lock = threading.Lock()
+
+
 @cache
 def _job_metrics() -> _JobMetrics:
+    # functools.cache lets two threads of a thread pool build them at once: registered twice, refused.
+    with _job_metrics_lock:
+        return _build_job_metrics()
+
+
+@cache
+def _build_job_metrics() -> _JobMetrics:
     from prometheus_client import Counter, Histogram
 
     return _JobMetrics(

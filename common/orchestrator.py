@@ -39,6 +39,7 @@ from common.processing_graph import (
     get_processing_graph,
 )
 from common.queue import Job, Priority, Queue
+from common.queue.queue import JobInput, new_job
 
 logger = logging.getLogger(__name__)
 RETRYABLE_ERRORS = frozenset(
@@ -229,15 +230,16 @@ def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL) -> li
     """Cache the plan's errors, then enqueue its jobs; returns the jobs (a pending twin when there is one)."""
     for key, error in plan.errors:
         cache.upsert_error(key.step, key.dataset, error, config=key.config, split=key.split)
-    jobs = []
+    valid = []
     for key in plan.jobs:
         try:
-            jobs.append(queue.enqueue(key.step, key.dataset, key.config, key.split, priority=priority))
+            new_job(JobInput(*key), Priority.NORMAL, None)  # what enqueue_many would refuse
+            valid.append(JobInput(*key))
         except InvalidInputError as error:
             # A name an older entry listed that is not valid (a step's new content is checked when it runs):
             # the others go on, and retrying would not make it valid.
             logger.warning("not enqueued: %s %s %s %s: %s", *key, error)
-    return jobs
+    return queue.enqueue_many(valid, priority=priority)
 
 
 def after_job(
@@ -245,6 +247,8 @@ def after_job(
 ) -> list[Job]:
     """Carry out what the graph asks for after this job (its children inherit its priority)."""
     graph = get_processing_graph()
+    if not graph.children(key.step):
+        return []  # nothing to plan: no need to read the dataset's entries
     entries = cache.get_dataset_responses(key.dataset)
     if error is None:
         plan = plan_after_success(graph, key, content or {}, entries)

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -48,6 +48,7 @@ from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority
 from common.queue.jobs import unicity_id
+from common.queue.queue import JobInput
 from tasks.heartbeat import AttemptStopped, Heartbeat
 from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_lifecycle, get_queue
 
@@ -147,6 +148,22 @@ class StepTask(Task):  # type: ignore[misc]
         priority = options.get("priority") or Priority.NORMAL
         job = get_queue(self.app).enqueue(self.name, dataset, config, split, priority=priority)
         return self.AsyncResult(job.job_id)
+
+    def delay_many(self, inputs: Iterable[Any], priority: object = Priority.NORMAL) -> list[AsyncResult]:
+        """Enqueue many jobs of this step in one bulk operation per store (the ledger, Redis): each input is
+        a dataset name, a (dataset, config, split) sequence or a mapping of those arguments. A bad input
+        raises a typed error and nothing is enqueued."""
+        items = []
+        for item in inputs:
+            if isinstance(item, str):
+                args, kwargs = [item], {}
+            elif isinstance(item, Mapping):
+                args, kwargs = [], dict(item)
+            else:
+                args, kwargs = list(item), {}
+            items.append(JobInput(self.name, *bind_step_arguments(args, kwargs)))
+        jobs = get_queue(self.app).enqueue_many(items, priority=priority)
+        return [self.AsyncResult(job.job_id) for job in jobs]
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """`step.delay(dataset, config=None, split=None, priority="normal")`."""

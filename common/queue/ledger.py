@@ -11,13 +11,13 @@ index, so two identical pending jobs cannot exist; the first writer wins and lat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
@@ -26,6 +26,7 @@ from common.queue.jobs import TERMINAL_STATUSES, Job, JobStatus
 from common.resilience import retry_transient
 
 CREATE_ATTEMPTS = 5
+DUPLICATE_KEY = 11000
 
 
 def jobs_collection() -> Collection[dict[str, Any]]:
@@ -42,6 +43,7 @@ def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
     collection.create_index([("unicity_id", ASCENDING), ("status", ASCENDING)], name="unicity")
     collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
     collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
+    collection.create_index([("status", ASCENDING), ("created_at", ASCENDING)], name="created")
 
 
 def _now() -> datetime:
@@ -74,6 +76,26 @@ class Ledger:
                     return _job(existing), False
                 # The identical job started between our insert and our read: try again.
         raise RuntimeError(f"could not record job {job.job_id}: its twin keeps changing state")
+
+    def create_many(self, jobs: Sequence[Job]) -> list[tuple[Job, bool]]:
+        """`create` for many jobs in one bulk insert: each job, or the identical pending job and False."""
+        documents = [
+            job.model_dump(exclude={"job_id"}) | {"_id": job.job_id, "pending_key": job.unicity_id} for job in jobs
+        ]
+        try:
+            self._insert_many(documents)
+            return [(job, True) for job in jobs]
+        except BulkWriteError as error:
+            refused = {failure["index"] for failure in error.details.get("writeErrors", [])}
+            if any(failure.get("code") != DUPLICATE_KEY for failure in error.details.get("writeErrors", [])):
+                raise
+        # The refused ones have a pending twin (or were ours, inserted by an attempt whose answer was lost):
+        # settled one by one, as `create` does.
+        return [(job, True) if index not in refused else self.create(job) for index, job in enumerate(jobs)]
+
+    @retry_transient
+    def _insert_many(self, documents: list[dict[str, Any]]) -> None:
+        self.collection.insert_many(documents, ordered=False)
 
     @retry_transient
     def get(self, job_id: str) -> Job | None:
@@ -130,6 +152,12 @@ class Ledger:
         if statuses is not None:
             query["status"] = {"$in": list(statuses)}
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
+
+    @retry_transient
+    def created_waiting(self, since: datetime, until: datetime) -> list[Job]:
+        """Jobs created in (since, until] that are still waiting."""
+        query = {"status": JobStatus.WAITING, "created_at": {"$gt": since, "$lte": until}}
+        return [_job(document) for document in self.collection.find(query)]
 
     def unfinished(self) -> list[Job]:
         """Jobs not ended yet, the started ones first."""

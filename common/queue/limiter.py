@@ -27,10 +27,10 @@ from enum import StrEnum
 from importlib.resources import files
 from typing import Any
 
-import redis
-
 from common.constants import REDIS_PREFIX
 from common.queue.jobs import Dispatch, JobPayload, Priority
+from common.redis_cluster import ScriptBatch, add_time, is_cluster, node_of
+from common.redis_connection import RedisClient
 from common.resilience import retry_transient
 
 ACTIVE_KEY = f"{REDIS_PREFIX}:active"  # namespaces with jobs or records
@@ -204,7 +204,7 @@ class NamespaceLimiter:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         default_limit: int,
         started_ttl_seconds: float,
         queued_ttl_seconds: float,
@@ -227,11 +227,25 @@ class NamespaceLimiter:
     def _run_active(self, script: str, namespace: str, *args: Any) -> Any:
         """Run a script that may give the namespace work, listing the namespace as active before and
         after (the reaper unlists an idle namespace, then looks again: see `unlist_if_idle`)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(ACTIVE_KEY, namespace)
-        self.scripts[script](keys=namespace_keys(namespace), args=list(args), client=pipe)
-        pipe.sadd(ACTIVE_KEY, namespace)
-        return pipe.execute()[1]
+        return self._run_listed([namespace], [(script, namespace, args)])[0]
+
+    def _run_listed(self, namespaces: Sequence[str], calls: Sequence[tuple[str, str, Sequence[Any]]]) -> list[Any]:
+        """Run scripts (name, namespace, args) that may give these namespaces work, listing them as active
+        before and after; the scripts' replies. One round trip; two on a cluster, where the set and the
+        namespaces are on different nodes, which run their commands in no order between them: there the
+        second listing waits for the scripts' replies."""
+        batch = ScriptBatch(self.redis)
+        for namespace in namespaces:
+            batch.pipe.sadd(ACTIVE_KEY, namespace)
+        for script, namespace, args in calls:
+            batch.script(self.scripts[script], namespace_keys(namespace), args)
+        if is_cluster(self.redis):
+            replies = batch.execute()[len(namespaces) :]
+            self.redis.sadd(ACTIVE_KEY, *namespaces)
+            return replies
+        for namespace in namespaces:
+            batch.pipe.sadd(ACTIVE_KEY, namespace)
+        return batch.execute()[len(namespaces) : len(namespaces) + len(calls)]
 
     def admit(self, payload: JobPayload) -> tuple[bool, list[Record]]:
         """Park the job (behind its started twin, if it has one), then lease free slots of its
@@ -240,6 +254,24 @@ class NamespaceLimiter:
             "admit", payload.namespace, payload.job_id, payload.model_dump_json(), *self._promote_args()
         )
         return bool(admitted), self._dispatched(dispatched)
+
+    @retry_transient
+    def admit_many(self, payloads: Sequence[JobPayload]) -> list[Record]:
+        """`admit` for many jobs in one pipelined round trip (each namespace listed as active before and
+        after its jobs); returns the dispatch records of every namespace."""
+        namespaces = list(dict.fromkeys(payload.namespace for payload in payloads))
+        promote_args = self._promote_args()
+        calls = [("admit", p.namespace, [p.job_id, p.model_dump_json(), *promote_args]) for p in payloads]
+        replies = self._run_listed(namespaces, calls)
+        return [record for _, dispatched in replies for record in self._dispatched(dispatched)]
+
+    @retry_transient
+    def known(self, payloads: Sequence[JobPayload]) -> list[bool]:
+        """Whether Redis knows each job (admitted, and not ended), in one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for payload in payloads:
+            pipe.hexists(namespace_key(payload.namespace, "jobs"), payload.job_id)
+        return [bool(found) for found in pipe.execute()]
 
     def confirm(self, namespace: str, job_id: str, token: str, delivery: str) -> Confirmation:
         """At task start: run the job only if this message's token holds a lease not started yet, or
@@ -276,16 +308,17 @@ class NamespaceLimiter:
 
     def reap(self, namespaces: Sequence[str], grace_ms: int) -> dict[str, Reaped]:
         """Take back expired leases of these namespaces (up to a batch each), lease free slots, and return
-        the records their callers left behind for longer than `grace_ms`; one round trip for all."""
-        pipe = self.redis.pipeline(transaction=False)
+        the records their callers left behind for longer than `grace_ms`; one round trip for all (on a
+        cluster, one per node, all at once)."""
+        batch = ScriptBatch(self.redis)
         for namespace in namespaces:
-            self.scripts["reap"](
-                keys=namespace_keys(namespace),
-                args=[self.max_attempts, *self._promote_args(), REAP_BATCH, grace_ms],
-                client=pipe,
+            batch.script(
+                self.scripts["reap"],
+                namespace_keys(namespace),
+                [self.max_attempts, *self._promote_args(), REAP_BATCH, grace_ms],
             )
         reaped = {}
-        for namespace, (records, dispatched, idle, requeued, crashed) in zip(namespaces, pipe.execute(), strict=True):
+        for namespace, (records, dispatched, idle, requeued, crashed) in zip(namespaces, batch.execute(), strict=True):
             reaped[namespace] = Reaped(
                 [Record.parse(records[i + 1]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
@@ -376,8 +409,9 @@ class NamespaceLimiter:
 
     def overview(self, namespaces: Iterable[str] | None = None) -> dict[str, NamespaceOverview]:
         """Limit, counts and oldest wait of these namespaces (by default every namespace with work or a
-        limit override); read-only, one pipelined round trip per OVERVIEW_BATCH namespaces. A waiting job's
-        age is the fence of its admission (kept when requeued), so its wait is measured on the Redis clock."""
+        limit override); read-only, one pipelined round trip per OVERVIEW_BATCH namespaces (on a cluster,
+        one per node, all at once). A waiting job's age is the fence of its admission (kept when requeued),
+        so its wait is measured on the clock of the Redis that holds the namespace."""
         if namespaces is None:
             pipe = self.redis.pipeline(transaction=False)
             pipe.smembers(ACTIVE_KEY)
@@ -387,35 +421,49 @@ class NamespaceLimiter:
         names = sorted(set(namespaces))
         ranks = sorted({priority.rank for priority in Priority})
         result = {}
+        per_namespace = 3 + len(ranks)
         for start in range(0, len(names), OVERVIEW_BATCH):
-            batch = names[start : start + OVERVIEW_BATCH]
+            # Per node (one on a single Redis), its clock, then its namespaces' keys.
+            by_node: dict[str, list[str]] = {}
+            for namespace in names[start : start + OVERVIEW_BATCH]:
+                by_node.setdefault(node_of(self.redis, namespace_key(namespace, "waiting")), []).append(namespace)
             pipe = self.redis.pipeline(transaction=False)
-            pipe.time()
-            for namespace in batch:
-                waiting = namespace_key(namespace, "waiting")
-                pipe.get(namespace_key(namespace, "limit"))
-                pipe.zcard(waiting)
-                pipe.hvals(namespace_key(namespace, "leases"))
-                for rank in ranks:  # the head of each priority: the oldest job of that priority
-                    low, high = rank * RANK_WEIGHT, (rank + 1) * RANK_WEIGHT
-                    pipe.zrangebyscore(waiting, low, f"({high}", start=0, num=1, withscores=True)
+            for batch in by_node.values():
+                add_time(pipe, namespace_key(batch[0], "waiting"))
+                for namespace in batch:
+                    self._read_overview(pipe, namespace, ranks)
             replies = pipe.execute()
-            seconds, microseconds = replies[0]
-            now = (int(seconds) * 1_000_000 + int(microseconds)) - FENCE_EPOCH_MS * 1000
-            per_namespace = 3 + len(ranks)
-            for i, namespace in enumerate(batch):
-                override, waiting_count, leases, *heads = replies[1 + i * per_namespace : 1 + (i + 1) * per_namespace]
-                ages = [int(head[0][1]) - rank * RANK_WEIGHT for rank, head in zip(ranks, heads, strict=True) if head]
-                queued = sum(1 for lease in leases if _text(lease).startswith("q:"))
-                result[namespace] = NamespaceOverview(
-                    limit=self.default_limit if override is None else int(override),
-                    overridden=override is not None,
-                    waiting=int(waiting_count),
-                    queued=queued,
-                    started=len(leases) - queued,
-                    oldest_wait=max(0, now - min(ages)) / 1_000_000 if ages else None,
-                )
+            for batch in by_node.values():
+                seconds, microseconds = replies[0]
+                now = (int(seconds) * 1_000_000 + int(microseconds)) - FENCE_EPOCH_MS * 1000
+                for i, namespace in enumerate(batch):
+                    reply = replies[1 + i * per_namespace : 1 + (i + 1) * per_namespace]
+                    result[namespace] = self._overview_of(reply, ranks, now)
+                replies = replies[1 + len(batch) * per_namespace :]
         return result
+
+    @staticmethod
+    def _read_overview(pipe: Any, namespace: str, ranks: Sequence[int]) -> None:
+        waiting = namespace_key(namespace, "waiting")
+        pipe.get(namespace_key(namespace, "limit"))
+        pipe.zcard(waiting)
+        pipe.hvals(namespace_key(namespace, "leases"))
+        for rank in ranks:  # the head of each priority: the oldest job of that priority
+            low, high = rank * RANK_WEIGHT, (rank + 1) * RANK_WEIGHT
+            pipe.zrangebyscore(waiting, low, f"({high}", start=0, num=1, withscores=True)
+
+    def _overview_of(self, reply: Sequence[Any], ranks: Sequence[int], now: int) -> NamespaceOverview:
+        override, waiting_count, leases, *heads = reply
+        ages = [int(head[0][1]) - rank * RANK_WEIGHT for rank, head in zip(ranks, heads, strict=True) if head]
+        queued = sum(1 for lease in leases if _text(lease).startswith("q:"))
+        return NamespaceOverview(
+            limit=self.default_limit if override is None else int(override),
+            overridden=override is not None,
+            waiting=int(waiting_count),
+            queued=queued,
+            started=len(leases) - queued,
+            oldest_wait=max(0, now - min(ages)) / 1_000_000 if ages else None,
+        )
 
     def lease_token(self, namespace: str, job_id: str) -> str | None:
         """The token of the job's lease, if it holds one."""

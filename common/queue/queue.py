@@ -20,8 +20,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, Protocol
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -51,9 +51,13 @@ from common.queue.jobs import (
 )
 from common.queue.ledger import Ledger
 from common.queue.limiter import FENCE_EPOCH_MS, NamespaceCounts, NamespaceLimiter, Record, RecordKind
-from common.redis_connection import get_redis
+from common.redis_cluster import all_exist, node_hash_tags
+from common.redis_connection import RedisClient, get_redis
 
 logger = logging.getLogger(__name__)
+ENQUEUE_BATCH = 10_000  # jobs per bulk insert and per Redis round trip of enqueue_many
+ADMITTED_UNTIL_KEY = "stepcache:admitted-until"  # jobs created before this were checked by admit_unknown
+FIRST_ADMIT_CHECK = timedelta(hours=1)  # how far back the first pass looks
 # Set after a repair; its absence means Redis lost (or never had) our data. One hash tag: one cluster slot.
 EPOCH_KEY = "{stepcache}:epoch"
 REPAIRING_KEY = "{stepcache}:repairing"  # the repair in progress: a flush during it removes it too
@@ -67,6 +71,12 @@ MARK_EPOCH = """if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0"""
+
+
+def epoch_keys(client: RedisClient) -> list[tuple[str, str]]:
+    """(repairing, epoch) keys of every master: REPAIRING_KEY and EPOCH_KEY on one Redis; on a cluster, a
+    pair on each master, since each of them fails over, and may lose its data, on its own."""
+    return [(f"{{{tag}}}:repairing", f"{{{tag}}}:epoch") for tag in node_hash_tags(client, "stepcache")]
 
 
 class Dispatcher(Protocol):
@@ -95,6 +105,35 @@ def check_step_input(step: ProcessingStep, config: str | None, split: str | None
         raise MissingStepInputError(f"step {step.name!r} takes {wanted}; got config={config!r} split={split!r}")
 
 
+class JobInput(NamedTuple):
+    """What a job is asked for: a step and the dataset (and config, split) it runs on."""
+
+    step: str
+    dataset: str
+    config: str | None = None
+    split: str | None = None
+
+
+def new_job(item: JobInput, priority: Priority, revision: str | None) -> Job:
+    """A waiting job for this input, validated (a typed InvalidInputError otherwise)."""
+    processing_step = get_processing_graph().get_step(item.step)
+    dataset, config, split = validate_key(item.dataset, item.config, item.split)
+    check_step_input(processing_step, config, split)
+    return Job(
+        job_id=str(uuid.uuid4()),
+        step=item.step,
+        dataset=dataset,
+        config=config,
+        split=split,
+        namespace=namespace_of(dataset),
+        revision=revision,
+        priority=priority,
+        status=JobStatus.WAITING,
+        unicity_id=unicity_id(item.step, dataset, config, split),
+        created_at=datetime.now(UTC),
+    )
+
+
 def parse_priority(priority: object) -> Priority:
     if isinstance(priority, str) and priority in {p.value for p in Priority}:
         return Priority(priority)
@@ -119,10 +158,15 @@ class Queue:
 
     def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
         """Publish an event about this job; a failure to publish is logged, never fatal to the job."""
+        self.emit_all(payload, (kind, fields))
+
+    def emit_all(self, payload: JobPayload, *events: tuple[type[Event], dict[str, Any]]) -> None:
+        """Publish events about this job, in order, in one round trip (a failure is logged, never fatal)."""
+        key = payload.model_dump(include=JOB_KEY_FIELDS)
         try:
-            self.events.publish(kind(**payload.model_dump(include=JOB_KEY_FIELDS), **fields))
+            self.events.publish_many([kind(**key, **fields) for kind, fields in events])
         except Exception:
-            logger.exception("could not publish %s for job %s", kind.__name__, payload.job_id)
+            logger.exception("could not publish %s for job %s", [kind.__name__ for kind, _ in events], payload.job_id)
 
     @classmethod
     def from_config(cls, dispatcher: Dispatcher) -> Queue:
@@ -148,34 +192,29 @@ class Queue:
         revision: str | None = None,
     ) -> Job:
         """Validate, record and admit a job; the identical pending job instead, when there is one."""
-        processing_step = get_processing_graph().get_step(step)
-        dataset, config, split = validate_key(dataset, config, split)
-        check_step_input(processing_step, config, split)
-        job = Job(
-            job_id=str(uuid.uuid4()),
-            step=step,
-            dataset=dataset,
-            config=config,
-            split=split,
-            namespace=namespace_of(dataset),
-            revision=revision,
-            priority=parse_priority(priority),
-            status=JobStatus.WAITING,
-            unicity_id=unicity_id(step, dataset, config, split),
-            created_at=datetime.now(UTC),
-        )
-        job, created = self.ledger.create(job)
-        if created or job.status in PENDING_STATUSES:
-            # Admitting is idempotent: this also rescues a pending twin whose admission was lost
-            # (its process died between the ledger and Redis).
-            self._admit(job)
-        return job
+        return self.enqueue_many([JobInput(step, dataset, config, split)], priority, revision)[0]
 
-    def _admit(self, job: Job) -> None:
-        # Redis that lost its data gets its started jobs back first: a slot is never leased twice.
-        self.check_epoch()
-        _, dispatched = self.limiter.admit(job.payload())
-        self.apply(dispatched)
+    def enqueue_many(
+        self, inputs: Sequence[JobInput], priority: object = Priority.NORMAL, revision: str | None = None
+    ) -> list[Job]:
+        """Validate every input (a typed error for the first bad one, and nothing written), record them in
+        one bulk insert, admit them in one Redis round trip per ENQUEUE_BATCH, then publish the jobs that
+        got a slot; returns each input's job (the identical pending job instead, when there is one)."""
+        jobs = [new_job(item, parse_priority(priority), revision) for item in inputs]
+        recorded: list[Job] = []
+        for start in range(0, len(jobs), ENQUEUE_BATCH):
+            created = self.ledger.create_many(jobs[start : start + ENQUEUE_BATCH])
+            # Admitting is idempotent: this also rescues a pending twin whose admission was lost (its
+            # process died between the ledger and Redis).
+            to_admit = [job for job, new in created if new or job.status in PENDING_STATUSES]
+            if to_admit:
+                # Redis that lost its data gets its started jobs back first: a slot is never leased twice.
+                self.check_epoch()
+                dispatched = self.limiter.admit_many([job.payload() for job in to_admit])
+                for namespace in dict.fromkeys(record.payload.namespace for record in dispatched):
+                    self.apply([record for record in dispatched if record.payload.namespace == namespace])
+            recorded += [job for job, _ in created]
+        return recorded
 
     def apply(self, records: Sequence[Record], end: Callable[[Record], None] | None = None) -> bool:
         """Carry out records of one namespace, the dispatches first (a freed slot never waits for the rest),
@@ -278,24 +317,52 @@ class Queue:
         for namespace in self.limiter.namespaces():
             self.apply(self.limiter.promote(namespace))
 
+    def admit_unknown(self, grace: timedelta) -> int:
+        """Admit the jobs the ledger holds as waiting but Redis does not know: their enqueuing process died
+        between the ledger insert and the admission. Each pass looks at the jobs created since the last
+        one (older than `grace`, which their own process had to admit them), so its cost follows the
+        enqueue rate, not the size of the waiting rooms. Returns how many were admitted."""
+        redis = self.limiter.redis
+        until = datetime.now(UTC) - grace
+        checked = redis.get(ADMITTED_UNTIL_KEY)
+        since = datetime.fromisoformat(_text(checked)) if checked else until - FIRST_ADMIT_CHECK
+        if until <= since:
+            return 0
+        waiting = self.ledger.created_waiting(since, until)
+        unknown = [
+            job
+            for job, known in zip(waiting, self.limiter.known([job.payload() for job in waiting]), strict=True)
+            if not known
+        ]
+        if unknown:
+            logger.warning("admitting %s job(s) the ledger holds but Redis did not know", len(unknown))
+            dispatched = self.limiter.admit_many([job.payload() for job in unknown])
+            for namespace in dict.fromkeys(record.payload.namespace for record in dispatched):
+                self.apply([record for record in dispatched if record.payload.namespace == namespace])
+        redis.set(ADMITTED_UNTIL_KEY, until.isoformat())
+        return len(unknown)
+
     def check_epoch(self) -> bool:
         """Whether Redis kept its data; if it lost it (a flush, a restart without persistence, a failover)
         or is new, repair it from the ledger first (one process at a time), then mark it again. Returns
         False when Redis had no marker. Slots are leased, and the marker set, only once a whole repair ran
         without Redis losing its data again (otherwise it repairs again)."""
         redis = self.limiter.redis
-        if redis.exists(EPOCH_KEY):
+        if all_exist(redis, [epoch for _, epoch in epoch_keys(redis)]):
             return True
         lock = redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS)
         keep_alive = _keeper(lock)
         with contextlib.suppress(LockError), lock:  # a lock lost to a flush: the repair still completes
             for _ in range(REPAIR_ATTEMPTS):
-                if redis.exists(EPOCH_KEY):
+                markers = epoch_keys(redis)
+                if all_exist(redis, [epoch for _, epoch in markers]):
                     break
                 repair = uuid.uuid4().hex
-                redis.set(REPAIRING_KEY, repair)
+                for repairing, _ in markers:
+                    redis.set(repairing, repair)
                 restored = self._restore_all(keep_alive)
-                if self._mark_epoch(keys=[REPAIRING_KEY, EPOCH_KEY], args=[repair, datetime.now(UTC).isoformat()]):
+                now = datetime.now(UTC).isoformat()
+                if all([self._mark_epoch(keys=[repairing, epoch], args=[repair, now]) for repairing, epoch in markers]):
                     self._promote_all()
                     logger.warning("Redis had no epoch marker (new, or lost its data): restored %s jobs", restored)
                     break
@@ -313,3 +380,7 @@ def _keeper(lock: Lock) -> Callable[[], None]:
                 lock.reacquire()
 
     return keep_alive
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
