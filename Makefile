@@ -4,7 +4,7 @@ PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-fast lint bench bench-scale clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -37,3 +37,7 @@ clean:
 
 bench: install
 	$(BIN)/python -m bench.bench_queue
+
+# A million parked jobs: Redis memory, admit cost, the reaper, a drained sample, fairness (~10 minutes).
+bench-scale: install
+	$(BIN)/python -m bench.bench_scale
