@@ -133,11 +133,8 @@ class RawPipeline:
 
 
 def payload_json(job_id: str, namespace: str, dataset: str) -> str:
-    """A bench-noop job's payload as `JobPayload.model_dump_json` writes it (checked by `check_payload`)."""
-    return (
-        f'{{"job_id":"{job_id}","step":"{BULK_STEP}","dataset":"{dataset}","config":null,"split":null,'
-        f'"namespace":"{namespace}","unicity_id":"{BULK_STEP},{dataset},,","priority":"normal","rank":1}}'
-    )
+    """A bench-noop job's payload as `JobPayload.compact` writes it (checked by `check_payload`)."""
+    return f'["{BULK_STEP}","{dataset}",null,null,1]'
 
 
 def payload(job_id: str, namespace: str, dataset: str) -> JobPayload:
@@ -156,8 +153,8 @@ def payload(job_id: str, namespace: str, dataset: str) -> JobPayload:
 
 def check_payload() -> None:
     job_id = str(uuid.uuid4())
-    if payload_json(job_id, "org", "org/ds") != payload(job_id, "org", "org/ds").model_dump_json():
-        raise RuntimeError("bench_scale.payload_json no longer writes what JobPayload.model_dump_json writes")
+    if payload_json(job_id, "org", "org/ds") != payload(job_id, "org", "org/ds").compact():
+        raise RuntimeError("bench_scale.payload_json no longer writes what JobPayload.compact writes")
 
 
 class BulkLoader:

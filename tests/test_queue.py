@@ -456,3 +456,23 @@ def test_a_job_whose_worker_died_after_writing_its_response_but_before_ending_is
     entry = cache.get_response("dataset-config-names", "org/ds")
     ended = q.ledger.get(job.job_id)
     assert ended is not None and ended.status == JobStatus.ERROR and entry.fence == ended.fence
+
+
+def test_redis_keeps_a_compact_payload_and_reads_the_old_one(stores: Stores) -> None:
+    from common.queue.jobs import JobPayload, Priority
+
+    payload = JobPayload(
+        job_id="j1",
+        step="config-info",
+        dataset="org/ds",
+        config="default",
+        split=None,
+        namespace="org",
+        unicity_id="config-info,org/ds,default,",
+        priority=Priority.HIGH,
+        rank=Priority.HIGH.rank,
+    )
+    assert payload.compact() == '["config-info","org/ds","default",null,0]'
+    assert len(payload.compact()) <= 64  # Redis' compact hash encoding for typical names
+    assert JobPayload.from_compact("j1", payload.compact()) == payload
+    assert JobPayload.from_compact("j1", payload.model_dump_json()) == payload  # written by older versions

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
+
+from common.names import namespace_of
 
 
 class Priority(StrEnum):
@@ -61,6 +64,32 @@ class JobPayload(BaseModel):
     unicity_id: str
     priority: Priority
     rank: int
+
+    def compact(self) -> str:
+        """What Redis keeps: `[step, dataset, config, split, rank]`, the rest is derived (the job id is
+        the hash field; the namespace, the unicity id and the priority come from the others). Short enough
+        for Redis' compact encodings (64 bytes for typical names): most of a parked job's memory."""
+        return json.dumps([self.step, self.dataset, self.config, self.split, self.rank], separators=(",", ":"))
+
+    @classmethod
+    def from_compact(cls, job_id: str, raw: str | bytes) -> JobPayload:
+        """The payload `compact` wrote (or a whole JSON object, as versions before it wrote)."""
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if text.startswith("{"):
+            return cls.model_validate_json(text)
+        step, dataset, config, split, rank = json.loads(text)
+        priority = next(priority for priority in Priority if priority.rank == rank)
+        return cls(
+            job_id=job_id,
+            step=step,
+            dataset=dataset,
+            config=config,
+            split=split,
+            namespace=namespace_of(dataset),
+            unicity_id=unicity_id(step, dataset, config, split),
+            priority=priority,
+            rank=rank,
+        )
 
 
 class Job(BaseModel):

@@ -114,7 +114,7 @@ class Record:
     payload: JobPayload
 
     @classmethod
-    def parse(cls, raw: bytes | str) -> Record:
+    def parse(cls, raw: bytes | str, job_id: bytes | str) -> Record:
         kind, fence, token, at, attempt, ending, code, payload = _text(raw).split("|", 7)
         return cls(
             RecordKind(kind),
@@ -124,7 +124,7 @@ class Record:
             int(attempt),
             Ending(ending) if ending else None,
             code or None,
-            JobPayload.model_validate_json(payload),
+            JobPayload.from_compact(_text(job_id), payload),
         )
 
     @property
@@ -251,7 +251,7 @@ class NamespaceLimiter:
         """Park the job (behind its started twin, if it has one), then lease free slots of its
         namespace; False when the job was already admitted."""
         admitted, dispatched = self._run_active(
-            "admit", payload.namespace, payload.job_id, payload.model_dump_json(), *self._promote_args()
+            "admit", payload.namespace, payload.job_id, payload.compact(), *self._promote_args()
         )
         return bool(admitted), self._dispatched(dispatched)
 
@@ -261,7 +261,7 @@ class NamespaceLimiter:
         after its jobs); returns the dispatch records of every namespace."""
         namespaces = list(dict.fromkeys(payload.namespace for payload in payloads))
         promote_args = self._promote_args()
-        calls = [("admit", p.namespace, [p.job_id, p.model_dump_json(), *promote_args]) for p in payloads]
+        calls = [("admit", p.namespace, [p.job_id, p.compact(), *promote_args]) for p in payloads]
         replies = self._run_listed(namespaces, calls)
         return [record for _, dispatched in replies for record in self._dispatched(dispatched)]
 
@@ -304,7 +304,7 @@ class NamespaceLimiter:
         )
         if _text(result[0]) != "ended":
             return None, []
-        return Record.parse(result[1]), self._dispatched(result[2])
+        return Record.parse(result[1], payload.job_id), self._dispatched(result[2])
 
     def reap(self, namespaces: Sequence[str], grace_ms: int) -> dict[str, Reaped]:
         """Take back expired leases of these namespaces (up to a batch each), lease free slots, and return
@@ -320,7 +320,7 @@ class NamespaceLimiter:
         reaped = {}
         for namespace, (records, dispatched, idle, requeued, crashed) in zip(namespaces, batch.execute(), strict=True):
             reaped[namespace] = Reaped(
-                [Record.parse(records[i + 1]) for i in range(0, len(records), 2)],
+                [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
                 bool(idle),
                 [_text(job) for job in requeued],
@@ -332,7 +332,7 @@ class NamespaceLimiter:
         """Cancel these jobs: the records of those cancelled now, the started ones (they keep their slot
         until they end), and the jobs dispatched to freed slots."""
         records, started, dispatched = self._run("cancel", namespace, *self._promote_args(), *job_ids)
-        cancelled = [Record.parse(records[i + 1]) for i in range(0, len(records), 2)]
+        cancelled = [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)]
         return cancelled, [_text(job) for job in started], self._dispatched(dispatched)
 
     def promote(self, namespace: str) -> list[Record]:
@@ -359,7 +359,7 @@ class NamespaceLimiter:
                 "restore",
                 payload.namespace,
                 payload.job_id,
-                payload.model_dump_json(),
+                payload.compact(),
                 lease_token or "",
                 attempts,
                 self.started_ttl_ms,
@@ -486,7 +486,7 @@ class NamespaceLimiter:
                 0,
                 None,
                 None,
-                JobPayload.model_validate_json(items[i + 2]),
+                JobPayload.from_compact(_text(items[i]), items[i + 2]),
             )
             for i in range(0, len(items), 3)
         ]

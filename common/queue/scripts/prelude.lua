@@ -44,8 +44,15 @@ local function limit(default_limit)
   return tonumber(default_limit)
 end
 
+-- A payload is [step, dataset, config, split, rank] (JobPayload.compact); older versions wrote an object.
 local function decode(payload)
-  return cjson.decode(payload)
+  local p = cjson.decode(payload)
+  if p['unicity_id'] then return p end
+  local function text(value)
+    if value == nil or value == cjson.null then return '' end
+    return value
+  end
+  return {unicity_id = p[1] .. ',' .. p[2] .. ',' .. text(p[3]) .. ',' .. text(p[4]), rank = p[5]}
 end
 
 -- Record a decision in the outbox; the caller applies its effects, or the reaper does if it cannot.
