@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import Any
 
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from common import cache, metrics, orchestrator
 from common.config import get_config
@@ -270,7 +271,6 @@ class Lifecycle:
             self.queue.check_epoch()
             report = ReapReport()
             grace_ms = int(max(OUTBOX_GRACE_MIN_SECONDS, 2 * get_config().worker.heartbeat_interval_seconds) * 1000)
-            report.admitted = self.queue.admit_unknown(ADMIT_GRACE)
             namespaces = self.limiter.namespaces()
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
@@ -283,6 +283,12 @@ class Lifecycle:
                         self.limiter.unlist_if_idle(namespace)
                 with contextlib.suppress(LockError):
                     lock.reacquire()
+            # Last, after the records were applied (a job cancelled or ended there is no longer unknown),
+            # and never at the expense of the rest of the pass.
+            try:
+                report.admitted = self.queue.admit_unknown(ADMIT_GRACE, keep_alive=lambda: _extend(lock))
+            except Exception:
+                logger.exception("could not admit the jobs Redis did not know; the next pass will")
             return report
         finally:
             with contextlib.suppress(LockError):  # a pass longer than the lock: another reaper may run now
@@ -293,6 +299,11 @@ class Lifecycle:
         from the ledger first, and False is returned: an attempt that found its lease gone asks again,
         since a started job gets its lease back."""
         return self.queue.check_epoch()
+
+
+def _extend(lock: Lock) -> None:
+    with contextlib.suppress(LockError):
+        lock.reacquire()
 
 
 def _outcome_in_cache(record: Record) -> tuple[Mapping[str, Any] | None, CacheableError | None]:

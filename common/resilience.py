@@ -37,6 +37,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.TimeoutError,
     redis.exceptions.ClusterDownError,  # a cluster's master failing over: its replica takes over soon
     redis.exceptions.TryAgainError,  # a cluster moving a slot
+    redis.exceptions.ClusterError,  # redirections exhausted while a slot migrates
     AutoReconnect,
     NetworkTimeout,
     ServerSelectionTimeoutError,

@@ -93,3 +93,27 @@ def test_a_job_recorded_but_never_admitted_is_admitted_by_the_next_reaper_pass(
     assert lifecycle.limiter.overview(["lost"])["lost"].waiting == 1
     again = lifecycle.reap()
     assert again is not None and again.admitted == 0  # each job is looked at once
+
+
+def test_the_reaper_never_admits_again_a_job_whose_cancel_is_left_to_apply(stores: Stores) -> None:
+    from datetime import UTC, datetime
+
+    from common.lifecycle import ADMIT_GRACE
+    from tasks.queue import get_lifecycle
+
+    lifecycle = get_lifecycle()
+    queue = lifecycle.queue
+    queue.check_epoch()
+    queue.set_limit("gone", 0)
+    job = queue.enqueue("test-noop", "gone/ds")
+    # Cancelled in Redis, but its process died before the ledger learnt it: the record waits in the outbox.
+    cancelled, _, _ = queue.limiter.cancel("gone", [job.job_id])
+    assert [record.kind for record in cancelled] == ["cancel"]
+    queue.ledger.collection.update_one(
+        {"_id": job.job_id}, {"$set": {"created_at": datetime.now(UTC) - 2 * ADMIT_GRACE}}
+    )
+    assert queue.limiter.known([job.payload()]) == [True]  # its record is there
+    report = lifecycle.reap()
+    assert report is not None and report.admitted == 0
+    assert queue.limiter.admit(job.payload()) == (False, [])  # the script refuses it too
+    assert queue.limiter.overview(["gone"])["gone"].waiting == 0

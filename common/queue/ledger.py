@@ -154,10 +154,10 @@ class Ledger:
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
 
     @retry_transient
-    def created_waiting(self, since: datetime, until: datetime) -> list[Job]:
-        """Jobs created in (since, until] that are still waiting."""
-        query = {"status": JobStatus.WAITING, "created_at": {"$gt": since, "$lte": until}}
-        return [_job(document) for document in self.collection.find(query)]
+    def created_waiting(self, since: datetime, until: datetime, limit: int = 0) -> list[Job]:
+        """Jobs created in [since, until] that are still waiting, oldest first (at most `limit` of them)."""
+        query = {"status": JobStatus.WAITING, "created_at": {"$gte": since, "$lte": until}}
+        return [_job(document) for document in self.collection.find(query).sort("created_at", 1).limit(limit)]
 
     def unfinished(self) -> list[Job]:
         """Jobs not ended yet, the started ones first."""

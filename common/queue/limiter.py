@@ -267,11 +267,14 @@ class NamespaceLimiter:
 
     @retry_transient
     def known(self, payloads: Sequence[JobPayload]) -> list[bool]:
-        """Whether Redis knows each job (admitted, and not ended), in one pipelined round trip."""
+        """Whether Redis knows each job (admitted and not ended, or with a record left to apply), in one
+        pipelined round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for payload in payloads:
             pipe.hexists(namespace_key(payload.namespace, "jobs"), payload.job_id)
-        return [bool(found) for found in pipe.execute()]
+            pipe.hexists(namespace_key(payload.namespace, "outbox"), payload.job_id)
+        found = pipe.execute()
+        return [bool(found[i] or found[i + 1]) for i in range(0, len(found), 2)]
 
     def confirm(self, namespace: str, job_id: str, token: str, delivery: str) -> Confirmation:
         """At task start: run the job only if this message's token holds a lease not started yet, or

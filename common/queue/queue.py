@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 ENQUEUE_BATCH = 10_000  # jobs per bulk insert and per Redis round trip of enqueue_many
 ADMITTED_UNTIL_KEY = "stepcache:admitted-until"  # jobs created before this were checked by admit_unknown
 FIRST_ADMIT_CHECK = timedelta(hours=1)  # how far back the first pass looks
+ADMIT_CHUNK = 20_000  # ledger jobs read, and looked up in Redis, at a time (more than one enqueue batch)
 # Set after a repair; its absence means Redis lost (or never had) our data. One hash tag: one cluster slot.
 EPOCH_KEY = "{stepcache}:epoch"
 REPAIRING_KEY = "{stepcache}:repairing"  # the repair in progress: a flush during it removes it too
@@ -200,19 +201,20 @@ class Queue:
         """Validate every input (a typed error for the first bad one, and nothing written), record them in
         one bulk insert, admit them in one Redis round trip per ENQUEUE_BATCH, then publish the jobs that
         got a slot; returns each input's job (the identical pending job instead, when there is one)."""
-        jobs = [new_job(item, parse_priority(priority), revision) for item in inputs]
+        jobs = [new_job(JobInput(*item), parse_priority(priority), revision) for item in inputs]
         recorded: list[Job] = []
         for start in range(0, len(jobs), ENQUEUE_BATCH):
-            created = self.ledger.create_many(jobs[start : start + ENQUEUE_BATCH])
+            # Stamped just before their insert: the reaper's admit_unknown reads them by creation time.
+            now = datetime.now(UTC)
+            batch = [job.model_copy(update={"created_at": now}) for job in jobs[start : start + ENQUEUE_BATCH]]
+            created = self.ledger.create_many(batch)
             # Admitting is idempotent: this also rescues a pending twin whose admission was lost (its
             # process died between the ledger and Redis).
             to_admit = [job for job, new in created if new or job.status in PENDING_STATUSES]
             if to_admit:
                 # Redis that lost its data gets its started jobs back first: a slot is never leased twice.
                 self.check_epoch()
-                dispatched = self.limiter.admit_many([job.payload() for job in to_admit])
-                for namespace in dict.fromkeys(record.payload.namespace for record in dispatched):
-                    self.apply([record for record in dispatched if record.payload.namespace == namespace])
+                self._apply_by_namespace(self.limiter.admit_many([job.payload() for job in to_admit]))
             recorded += [job for job, _ in created]
         return recorded
 
@@ -317,30 +319,44 @@ class Queue:
         for namespace in self.limiter.namespaces():
             self.apply(self.limiter.promote(namespace))
 
-    def admit_unknown(self, grace: timedelta) -> int:
+    def admit_unknown(self, grace: timedelta, keep_alive: Callable[[], object] | None = None) -> int:
         """Admit the jobs the ledger holds as waiting but Redis does not know: their enqueuing process died
         between the ledger insert and the admission. Each pass looks at the jobs created since the last
-        one (older than `grace`, which their own process had to admit them), so its cost follows the
-        enqueue rate, not the size of the waiting rooms. Returns how many were admitted."""
+        one (older than `grace`, which their own process had to admit them), ADMIT_CHUNK at a time, the
+        bookmark moving after each chunk, so its cost follows the enqueue rate, not the size of the waiting
+        rooms. Jobs are stamped just before their insert; the enqueuers' clocks are assumed within `grace`
+        of the reaper's (NTP). Returns how many were admitted."""
         redis = self.limiter.redis
         until = datetime.now(UTC) - grace
         checked = redis.get(ADMITTED_UNTIL_KEY)
         since = datetime.fromisoformat(_text(checked)) if checked else until - FIRST_ADMIT_CHECK
-        if until <= since:
-            return 0
-        waiting = self.ledger.created_waiting(since, until)
-        unknown = [
-            job
-            for job, known in zip(waiting, self.limiter.known([job.payload() for job in waiting]), strict=True)
-            if not known
-        ]
-        if unknown:
-            logger.warning("admitting %s job(s) the ledger holds but Redis did not know", len(unknown))
-            dispatched = self.limiter.admit_many([job.payload() for job in unknown])
-            for namespace in dict.fromkeys(record.payload.namespace for record in dispatched):
-                self.apply([record for record in dispatched if record.payload.namespace == namespace])
-        redis.set(ADMITTED_UNTIL_KEY, until.isoformat())
-        return len(unknown)
+        admitted = 0
+        while since < until:
+            waiting = self.ledger.created_waiting(since, until, limit=ADMIT_CHUNK)
+            payloads = [job.payload() for job in waiting]
+            unknown = [
+                payload for payload, known in zip(payloads, self.limiter.known(payloads), strict=True) if not known
+            ]
+            if unknown:
+                logger.warning("admitting %s job(s) the ledger holds but Redis did not know", len(unknown))
+                self._apply_by_namespace(self.limiter.admit_many(unknown))
+                admitted += len(unknown)
+            if len(waiting) < ADMIT_CHUNK:
+                since = until
+            else:  # the next chunk starts at this one's last instant (looking at a job twice is harmless)
+                last = waiting[-1].created_at
+                since = last if last > since else since + timedelta(milliseconds=1)
+            redis.set(ADMITTED_UNTIL_KEY, since.isoformat())
+            if keep_alive is not None:
+                keep_alive()
+        return admitted
+
+    def _apply_by_namespace(self, records: Sequence[Record]) -> None:
+        by_namespace: dict[str, list[Record]] = {}
+        for record in records:
+            by_namespace.setdefault(record.payload.namespace, []).append(record)
+        for namespace_records in by_namespace.values():
+            self.apply(namespace_records)
 
     def check_epoch(self) -> bool:
         """Whether Redis kept its data; if it lost it (a flush, a restart without persistence, a failover)
