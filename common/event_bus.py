@@ -30,7 +30,7 @@ import redis
 from common.constants import REDIS_PREFIX
 from common.events import Event, InvalidEventError, parse_event
 from common.redis_cluster import is_cluster, server_time
-from common.redis_connection import RedisClient
+from common.redis_connection import RedisClient, as_text
 
 logger = logging.getLogger(__name__)
 EVENTS_STREAM = f"{REDIS_PREFIX}:events"
@@ -39,10 +39,6 @@ DEFAULT_MAX_LENGTH = 100_000
 DEFAULT_GROUP_IDLE_MS = 3_600_000  # above claim_idle_ms and any handler's run, when a live consumer reads nothing
 TRIM_EVERY = 100
 Handler = Callable[[Event], None]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _id_key(stream_id: str) -> tuple[int, int]:
@@ -77,7 +73,7 @@ class EventBus:
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
             pipe.xadd(self.stream, {"event": event.model_dump_json()})
-        stream_ids = [_text(stream_id) for stream_id in pipe.execute()]
+        stream_ids = [as_text(stream_id) for stream_id in pipe.execute()]
         before, self._published = self._published, self._published + len(events)
         if before // TRIM_EVERY != self._published // TRIM_EVERY:
             self.trim()
@@ -86,7 +82,7 @@ class EventBus:
     def last_id(self) -> str:
         """The id of the newest entry ('0-0' for an empty stream): read after it to get what comes next."""
         newest = self.redis.xrevrange(self.stream, count=1)
-        return _text(newest[0][0]) if newest else "0-0"
+        return as_text(newest[0][0]) if newest else "0-0"
 
     def read(self, after: str = "$", count: int = 100, block_ms: int | None = None) -> list[tuple[str, Event]]:
         """Events after the stream id `after` ('$': only new ones), waiting up to `block_ms` for one."""
@@ -95,7 +91,7 @@ class EventBus:
         events = []
         for stream_id, fields in entries:
             try:
-                events.append((_text(stream_id), parse_event(fields[b"event"])))
+                events.append((as_text(stream_id), parse_event(fields[b"event"])))
             except (InvalidEventError, KeyError):
                 logger.warning("skipping stream entry %s that is not an event", stream_id)
         return events
@@ -119,14 +115,14 @@ class EventBus:
         excess = int(self.redis.xlen(self.stream)) - self.max_length
         if excess <= 0:
             return 0
-        cutoff = _text(self.redis.xrange(self.stream, "-", "+", count=excess + 1)[-1][0])
+        cutoff = as_text(self.redis.xrange(self.stream, "-", "+", count=excess + 1)[-1][0])
         for group in self.redis.xinfo_groups(self.stream):
-            name = _text(group["name"])
-            milliseconds, sequence = _id_key(_text(group["last-delivered-id"]))
+            name = as_text(group["name"])
+            milliseconds, sequence = _id_key(as_text(group["last-delivered-id"]))
             keep_from = f"{milliseconds}-{sequence + 1}"  # the group has not read what comes after
             pending = self.redis.xpending(self.stream, name)
             if pending["pending"]:
-                keep_from = min(keep_from, _text(pending["min"]), key=_id_key)
+                keep_from = min(keep_from, as_text(pending["min"]), key=_id_key)
             if _id_key(keep_from) >= _id_key(cutoff):
                 continue
             if self.abandoned(name, keep_from):
@@ -153,12 +149,12 @@ class EventBus:
             return False
         seconds, microseconds = server_time(self.redis, self.stream)
         now_ms = seconds * 1000 + microseconds // 1000  # the clock of the stream's server, which its ids come from
-        return now_ms - _id_key(_text(first_held[0][0]))[0] > self.group_idle_ms
+        return now_ms - _id_key(as_text(first_held[0][0]))[0] > self.group_idle_ms
 
     def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
         """The newest entries of the dead-letter stream: the event's JSON, its reason and its group."""
         entries = self.redis.xrevrange(self.dead_letter_stream, count=count)
-        return [(_text(i), {_text(k): _text(v) for k, v in fields.items()}) for i, fields in entries]
+        return [(as_text(i), {as_text(k): as_text(v) for k, v in fields.items()}) for i, fields in entries]
 
 
 @dataclass
@@ -202,12 +198,12 @@ class Consumer:
         )
         for stream_id, fields in claimed:
             if fields is not None:
-                handled += self._handle(_text(stream_id), fields, redelivered=True)
+                handled += self._handle(as_text(stream_id), fields, redelivered=True)
         answer = self.bus.redis.xreadgroup(
             self.group, self.name, {self.bus.stream: ">"}, count=count, block=None if claimed else block_ms
         )
         for stream_id, fields in answer[0][1] if answer else []:
-            handled += self._handle(_text(stream_id), fields, redelivered=False)
+            handled += self._handle(as_text(stream_id), fields, redelivered=False)
         return handled
 
     def run(self, stop: threading.Event, block_ms: int = 1000) -> None:

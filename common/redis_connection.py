@@ -145,3 +145,8 @@ def close_clients() -> None:
         for client in _clients.values():
             client.close()
         _clients.clear()
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (clients that do not decode responses give bytes)."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -30,7 +30,7 @@ from typing import Any
 from common.constants import REDIS_PREFIX
 from common.queue.jobs import Dispatch, JobPayload, Priority
 from common.redis_cluster import ScriptBatch, add_time, is_cluster, node_of
-from common.redis_connection import RedisClient
+from common.redis_connection import RedisClient, as_text
 from common.resilience import retry_transient
 
 ACTIVE_KEY = f"{REDIS_PREFIX}:active"  # namespaces with jobs or records
@@ -115,7 +115,7 @@ class Record:
 
     @classmethod
     def parse(cls, raw: bytes | str, job_id: bytes | str) -> Record:
-        kind, fence, token, at, attempt, ending, code, payload = _text(raw).split("|", 7)
+        kind, fence, token, at, attempt, ending, code, payload = as_text(raw).split("|", 7)
         return cls(
             RecordKind(kind),
             int(fence),
@@ -124,7 +124,7 @@ class Record:
             int(attempt),
             Ending(ending) if ending else None,
             code or None,
-            JobPayload.from_compact(_text(job_id), payload),
+            JobPayload.from_compact(as_text(job_id), payload),
         )
 
     @property
@@ -280,15 +280,15 @@ class NamespaceLimiter:
         """At task start: run the job only if this message's token holds a lease not started yet, or
         this same delivery already confirmed it."""
         result = self._run("confirm", namespace, job_id, token, delivery, self.started_ttl_ms)
-        if _text(result[0]) != ConfirmDecision.RUN:
+        if as_text(result[0]) != ConfirmDecision.RUN:
             return Confirmation(ConfirmDecision.DROP)
-        return Confirmation(ConfirmDecision.RUN, int(result[1]), int(_text(result[2])))
+        return Confirmation(ConfirmDecision.RUN, int(result[1]), int(as_text(result[2])))
 
     def renew(self, namespace: str, job_id: str, token: str, fence: bool = False) -> Renewal:
         """Extend a started attempt's lease; with `fence`, also hand out the fence of its outcome."""
         result = self._run("renew", namespace, job_id, token, self.started_ttl_ms, "1" if fence else "")
-        state = LeaseState(_text(result[0]))
-        return Renewal(state, int(_text(result[1])) if state != LeaseState.LOST and fence else 0)
+        state = LeaseState(as_text(result[0]))
+        return Renewal(state, int(as_text(result[1])) if state != LeaseState.LOST and fence else 0)
 
     def end(
         self, payload: JobPayload, token: str, fence: int, ending: Ending, error_code: str | None
@@ -305,7 +305,7 @@ class NamespaceLimiter:
             error_code or "",
             *self._promote_args(),
         )
-        if _text(result[0]) != "ended":
+        if as_text(result[0]) != "ended":
             return None, []
         return Record.parse(result[1], payload.job_id), self._dispatched(result[2])
 
@@ -326,8 +326,8 @@ class NamespaceLimiter:
                 [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
                 bool(idle),
-                [_text(job) for job in requeued],
-                [_text(job) for job in crashed],
+                [as_text(job) for job in requeued],
+                [as_text(job) for job in crashed],
             )
         return reaped
 
@@ -336,7 +336,7 @@ class NamespaceLimiter:
         until they end), and the jobs dispatched to freed slots."""
         records, started, dispatched = self._run("cancel", namespace, *self._promote_args(), *job_ids)
         cancelled = [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)]
-        return cancelled, [_text(job) for job in started], self._dispatched(dispatched)
+        return cancelled, [as_text(job) for job in started], self._dispatched(dispatched)
 
     def promote(self, namespace: str) -> list[Record]:
         return self._dispatched(self._run("promote", namespace, *self._promote_args()))
@@ -388,12 +388,12 @@ class NamespaceLimiter:
 
     def overrides(self) -> dict[str, int]:
         """Every namespace whose limit is overridden, with its limit."""
-        namespaces = sorted(_text(ns) for ns in self.redis.smembers(LIMITS_KEY))
+        namespaces = sorted(as_text(ns) for ns in self.redis.smembers(LIMITS_KEY))
         return {namespace: self.get_limit(namespace)[0] for namespace in namespaces}
 
     def namespaces(self) -> list[str]:
         """The namespaces with work: jobs waiting, leased or blocked, or records to apply."""
-        return sorted(_text(ns) for ns in self.redis.smembers(ACTIVE_KEY))
+        return sorted(as_text(ns) for ns in self.redis.smembers(ACTIVE_KEY))
 
     def unlist_if_idle(self, namespace: str) -> None:
         """Unlist a namespace found idle; then look again, because a job may have come meanwhile
@@ -420,7 +420,7 @@ class NamespaceLimiter:
             pipe.smembers(ACTIVE_KEY)
             pipe.smembers(LIMITS_KEY)
             active, overridden = pipe.execute()
-            namespaces = (_text(ns) for ns in (*active, *overridden))
+            namespaces = (as_text(ns) for ns in (*active, *overridden))
         names = sorted(set(namespaces))
         ranks = sorted({priority.rank for priority in Priority})
         result = {}
@@ -458,7 +458,7 @@ class NamespaceLimiter:
     def _overview_of(self, reply: Sequence[Any], ranks: Sequence[int], now: int) -> NamespaceOverview:
         override, waiting_count, leases, *heads = reply
         ages = [int(head[0][1]) - rank * RANK_WEIGHT for rank, head in zip(ranks, heads, strict=True) if head]
-        queued = sum(1 for lease in leases if _text(lease).startswith("q:"))
+        queued = sum(1 for lease in leases if as_text(lease).startswith("q:"))
         return NamespaceOverview(
             limit=self.default_limit if override is None else int(override),
             overridden=override is not None,
@@ -471,7 +471,7 @@ class NamespaceLimiter:
     def lease_token(self, namespace: str, job_id: str) -> str | None:
         """The token of the job's lease, if it holds one."""
         lease = self.redis.hget(namespace_key(namespace, "leases"), job_id)
-        return None if lease is None else _text(lease)[2:]
+        return None if lease is None else as_text(lease)[2:]
 
     def _promote_args(self) -> tuple[int, int]:
         return self.default_limit, self.queued_ttl_ms
@@ -483,17 +483,13 @@ class NamespaceLimiter:
         return [
             Record(
                 RecordKind.DISPATCH,
-                int(_text(items[i + 1])),
-                _text(items[i + 1]),
+                int(as_text(items[i + 1])),
+                as_text(items[i + 1]),
                 0,
                 0,
                 None,
                 None,
-                JobPayload.from_compact(_text(items[i]), items[i + 2]),
+                JobPayload.from_compact(as_text(items[i]), items[i + 2]),
             )
             for i in range(0, len(items), 3)
         ]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

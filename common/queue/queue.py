@@ -52,7 +52,7 @@ from common.queue.jobs import (
 from common.queue.ledger import Ledger
 from common.queue.limiter import FENCE_EPOCH_MS, NamespaceCounts, NamespaceLimiter, Record, RecordKind
 from common.redis_cluster import all_exist, node_hash_tags
-from common.redis_connection import RedisClient, get_redis
+from common.redis_connection import RedisClient, as_text, get_redis
 
 logger = logging.getLogger(__name__)
 ENQUEUE_BATCH = 10_000  # jobs per bulk insert and per Redis round trip of enqueue_many
@@ -329,7 +329,7 @@ class Queue:
         redis = self.limiter.redis
         until = datetime.now(UTC) - grace
         checked = redis.get(ADMITTED_UNTIL_KEY)
-        since = datetime.fromisoformat(_text(checked)) if checked else until - FIRST_ADMIT_CHECK
+        since = datetime.fromisoformat(as_text(checked)) if checked else until - FIRST_ADMIT_CHECK
         admitted = 0
         while since < until:
             waiting = self.ledger.created_waiting(since, until, limit=ADMIT_CHUNK)
@@ -396,7 +396,3 @@ def _keeper(lock: Lock) -> Callable[[], None]:
                 lock.reacquire()
 
     return keep_alive
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
