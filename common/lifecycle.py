@@ -274,13 +274,15 @@ class Lifecycle:
             namespaces = self.limiter.namespaces()
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
+                idle = []
                 for namespace, reaped in self.limiter.reap(batch, grace_ms).items():
                     report.requeued += reaped.requeued
                     report.crashed += reaped.crashed
                     report.applied += len(reaped.records)
                     report.dispatched += len(reaped.dispatched)
                     if reaped.idle or (reaped.records and self.apply(reaped.records)):
-                        self.limiter.unlist_if_idle(namespace)
+                        idle.append(namespace)
+                self.limiter.unlist_if_idle(idle)
                 with contextlib.suppress(LockError):
                     lock.reacquire()
             # Last, after the records were applied (a job cancelled or ended there is no longer unknown),

@@ -395,12 +395,20 @@ class NamespaceLimiter:
         """The namespaces with work: jobs waiting, leased or blocked, or records to apply."""
         return sorted(as_text(ns) for ns in self.redis.smembers(ACTIVE_KEY))
 
-    def unlist_if_idle(self, namespace: str) -> None:
-        """Unlist a namespace found idle; then look again, because a job may have come meanwhile
-        (admitting lists the namespace after its script, so one of the two sees the other)."""
-        self.redis.srem(ACTIVE_KEY, namespace)
-        if self.redis.exists(namespace_key(namespace, "jobs"), namespace_key(namespace, "outbox")):
-            self.redis.sadd(ACTIVE_KEY, namespace)
+    def unlist_if_idle(self, namespaces: Sequence[str]) -> None:
+        """Unlist namespaces found idle; then look again, because a job may have come meanwhile
+        (admitting lists the namespace after its script, so one of the two sees the other). Three round
+        trips for all of them, one after the other: the looking must follow the unlisting, which on a
+        cluster is on another node."""
+        if not namespaces:
+            return
+        self.redis.srem(ACTIVE_KEY, *namespaces)
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace in namespaces:
+            pipe.exists(namespace_key(namespace, "jobs"), namespace_key(namespace, "outbox"))
+        busy = [namespace for namespace, found in zip(namespaces, pipe.execute(), strict=True) if found]
+        if busy:
+            self.redis.sadd(ACTIVE_KEY, *busy)
 
     def counts(self, namespace: str) -> NamespaceCounts:
         pipe = self.redis.pipeline(transaction=False)
