@@ -49,7 +49,7 @@ import redis
 
 from common.lifecycle import Lifecycle
 from common.queue import Queue
-from common.queue.jobs import JobPayload, Priority, unicity_id
+from common.queue.jobs import JobPayload, Priority
 from common.queue.limiter import ACTIVE_KEY, LIMITS_KEY, NamespaceLimiter, namespace_key, namespace_keys
 
 if TYPE_CHECKING:
@@ -138,17 +138,7 @@ def payload_json(job_id: str, namespace: str, dataset: str) -> str:
 
 
 def payload(job_id: str, namespace: str, dataset: str) -> JobPayload:
-    return JobPayload(
-        job_id=job_id,
-        step=BULK_STEP,
-        dataset=dataset,
-        config=None,
-        split=None,
-        namespace=namespace,
-        unicity_id=unicity_id(BULK_STEP, dataset, None, None),
-        priority=Priority.NORMAL,
-        rank=Priority.NORMAL.rank,
-    )
+    return JobPayload.of(job_id, BULK_STEP, dataset, None, None, Priority.NORMAL)
 
 
 def check_payload() -> None:

@@ -43,11 +43,10 @@ from common.exceptions import (
 )
 from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.logging import job_context
-from common.names import namespace_of, validate_key
+from common.names import validate_key
 from common.processing_graph import ProcessingStep
 from common.progress import Progress, ProgressMeta
 from common.queue import JobPayload, Priority
-from common.queue.jobs import unicity_id
 from common.queue.queue import JobInput
 from tasks.heartbeat import AttemptStopped, Heartbeat
 from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, get_lifecycle, get_queue
@@ -112,18 +111,7 @@ def bind_step_arguments(args: Any, kwargs: Any) -> tuple[Any, Any, Any]:
 def message_payload(step: str, job_id: str, args: Any, kwargs: Any, priority: str | None) -> JobPayload:
     """The job a step's message is about, from the message's arguments and headers."""
     dataset, config, split = bind_step_arguments(args, kwargs)
-    rank = Priority(priority or Priority.NORMAL)
-    return JobPayload(
-        job_id=job_id,
-        step=step,
-        dataset=dataset,
-        config=config,
-        split=split,
-        namespace=namespace_of(dataset),
-        unicity_id=unicity_id(step, dataset, config, split),
-        priority=rank,
-        rank=rank.rank,
-    )
+    return JobPayload.of(job_id, step, dataset, config, split, Priority(priority or Priority.NORMAL))
 
 
 class StepTask(Task):  # type: ignore[misc]

@@ -65,6 +65,23 @@ class JobPayload(BaseModel):
     priority: Priority
     rank: int
 
+    @classmethod
+    def of(
+        cls, job_id: str, step: str, dataset: str, config: str | None, split: str | None, priority: Priority
+    ) -> JobPayload:
+        """A payload, its namespace, unicity id and rank derived from the rest."""
+        return cls(
+            job_id=job_id,
+            step=step,
+            dataset=dataset,
+            config=config,
+            split=split,
+            namespace=namespace_of(dataset),
+            unicity_id=unicity_id(step, dataset, config, split),
+            priority=priority,
+            rank=priority.rank,
+        )
+
     def compact(self) -> str:
         """What Redis keeps: `[step, dataset, config, split, rank]`, the rest is derived (the job id is
         the hash field; the namespace, the unicity id and the priority come from the others). Short enough
@@ -79,17 +96,7 @@ class JobPayload(BaseModel):
             return cls.model_validate_json(text)
         step, dataset, config, split, rank = json.loads(text)
         priority = next(priority for priority in Priority if priority.rank == rank)
-        return cls(
-            job_id=job_id,
-            step=step,
-            dataset=dataset,
-            config=config,
-            split=split,
-            namespace=namespace_of(dataset),
-            unicity_id=unicity_id(step, dataset, config, split),
-            priority=priority,
-            rank=rank,
-        )
+        return cls.of(job_id, step, dataset, config, split, priority)
 
 
 class Job(BaseModel):
