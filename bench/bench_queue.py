@@ -22,9 +22,7 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,13 +30,10 @@ from typing import Any
 
 import redis
 
+from bench.harness import ReleaseWatcher, bench_servers, gaps_seconds, percentile
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKER_CONCURRENCY = 4
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 class Bench:
@@ -119,25 +114,11 @@ class Bench:
 
         self.reset()
         release_sha = get_queue().limiter.scripts["end"].sha
-        releases: list[float] = []
-        stop = threading.Event()
-
-        def watch() -> None:
-            with self.redis.monitor() as monitor:  # type: ignore[no-untyped-call]
-                while not stop.is_set():
-                    command = monitor.next_command()
-                    if release_sha in command["command"]:
-                        releases.append(float(command["time"]))
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
         with self.worker("latency", QUEUE_MAX_JOBS_PER_NAMESPACE="1"):
-            results = [steps.bench_sleep.delay(f"one/ds{i}") for i in range(jobs)]
-            for result in results:
-                result.get(timeout=600)
-            stop.set()
-            self.redis.ping()  # one more command wakes the watcher up
-            watcher.join(timeout=10)
+            with ReleaseWatcher(self.redis, release_sha) as watcher:
+                results = [steps.bench_sleep.delay(f"one/ds{i}") for i in range(jobs)]
+                for result in results:
+                    result.get(timeout=600)
             # Plain Celery's own floor on the same worker: from publishing a message to its task starting.
             celery_floor = []
             for i in range(jobs):
@@ -145,13 +126,9 @@ class Bench:
                 steps.plain_sleep.delay(f"plain/ds{i}").get(timeout=60)
                 celery_floor.append((self.starts()[f"plain/ds{i}"] - published) * 1000)
         starts = self.starts()
-        runs = sorted((starts[f"one/ds{i}"], starts[f"end:one/ds{i}"]) for i in range(jobs))
-        step_gaps = [(runs[k + 1][0] - runs[k][1]) * 1000 for k in range(len(runs) - 1)]
-        promote = []
-        for start, _ in runs[1:]:
-            before = [release for release in releases if release <= start]
-            if before:
-                promote.append((start - before[-1]) * 1000)
+        runs = [(starts[f"one/ds{i}"], starts[f"end:one/ds{i}"]) for i in range(jobs)]
+        step_gaps = [gap * 1000 for gap in gaps_seconds(runs)]
+        promote = [seconds * 1000 for seconds in watcher.promote_seconds(runs)]
         return {
             "release_to_start_p50_ms": percentile(promote, 0.5),
             "release_to_start_p99_ms": percentile(promote, 0.99),
@@ -191,58 +168,19 @@ def main() -> None:
     parser.add_argument("--backlogs", type=int, nargs="+", default=[200, 2000], help="namespace A backlogs")
     args = parser.parse_args()
 
-    from tasks.embedded import start_mongo, start_redis
-
-    servers = []
-    redis_url = os.environ.get("BENCH_REDIS_URL")
-    if not redis_url:
-        servers.append(start_redis())
-        redis_url = servers[-1].url
-    mongo_url = os.environ.get("BENCH_MONGO_URL")
-    if not mongo_url:
-        servers.append(start_mongo())
-        mongo_url = servers[-1].url
-    run = uuid.uuid4().hex[:8]
-    env = {
-        "QUEUE_REDIS_URL": redis_url,
-        "CACHE_MONGO_URL": mongo_url,
-        "QUEUE_MONGO_URL": mongo_url,
-        "CACHE_MONGO_DATABASE": f"stepcache_bench_{run}_cache",
-        "QUEUE_MONGO_DATABASE": f"stepcache_bench_{run}_queue",
-        "QUEUE_MAX_JOBS_PER_NAMESPACE": "2",
-        "COMMON_LOG_LEVEL": "WARNING",
-    }
-    os.environ.update(env)
-    from common.config import get_config
-
-    get_config.cache_clear()
-    from tasks import create_app
-
-    create_app(get_config())  # the current app: what the steps and plain tasks publish through
-    import bench.steps  # noqa: F401  (registers the benchmark's steps and tasks)
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
-            runner = Bench(env, Path(logs))
-            results: dict[str, Any] = {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "worker_concurrency": WORKER_CONCURRENCY,
-                    "mongo": "SecantusDB" if servers else mongo_url,
-                },
-                "throughput_jobs_per_s": runner.throughput(args.jobs),
-                "promote_latency": runner.promote_latency(args.latency_jobs),
-                "fairness_wait_s": {str(backlog): runner.fairness(backlog) for backlog in args.backlogs},
-            }
-    finally:
-        from common.mongo import get_database
-
-        settings = get_config()
-        get_database(settings.cache.mongo_url, "admin").client.drop_database(env["CACHE_MONGO_DATABASE"])
-        get_database(settings.cache.mongo_url, "admin").client.drop_database(env["QUEUE_MONGO_DATABASE"])
-        for server in servers:
-            server.stop()
+    with bench_servers() as run, tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
+        runner = Bench(run.env, Path(logs))
+        results: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "worker_concurrency": WORKER_CONCURRENCY,
+                "mongo": "SecantusDB" if run.embedded_mongo else run.mongo_url,
+            },
+            "throughput_jobs_per_s": runner.throughput(args.jobs),
+            "promote_latency": runner.promote_latency(args.latency_jobs),
+            "fairness_wait_s": {str(backlog): runner.fairness(backlog) for backlog in args.backlogs},
+        }
     report(results)
 
 

@@ -36,7 +36,6 @@ import logging
 import os
 import platform
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,10 +46,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from bench.harness import ReleaseWatcher, Servers, bench_servers, gaps_seconds, percentile
 from common.lifecycle import Lifecycle
 from common.queue import Queue
 from common.queue.jobs import JobPayload, Priority
 from common.queue.limiter import ACTIVE_KEY, LIMITS_KEY, NamespaceLimiter, namespace_key, namespace_keys
+from common.redis_connection import as_text
 
 if TYPE_CHECKING:
     from tasks.embedded import EmbeddedServer
@@ -64,11 +65,6 @@ TARGET_REAP_MS = 50
 TARGET_JAIN = 0.99
 FLAT_RATIO = 1.25  # "flat": p50 at the largest size within 25% of p50 at 0
 LONG_TTL_SECONDS = 86_400.0  # leases made for the reaper's fixture never expire during the run
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
@@ -93,10 +89,6 @@ def _bulk(*parts: bytes) -> bytes:
 
 def _command(*parts: bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + _bulk(*parts)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class RawPipeline:
@@ -270,7 +262,7 @@ class Bench:
 
         recorded = []
         for line in self.redis.lrange(STARTS_KEY, 0, -1):
-            label, at = _text(line).rsplit(" ", 1)
+            label, at = as_text(line).rsplit(" ", 1)
             recorded.append((label, float(at)))
         return recorded
 
@@ -299,7 +291,7 @@ class Bench:
             keys[key.rsplit(":", 1)[1]] = {
                 "bytes": size,
                 "bytes_per_job": size / waiting if waiting else None,
-                "encoding": _text(self.redis.object("encoding", key) or b""),
+                "encoding": as_text(self.redis.object("encoding", key) or b""),
             }
         total = sum(entry["bytes"] for entry in keys.values())
         active_bytes = int(self.redis.memory_usage(ACTIVE_KEY, samples=0) or 0)
@@ -396,35 +388,15 @@ class Bench:
         timestamps it) to the next job's step starting (as in bench_queue)."""
         from bench import steps
 
-        release_sha = self.limiter.scripts["end"].sha
-        releases: list[float] = []
-        stop = threading.Event()
-
-        def watch() -> None:
-            with self.redis.monitor() as monitor:  # type: ignore[no-untyped-call]
-                while not stop.is_set():
-                    command = monitor.next_command()
-                    if release_sha in command["command"]:
-                        releases.append(float(command["time"]))
-
         self.queue.set_limit("latency", 1)
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        time.sleep(0.2)
-        results = [steps.bench_sleep.delay(f"latency/ds{i}") for i in range(jobs)]
-        for result in results:
-            result.get(timeout=600)
-        stop.set()
-        self.redis.ping()  # one more command wakes the watcher up
-        watcher.join(timeout=10)
+        with ReleaseWatcher(self.redis, self.limiter.scripts["end"].sha) as watcher:
+            time.sleep(0.2)
+            results = [steps.bench_sleep.delay(f"latency/ds{i}") for i in range(jobs)]
+            for result in results:
+                result.get(timeout=600)
         recorded = dict(self.records())
-        runs = sorted((recorded[f"latency/ds{i}"], recorded[f"end:latency/ds{i}"]) for i in range(jobs))
-        gaps = [runs[k + 1][0] - runs[k][1] for k in range(len(runs) - 1)]
-        promote = []
-        for start, _ in runs[1:]:
-            before = [release for release in releases if release <= start]
-            if before:
-                promote.append(start - before[-1])
+        runs = [(recorded[f"latency/ds{i}"], recorded[f"end:latency/ds{i}"]) for i in range(jobs)]
+        gaps, promote = gaps_seconds(runs), watcher.promote_seconds(runs)
         return {"release_to_start": summary_ms(promote), "step_end_to_next_start": summary_ms(gaps)}
 
     def drain(self, namespaces: int, jobs: int, seconds: float) -> dict[str, Any]:
@@ -485,10 +457,10 @@ class Bench:
             for job, lease in held.items():
                 setup.scripts["confirm"](
                     keys=namespace_keys(name),
-                    args=[job, _text(lease)[2:], uuid.uuid4().hex, int(LONG_TTL_SECONDS * 1000)],
+                    args=[job, as_text(lease)[2:], uuid.uuid4().hex, int(LONG_TTL_SECONDS * 1000)],
                     client=pipe,
                 )
-        started = sum(1 for reply in pipe.execute() if _text(reply[0]) == "run")
+        started = sum(1 for reply in pipe.execute() if as_text(reply[0]) == "run")
         # Namespaces whose last job just ended are still listed until a pass finds them idle.
         with RawPipeline(self.redis) as raw:
             for begin in range(0, idle, PIPELINE):
@@ -588,39 +560,14 @@ def main() -> None:
     parser.add_argument("--fair-sleep", type=float, default=0.02, help="seconds each fairness job sleeps")
     args = parser.parse_args()
 
-    from tasks.embedded import start_mongo, start_redis
-
-    servers = []
-    redis_url = os.environ.get("BENCH_REDIS_URL")
-    if not redis_url:
-        servers.append(start_redis())
-        redis_url = servers[-1].url
-    mongo_url = os.environ.get("BENCH_MONGO_URL") or os.environ.get("TEST_MONGO_URL")
-    embedded_mongo = not mongo_url
-    if not mongo_url:
-        servers.append(start_mongo())
-        mongo_url = servers[-1].url
-    run = uuid.uuid4().hex[:8]
-    env = {
-        "QUEUE_REDIS_URL": redis_url,
-        "CACHE_MONGO_URL": mongo_url,
-        "QUEUE_MONGO_URL": mongo_url,
-        "CACHE_MONGO_DATABASE": f"stepcache_bench_{run}_cache",
-        "QUEUE_MONGO_DATABASE": f"stepcache_bench_{run}_queue",
-        "QUEUE_MAX_JOBS_PER_NAMESPACE": "2",
-        "COMMON_LOG_LEVEL": "WARNING",
-        "WORKER_METRICS_PORT": "0",
-    }
-    os.environ.update(env)
     logging.getLogger("common.queue.queue").setLevel(logging.ERROR)  # "Redis had no epoch marker" after each reset
-    from common.config import get_config
+    with bench_servers(("BENCH_MONGO_URL", "TEST_MONGO_URL"), WORKER_METRICS_PORT="0") as run:
+        results = measure(args, run)
+    report(results)
 
-    get_config.cache_clear()
-    from tasks import create_app
 
-    create_app(get_config())  # the current app: what the steps publish through
-    import bench.steps  # noqa: F401  (registers the benchmark's steps and tasks)
-
+def measure(args: argparse.Namespace, run: Servers) -> dict[str, Any]:
+    embedded_mongo, mongo_url, env = run.embedded_mongo, run.mongo_url, run.env
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": {
@@ -633,46 +580,35 @@ def main() -> None:
         "parameters": vars(args),
     }
     began = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="stepcache-bench-scale-") as logs:
-            runner = Bench(env, Path(logs), servers, embedded_mongo)
-            results["machine"]["redis"] = runner.redis.info("server")["redis_version"]
-            steps: dict[str, Callable[[], Any]] = {
-                "fairness": lambda: runner.fairness(args.fair_namespaces, args.fair_jobs, args.fair_sleep),
-                "reaper": lambda: runner.reaper(
-                    args.idle_namespaces, args.active_namespaces, args.jobs_per_active, args.reaper_passes
-                ),
-            }
-            for phase, measure in steps.items():
-                if phase in args.phases:
-                    print(f"{phase}...")
-                    results[phase] = measure()
-            if "scale" in args.phases:
-                print("scale...")
-                drains = {}
-                if not args.no_baseline_drain:
-                    runner.reset()
-                    drains["0"] = runner.drain_session(
-                        "drain-0", args.latency_jobs, args.drain_namespaces, args.drain_jobs, args.drain_seconds
-                    )
-                results["scale"] = runner.scale(
-                    args.sizes, args.namespaces, args.probe_admits, args.scale_reaper_passes
+    with tempfile.TemporaryDirectory(prefix="stepcache-bench-scale-") as logs:
+        runner = Bench(env, Path(logs), run.servers, embedded_mongo)
+        results["machine"]["redis"] = runner.redis.info("server")["redis_version"]
+        steps: dict[str, Callable[[], Any]] = {
+            "fairness": lambda: runner.fairness(args.fair_namespaces, args.fair_jobs, args.fair_sleep),
+            "reaper": lambda: runner.reaper(
+                args.idle_namespaces, args.active_namespaces, args.jobs_per_active, args.reaper_passes
+            ),
+        }
+        for phase, run_phase in steps.items():
+            if phase in args.phases:
+                print(f"{phase}...")
+                results[phase] = run_phase()
+        if "scale" in args.phases:
+            print("scale...")
+            drains = {}
+            if not args.no_baseline_drain:
+                runner.reset()
+                drains["0"] = runner.drain_session(
+                    "drain-0", args.latency_jobs, args.drain_namespaces, args.drain_jobs, args.drain_seconds
                 )
-                drains[str(max(args.sizes))] = runner.drain_session(
-                    "drain-parked", args.latency_jobs, args.drain_namespaces, args.drain_jobs, args.drain_seconds
-                )
-                results["scale"]["drain_by_parked"] = drains
-                results["scale"]["used_memory_after_drain_bytes"] = runner.used_memory()
-    finally:
-        from common.mongo import get_database
-
-        settings = get_config()
-        get_database(settings.cache.mongo_url, "admin").client.drop_database(env["CACHE_MONGO_DATABASE"])
-        get_database(settings.cache.mongo_url, "admin").client.drop_database(env["QUEUE_MONGO_DATABASE"])
-        for server in servers:
-            server.stop()
+            results["scale"] = runner.scale(args.sizes, args.namespaces, args.probe_admits, args.scale_reaper_passes)
+            drains[str(max(args.sizes))] = runner.drain_session(
+                "drain-parked", args.latency_jobs, args.drain_namespaces, args.drain_jobs, args.drain_seconds
+            )
+            results["scale"]["drain_by_parked"] = drains
+            results["scale"]["used_memory_after_drain_bytes"] = runner.used_memory()
     results["run_seconds"] = time.monotonic() - began
-    report(results)
+    return results
 
 
 def _verdict(met: bool, detail: str) -> str:
