@@ -10,7 +10,9 @@ real `celery -A tasks worker` processes, and measures:
     with a limit of 1 (includes the cache write, the ledger, the end script, the broker and the
     worker picking the message up), p50 and p99;
 (c) the wait of one job of namespace B enqueued behind a backlog of namespace A, with stepcache, with
-    the usual "retry with countdown when over the limit" recipe, and with no limiter at all.
+    the usual "retry with countdown when over the limit" recipe, and with no limiter at all;
+(d) the ledger's lag behind Redis: from `delay()` returning to the job in the ledger, and from its
+    result being ready to the ledger saying it succeeded (polled every 2 ms).
 
 It prints a table and writes bench/results/queue.json and bench/results/queue.png.
 """
@@ -139,6 +141,38 @@ class Bench:
             "samples": len(promote),
         }
 
+    def ledger_lag(self, jobs: int) -> dict[str, float]:
+        """How far the ledger follows Redis (QUEUE_LEDGER_LAG_SECONDS), read from MongoDB directly."""
+        from bench import steps
+        from common.queue import JobStatus
+        from tasks.queue import get_queue
+
+        self.reset()
+        ledger = get_queue().ledger
+
+        def milliseconds_until(job_id: str, status: JobStatus | None) -> float:
+            """Until the ledger has the job (in this status)."""
+            began = time.perf_counter()
+            while (job := ledger.get(job_id)) is None or (status is not None and job.status != status):
+                time.sleep(0.002)
+            return (time.perf_counter() - began) * 1000
+
+        created, ended = [], []
+        with self.worker("ledger-lag"):
+            for i in range(jobs):
+                result = steps.bench_noop.delay(f"lag{i % 10}/ds{i}")
+                created.append(milliseconds_until(result.id, None))
+                result.get(timeout=60)
+                ended.append(milliseconds_until(result.id, JobStatus.SUCCESS))
+        return {
+            "created_p50_ms": percentile(created, 0.5),
+            "created_p99_ms": percentile(created, 0.99),
+            "created_max_ms": max(created),
+            "ended_p50_ms": percentile(ended, 0.5),
+            "ended_p99_ms": percentile(ended, 0.99),
+            "ended_max_ms": max(ended),
+        }
+
     def fairness(self, backlog: int) -> dict[str, float]:
         """Seconds between enqueueing B's job and its start, behind `backlog` jobs of namespace A."""
         from bench import steps
@@ -166,6 +200,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
     parser.add_argument("--latency-jobs", type=int, default=300, help="jobs for the promote latency run")
     parser.add_argument("--backlogs", type=int, nargs="+", default=[200, 2000], help="namespace A backlogs")
+    parser.add_argument("--lag-jobs", type=int, default=200, help="jobs for the ledger lag run")
     args = parser.parse_args()
 
     with bench_servers() as run, tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
@@ -180,6 +215,7 @@ def main() -> None:
             "throughput_jobs_per_s": runner.throughput(args.jobs),
             "promote_latency": runner.promote_latency(args.latency_jobs),
             "fairness_wait_s": {str(backlog): runner.fairness(backlog) for backlog in args.backlogs},
+            "ledger_lag": runner.ledger_lag(args.lag_jobs),
         }
     report(results)
 
@@ -216,6 +252,12 @@ def report(results: dict[str, Any]) -> None:
             f"| B's wait behind {backlog} jobs of A (s) | {waits['stepcache']:.2f} | "
             f"| {waits['retry_countdown']:.2f} | {waits['no_limiter']:.2f} |"
         )
+    lag = results["ledger_lag"]
+    lines.append(
+        f"| the ledger's lag, job created / ended, p50 / p99 / max (ms) | {lag['created_p50_ms']:.0f} / "
+        f"{lag['created_p99_ms']:.0f} / {lag['created_max_ms']:.0f}, {lag['ended_p50_ms']:.0f} / "
+        f"{lag['ended_p99_ms']:.0f} / {lag['ended_max_ms']:.0f} | | | |"
+    )
     table = "\n".join(lines)
     (RESULTS / "queue.md").write_text(table + "\n")
     print(table)

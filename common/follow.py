@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from common.event_bus import EventBus
 from common.events import JOB_KEY_FIELDS, Event, EventType, JobEvent, JobState
 from common.exceptions import UnknownJobError
-from common.queue.ledger import Ledger
+from common.queue.jobs import Job
 
 ENDING_EVENTS = frozenset(event_type.value for event_type in EventType if event_type.ends_job)
 
 
-def follow(ledger: Ledger, events: EventBus, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
-    """The job's state in the ledger, then its job events until it ends, so that a late follower misses
-    nothing: events published after that state are read from the stream."""
+def follow(lookup: Callable[[str], Job | None], events: EventBus, job_id: str, block_ms: int = 1000) -> Iterator[Event]:
+    """The job's state in the ledger (`lookup`, the queue's `job`: its journals written first), then its
+    job events until it ends, so that a late follower misses nothing: events published after that state
+    are read from the stream."""
     position = events.last_id()  # before reading the state: what happens next is on the stream
-    job = ledger.get(job_id)
+    job = lookup(job_id)
     if job is None:
         raise UnknownJobError(f"no job {job_id!r} in the ledger")
     yield JobState(**job.model_dump(include=JOB_KEY_FIELDS), status=job.status.value, attempts=job.attempts)

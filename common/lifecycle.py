@@ -6,9 +6,10 @@ the reaper found, through the end record the reaper's script made. Either way::
 
     renew(fence)            the attempt still holds its lease?   no: it is stale and writes nothing
     cache entry             stamped with the fence; never written over a newer one
-    limiter end (Lua)       forget the job, record END in the outbox, lease freed slots (DISPATCH records)
-    apply(records)          ledger end (fenced), events, next steps, metrics; publish the dispatched jobs;
-                            then drop the records from the outbox
+    limiter end (Lua)       forget the job, record END in the outbox and the ledger's transition in the
+                            journal, lease freed slots (DISPATCH records)
+    apply(records)          events, next steps, metrics; publish the dispatched jobs; then drop the
+                            records from the outbox
 
 What the caller cannot apply (a lost reply, Mongo down, a SIGKILL) stays in the outbox and the
 reaper's next pass applies it: every effect is idempotent and fenced, so applying twice is harmless
@@ -21,19 +22,18 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from http import HTTPStatus
 from typing import Any
 
 from redis.exceptions import LockError
-from redis.lock import Lock
 
 from common import cache, metrics, orchestrator
 from common.config import get_config
 from common.events import CacheUpdated, JobCancelled, JobFailed, JobProgress, JobStarted, JobSucceeded
-from common.exceptions import CacheableError, JobManagerCrashedError
+from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
 from common.progress import ProgressMeta
-from common.queue import JobPayload, JobStatus, Queue
+from common.queue import Job, JobPayload, JobStatus, Queue
+from common.queue.ledger import JournalEntry
 from common.queue.limiter import Ending, LeaseState, Record
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ REAP_NAMESPACES_PER_ROUND = 200
 # A record older than two heartbeat intervals (at least a second) was left behind by its caller: the
 # reaper applies it. Younger ones are their caller's, which is applying them now.
 OUTBOX_GRACE_MIN_SECONDS = 1.0
-# A job recorded in the ledger this long ago and still unknown to Redis lost its admission (its process
-# died in between): longer than an insert can take with MongoDB's timeouts and retries.
-ADMIT_GRACE = timedelta(minutes=2)
 STATUS_OF = {
     Ending.SUCCESS: JobStatus.SUCCESS,
     Ending.ERROR: JobStatus.ERROR,
@@ -92,7 +89,6 @@ class ReapReport:
     requeued: list[str] = field(default_factory=list)
     dispatched: int = 0
     applied: int = 0
-    admitted: int = 0  # jobs the ledger held but Redis did not know
 
 
 class Lifecycle:
@@ -102,33 +98,31 @@ class Lifecycle:
         self.queue = queue
         self.limiter = queue.limiter
         self.ledger = queue.ledger
+        queue.ended_elsewhere = _ended_by_its_cache_entry
 
     # --- a running attempt -------------------------------------------------------------------------
 
-    def start(self, payload: JobPayload, token: str, delivery: str) -> Attempt | None:
+    def start(self, payload: JobPayload, token: str, delivery: str, worker: str = "") -> Attempt | None:
         """Whether this delivery of the job's message may run: only while its token holds a lease not
-        started by another delivery. None: drop the message, and change nothing else."""
-        confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token, delivery)
+        started by another delivery (the ledger will say it started, on this worker). None: drop the
+        message, and change nothing else."""
+        confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token, delivery, worker)
         if not confirmation.run:
             return None
         return Attempt(payload, token, confirmation.attempt, confirmation.fence)
 
-    def record_start(self, attempt: Attempt, worker: str) -> bool:
-        """The ledger and the events learn of the start; a failure here never stops the attempt (its
-        lease is in Redis) and its end is recorded whatever the ledger missed. False when the ledger says
-        the job has ended (Redis was rebuilt from a ledger that lagged): it is forgotten, and must not run."""
+    def record_start(self, attempt: Attempt, worker: str) -> None:
+        """The ledger, the events and the metrics learn of the start. The ledger at once, not within the
+        lag: should Redis lose its data now, the repair gives this attempt its lease back, and no other
+        job of the namespace takes its slot. A failure here never stops the attempt (its lease is in
+        Redis, its start in the journal)."""
         payload = attempt.payload
         try:
-            if not self.ledger.mark_started(payload.job_id, attempt.fence, attempt.token, attempt.number, worker):
-                job = self.ledger.get(payload.job_id)
-                if job is None or job.status.is_terminal:
-                    self.queue.forget_ended(payload)
-                    return False
+            self.queue.journal.flush([payload.namespace])
         except Exception:
-            logger.exception("could not record the start of job %s", payload.job_id)
+            logger.exception("could not record the start of job %s; the journal's writer will", payload.job_id)
         self.queue.emit(JobStarted, payload, worker=worker, attempt=attempt.number)
         metrics.job_started(payload.step)
-        return True
 
     def renew(self, attempt: Attempt) -> LeaseState:
         """Keep the attempt's lease (Redis only: this never waits on Mongo). LOST only once Redis is known
@@ -219,9 +213,6 @@ class Lifecycle:
         content: Mapping[str, Any] | None = None
         error: CacheableError | None = None
         if ending == Ending.CRASHED:
-            job = self.ledger.get(payload.job_id)
-            if job is not None and job.status.is_terminal and job.fence != record.fence:
-                return  # it had ended (Redis was rebuilt from a ledger that lagged): its response stays
             error = JobManagerCrashedError(f"the job's worker stopped sending heartbeats {record.attempt} times")
             cache.upsert_error(payload.step, payload.dataset, error, payload.config, payload.split, fence=record.fence)
         elif outcome is not None:
@@ -229,7 +220,6 @@ class Lifecycle:
         elif ending != Ending.CANCELLED:
             content, error = _outcome_in_cache(record)
         error_code = error.error_code if error is not None else record.error_code
-        first = self.ledger.end(payload.job_id, record.fence, STATUS_OF[ending], error_code)
         if ending != Ending.CANCELLED and (content is not None or error is not None):
             self.enqueue_next(payload, content, error)
         duration = outcome.duration if outcome is not None else None
@@ -247,8 +237,7 @@ class Lifecycle:
             else:
                 failed = {"error_code": error.error_code, "message": error.message, "duration": duration}
                 self.queue.emit_all(payload, updated, (JobFailed, failed))
-        if first:
-            metrics.job_finished(payload.step, STATUS_OF[ending].value, duration)
+        metrics.job_finished(payload.step, STATUS_OF[ending].value, duration)
 
     def enqueue_next(
         self, payload: JobPayload, content: Mapping[str, Any] | None, error: CacheableError | None
@@ -261,8 +250,9 @@ class Lifecycle:
 
     def reap(self) -> ReapReport | None:
         """One pass of the safety net, in every namespace with work: expired leases requeued or ended,
-        free slots leased, records left behind applied, idle namespaces unlisted, and Redis repaired
-        from the ledger if it lost its data. None when another process is reaping."""
+        free slots leased, records left behind applied, journals written to the ledger, idle namespaces
+        unlisted, and Redis repaired from the ledger if it lost its data. None when another process is
+        reaping."""
         # Short-lived and extended as it goes: a reaper killed mid-pass must not stop the others for long.
         lock = self.limiter.redis.lock(REAPER_LOCK_KEY, timeout=REAPER_LOCK_SECONDS, blocking=False)
         if not lock.acquire():
@@ -282,15 +272,14 @@ class Lifecycle:
                     report.dispatched += len(reaped.dispatched)
                     if reaped.idle or (reaped.records and self.apply(reaped.records)):
                         idle.append(namespace)
-                self.limiter.unlist_if_idle(idle)
+                # What killed processes left in the journals (and what the reap itself journaled).
+                try:
+                    idle += self.queue.journal.flush(batch)
+                except Exception:
+                    logger.exception("could not write the journals to the ledger; the next pass will")
+                self.limiter.unlist_if_idle(sorted(set(idle)))
                 with contextlib.suppress(LockError):
                     lock.reacquire()
-            # Last, after the records were applied (a job cancelled or ended there is no longer unknown),
-            # and never at the expense of the rest of the pass.
-            try:
-                report.admitted = self.queue.admit_unknown(ADMIT_GRACE, keep_alive=lambda: _extend(lock))
-            except Exception:
-                logger.exception("could not admit the jobs Redis did not know; the next pass will")
             return report
         finally:
             with contextlib.suppress(LockError):  # a pass longer than the lock: another reaper may run now
@@ -303,9 +292,29 @@ class Lifecycle:
         return self.queue.check_epoch()
 
 
-def _extend(lock: Lock) -> None:
-    with contextlib.suppress(LockError):
-        lock.reacquire()
+def _ended_by_its_cache_entry(job: Job) -> JournalEntry | None:
+    """A started job whose cache entry is newer than its start wrote its outcome: the attempt ended (its
+    end was lost with Redis' journal). Its end, as the journal had it."""
+    try:
+        entry = cache.get_response(job.step, job.dataset, job.config, job.split)
+    except CachedResponseNotFoundError:
+        return None
+    if entry.fence is None or entry.fence <= job.fence:
+        return None
+    status = JobStatus.SUCCESS if entry.is_success else JobStatus.ERROR
+    error_code = None if entry.is_success else entry.error_code
+    return JournalEntry(
+        status,
+        entry.fence,
+        entry.updated_at,
+        job.payload(),
+        job.attempts,
+        job.lease_token,
+        job.worker,
+        error_code,
+        None,
+        False,
+    )
 
 
 def _outcome_in_cache(record: Record) -> tuple[Mapping[str, Any] | None, CacheableError | None]:
@@ -314,7 +323,7 @@ def _outcome_in_cache(record: Record) -> tuple[Mapping[str, Any] | None, Cacheab
     payload = record.payload
     try:
         entry = cache.get_response(payload.step, payload.dataset, payload.config, payload.split)
-    except CacheableError:
+    except CachedResponseNotFoundError:
         return None, None
     if entry.fence != record.fence:
         return None, None

@@ -37,7 +37,7 @@ def follow(job_id: str, out: TextIO = sys.stdout) -> int:
     outcome = EXIT_OK
     with ProgressBar(make_console(out)) as bar:
         queue = get_queue()
-        for event in follow_job(queue.ledger, queue.events, job_id):
+        for event in follow_job(queue.job, queue.events, job_id):
             if isinstance(event, JobProgress):
                 bar.update(event.fraction, event.message)
             else:

@@ -1,9 +1,9 @@
 """The Celery task of a processing step.
 
 Calling it (`step.delay(dataset, config=None, split=None)` or `step.apply_async(args, kwargs,
-priority="high")`) does not publish a message: it validates the input, records the job in the ledger
-and hands it to the limiter, which publishes it when its namespace has a free slot. It returns the
-job's `AsyncResult`, whose id is the job id.
+priority="high")`) does not publish a message: it validates the input and hands the job to the limiter
+(one Redis script; the ledger follows), which publishes it when its namespace has a free slot. It
+returns the job's `AsyncResult`, whose id is the job id.
 
 On a worker, the message runs only if its lease token still holds a lease (`Queue.start`); the step's
 function then gets a :class:`StepJob` and returns content or raises a typed error. Either lands in the
@@ -173,16 +173,15 @@ class StepTask(Task):  # type: ignore[misc]
 
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
         lifecycle = get_lifecycle(self.app)
-        attempt = lifecycle.start(payload, token, delivery=uuid.uuid4().hex)
+        worker = f"{self.request.hostname}:{os.getpid()}"
+        attempt = lifecycle.start(payload, token, delivery=uuid.uuid4().hex, worker=worker)
         if attempt is None:
             raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run, no state
-        worker = f"{self.request.hostname}:{os.getpid()}"
         # Celery's own STARTED (task_track_started) would be stored before the lease is confirmed.
         self.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.request.hostname})
         started = time.monotonic()
         with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(lifecycle, attempt) as heartbeat:
-            if not lifecycle.record_start(attempt, worker):
-                raise Ignore()  # the job had ended: Redis, rebuilt from a lagging ledger, forgot it now
+            lifecycle.record_start(attempt, worker)
             progress = Progress(lambda meta: self._report_progress(lifecycle, attempt, meta, heartbeat))
             job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
             try:

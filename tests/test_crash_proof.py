@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from common import cache
 from common.exceptions import JobManagerExceededMaximumDurationError
 from common.lifecycle import Attempt, Outcome
 from common.queue import Dispatch, JobStatus
-from common.queue.ledger import Ledger
+from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import ACTIVE_KEY, Ending
 from common.queue.queue import EPOCH_KEY
 from tasks import cli
@@ -40,12 +41,12 @@ def test_1_a_stale_attempt_that_raises_after_the_current_one_succeeded_writes_no
     assert q.end(current, Outcome.success({"config_names": [{"dataset": "org/ds", "config": "default"}]}))
     entry = cache.get_response(ROOT_STEP, "org/ds")
     children = cache.get_dataset_responses("org/ds")
-    job = q.ledger.get(current.payload.job_id)
+    job = q.job(current.payload.job_id)
 
     assert not q.end(stale, Outcome.failure(JobManagerExceededMaximumDurationError("soft time limit")))
     assert cache.get_response(ROOT_STEP, "org/ds") == entry  # not overwritten
     assert cache.get_dataset_responses("org/ds") == children  # no ParentStepFailedError for the descendants
-    assert q.ledger.get(current.payload.job_id) == job
+    assert q.job(current.payload.job_id) == job
     assert entry.fence == job.fence  # type: ignore[union-attr]  # written by the attempt that ended the job
 
 
@@ -59,7 +60,7 @@ def test_2_the_hard_time_limit_of_a_stale_attempt_leaves_the_current_one_alone(
     queue.set_limit("org", None)
     token = queue.limiter.lease_token("org", result.id)
     assert token is not None
-    payload = queue.ledger.get(result.id).payload()  # type: ignore[union-attr]
+    payload = queue.job(result.id).payload()  # type: ignore[union-attr]
     lifecycle.limiter.started_ttl_ms = 0
     assert lifecycle.start(payload, token, "killed-later")
     lifecycle.reap()
@@ -74,7 +75,7 @@ def test_2_the_hard_time_limit_of_a_stale_attempt_leaves_the_current_one_alone(
     task = celery_app.tasks["test-noop"]
     assert not end_delivered_attempt(task, result.id, ["org/ds"], {}, {"stepcache_token": token}, timeout)
     assert queue.counts()["org"].started == 1  # the current attempt keeps its slot
-    assert queue.ledger.get(result.id).status == JobStatus.STARTED  # type: ignore[union-attr]
+    assert queue.job(result.id).status == JobStatus.STARTED  # type: ignore[union-attr]
     assert cache.get_dataset_responses("org/ds") == []
     # Its own killed message ends it, as the one way out does for any ending.
     assert end_delivered_attempt(task, result.id, ["org/ds"], {}, {"stepcache_token": current_token}, timeout)
@@ -85,11 +86,15 @@ def test_3_a_late_start_of_a_stale_attempt_does_not_take_the_ledger_back(stores:
     q, dispatcher = make_queue(limit=1)
     stale, current = stale_and_current(q, dispatcher)
     job_id = current.payload.job_id
-    # attempt 1 confirmed before it stalled; its ledger write lands only now
-    assert not q.ledger.mark_started(job_id, stale.fence, stale.token, stale.number, "w1")
-    assert q.ledger.get(job_id).lease_token == current.token  # type: ignore[union-attr]
+    assert q.job(job_id).lease_token == current.token  # type: ignore[union-attr]
+    # attempt 1 confirmed before it stalled; its journal entry is written only now (by a slow writer)
+    late = JournalEntry(
+        JobStatus.STARTED, stale.fence, datetime.now(UTC), stale.payload, 1, stale.token, "w1", None, None, False
+    )
+    q.ledger.write([late])
+    assert q.job(job_id).lease_token == current.token  # type: ignore[union-attr]
     assert q.end(current, SUCCESS)
-    assert q.ledger.get(job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    assert q.job(job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
 
 
 def test_4_a_crash_the_reaper_could_not_record_is_recorded_by_its_next_pass(
@@ -102,19 +107,20 @@ def test_4_a_crash_the_reaper_could_not_record_is_recorded_by_its_next_pass(
     assert q.start(dispatch.payload, dispatch.token, "w")
     q.limiter.started_ttl_ms = 0
     q.renew(Attempt(dispatch.payload, dispatch.token))  # the lease expires now
-    real_end = Ledger.end
+    q.journal.flush_all()
+    real_write = Ledger.write
 
-    def mongo_down(self: Ledger, *args: object, **kwargs: object) -> bool:
+    def mongo_down(self: Ledger, *args: object, **kwargs: object) -> None:
         raise ConnectionError("MongoDB is down")
 
-    monkeypatch.setattr(Ledger, "end", mongo_down)
+    monkeypatch.setattr(Ledger, "write", mongo_down)
     report = q.reap()
     assert report is not None and report.crashed == [job.job_id]
     assert q.ledger.get(job.job_id).status == JobStatus.STARTED  # type: ignore[union-attr]
-    monkeypatch.setattr(Ledger, "end", real_end)
+    monkeypatch.setattr(Ledger, "write", real_write)
     time.sleep(1.05)  # older than the grace
     q.reap()  # the record stayed in the outbox: this pass applies it
-    assert q.ledger.get(job.job_id).status == JobStatus.ERROR  # type: ignore[union-attr]
+    assert q.job(job.job_id).status == JobStatus.ERROR  # type: ignore[union-attr]
     assert cache.get_response(ROOT_STEP, "org/ds").error_code == "JobManagerCrashedError"
     assert cache.get_response("dataset-is-valid", "org/ds").error_code == "ParentStepFailedError"
 
@@ -140,9 +146,9 @@ def test_4_an_end_whose_effects_were_lost_is_finished_by_the_reaper_with_its_nex
     assert dispatcher.take() == []
     time.sleep(1.05)  # older than the grace: its caller is not coming back
     q.reap()
-    assert q.ledger.get(first.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    assert q.job(first.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
     assert [d.payload.job_id for d in dispatcher.take()] == [waiting.job_id]
-    children = {job.step for job in q.ledger.jobs("org/a", [JobStatus.WAITING])}
+    children = {job.step for job in q.jobs("org/a", [JobStatus.WAITING])}
     assert "config-split-names" in children
 
 
@@ -180,12 +186,12 @@ def test_5_a_stalled_mongodb_does_not_get_running_jobs_reaped(
         )
         with sample_worker("w", env, tmp_path):
             result = sample_steps.test_sleep.delay("org/ds")
-            eventually(lambda: get_queue().ledger.get(result.id).status == JobStatus.STARTED, "started")  # type: ignore[union-attr]
+            eventually(lambda: get_queue().job(result.id).status == JobStatus.STARTED, "started")  # type: ignore[union-attr]
             os.kill(mongo.process.pid, signal.SIGSTOP)  # longer than the lease TTL (0.9 s)
             time.sleep(3)
             os.kill(mongo.process.pid, signal.SIGCONT)
             result.get(timeout=60)
-        job = get_queue().ledger.get(result.id)
+        job = get_queue().job(result.id)
         assert job is not None and job.status == JobStatus.SUCCESS and job.attempts == 1
         client = redis.Redis.from_url(stores.redis_url)
         starts = [e for e in client.lrange(sample_steps.EXECUTIONS_KEY, 0, -1) if e.startswith(b"start")]
@@ -201,7 +207,7 @@ def test_6_a_stale_message_does_not_flip_a_finished_task_back_to_started(
     result = sample_steps.test_fail.delay("org/ds")
     with pytest.raises(sample_steps.SampleStepError):
         result.get(timeout=30)
-    job = get_queue().ledger.get(result.id)
+    job = get_queue().job(result.id)
     assert job is not None and job.lease_token is not None
     CeleryDispatcher(celery_app).publish(Dispatch(job.payload(), job.lease_token))  # the same message, redelivered
     eventually(lambda: get_redis_llen_of_acked(stores), "the redelivered message handled", timeout=10)
@@ -248,12 +254,12 @@ def test_8_after_redis_lost_its_data_a_running_attempt_survives_and_ends_once(st
     os.environ["TEST_SLEEP_SECONDS"] = "1.5"
     try:
         result = sample_steps.test_sleep.delay("org/ds")
-        eventually(lambda: get_queue().ledger.get(result.id).status == JobStatus.STARTED, "started")  # type: ignore[union-attr]
+        eventually(lambda: get_queue().job(result.id).status == JobStatus.STARTED, "started")  # type: ignore[union-attr]
         client.flushall()  # a restart without persistence
         assert result.get(timeout=30)["http_status"] == 200
     finally:
         del os.environ["TEST_SLEEP_SECONDS"]
-    job = get_queue().ledger.get(result.id)
+    job = get_queue().job(result.id)
     assert job is not None and job.status == JobStatus.SUCCESS and job.attempts == 1
     assert client.exists(EPOCH_KEY)  # repaired, and marked again
     assert cache.get_response("test-sleep", "org/ds").fence == job.fence
@@ -261,6 +267,7 @@ def test_8_after_redis_lost_its_data_a_running_attempt_survives_and_ends_once(st
 
 def test_8_reconcile_is_a_command(stores: Stores) -> None:
     get_queue().enqueue(ROOT_STEP, "org/ds")
+    get_queue().journal.flush_all()  # the ledger caught up (within QUEUE_LEDGER_LAG_SECONDS)
     redis.Redis.from_url(stores.redis_url).flushall()
     out = io.StringIO()
     assert cli.reconcile(out) == cli.EXIT_OK

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 import redis
 
 from common.exceptions import InvalidDatasetNameError, MissingStepInputError
-from common.queue import JobStatus, Priority
-from common.queue.ledger import Ledger
+from common.queue import JobStatus
+from common.queue.journal import WRITE_BATCH
+from common.queue.ledger import JournalEntry, Ledger
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores
@@ -18,21 +19,21 @@ from tests.conftest import Stores
 RESULT_TIMEOUT = 30
 
 
-def test_ten_thousand_jobs_in_one_bulk_insert_and_one_redis_round_trip(
+def test_ten_thousand_jobs_in_one_redis_round_trip_and_one_bulk_write_to_the_ledger(
     stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     queue = get_queue()
     namespaces = [f"bulk{i}" for i in range(50)]
     for namespace in namespaces:
         queue.set_limit(namespace, 0)  # paused: every job parks, none is published
-    inserts: list[int] = []
-    real_insert = Ledger._insert_many
+    writes: list[int] = []
+    real_write = Ledger.write
 
-    def counted_insert(self: Ledger, documents: list[dict[str, Any]]) -> None:
-        inserts.append(len(documents))
-        real_insert(self, documents)
+    def counted_write(self: Ledger, entries: Sequence[JournalEntry]) -> None:
+        writes.append(len(entries))
+        real_write(self, entries)
 
-    monkeypatch.setattr(Ledger, "_insert_many", counted_insert)
+    monkeypatch.setattr(Ledger, "write", counted_write)
     client = redis.Redis.from_url(stores.redis_url)
     before = int(client.info("stats")["total_commands_processed"])
     began = time.perf_counter()
@@ -41,10 +42,11 @@ def test_ten_thousand_jobs_in_one_bulk_insert_and_one_redis_round_trip(
     commands = int(client.info("stats")["total_commands_processed"]) - before
     print(f"delay_many: 10,000 jobs in {elapsed:.2f}s ({10_000 / elapsed:.0f}/s), {commands} Redis commands")
     assert len(results) == 10_000 and len({result.id for result in results}) == 10_000
-    assert inserts == [10_000]
     assert queue.limiter.overview(namespaces)["bulk7"].waiting == 200
     assert sum(overview.waiting for overview in queue.limiter.overview(namespaces).values()) == 10_000
     assert len(queue.jobs(statuses=[JobStatus.WAITING])) == 10_000
+    # The journal's writer (its thread, or the read above) wrote them in bulk writes of WRITE_BATCH.
+    assert sum(writes) == 10_000 and max(writes) <= WRITE_BATCH and len(writes) <= 10_000 // WRITE_BATCH + 1, writes
 
 
 def test_delay_many_dedupes_like_delay_and_refuses_bad_input_before_writing(stores: Stores) -> None:
@@ -70,50 +72,32 @@ def test_delay_many_jobs_run_through_workers(stores: Stores, worker: object) -> 
     assert {job.priority for job in get_queue().jobs()} == {"high"}
 
 
-def test_a_job_recorded_but_never_admitted_is_admitted_by_the_next_reaper_pass(
+def test_what_a_killed_process_journaled_is_written_to_the_ledger_by_the_next_reaper_pass(
     stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from common.lifecycle import ADMIT_GRACE
-    from common.queue.queue import JobInput, new_job
-    from tasks.queue import get_lifecycle
-
-    lifecycle = get_lifecycle()
-    lifecycle.queue.set_limit("lost", 0)
-    lifecycle.queue.check_epoch()  # Redis is marked: what follows is not a repair after a data loss
-    # The enqueuing process died between its ledger insert and its admission (as a SIGKILL would leave it).
-    job = new_job(JobInput("test-noop", "lost/ds"), Priority.NORMAL, None)
-    job = job.model_copy(update={"created_at": datetime.now(UTC) - ADMIT_GRACE - timedelta(seconds=1)})
-    lifecycle.ledger.create(job)
-    assert lifecycle.limiter.known([job.payload()]) == [False]
-    report = lifecycle.reap()
-    assert report is not None and report.admitted == 1
-    assert lifecycle.limiter.known([job.payload()]) == [True]
-    assert lifecycle.limiter.overview(["lost"])["lost"].waiting == 1
-    again = lifecycle.reap()
-    assert again is not None and again.admitted == 0  # each job is looked at once
-
-
-def test_the_reaper_never_admits_again_a_job_whose_cancel_is_left_to_apply(stores: Stores) -> None:
-    from datetime import UTC, datetime
-
-    from common.lifecycle import ADMIT_GRACE
     from tasks.queue import get_lifecycle
 
     lifecycle = get_lifecycle()
     queue = lifecycle.queue
-    queue.check_epoch()
+    # The enqueuing process is SIGKILLed before its writer thread runs: only Redis knows the job.
+    monkeypatch.setattr(queue.limiter, "on_journal", lambda namespaces: None)
+    queue.set_limit("lost", 0)
+    job = queue.enqueue("test-noop", "lost/ds")
+    time.sleep(0.3)
+    assert queue.ledger.get(job.job_id) is None
+    assert queue.enqueue("test-noop", "lost/ds").job_id == job.job_id  # dedupe is Redis': no wait for the ledger
+    assert lifecycle.reap() is not None
+    recorded = queue.ledger.get(job.job_id)
+    assert recorded is not None and recorded.status == JobStatus.WAITING and recorded.step == "test-noop"
+    assert queue.limiter.journals(["lost"], 10) == {}
+
+
+def test_a_job_with_a_cancel_left_to_apply_is_not_admitted_again(stores: Stores) -> None:
+    queue = get_queue()
     queue.set_limit("gone", 0)
     job = queue.enqueue("test-noop", "gone/ds")
-    # Cancelled in Redis, but its process died before the ledger learnt it: the record waits in the outbox.
-    cancelled, _, _ = queue.limiter.cancel("gone", [job.job_id])
+    cancelled, _, _ = queue.limiter.cancel("gone", [job.job_id])  # its process died before applying it
     assert [record.kind for record in cancelled] == ["cancel"]
-    queue.ledger.collection.update_one(
-        {"_id": job.job_id}, {"$set": {"created_at": datetime.now(UTC) - 2 * ADMIT_GRACE}}
-    )
-    assert queue.limiter.known([job.payload()]) == [True]  # its record is there
-    report = lifecycle.reap()
-    assert report is not None and report.admitted == 0
-    assert queue.limiter.admit(job.payload()) == (False, [])  # the script refuses it too
+    assert queue.limiter.admit(job.payload()) == (False, [])  # the script refuses it
     assert queue.limiter.overview(["gone"])["gone"].waiting == 0
+    assert queue.job(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]

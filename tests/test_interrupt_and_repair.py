@@ -162,6 +162,7 @@ def test_an_end_whose_record_redis_lost_before_its_apply_is_not_brought_back_by_
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
+    q.journal.flush_all()  # the ledger says started (it follows within QUEUE_LEDGER_LAG_SECONDS)
     other, _ = make_queue(limit=1, max_attempts=1, started_ttl=0.3)  # another worker's reaper
     client = redis.Redis.from_url(stores.redis_url)
     real_apply = Jobs.apply
@@ -175,7 +176,7 @@ def test_an_end_whose_record_redis_lost_before_its_apply_is_not_brought_back_by_
 
     monkeypatch.setattr(q, "apply", redis_restarts_then_apply)
     assert q.end(attempt, Outcome.success(CONTENT))
-    assert q.ledger.get(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    assert q.job(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
     time.sleep(0.4)  # the restored lease has no heartbeat: it expires
     other.reap()
     entry = cache.get_response(ROOT, "org/ds")
@@ -201,6 +202,7 @@ def test_a_flush_during_the_repair_leaves_no_job_unknown_to_redis(
     running = q.start(a.payload, a.token, "w1")
     assert running is not None
     q.enqueue(ROOT, "org/b")  # waits behind a
+    q.journal.flush_all()  # the ledger caught up (it follows within QUEUE_LEDGER_LAG_SECONDS)
     client = redis.Redis.from_url(stores.redis_url)
     client.flushall()  # Redis restarts empty
     real_restore = q.limiter.restore

@@ -162,7 +162,7 @@ def test_a_killed_workers_job_is_cached_as_crashed_within_the_lease_ttl_and_its_
         with sample_worker("survivor", {**crash_env, "TEST_SLEEP_SECONDS": "0.05"}, tmp_path):
             behind = sample_steps.test_sleep.delay("org/behind")  # same namespace, limit 1: waits for the slot
             job = eventually(
-                lambda: (j := queue.ledger.get(doomed.id)) is not None and j.status.is_terminal and j,
+                lambda: (j := queue.job(doomed.id)) is not None and j.status.is_terminal and j,
                 what="the crashed job ending",
             )
             noticed_after = time.monotonic() - killed_at
@@ -200,7 +200,7 @@ def test_a_slow_step_hits_the_soft_limit_and_its_error_is_cached(
     assert (entry.http_status, entry.error_code) == (500, "JobManagerExceededMaximumDurationError")
     killed = cache.get_response("test-stubborn", "other/stubborn")
     assert killed.error_code == "JobManagerExceededMaximumDurationError"
-    job = queue.ledger.get(stubborn.id)
+    job = queue.job(stubborn.id)
     assert job is not None and job.status == JobStatus.ERROR
 
 

@@ -5,17 +5,18 @@ server; only our own code is monkeypatched, to inject a failure or a pause at on
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from common import cache
 from common.events import EventType
-from common.lifecycle import Attempt, Outcome
+from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.queue import JobStatus
-from common.queue.ledger import Ledger
+from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import ACTIVE_KEY, NamespaceLimiter
-from common.queue.queue import ADMITTED_UNTIL_KEY
+from common.queue.queue import Queue
 from tests.conftest import Stores, use_settings
 from tests.test_queue import SUCCESS, Jobs, make_queue, stale_and_current
 
@@ -23,6 +24,17 @@ pytestmark = pytest.mark.redis_topologies
 
 ROOT = "dataset-config-names"
 CONTENT = {"config_names": [{"dataset": "org/ds", "config": "default"}]}
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> None:
+    """The first call of owner.name raises (MongoDB or the process failing there); the next ones work."""
+    real = getattr(owner, name)
+
+    def once(self: Any, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(owner, name, real)
+        raise ConnectionError(f"{name} failed")
+
+    monkeypatch.setattr(owner, name, once)
 
 
 def past_grace() -> None:
@@ -106,7 +118,7 @@ def test_a_stale_attempt_is_not_told_it_ended_when_the_reaper_ended_its_job(
     if cancelled:
         monkeypatch.setattr(q.limiter, "renew", _renew_then_pause(q, attempt, monkeypatch))
     ended = q.end(attempt, Outcome.success(CONTENT))
-    status = q.ledger.get(job.job_id).status  # type: ignore[union-attr]
+    status = q.job(job.job_id).status  # type: ignore[union-attr]
     # The attempt did not end the job: the reaper did. StepTask would now return the content and Celery
     # would store SUCCESS for a job the ledger says is error/cancelled.
     assert not ended, f"Lifecycle.end returned True for a stale attempt; the ledger says {status}"
@@ -140,19 +152,10 @@ def test_an_error_end_applied_by_the_reaper_after_a_newer_entry_is_recorded_and_
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_end = Ledger.end
-    calls = {"n": 0}
-
-    def mongo_blip(self: Ledger, *args: Any, **kwargs: Any) -> bool:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ConnectionError("MongoDB is down")
-        return real_end(self, *args, **kwargs)
-
-    monkeypatch.setattr(Ledger, "end", mongo_blip)
+    fail_once(monkeypatch, Lifecycle, "enqueue_next")
     from tests.sample_steps import SampleStepError
 
-    assert q.end(attempt, Outcome.failure(SampleStepError("boom")))  # the ledger write failed: left to the reaper
+    assert q.end(attempt, Outcome.failure(SampleStepError("boom")))  # its apply failed: left to the reaper
     # A new job of the same key runs and succeeds meanwhile (a newer cache entry).
     newer = q.enqueue(ROOT, "org/ds")
     assert newer.job_id != failed.job_id
@@ -162,7 +165,7 @@ def test_an_error_end_applied_by_the_reaper_after_a_newer_entry_is_recorded_and_
     position = q.events.last_id()
     past_grace()
     q.reap()
-    ended = q.ledger.get(failed.job_id)
+    ended = q.job(failed.job_id)
     assert ended is not None and ended.status == JobStatus.ERROR
     kinds = [(e.type, getattr(e, "error_code", None)) for e in events_after(q, position) if e.job_id == failed.job_id]
     problems = []
@@ -176,7 +179,7 @@ def test_an_error_end_applied_by_the_reaper_after_a_newer_entry_is_recorded_and_
 # --- an exception between limiter.end and apply is finished by one reaper pass ----------------------
 
 
-def test_an_end_whose_ledger_write_failed_is_finished_by_one_pass_after_the_grace(
+def test_an_end_whose_apply_failed_is_finished_by_one_pass_after_the_grace(
     stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     use_settings(monkeypatch, {"WORKER_HEARTBEAT_INTERVAL_SECONDS": "0.2"})
@@ -186,24 +189,15 @@ def test_an_end_whose_ledger_write_failed_is_finished_by_one_pass_after_the_grac
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_end = Ledger.end
-    calls = {"n": 0}
-
-    def once(self: Ledger, *args: Any, **kwargs: Any) -> bool:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ConnectionError("MongoDB is down")
-        return real_end(self, *args, **kwargs)
-
-    monkeypatch.setattr(Ledger, "end", once)
+    fail_once(monkeypatch, Lifecycle, "enqueue_next")
     assert q.end(attempt, Outcome.success(CONTENT))
     assert [d.payload.job_id for d in dispatcher.take()] == [waiting.job_id]  # the freed slot went on
+    assert q.job(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]  # the journal had it
     q.reap()  # younger than the grace: its caller might still be applying it
-    assert q.ledger.get(job.job_id).status == JobStatus.STARTED  # type: ignore[union-attr]
+    assert "config-split-names" not in {j.step for j in q.jobs("org/ds")}
     past_grace()
     q.reap()
-    assert q.ledger.get(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
-    assert "config-split-names" in {j.step for j in q.ledger.jobs("org/ds")}
+    assert "config-split-names" in {j.step for j in q.jobs("org/ds")}
     client = stores.redis()
     assert not client.hexists("stepcache:{org}:outbox", job.job_id)
 
@@ -224,17 +218,17 @@ def test_a_heartbeat_racing_the_end_before_the_first_repair_does_not_bring_the_e
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_end = Ledger.end
+    real_next = Lifecycle.enqueue_next
 
-    def heartbeat_ticks(self: Ledger, *args: Any, **kwargs: Any) -> bool:
+    def heartbeat_ticks(self: Lifecycle, *args: Any, **kwargs: Any) -> None:
         # The attempt's heartbeat thread beats while the end is applied (end.lua already forgot the job).
-        monkeypatch.setattr(Ledger, "end", real_end)
+        monkeypatch.setattr(Lifecycle, "enqueue_next", real_next)
         q.renew(attempt)
-        return real_end(self, *args, **kwargs)
+        real_next(self, *args, **kwargs)
 
-    monkeypatch.setattr(Ledger, "end", heartbeat_ticks)
+    monkeypatch.setattr(Lifecycle, "enqueue_next", heartbeat_ticks)
     assert q.end(attempt, Outcome.success(CONTENT))
-    assert q.ledger.get(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    assert q.job(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
     leases = {k: v for k, v in client.hgetall("stepcache:{org}:leases").items() if k.decode() == job.job_id}
     time.sleep(0.3)
     q.reap()
@@ -281,9 +275,8 @@ def test_every_way_a_job_ends_leaves_no_namespace_key(stores: Stores, monkeypatc
     q.reap()
     unfinished = q.ledger.unfinished()
     every_key = client.scan_iter(match="stepcache:*")  # on a cluster, every master's
-    # The event stream and the reaper's one bookmark (admit_unknown's) are global, not a namespace's.
+    # The event stream is global, not a namespace's.
     keys = sorted(k.decode() for k in every_key if not k.startswith(b"stepcache:events"))
-    keys = [key for key in keys if key != ADMITTED_UNTIL_KEY]
     assert unfinished == [] and keys in ([], ["{stepcache}:epoch"]), (unfinished, keys)
     assert client.smembers(ACTIVE_KEY) == set()
 
@@ -340,7 +333,7 @@ def test_a_cancelled_and_terminated_job_ends_at_once_not_after_its_lease(
             celery_app.control.revoke([result.id], terminate=True, signal="SIGKILL")
         cancelled_at = time.monotonic()
         eventually(
-            lambda: queue.ledger.get(result.id).status == JobStatus.CANCELLED,  # type: ignore[union-attr]
+            lambda: queue.job(result.id).status == JobStatus.CANCELLED,  # type: ignore[union-attr]
             "the job cancelled",
             timeout=30,
         )
@@ -366,14 +359,14 @@ def test_lost_replies_are_finished_by_one_pass_after_the_grace(stores: Stores, m
     lim = q.limiter
     # cancel's reply lost (and its caller died): b is forgotten, its CANCEL record stays in the outbox
     lim.cancel("org", [b.job_id])
-    assert q.ledger.get(b.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
+    assert q.job(b.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]  # the journal had it
     # a's message is lost, its lease expires; the reaper's script runs, its reply is lost (the reaper died)
     time.sleep(0.06)
     lim.reap(["org"], 10_000)
     assert dispatcher.take() == []
     past_grace()
     q.reap()
-    statuses = {j.job_id: j.status for j in q.ledger.jobs()}
+    statuses = {j.job_id: j.status for j in q.jobs()}
     assert statuses[b.job_id] == JobStatus.CANCELLED
     sent = [d.payload.job_id for d in dispatcher.take()]
     assert sent == [a.job_id], sent  # requeued at its old place, ahead of c
@@ -388,43 +381,48 @@ def test_a_cancelled_job_whose_record_is_not_applied_yet_is_not_restored_by_a_re
     q.enqueue(ROOT, "org/a")
     b = q.enqueue(ROOT, "org/b")
     dispatcher.take()
-    real_end = Ledger.end
-
-    def mongo_blip(self: Ledger, *args: Any, **kwargs: Any) -> bool:
-        monkeypatch.setattr(Ledger, "end", real_end)
-        raise ConnectionError("MongoDB is down")
-
-    monkeypatch.setattr(Ledger, "end", mongo_blip)
-    q.cancel("org/b")  # cancelled in Redis; its ledger write failed: the CANCEL record waits for the reaper
+    fail_once(monkeypatch, Queue, "_apply")
+    q.cancel("org/b")  # cancelled in Redis; its apply failed: the CANCEL record waits for the reaper
     q.reap()  # the first pass on this Redis (no epoch marker yet): "repairs" it from the ledger
     client = stores.redis()
     assert not client.hexists("stepcache:{org}:jobs", b.job_id), "the cancelled job is back in the waiting room"
 
 
-# --- records applied out of order never move the ledger back ------------------------------------
+# --- journal entries written late, twice or out of order never move the ledger back --------------
 
 
-def test_records_applied_late_or_out_of_order_never_move_the_ledger_back(stores: Stores) -> None:
+def test_journal_entries_written_late_twice_or_out_of_order_never_move_the_ledger_back(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[JournalEntry] = []
+    real_write = Ledger.write
+
+    def write(self: Ledger, entries: Sequence[JournalEntry]) -> None:
+        written.extend(entries)
+        real_write(self, entries)
+
+    monkeypatch.setattr(Ledger, "write", write)
     q, dispatcher = make_queue(limit=1, started_ttl=0)
     job = q.enqueue(ROOT, "org/ds")
     (first,) = dispatcher.take()
-    stale = q.start(first.payload, first.token, "w1")
-    assert stale is not None
-    q.reap()
+    assert q.start(first.payload, first.token, "w1") is not None
+    q.reap()  # its lease expired: waiting again, then dispatched anew
     (second,) = dispatcher.take()
     q.limiter.started_ttl_ms = 60_000
     current = q.start(second.payload, second.token, "w2")
     assert current is not None
-    ledger = q.ledger
-    assert not ledger.mark_queued(job.job_id, int(first.token), job.unicity_id)
-    assert not ledger.mark_waiting(job.job_id, stale.fence, job.unicity_id)
-    assert not ledger.mark_started(job.job_id, stale.fence, stale.token, 1, "w1")
-    assert not ledger.end(job.job_id, stale.fence, JobStatus.ERROR)
     assert q.end(current, Outcome.success(CONTENT))
-    ended = ledger.get(job.job_id)
-    assert ended is not None and ended.status == JobStatus.SUCCESS
-    assert not ledger.mark_started(job.job_id, ended.fence + 10**9, "x", 9, "late")
-    assert not ledger.mark_waiting(job.job_id, ended.fence + 10**9, job.unicity_id)
+    ended = q.job(job.job_id)  # written in order, as the writer does
+    # Some were written twice; the children of its success are in the same journal.
+    entries = sorted({entry for entry in written if entry.payload.job_id == job.job_id}, key=lambda e: e.fence)
+    waiting, queued, started, success = JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SUCCESS
+    assert [entry.status for entry in entries] == [waiting, queued, started, waiting, queued, started, success]
+    assert [entry.created for entry in entries] == [True] + [False] * 6
+    assert ended is not None and ended.status == JobStatus.SUCCESS and ended.attempts == 2
+    assert ended.worker == "w2" and ended.created_at == entries[0].at
+    q.ledger.write(entries[::-1])  # late, twice, newest first
+    q.ledger.write(entries[3:] + entries[:3])
+    assert q.ledger.get(job.job_id) == ended
 
 
 # --- one reaper pass over many namespaces requeues and dispatches in all of them --------------------

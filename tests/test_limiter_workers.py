@@ -141,7 +141,7 @@ def test_one_job_of_another_namespace_does_not_wait_behind_a_long_backlog(
     with sample_worker("w1", worker_env, tmp_path):
         small = sample_steps.test_noop.delay("small/ds")
         small.get(timeout=RESULT_TIMEOUT)
-        job = queue.ledger.get(small.id)
+        job = queue.job(small.id)
         assert job is not None and job.started_at is not None
         big_started_meanwhile = [
             other

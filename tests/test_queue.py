@@ -52,7 +52,7 @@ class Jobs(Lifecycle):
         return getattr(self.queue, name)
 
     def start(self, payload: JobPayload, token: str, delivery: str) -> Attempt | None:  # type: ignore[override]
-        attempt = super().start(payload, token, delivery)
+        attempt = super().start(payload, token, delivery, worker=delivery)
         if attempt is not None:
             self.record_start(attempt, delivery)
         return attempt
@@ -136,7 +136,7 @@ def test_a_freed_slot_promotes_the_next_job_in_the_release_itself(
     run(q, first)
     # No poll and no reaper: the finish call itself published the next job.
     assert ids(dispatcher.take()) == [jobs[2].job_id]
-    assert q.ledger.get(jobs[0].job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    assert q.job(jobs[0].job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
 
 
 def test_waiting_jobs_run_by_priority_then_age(queue: tuple[Jobs, RecordingDispatcher]) -> None:
@@ -159,7 +159,7 @@ def test_a_redelivered_message_runs_once(queue: tuple[Jobs, RecordingDispatcher]
     assert not q.start(dispatch.payload, dispatch.token, "w2")
     q.finish(dispatch.payload, dispatch.token, SUCCESS)
     assert not q.start(dispatch.payload, dispatch.token, "w3")
-    assert q.ledger.get(dispatch.payload.job_id).attempts == 1  # type: ignore[union-attr]
+    assert q.job(dispatch.payload.job_id).attempts == 1  # type: ignore[union-attr]
 
 
 def test_a_stale_worker_cannot_end_an_attempt_it_no_longer_holds(stores: Stores) -> None:
@@ -178,7 +178,7 @@ def test_a_stale_worker_cannot_end_an_attempt_it_no_longer_holds(stores: Stores)
     assert not q.finish(first.payload, first.token, SUCCESS)  # the stale worker ends late: nothing happens
     assert q.counts()["org"].started == 1  # the new attempt still holds its slot
     assert dispatcher.take() == []
-    assert q.ledger.get(first.payload.job_id).status == JobStatus.STARTED  # type: ignore[union-attr]
+    assert q.job(first.payload.job_id).status == JobStatus.STARTED  # type: ignore[union-attr]
     with pytest.raises(CachedResponseNotFoundError):
         cache.get_response("dataset-config-names", "org/a")
 
@@ -194,7 +194,7 @@ def test_an_expired_lease_is_requeued_until_attempts_run_out_then_cached_as_cras
         assert report is not None
     assert report.crashed == [job.job_id]
     assert dispatcher.take() == []
-    ended = q.ledger.get(job.job_id)
+    ended = q.job(job.job_id)
     assert ended is not None and ended.status == JobStatus.ERROR and ended.error_code == "JobManagerCrashedError"
     entry = cache.get_response("dataset-config-names", "org/ds")
     assert entry.error_code == "JobManagerCrashedError" and entry.http_status == 500
@@ -299,7 +299,7 @@ def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone
     assert q.counts()["org"].started == 1
     assert q.heartbeat(dispatch.payload, dispatch.token)  # still running: it keeps its slot...
     q.finish(dispatch.payload, dispatch.token, SUCCESS)  # ...until it ends
-    assert q.ledger.get(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert q.job(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
     assert q.counts()["org"].running == 0
 
 
@@ -310,6 +310,7 @@ def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
     jobs = [q.enqueue("dataset-config-names", f"org/ds{i}") for i in range(4)]
     started, queued = dispatcher.take()
     assert q.start(started.payload, started.token, "w")
+    q.journal.flush_all()  # the ledger caught up (it follows within QUEUE_LEDGER_LAG_SECONDS)
     stores.redis().flushall()
     assert q.counts() == {}
     assert q.reconcile() == 4
@@ -378,6 +379,7 @@ def test_reconcile_keeps_a_twin_blocked_behind_its_started_owner(
     (owner,) = dispatcher.take()
     assert q.start(owner.payload, owner.token, "w")
     twin = q.enqueue("dataset-config-names", "org/ds")
+    q.journal.flush_all()  # the ledger caught up (it follows within QUEUE_LEDGER_LAG_SECONDS)
     stores.redis().flushall()
     assert q.reconcile() == 2
     assert dispatcher.take() == []
@@ -402,9 +404,9 @@ def test_a_heartbeat_after_the_job_finished_does_nothing(queue: tuple[Jobs, Reco
     q.enqueue("dataset-config-names", "org/ds")
     (dispatch,) = dispatcher.take()
     run(q, dispatch)
-    ended = q.ledger.get(dispatch.payload.job_id)
+    ended = q.job(dispatch.payload.job_id)
     assert not q.heartbeat(dispatch.payload, dispatch.token)
-    assert q.ledger.get(dispatch.payload.job_id) == ended  # no resurrection, not even a timestamp
+    assert q.job(dispatch.payload.job_id) == ended  # no resurrection, not even a timestamp
     assert q.counts()["org"].running == 0
 
 
@@ -428,17 +430,18 @@ def test_a_message_that_could_not_be_published_waits_again_and_the_reaper_sends_
     q.queue.dispatcher = flaky
     job = q.enqueue("dataset-config-names", "org/ds")
     assert flaky.published == [] and q.counts()["org"].waiting == 1  # not leased: its slot is free
-    assert q.ledger.get(job.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
+    assert q.job(job.job_id).status == JobStatus.WAITING  # type: ignore[union-attr]
     q.reap()
     assert ids(flaky.take()) == [job.job_id]
 
 
-def test_a_pending_job_whose_admission_was_lost_is_admitted_by_the_next_identical_call(
+def test_a_pending_job_redis_lost_is_restored_before_the_next_identical_call_which_gets_its_id(
     queue: tuple[Jobs, RecordingDispatcher],
 ) -> None:
     q, dispatcher = queue
     stranded = q.enqueue("dataset-config-names", "org/ds")
-    connect(get_config().queue.redis_url.get_secret_value()).flushall()  # as if admit never ran
+    q.journal.flush_all()  # the ledger caught up (it follows within QUEUE_LEDGER_LAG_SECONDS)
+    connect(get_config().queue.redis_url.get_secret_value()).flushall()
     dispatcher.take()
     assert q.enqueue("dataset-config-names", "org/ds").job_id == stranded.job_id
     assert ids(dispatcher.take()) == [stranded.job_id]
@@ -454,7 +457,7 @@ def test_a_job_whose_worker_died_after_writing_its_response_but_before_ending_is
     report = q.reap()  # the worker died before its end was recorded: the reaper's crash is the job's end
     assert report is not None and report.crashed == [job.job_id]
     entry = cache.get_response("dataset-config-names", "org/ds")
-    ended = q.ledger.get(job.job_id)
+    ended = q.job(job.job_id)
     assert ended is not None and ended.status == JobStatus.ERROR and entry.fence == ended.fence
 
 

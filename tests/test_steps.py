@@ -41,7 +41,7 @@ def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Store
     assert isinstance(result, AsyncResult)
     assert result.get(timeout=RESULT_TIMEOUT)["http_status"] == 200
     assert cache.get_response("test-noop", "org/ds").content == {"dataset": "org/ds"}
-    job = get_queue().ledger.get(result.id)
+    job = get_queue().job(result.id)
     assert job is not None and job.status == JobStatus.SUCCESS
     assert job.started_at is not None and job.finished_at is not None and job.worker
     counts = get_queue().counts()  # the namespace is unlisted once a reaper pass found it idle
@@ -55,7 +55,7 @@ def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores
     assert result.state == "FAILURE"
     entry = cache.get_response("test-fail", "org/ds")
     assert (entry.http_status, entry.error_code) == (500, "SampleStepError")
-    job = get_queue().ledger.get(result.id)
+    job = get_queue().job(result.id)
     assert job is not None and job.status == JobStatus.ERROR and job.error_code == "SampleStepError"
 
 
@@ -81,7 +81,7 @@ def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: obje
     # ...and the broker delivers the very same message a second time.
     from tasks.queue import CeleryDispatcher
 
-    job = queue.ledger.get(result.id)
+    job = queue.job(result.id)
     assert job is not None
     from common.queue import Dispatch
 
@@ -90,7 +90,7 @@ def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: obje
     client = redis.Redis.from_url(stores.redis_url)
     executions = [e.decode() for e in client.lrange(sample_steps.EXECUTIONS_KEY, 0, -1)]
     assert sum(1 for e in executions if e.startswith("start")) == 1
-    assert get_queue().ledger.get(result.id).attempts == 1  # type: ignore[union-attr]
+    assert get_queue().job(result.id).attempts == 1  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

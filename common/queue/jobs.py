@@ -124,6 +124,7 @@ class Job(BaseModel):
     lease_token: str | None = None
     error_code: str | None = None
     fence: int = 0  # the limiter's fence of the last decision recorded here (the ending's, once ended)
+    age: int | None = None  # the fence of its admission: its place in line
 
     def payload(self) -> JobPayload:
         return JobPayload(

@@ -1,32 +1,32 @@
 """The job ledger: collection `jobs` in QUEUE_MONGO_DATABASE, the durable record of every job.
 
-Redis holds the fast path (waiting rooms, leases); the ledger is what survives Redis losing its data.
-Every transition (waiting -> queued -> started -> success | error | cancelled, and back to waiting when a
-lease expires) applies a decision of the limiter and carries its fence: it happens only if the job has
-not ended and no newer decision was recorded, so a late, repeated or stale writer never moves a job back.
-
-Dedupe: a pending job (waiting or queued) holds `pending_key`, its unicity id, under a unique partial
-index, so two identical pending jobs cannot exist; the first writer wins and later ones get its id.
+Redis holds the fast path (waiting rooms, leases, dedupe) and decides; the ledger follows it, a bounded
+lag behind (common/queue/journal.py), and is what survives Redis losing its data. Every transition
+(waiting -> queued -> started -> success | error | cancelled, and back to waiting when a lease expires) is
+a journal entry of the limiter's, with its fence: it is written only if the job has not ended and no newer
+decision was recorded, so a late, repeated or stale writer never moves a job back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
 from common.mongo import get_collection
-from common.queue.jobs import TERMINAL_STATUSES, Job, JobStatus
+from common.queue.jobs import TERMINAL_STATUSES, Job, JobPayload, JobStatus
+from common.redis_connection import as_text
 from common.resilience import retry_transient
 
-CREATE_ATTEMPTS = 5
 DUPLICATE_KEY = 11000
+CREATED = "created"  # a journal entry's status when it admits the job (scripts/admit.lua)
 
 
 def jobs_collection() -> Collection[dict[str, Any]]:
@@ -36,18 +36,92 @@ def jobs_collection() -> Collection[dict[str, Any]]:
 
 
 def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
-    # A pending job holds its unicity id here: two identical pending jobs cannot exist.
-    collection.create_index(
-        "pending_key", unique=True, name="pending", partialFilterExpression={"pending_key": {"$type": "string"}}
-    )
     collection.create_index([("unicity_id", ASCENDING), ("status", ASCENDING)], name="unicity")
     collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
     collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
     collection.create_index([("status", ASCENDING), ("created_at", ASCENDING)], name="created")
 
 
+@dataclass(frozen=True)
+class JournalEntry:
+    """One transition of a job, as a limiter script decided it (at: the Redis clock)."""
+
+    status: JobStatus
+    fence: int
+    at: datetime
+    payload: JobPayload
+    attempt: int
+    token: str | None
+    worker: str | None
+    error_code: str | None
+    revision: str | None
+    created: bool  # the job's admission (status waiting)
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> JournalEntry:
+        status, fence, at, job_id, attempt, token, worker, code, revision, payload = as_text(raw).split("|", 9)
+        return cls(
+            JobStatus.WAITING if status == CREATED else JobStatus(status),
+            int(fence),
+            datetime.fromtimestamp(int(at) / 1000, UTC),
+            JobPayload.from_compact(job_id, payload),
+            int(attempt),
+            token or None,
+            worker or None,
+            code or None,
+            revision or None,
+            status == CREATED,
+        )
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _fields(entry: JournalEntry) -> dict[str, Any]:
+    """What a transition sets."""
+    fields: dict[str, Any] = {"status": entry.status, "fence": entry.fence}
+    if entry.status == JobStatus.QUEUED:
+        fields["queued_at"] = entry.at
+    elif entry.status == JobStatus.STARTED:
+        fields |= {"started_at": entry.at, "last_heartbeat": entry.at, "lease_token": entry.token}
+        fields |= {"attempts": entry.attempt, "worker": entry.worker}
+    elif entry.status.is_terminal:
+        fields |= {"finished_at": entry.at, "error_code": entry.error_code}
+    return fields
+
+
+class _JobWrite:
+    """A job's entries of one write, folded into one operation: the fields they set, in fence order (as
+    applying them one by one would leave them), under the newest fence."""
+
+    def __init__(self, entries: list[JournalEntry]) -> None:
+        entries = sorted(entries, key=lambda entry: entry.fence)
+        self.job_id = entries[0].payload.job_id
+        self.fence = entries[-1].fence
+        self.fields: dict[str, Any] = {}
+        for entry in entries:
+            self.fields |= _fields(entry)
+        first = next((entry for entry in entries if entry.created), entries[0])
+        self.created = first.created
+        self.job = first.payload.model_dump(exclude={"job_id", "rank"}) | {
+            "created_at": first.at,
+            "revision": first.revision,
+            "age": first.fence if first.created else None,
+        }
+
+    def insert(self) -> InsertOne[dict[str, Any]]:
+        """Its creation is among the entries: a plain insert (refused if another writer created it)."""
+        return InsertOne({"_id": self.job_id, **self.job, **self.fields})
+
+    def update(self) -> UpdateOne:
+        """Only if the job has not ended and no newer decision was recorded; created if not there yet
+        (an upsert that finds its _id taken means "older": refused)."""
+        return UpdateOne(
+            {"_id": self.job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": self.fence}},
+            {"$set": self.fields, "$setOnInsert": self.job},
+            upsert=True,
+        )
 
 
 def _job(document: dict[str, Any]) -> Job:
@@ -61,80 +135,35 @@ class Ledger:
         self.collection = collection if collection is not None else jobs_collection()
 
     @retry_transient
-    def create(self, job: Job) -> tuple[Job, bool]:
-        """Record a new waiting job, or return the identical pending job and False."""
-        document = job.model_dump(exclude={"job_id"}) | {"_id": job.job_id, "pending_key": job.unicity_id}
-        for _ in range(CREATE_ATTEMPTS):
-            try:
-                self.collection.insert_one(document)
-                return job, True
-            except DuplicateKeyError:
-                if self.collection.find_one({"_id": job.job_id}, {"_id": True}) is not None:
-                    return job, True  # our own insert, whose answer was lost and which was retried
-                existing = self.collection.find_one({"pending_key": job.unicity_id})
-                if existing is not None:
-                    return _job(existing), False
-                # The identical job started between our insert and our read: try again.
-        raise RuntimeError(f"could not record job {job.job_id}: its twin keeps changing state")
-
-    def create_many(self, jobs: Sequence[Job]) -> list[tuple[Job, bool]]:
-        """`create` for many jobs in one bulk insert: each job, or the identical pending job and False."""
-        documents = [
-            job.model_dump(exclude={"job_id"}) | {"_id": job.job_id, "pending_key": job.unicity_id} for job in jobs
-        ]
-        try:
-            self._insert_many(documents)
-            return [(job, True) for job in jobs]
-        except BulkWriteError as error:
-            refused = {failure["index"] for failure in error.details.get("writeErrors", [])}
-            if any(failure.get("code") != DUPLICATE_KEY for failure in error.details.get("writeErrors", [])):
-                raise
-        # The refused ones have a pending twin (or were ours, inserted by an attempt whose answer was lost):
-        # settled one by one, as `create` does.
-        return [(job, True) if index not in refused else self.create(job) for index, job in enumerate(jobs)]
-
-    @retry_transient
-    def _insert_many(self, documents: list[dict[str, Any]]) -> None:
-        self.collection.insert_many(documents, ordered=False)
-
-    @retry_transient
     def get(self, job_id: str) -> Job | None:
         document = self.collection.find_one({"_id": job_id})
         return None if document is None else _job(document)
 
-    def mark_queued(self, job_id: str, fence: int, unicity_id: str) -> bool:
-        return self._move(job_id, fence, JobStatus.QUEUED, {"queued_at": _now()}, pending=unicity_id)
-
-    def mark_waiting(self, job_id: str, fence: int, unicity_id: str) -> bool:
-        """A job whose lease expired waits again (pending again, unless its twin is)."""
-        return self._move(job_id, fence, JobStatus.WAITING, {}, pending=unicity_id)
-
-    def mark_started(self, job_id: str, fence: int, token: str, attempt: int, worker: str) -> bool:
-        now = _now()
-        fields = {"started_at": now, "last_heartbeat": now, "lease_token": token, "attempts": attempt, "worker": worker}
-        return self._move(job_id, fence, JobStatus.STARTED, fields, pending=None)
-
-    def end(self, job_id: str, fence: int, status: JobStatus, error_code: str | None = None) -> bool:
-        """Record the job's end, decided under this fence; False when it had ended already."""
-        if not status.is_terminal:
-            raise ValueError(f"{status} is not a terminal status")
-        return self._move(job_id, fence, status, {"finished_at": _now(), "error_code": error_code}, pending=None)
-
     @retry_transient
-    def _move(self, job_id: str, fence: int, status: JobStatus, fields: dict[str, Any], pending: str | None) -> bool:
-        """Move the job to `status` if it has not ended and no newer decision was recorded: the limiter's
-        fences only grow, so records applied late, twice or out of order never move a job backwards.
-        A pending status (waiting, queued) holds the job's unicity id `pending` for dedupe."""
-        query = {"_id": job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": fence}}
-        values = {**fields, "status": status, "fence": fence}
-        if pending is None:
-            update: Any = [{"$set": {k: {"$literal": v} for k, v in values.items()}}, {"$unset": "pending_key"}]
-            return self.collection.update_one(query, update).modified_count == 1
+    def write(self, entries: Sequence[JournalEntry]) -> None:
+        """Apply journal entries in bulk, one operation per job: its entries folded, written only if the
+        job has not ended and no newer decision was recorded (the limiter's fences only grow), so entries
+        written late, twice or out of order never move a job back. A job created among the entries is
+        inserted; if another writer inserted it first, it is updated as the others are."""
+        by_job: dict[str, list[JournalEntry]] = {}
+        for entry in entries:
+            by_job.setdefault(entry.payload.job_id, []).append(entry)
+        writes = [_JobWrite(job_entries) for job_entries in by_job.values()]
+        refused = self._bulk([write.insert() if write.created else write.update() for write in writes])
+        self._bulk([writes[index].update() for index in refused if writes[index].created])
+
+    def _bulk(self, operations: Sequence[InsertOne[dict[str, Any]] | UpdateOne]) -> list[int]:
+        """One unordered bulk write; the indexes of the operations refused for a duplicate _id."""
+        if not operations:
+            return []
         try:
-            result = self.collection.update_one(query, {"$set": {**values, "pending_key": pending}})
-        except DuplicateKeyError:  # its identical twin is pending: dedupe goes to that one
-            result = self.collection.update_one(query, {"$set": values})
-        return result.modified_count == 1
+            self.collection.bulk_write(list(operations), ordered=False)
+        except BulkWriteError as error:
+            failures = error.details.get("writeErrors", [])
+            if any(failure.get("code") != DUPLICATE_KEY for failure in failures):
+                raise
+            return [failure["index"] for failure in failures]
+        return []
 
     @retry_transient
     def heartbeat(self, job_id: str, token: str) -> bool:
@@ -152,12 +181,6 @@ class Ledger:
         if statuses is not None:
             query["status"] = {"$in": list(statuses)}
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
-
-    @retry_transient
-    def created_waiting(self, since: datetime, until: datetime, limit: int = 0) -> list[Job]:
-        """Jobs created in [since, until] that are still waiting, oldest first (at most `limit` of them)."""
-        query = {"status": JobStatus.WAITING, "created_at": {"$gte": since, "$lte": until}}
-        return [_job(document) for document in self.collection.find(query).sort("created_at", 1).limit(limit)]
 
     def unfinished(self) -> list[Job]:
         """Jobs not ended yet, the started ones first."""

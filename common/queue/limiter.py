@@ -21,7 +21,7 @@ namespace with no job and no record keeps no key but its limit override.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib.resources import files
@@ -52,6 +52,8 @@ _KEY_NAMES = (
     "ages",
     "outbox",
     "runners",
+    "pending",
+    "journal",
 )
 _SCRIPTS = (
     "admit",
@@ -65,8 +67,12 @@ _SCRIPTS = (
     "restore",
     "unlease",
     "applied",
-    "drop",
+    "journaled",
 )
+
+
+# The scripts that may journal a ledger transition (their namespaces are noted for the journal's writer).
+_JOURNALING = frozenset({"admit", "confirm", "end", "reap", "cancel", "set_limit", "promote", "unlease"})
 
 
 def namespace_key(namespace: str, name: str) -> str:
@@ -85,10 +91,10 @@ def _load_script(name: str) -> str:
 
 
 class RecordKind(StrEnum):
-    DISPATCH = "dispatch"  # publish the message; the ledger says queued
-    REQUEUE = "requeue"  # the ledger says waiting again
-    CANCEL = "cancel"  # a job cancelled before it started: the ledger says cancelled
-    END = "end"  # an attempt ended, or the reaper ended it: cache, ledger, events, next steps
+    DISPATCH = "dispatch"  # publish the message, tell it
+    REQUEUE = "requeue"  # (versions before the journal recorded these; nothing left to apply)
+    CANCEL = "cancel"  # a job cancelled before it started: tell it
+    END = "end"  # an attempt ended, or the reaper ended it: cache, events, next steps
 
 
 class Ending(StrEnum):
@@ -172,6 +178,13 @@ class Reaped:
 
 
 @dataclass(frozen=True)
+class Admission:
+    job_ids: list[str]  # each job's, or its pending twin's
+    admitted: list[bool]  # False: known already (the job, or its twin)
+    dispatched: list[Record]
+
+
+@dataclass(frozen=True)
 class NamespaceCounts:
     waiting: int
     queued: int
@@ -216,12 +229,18 @@ class NamespaceLimiter:
         self.queued_ttl_ms = int(queued_ttl_seconds * 1000)
         self.max_attempts = max_attempts
         self.scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        # Told of the namespaces a script may have journaled in (the journal's writer sets it).
+        self.on_journal: Callable[[Iterable[str]], None] = lambda namespaces: None
 
     # A script whose answer was lost is run again: every script is safe to repeat, and what the first
     # run decided is in the outbox (confirm and end answer a repeated call as they answered the first).
     @retry_transient
     def _run(self, script: str, namespace: str, *args: Any) -> Any:
-        return self.scripts[script](keys=namespace_keys(namespace), args=list(args))
+        try:
+            return self.scripts[script](keys=namespace_keys(namespace), args=list(args))
+        finally:
+            if script in _JOURNALING:
+                self.on_journal([namespace])
 
     @retry_transient
     def _run_active(self, script: str, namespace: str, *args: Any) -> Any:
@@ -234,6 +253,12 @@ class NamespaceLimiter:
         before and after; the scripts' replies. One round trip; two on a cluster, where the set and the
         namespaces are on different nodes, which run their commands in no order between them: there the
         second listing waits for the scripts' replies."""
+        try:
+            return self._run_listed_now(namespaces, calls)
+        finally:
+            self.on_journal(namespaces)
+
+    def _run_listed_now(self, namespaces: Sequence[str], calls: Sequence[tuple[str, str, Sequence[Any]]]) -> list[Any]:
         batch = ScriptBatch(self.redis)
         for namespace in namespaces:
             batch.pipe.sadd(ACTIVE_KEY, namespace)
@@ -247,39 +272,30 @@ class NamespaceLimiter:
             batch.pipe.sadd(ACTIVE_KEY, namespace)
         return batch.execute()[len(namespaces) : len(namespaces) + len(calls)]
 
-    def admit(self, payload: JobPayload) -> tuple[bool, list[Record]]:
+    def admit(self, payload: JobPayload, revision: str | None = None) -> tuple[bool, list[Record]]:
         """Park the job (behind its started twin, if it has one), then lease free slots of its
-        namespace; False when the job was already admitted."""
-        admitted, dispatched = self._run_active(
-            "admit", payload.namespace, payload.job_id, payload.compact(), *self._promote_args()
-        )
-        return bool(admitted), self._dispatched(dispatched)
+        namespace; False when the job, or an identical pending job, was already admitted."""
+        admission = self.admit_many([payload], revision)
+        return admission.job_ids == [payload.job_id] and admission.admitted[0], admission.dispatched
 
     @retry_transient
-    def admit_many(self, payloads: Sequence[JobPayload]) -> list[Record]:
+    def admit_many(self, payloads: Sequence[JobPayload], revision: str | None = None) -> Admission:
         """`admit` for many jobs in one pipelined round trip (each namespace listed as active before and
-        after its jobs); returns the dispatch records of every namespace."""
+        after its jobs): each job's id (its pending twin's when it has one) and the dispatch records."""
         namespaces = list(dict.fromkeys(payload.namespace for payload in payloads))
         promote_args = self._promote_args()
-        calls = [("admit", p.namespace, [p.job_id, p.compact(), *promote_args]) for p in payloads]
+        calls = [("admit", p.namespace, [p.job_id, p.compact(), *promote_args, revision or ""]) for p in payloads]
         replies = self._run_listed(namespaces, calls)
-        return [record for _, dispatched in replies for record in self._dispatched(dispatched)]
+        return Admission(
+            [as_text(job_id) for _, _, job_id in replies],
+            [bool(admitted) for admitted, _, _ in replies],
+            [record for _, dispatched, _ in replies for record in self._dispatched(dispatched)],
+        )
 
-    @retry_transient
-    def known(self, payloads: Sequence[JobPayload]) -> list[bool]:
-        """Whether Redis knows each job (admitted and not ended, or with a record left to apply), in one
-        pipelined round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for payload in payloads:
-            pipe.hexists(namespace_key(payload.namespace, "jobs"), payload.job_id)
-            pipe.hexists(namespace_key(payload.namespace, "outbox"), payload.job_id)
-        found = pipe.execute()
-        return [bool(found[i] or found[i + 1]) for i in range(0, len(found), 2)]
-
-    def confirm(self, namespace: str, job_id: str, token: str, delivery: str) -> Confirmation:
+    def confirm(self, namespace: str, job_id: str, token: str, delivery: str, worker: str = "") -> Confirmation:
         """At task start: run the job only if this message's token holds a lease not started yet, or
         this same delivery already confirmed it."""
-        result = self._run("confirm", namespace, job_id, token, delivery, self.started_ttl_ms)
+        result = self._run("confirm", namespace, job_id, token, delivery, self.started_ttl_ms, worker)
         if as_text(result[0]) != ConfirmDecision.RUN:
             return Confirmation(ConfirmDecision.DROP)
         return Confirmation(ConfirmDecision.RUN, int(result[1]), int(as_text(result[2])))
@@ -341,10 +357,6 @@ class NamespaceLimiter:
     def promote(self, namespace: str) -> list[Record]:
         return self._dispatched(self._run("promote", namespace, *self._promote_args()))
 
-    def drop(self, namespace: str, job_id: str) -> list[Record]:
-        """Forget a job the ledger says has ended, and lease the freed slot."""
-        return self._dispatched(self._run("drop", namespace, job_id, *self._promote_args()))
-
     def unlease(self, namespace: str, job_id: str, token: str) -> int:
         """Give back the slot of a job whose message could not be published, and park it again; the fence
         of that decision, 0 when the job no longer held this dispatched lease."""
@@ -354,6 +366,24 @@ class NamespaceLimiter:
         """Drop these records, their effects applied; True when the namespace has nothing left."""
         args = [value for record in records for value in (record.payload.job_id, record.fence)]
         return bool(self._run("applied", namespace, *args))
+
+    @retry_transient
+    def journals(self, namespaces: Sequence[str], count: int) -> dict[str, list[bytes]]:
+        """The first `count` journal entries of each namespace that has some, in one pipelined round
+        trip (on a cluster, one per node, all at once)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace in namespaces:
+            pipe.lrange(namespace_key(namespace, "journal"), 0, count - 1)
+        return {namespace: entries for namespace, entries in zip(namespaces, pipe.execute(), strict=True) if entries}
+
+    @retry_transient
+    def journaled(self, read: dict[str, list[bytes]]) -> list[str]:
+        """Drop the entries read from each journal (see `journals`), now in MongoDB, unless another writer
+        did; the namespaces left with nothing (one round trip)."""
+        batch = ScriptBatch(self.redis)
+        for namespace, entries in read.items():
+            batch.script(self.scripts["journaled"], namespace_keys(namespace), [entries[0], len(entries)])
+        return [namespace for namespace, idle in zip(read, batch.execute(), strict=True) if idle]
 
     def restore(self, payload: JobPayload, lease_token: str | None, attempts: int, age: int) -> bool:
         """Rebuild one job from the ledger unless Redis knows it: a started job gets its lease back."""
@@ -405,7 +435,7 @@ class NamespaceLimiter:
         self.redis.srem(ACTIVE_KEY, *namespaces)
         pipe = self.redis.pipeline(transaction=False)
         for namespace in namespaces:
-            pipe.exists(namespace_key(namespace, "jobs"), namespace_key(namespace, "outbox"))
+            pipe.exists(*(namespace_key(namespace, name) for name in ("jobs", "outbox", "journal")))
         busy = [namespace for namespace, found in zip(namespaces, pipe.execute(), strict=True) if found]
         if busy:
             self.redis.sadd(ACTIVE_KEY, *busy)

@@ -3,14 +3,15 @@
 It knows neither the processing graph's plans (common/orchestrator.py) nor how a started job ends
 (common/lifecycle.py) nor how events are followed (common/follow.py).
 
-    enqueue  -> ledger: waiting -> limiter.admit -> records: dispatch -> publish, ledger: queued
-    cancel   -> limiter.cancel -> records: cancel -> ledger: cancelled; started jobs are revoked
+    enqueue  -> limiter.admit (dedupe, journal: waiting) -> records: dispatch (journal: queued) -> publish
+    cancel   -> limiter.cancel -> records: cancel (journal: cancelled); started jobs are revoked
     set_limit, reconcile -> records: dispatch
 
-Every limiter call returns the outbox records it made; `apply` carries out the dispatch, requeue and
-cancel ones (fenced ledger writes, events, messages) and drops them from the outbox. A record left
-behind (an exception, a lost reply, a SIGKILL) is applied by the reaper's next pass. It does not know
-Celery: a :class:`Dispatcher` publishes the messages and revokes started jobs.
+Every limiter call returns the outbox records it made; `apply` carries out the dispatch and cancel ones
+(messages, events) and drops them from the outbox. A record left behind (an exception, a lost reply, a
+SIGKILL) is applied by the reaper's next pass. The ledger follows what the scripts journaled
+(common/queue/journal.py): enqueueing writes to Redis only. It does not know Celery: a
+:class:`Dispatcher` publishes the messages and revokes started jobs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
 from redis.exceptions import LockError
@@ -49,16 +50,14 @@ from common.queue.jobs import (
     Priority,
     unicity_id,
 )
-from common.queue.ledger import Ledger
+from common.queue.journal import Journal
+from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import FENCE_EPOCH_MS, NamespaceCounts, NamespaceLimiter, Record, RecordKind
 from common.redis_cluster import all_exist, node_hash_tags
-from common.redis_connection import RedisClient, as_text, get_redis
+from common.redis_connection import RedisClient, get_redis
 
 logger = logging.getLogger(__name__)
-ENQUEUE_BATCH = 10_000  # jobs per bulk insert and per Redis round trip of enqueue_many
-ADMITTED_UNTIL_KEY = "stepcache:admitted-until"  # jobs created before this were checked by admit_unknown
-FIRST_ADMIT_CHECK = timedelta(hours=1)  # how far back the first pass looks
-ADMIT_CHUNK = 20_000  # ledger jobs read, and looked up in Redis, at a time (more than one enqueue batch)
+ENQUEUE_BATCH = 10_000  # jobs per Redis round trip of enqueue_many
 # Set after a repair; its absence means Redis lost (or never had) our data. One hash tag: one cluster slot.
 EPOCH_KEY = "{stepcache}:epoch"
 REPAIRING_KEY = "{stepcache}:repairing"  # the repair in progress: a flush during it removes it too
@@ -89,7 +88,10 @@ class Dispatcher(Protocol):
 
 
 def age_of(job: Job) -> int:
-    """A job's place in line, as the limiter's fence of its admission would be: its creation time."""
+    """A job's place in line: the limiter's fence of its admission (from its creation time, for a job
+    recorded without it)."""
+    if job.age is not None:
+        return job.age
     return int((job.created_at.timestamp() * 1000 - FENCE_EPOCH_MS) * 1000)
 
 
@@ -150,11 +152,17 @@ class Queue:
         ledger: Ledger,
         limiter: NamespaceLimiter,
         events: EventBus | None = None,
+        ledger_lag_seconds: float | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.ledger = ledger
         self.limiter = limiter
         self.events = events if events is not None else EventBus(limiter.redis)
+        lag = ledger_lag_seconds if ledger_lag_seconds is not None else get_config().queue.ledger_lag_seconds
+        self.journal = Journal(limiter, ledger, lag)
+        # The end of a started job that Redis lost before the ledger learnt it, if what it wrote elsewhere
+        # tells it (the lifecycle's: its cache entry); such a job is not restored by a repair.
+        self.ended_elsewhere: Callable[[Job], JournalEntry | None] = lambda job: None
         self._mark_epoch = limiter.redis.register_script(MARK_EPOCH)
 
     def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
@@ -198,24 +206,22 @@ class Queue:
     def enqueue_many(
         self, inputs: Sequence[JobInput], priority: object = Priority.NORMAL, revision: str | None = None
     ) -> list[Job]:
-        """Validate every input (a typed error for the first bad one, and nothing written), record them in
-        one bulk insert, admit them in one Redis round trip per ENQUEUE_BATCH, then publish the jobs that
-        got a slot; returns each input's job (the identical pending job instead, when there is one)."""
+        """Validate every input (a typed error for the first bad one, and nothing written), admit them in
+        one Redis round trip per ENQUEUE_BATCH (the ledger follows within QUEUE_LEDGER_LAG_SECONDS), then
+        publish the jobs that got a slot; returns each input's job (the identical pending job's id
+        instead, when there is one)."""
         jobs = [new_job(JobInput(*item), parse_priority(priority), revision) for item in inputs]
         recorded: list[Job] = []
         for start in range(0, len(jobs), ENQUEUE_BATCH):
-            # Stamped just before their insert: the reaper's admit_unknown reads them by creation time.
-            now = datetime.now(UTC)
-            batch = [job.model_copy(update={"created_at": now}) for job in jobs[start : start + ENQUEUE_BATCH]]
-            created = self.ledger.create_many(batch)
-            # Admitting is idempotent: this also rescues a pending twin whose admission was lost (its
-            # process died between the ledger and Redis).
-            to_admit = [job for job, new in created if new or job.status in PENDING_STATUSES]
-            if to_admit:
-                # Redis that lost its data gets its started jobs back first: a slot is never leased twice.
-                self.check_epoch()
-                self._apply_by_namespace(self.limiter.admit_many([job.payload() for job in to_admit]))
-            recorded += [job for job, _ in created]
+            batch = jobs[start : start + ENQUEUE_BATCH]
+            # Redis that lost its data gets its started jobs back first: a slot is never leased twice.
+            self.check_epoch()
+            admission = self.limiter.admit_many([job.payload() for job in batch], revision)
+            self._apply_by_namespace(admission.dispatched)
+            recorded += [
+                job if job_id == job.job_id else job.model_copy(update={"job_id": job_id})
+                for job, job_id in zip(batch, admission.job_ids, strict=True)
+            ]
         return recorded
 
     def apply(self, records: Sequence[Record], end: Callable[[Record], None] | None = None) -> bool:
@@ -242,40 +248,22 @@ class Queue:
             except Exception:
                 # Back to the waiting room: the reaper's next pass (or a release) dispatches it anew.
                 logger.exception("could not publish job %s; it waits again", payload.job_id)
-                fence = self.limiter.unlease(payload.namespace, payload.job_id, record.token)
-                if fence:
-                    self.ledger.mark_waiting(payload.job_id, fence, payload.unicity_id)
+                self.limiter.unlease(payload.namespace, payload.job_id, record.token)
                 return
-            if not self.ledger.mark_queued(payload.job_id, record.fence, payload.unicity_id):
-                job = self.ledger.get(payload.job_id)
-                if job is None or job.status.is_terminal:
-                    self.forget_ended(payload)  # its message finds no lease, and is dropped
-                    return
             self.emit(JobQueued, payload, priority=payload.priority.value)
-        elif record.kind == RecordKind.REQUEUE:
-            if not self.ledger.mark_waiting(payload.job_id, record.fence, payload.unicity_id):
-                job = self.ledger.get(payload.job_id)
-                if job is None or job.status.is_terminal:
-                    self.forget_ended(payload)
         elif record.kind == RecordKind.CANCEL:
-            self.ledger.end(payload.job_id, record.fence, JobStatus.CANCELLED)
             self.emit(JobCancelled, payload)
-        else:
+        elif record.kind != RecordKind.REQUEUE:  # a requeue is all in the journal
             raise ValueError(f"the queue does not apply {record.kind} records")
 
     # --- operators -----------------------------------------------------------------------------------
-
-    def forget_ended(self, payload: JobPayload) -> None:
-        """Redis was rebuilt from a ledger that lagged behind, and holds a job that has ended: forget it."""
-        logger.warning("job %s had ended: Redis forgets it", payload.job_id)
-        self.apply(self.limiter.drop(payload.namespace, payload.job_id))
 
     def cancel(self, dataset: str, revoke_started: bool = False) -> list[Job]:
         """Cancel every waiting or queued job of the dataset, and its started ones if asked to: those keep
         their slot until their process is gone, and end as cancelled."""
         dataset, _, _ = validate_key(dataset, None, None)
         statuses = [*PENDING_STATUSES, *([JobStatus.STARTED] if revoke_started else [])]
-        jobs = self.ledger.jobs(dataset, statuses)
+        jobs = self.jobs(dataset, statuses)
         if not jobs:
             return []
         cancelled, started, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
@@ -285,7 +273,18 @@ class Queue:
         return jobs
 
     def jobs(self, dataset: str | None = None, statuses: Sequence[JobStatus] | None = None) -> list[Job]:
+        """Jobs in the ledger, once the journals of their namespace (of every namespace, without a
+        dataset) are written: every transition decided before the call is there."""
+        if dataset is None:
+            self.journal.flush_all()
+        else:
+            self.journal.flush([namespace_of(dataset)])
         return self.ledger.jobs(dataset, statuses)
+
+    def job(self, job_id: str) -> Job | None:
+        """A job in the ledger, once every journal is written (reads the ledger itself for no wait)."""
+        self.journal.flush_all()
+        return self.ledger.get(job_id)
 
     def counts(self) -> dict[str, NamespaceCounts]:
         """Waiting, queued and started jobs of every namespace the limiter knows."""
@@ -302,6 +301,7 @@ class Queue:
         """Rebuild waiting rooms and leases from the ledger after Redis lost its data, then lease free
         slots; returns how many jobs Redis did not know. A started job gets its lease back under its own
         token: its attempt goes on."""
+        self.journal.flush_all()  # the ledger says what Redis decided: nothing ended comes back
         restored = self._restore_all()
         self._promote_all()
         return restored
@@ -311,6 +311,12 @@ class Queue:
         for job in self.ledger.unfinished():
             if keep_alive is not None:
                 keep_alive()
+            ended = self.ended_elsewhere(job) if job.status == JobStatus.STARTED else None
+            if ended is not None:
+                # Its end was decided, then lost with Redis' journal before the ledger learnt it.
+                logger.warning("job %s had ended (%s): not restored", job.job_id, ended.status)
+                self.ledger.write([ended])
+                continue
             token = job.lease_token if job.status == JobStatus.STARTED else None
             restored += self.limiter.restore(job.payload(), token, job.attempts, age_of(job))
         return restored
@@ -318,38 +324,6 @@ class Queue:
     def _promote_all(self) -> None:
         for namespace in self.limiter.namespaces():
             self.apply(self.limiter.promote(namespace))
-
-    def admit_unknown(self, grace: timedelta, keep_alive: Callable[[], object] | None = None) -> int:
-        """Admit the jobs the ledger holds as waiting but Redis does not know: their enqueuing process died
-        between the ledger insert and the admission. Each pass looks at the jobs created since the last
-        one (older than `grace`, which their own process had to admit them), ADMIT_CHUNK at a time, the
-        bookmark moving after each chunk, so its cost follows the enqueue rate, not the size of the waiting
-        rooms. Jobs are stamped just before their insert; the enqueuers' clocks are assumed within `grace`
-        of the reaper's (NTP). Returns how many were admitted."""
-        redis = self.limiter.redis
-        until = datetime.now(UTC) - grace
-        checked = redis.get(ADMITTED_UNTIL_KEY)
-        since = datetime.fromisoformat(as_text(checked)) if checked else until - FIRST_ADMIT_CHECK
-        admitted = 0
-        while since < until:
-            waiting = self.ledger.created_waiting(since, until, limit=ADMIT_CHUNK)
-            payloads = [job.payload() for job in waiting]
-            unknown = [
-                payload for payload, known in zip(payloads, self.limiter.known(payloads), strict=True) if not known
-            ]
-            if unknown:
-                logger.warning("admitting %s job(s) the ledger holds but Redis did not know", len(unknown))
-                self._apply_by_namespace(self.limiter.admit_many(unknown))
-                admitted += len(unknown)
-            if len(waiting) < ADMIT_CHUNK:
-                since = until
-            else:  # the next chunk starts at this one's last instant (looking at a job twice is harmless)
-                last = waiting[-1].created_at
-                since = last if last > since else since + timedelta(milliseconds=1)
-            redis.set(ADMITTED_UNTIL_KEY, since.isoformat())
-            if keep_alive is not None:
-                keep_alive()
-        return admitted
 
     def _apply_by_namespace(self, records: Sequence[Record]) -> None:
         by_namespace: dict[str, list[Record]] = {}

@@ -14,7 +14,9 @@ for i = 3, #ARGV do
     started[#started + 1] = job
   elseif payload then
     forget(job)
-    record(job, 'cancel', next_fence(now), '', now, 0, 'cancelled', '', payload)
+    local fence = next_fence(now)
+    record(job, 'cancel', fence, '', now, 0, 'cancelled', '', payload)
+    journal('cancelled', job, fence, now, payload)
     records[#records + 1] = job
     records[#records + 1] = redis.call('HGET', OUTBOX, job)
   end

@@ -13,6 +13,7 @@ if lease == 's:' .. token or lease == 'c:' .. token then
   local attempt = tonumber(redis.call('HGET', ATTEMPTS, job) or '0')
   forget(job)
   record(job, 'end', tonumber(ARGV[3]), token, now, attempt, ARGV[4], ARGV[5], payload)
+  journal(STATUS_OF[ARGV[4]], job, tonumber(ARGV[3]), now, payload, attempt, token, '', ARGV[5])
   return {'ended', redis.call('HGET', OUTBOX, job), promote(ARGV[6], ARGV[7], now)}
 end
 local recorded = redis.call('HGET', OUTBOX, job)

@@ -13,10 +13,15 @@
 --   KEYS[11] outbox    hash  job -> a decision whose effects outside Redis are not applied yet:
 --                            "kind|fence|token|at ms|attempt|status|error code|payload"
 --   KEYS[12] runners   hash  job -> "delivery|fence|attempt" of its started attempt
+--   KEYS[13] pending   hash  unicity id -> the waiting or dispatched job that computes it next (dedupe)
+--   KEYS[14] journal   list  the ledger's transitions not written to MongoDB yet, oldest first:
+--                            "status|fence|at ms|job|attempt|token|worker|error code|revision|payload"
+--                            (status 'created': the job's admission, waiting)
 -- Fences only grow within a namespace, also after its keys expired or Redis lost them: they are at least
 -- the Redis clock in microseconds since FENCE_EPOCH_MS. Every effect outside Redis is conditional on one.
 local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED, AGES, OUTBOX, RUNNERS =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local PENDING, JOURNAL = KEYS[13], KEYS[14]
 local RANK_WEIGHT = 1e15
 local FENCE_EPOCH_MS = 1700000000000
 -- An idle namespace's sequence outlives its other keys this long: fences handed out in a burst may run
@@ -61,6 +66,21 @@ local function record(job, kind, fence, token, now, attempt, status, code, paylo
     {kind, fmt(fence), token or '', fmt(now), fmt(attempt or 0), status or '', code or '', payload or ''}, '|'))
 end
 
+-- The ledger follows Redis: every transition a script decides is journaled here, in the same script, and
+-- written to MongoDB in bulk by common/queue/journal.py (idempotent and fenced, so in any order, twice).
+-- The ledger status an ending gives.
+local STATUS_OF = {success = 'success', error = 'error', crashed = 'error', cancelled = 'cancelled'}
+
+local function journal(status, job, fence, now, payload, attempt, token, worker, code, revision)
+  redis.call('RPUSH', JOURNAL, table.concat({status, fmt(fence), fmt(now), job, fmt(attempt or 0), token or '',
+    worker or '', code or '', revision or '', payload}, '|'))
+end
+
+-- The job computes its cache entry next, unless an identical pending job already does (dedupe).
+local function pend(job, payload)
+  redis.call('HSETNX', PENDING, decode(payload)['unicity_id'], job)
+end
+
 -- Waiting jobs are ordered by priority rank, then by age (the fence of their admission).
 local function park(job)
   local rank = decode(redis.call('HGET', JOBS, job))['rank']
@@ -89,6 +109,9 @@ local function forget(job)
   redis.call('HDEL', RUNNERS, job)
   if not payload then return end
   local key = decode(payload)['unicity_id']
+  if redis.call('HGET', PENDING, key) == job then
+    redis.call('HDEL', PENDING, key)
+  end
   if redis.call('HGET', BLOCKED, key) == job then
     redis.call('HDEL', BLOCKED, key)
   end
@@ -104,9 +127,9 @@ local function forget(job)
   redis.call('HDEL', AGES, job)
 end
 
--- A namespace with no job and nothing left to apply keeps no key but its limit override.
+-- A namespace with no job and nothing left to apply or to journal keeps no key but its limit override.
 local function tidy()
-  if redis.call('HLEN', JOBS) == 0 and redis.call('HLEN', OUTBOX) == 0 then
+  if redis.call('HLEN', JOBS) == 0 and redis.call('HLEN', OUTBOX) == 0 and redis.call('LLEN', JOURNAL) == 0 then
     redis.call('PEXPIRE', SEQUENCE, SEQUENCE_LINGER_MS)
     return 1
   end
@@ -127,6 +150,7 @@ local function promote(default_limit, queued_ttl_ms, now)
     redis.call('HSET', LEASES, job, 'q:' .. token)
     redis.call('ZADD', EXPIRY, now + tonumber(queued_ttl_ms), job)
     record(job, 'dispatch', tonumber(token), token, now, 0, '', '', payload)
+    journal('queued', job, tonumber(token), now, payload)
     dispatched[#dispatched + 1] = job
     dispatched[#dispatched + 1] = token
     dispatched[#dispatched + 1] = payload

@@ -18,16 +18,22 @@ for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0
     -- nothing to do: a lease without a job cannot be made, but an old version may have left one
   elseif kind == 'c' then
     forget(job)
-    record(job, 'end', next_fence(now), token, now, attempt, 'cancelled', '', payload)
+    local fence = next_fence(now)
+    record(job, 'end', fence, token, now, attempt, 'cancelled', '', payload)
+    journal('cancelled', job, fence, now, payload, attempt, token)
   elseif kind == 's' and attempt >= tonumber(ARGV[1]) then
     forget(job)
-    record(job, 'end', next_fence(now), token, now, attempt, 'crashed', 'JobManagerCrashedError', payload)
+    local fence = next_fence(now)
+    record(job, 'end', fence, token, now, attempt, 'crashed', 'JobManagerCrashedError', payload)
+    journal('error', job, fence, now, payload, attempt, token, '', 'JobManagerCrashedError')
     crashed[#crashed + 1] = job
   else
     -- It keeps owning its cache entry: its blocked twin still waits for it to end.
     redis.call('HDEL', RUNNERS, job)
     park(job)
-    record(job, 'requeue', next_fence(now), token, now, attempt, '', '', payload)
+    pend(job, payload)
+    redis.call('HDEL', OUTBOX, job) -- a dispatch whose message was lost: superseded
+    journal('waiting', job, next_fence(now), now, payload, attempt)
     requeued[#requeued + 1] = job
   end
   fresh[job] = true

@@ -19,6 +19,7 @@ if ARGV[3] ~= '' then
   redis.call('ZADD', EXPIRY, now + tonumber(ARGV[5]), job)
   redis.call('HSET', OWNERS, decode(payload)['unicity_id'], job)
 else
+  pend(job, payload)
   park_or_block(job, payload)
 end
 return 1

@@ -1,0 +1,128 @@
+"""The ledger follows Redis: the journal and its writer.
+
+Every transition of a job (waiting, queued, started, success, error, cancelled) is decided by a limiter
+script, which appends it to its namespace's journal in the same step (scripts/prelude.lua, `journal`).
+The writer carries journals into the ledger in bulk, one MongoDB bulk write for all the namespaces it
+flushes, then drops from each journal what it wrote. Entries are idempotent and fenced (`Ledger.write`),
+so one written twice, late, or by two writers at once never moves a job back.
+
+When: the process whose scripts journaled flushes those namespaces within QUEUE_LEDGER_LAG_SECONDS, from
+a background thread (and at exit); the reaper's pass flushes every namespace with work (what a killed
+process left behind); reads through the Queue (`Queue.job`, `Queue.jobs`) flush first, so a caller reads
+its own writes and those of every other process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+from common.queue.ledger import JournalEntry, Ledger
+from common.queue.limiter import NamespaceLimiter
+
+logger = logging.getLogger(__name__)
+WRITE_BATCH = 5_000  # entries per bulk write (a few seconds of SecantusDB, well within its timeout)
+FLUSH_NAMESPACES = 500  # journals read per round trip
+MIN_ENTRIES = 10  # entries read from each of them, at least
+_STARTING = threading.Lock()
+
+
+class Journal:
+    """Writes the journals of the namespaces this process journaled in, within the lag, in bulk."""
+
+    def __init__(self, limiter: NamespaceLimiter, ledger: Ledger, lag_seconds: float) -> None:
+        self.limiter = limiter
+        self.ledger = ledger
+        self.lag_seconds = lag_seconds
+        self._noted: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = 0
+        self._flushing = threading.Lock()
+        limiter.on_journal = self.note
+
+    def note(self, namespaces: Iterable[str]) -> None:
+        """These namespaces may have new entries: flush them within the lag."""
+        if self._pid != os.getpid():
+            with _STARTING:
+                if self._pid != os.getpid():
+                    self._start()
+        with self._lock:
+            self._noted.update(namespaces)
+        self._wake.set()
+
+    def flush(self, namespaces: Sequence[str]) -> list[str]:
+        """Write these namespaces' journals to the ledger, all of it; the namespaces left with nothing.
+        One flush at a time in a process: its threads never write the same entries twice."""
+        with self._flushing:
+            return self._flush(namespaces)
+
+    def _flush(self, namespaces: Sequence[str]) -> list[str]:
+        idle = []
+        todo = list(namespaces)
+        while todo:
+            more = []
+            for start in range(0, len(todo), FLUSH_NAMESPACES):
+                chunk = todo[start : start + FLUSH_NAMESPACES]
+                # At most about WRITE_BATCH entries per bulk write, however many namespaces share it.
+                count = max(MIN_ENTRIES, WRITE_BATCH // len(chunk))
+                read = self.limiter.journals(chunk, count)
+                if not read:
+                    continue
+                self.ledger.write([JournalEntry.parse(raw) for entries in read.values() for raw in entries])
+                idle += self.limiter.journaled(read)
+                more += [namespace for namespace, entries in read.items() if len(entries) == count]
+            todo = more
+        return idle
+
+    def flush_all(self) -> None:
+        """Write every journal: every namespace with work has its journal listed."""
+        self.flush(self.limiter.namespaces())
+
+    def flush_noted(self) -> None:
+        """Write the namespaces noted since the last time; on failure they stay noted (and the reaper's
+        pass writes them anyway)."""
+        with self._lock:
+            noted, self._noted = self._noted, set()
+        if not noted:
+            return
+        try:
+            self.flush(sorted(noted))
+        except Exception:
+            logger.exception("could not write the journals of %s namespace(s) to the ledger", len(noted))
+            with self._lock:
+                self._noted |= noted
+
+    def _start(self) -> None:
+        """The writer thread of this process (a forked child starts its own)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        self._noted = set()
+        self._wake = threading.Event()
+        threading.Thread(target=self._write_forever, name="stepcache-journal", daemon=True).start()
+        atexit.register(self._flush_at_exit)
+
+    def _flush_at_exit(self) -> None:
+        """What is noted and not written yet: the reaper's pass writes it if this cannot."""
+        with self._lock:
+            noted, self._noted = self._noted, set()
+        if noted:
+            try:
+                self._flush(sorted(noted))
+            except Exception as error:
+                logger.warning("the reaper will write the journals of %s namespace(s): %s", len(noted), error)
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            # Entries noted meanwhile go with these: a burst makes one bulk write per lag.
+            time.sleep(self.lag_seconds)
+            self._wake.clear()
+            with contextlib.suppress(Exception):
+                self.flush_noted()
