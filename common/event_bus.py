@@ -71,13 +71,16 @@ class EventBus:
     def publish_many(self, events: Sequence[Event]) -> list[str]:
         """Append the events, in order, in one round trip; returns their stream ids."""
         pipe = self.redis.pipeline(transaction=False)
+        self.add(pipe, events)
+        return [as_text(stream_id) for stream_id in pipe.execute()]
+
+    def add(self, pipe: Any, events: Sequence[Event]) -> None:
+        """Append the events to a pipeline the caller sends (with its own commands: one round trip)."""
         for event in events:
             pipe.xadd(self.stream, {"event": event.model_dump_json()})
-        stream_ids = [as_text(stream_id) for stream_id in pipe.execute()]
         before, self._published = self._published, self._published + len(events)
         if before // TRIM_EVERY != self._published // TRIM_EVERY:
             self.trim()
-        return stream_ids
 
     def last_id(self) -> str:
         """The id of the newest entry ('0-0' for an empty stream): read after it to get what comes next."""

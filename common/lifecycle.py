@@ -29,12 +29,13 @@ from redis.exceptions import LockError
 
 from common import cache, metrics, orchestrator
 from common.config import get_config
-from common.events import CacheUpdated, JobCancelled, JobFailed, JobProgress, JobStarted, JobSucceeded
+from common.events import CacheUpdated, Event, JobCancelled, JobFailed, JobProgress, JobStarted, JobSucceeded
 from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import Job, JobPayload, JobStatus, Queue
 from common.queue.ledger import JournalEntry
 from common.queue.limiter import Ending, LeaseState, Record
+from common.queue.queue import job_events
 
 logger = logging.getLogger(__name__)
 REAPER_LOCK_KEY = "stepcache:reaper"
@@ -59,6 +60,7 @@ class Attempt:
     token: str
     number: int = 0
     fence: int = 0
+    started: str = field(default="", compare=False)  # its start's journal entry, for the ledger at once
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Lifecycle:
         confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token, delivery, worker)
         if not confirmation.run:
             return None
-        return Attempt(payload, token, confirmation.attempt, confirmation.fence)
+        return Attempt(payload, token, confirmation.attempt, confirmation.fence, confirmation.started)
 
     def record_start(self, attempt: Attempt, worker: str) -> None:
         """The ledger, the events and the metrics learn of the start. The ledger at once, not within the
@@ -118,7 +120,8 @@ class Lifecycle:
         Redis, its start in the journal)."""
         payload = attempt.payload
         try:
-            self.queue.journal.flush([payload.namespace])
+            if attempt.started:  # (the journal's writer writes it again, with what follows: harmless)
+                self.ledger.write([JournalEntry.parse(attempt.started)])
         except Exception:
             logger.exception("could not record the start of job %s; the journal's writer will", payload.job_id)
         self.queue.emit(JobStarted, payload, worker=worker, attempt=attempt.number)
@@ -208,7 +211,8 @@ class Lifecycle:
         there); what fails stays in the outbox for the reaper. True when the namespace has nothing left."""
         return self.queue.apply(records, end=lambda record: self._apply_end(record, outcome))
 
-    def _apply_end(self, record: Record, outcome: Outcome | None) -> None:
+    def _apply_end(self, record: Record, outcome: Outcome | None) -> list[Event]:
+        """The end's effects outside Redis (cache of a crash, next steps, metrics); its events."""
         payload, ending = record.payload, record.ending or Ending.ERROR
         content: Mapping[str, Any] | None = None
         error: CacheableError | None = None
@@ -223,21 +227,20 @@ class Lifecycle:
         if ending != Ending.CANCELLED and (content is not None or error is not None):
             self.enqueue_next(payload, content, error)
         duration = outcome.duration if outcome is not None else None
-        if ending == Ending.CANCELLED:
-            self.queue.emit(JobCancelled, payload)
-        elif content is None and error is None:
-            # A newer entry replaced this job's: only the job's own end is told, as the record says it.
-            kind = JobSucceeded if ending == Ending.SUCCESS else JobFailed
-            self.queue.emit(kind, payload, **({} if ending == Ending.SUCCESS else {"error_code": error_code}))
-        else:
-            http_status = HTTPStatus.OK if error is None else error.http_status
-            updated = (CacheUpdated, {"http_status": http_status, "error_code": error and error.error_code})
-            if error is None:
-                self.queue.emit_all(payload, updated, (JobSucceeded, {"duration": duration}))
-            else:
-                failed = {"error_code": error.error_code, "message": error.message, "duration": duration}
-                self.queue.emit_all(payload, updated, (JobFailed, failed))
         metrics.job_finished(payload.step, STATUS_OF[ending].value, duration)
+        if ending == Ending.CANCELLED:
+            return job_events(payload, (JobCancelled, {}))
+        if content is None and error is None:
+            # A newer entry replaced this job's: only the job's own end is told, as the record says it.
+            if ending == Ending.SUCCESS:
+                return job_events(payload, (JobSucceeded, {}))
+            return job_events(payload, (JobFailed, {"error_code": error_code}))
+        http_status = HTTPStatus.OK if error is None else error.http_status
+        updated = (CacheUpdated, {"http_status": http_status, "error_code": error and error.error_code})
+        if error is None:
+            return job_events(payload, updated, (JobSucceeded, {"duration": duration}))
+        failed = {"error_code": error.error_code, "message": error.message, "duration": duration}
+        return job_events(payload, updated, (JobFailed, failed))
 
     def enqueue_next(
         self, payload: JobPayload, content: Mapping[str, Any] | None, error: CacheableError | None

@@ -114,6 +114,11 @@ class _JobWrite:
         """Its creation is among the entries: a plain insert (refused if another writer created it)."""
         return InsertOne({"_id": self.job_id, **self.job, **self.fields})
 
+    def creation(self) -> UpdateOne:
+        """The facts of its creation, which never change (a later entry created the document first)."""
+        facts = {name: self.job[name] for name in ("created_at", "revision", "age")}
+        return UpdateOne({"_id": self.job_id}, {"$set": facts})
+
     def update(self) -> UpdateOne:
         """Only if the job has not ended and no newer decision was recorded; created if not there yet
         (an upsert that finds its _id taken means "older": refused)."""
@@ -150,7 +155,8 @@ class Ledger:
             by_job.setdefault(entry.payload.job_id, []).append(entry)
         writes = [_JobWrite(job_entries) for job_entries in by_job.values()]
         refused = self._bulk([write.insert() if write.created else write.update() for write in writes])
-        self._bulk([writes[index].update() for index in refused if writes[index].created])
+        again = [writes[index] for index in refused if writes[index].created]
+        self._bulk([operation for write in again for operation in (write.update(), write.creation())])
 
     def _bulk(self, operations: Sequence[InsertOne[dict[str, Any]] | UpdateOne]) -> list[int]:
         """One unordered bulk write; the indexes of the operations refused for a duplicate _id."""

@@ -22,7 +22,7 @@ namespace with no job and no record keeps no key but its limit override.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.resources import files
 from typing import Any
@@ -83,6 +83,10 @@ def namespace_key(namespace: str, name: str) -> str:
 def namespace_keys(namespace: str) -> list[str]:
     """The namespace's keys, in the order every script takes them."""
     return [namespace_key(namespace, name) for name in _KEY_NAMES]
+
+
+def _applied_args(records: Iterable[Record]) -> list[Any]:
+    return [value for record in records for value in (record.payload.job_id, record.fence)]
 
 
 def _load_script(name: str) -> str:
@@ -150,6 +154,7 @@ class Confirmation:
     decision: ConfirmDecision
     attempt: int = 0
     fence: int = 0
+    started: str = field(default="", compare=False)  # the start's journal entry ("" when repeated)
 
     @property
     def run(self) -> bool:
@@ -298,7 +303,7 @@ class NamespaceLimiter:
         result = self._run("confirm", namespace, job_id, token, delivery, self.started_ttl_ms, worker)
         if as_text(result[0]) != ConfirmDecision.RUN:
             return Confirmation(ConfirmDecision.DROP)
-        return Confirmation(ConfirmDecision.RUN, int(result[1]), int(as_text(result[2])))
+        return Confirmation(ConfirmDecision.RUN, int(result[1]), int(as_text(result[2])), as_text(result[3]))
 
     def renew(self, namespace: str, job_id: str, token: str, fence: bool = False) -> Renewal:
         """Extend a started attempt's lease; with `fence`, also hand out the fence of its outcome."""
@@ -364,8 +369,11 @@ class NamespaceLimiter:
 
     def applied(self, namespace: str, records: Iterable[Record]) -> bool:
         """Drop these records, their effects applied; True when the namespace has nothing left."""
-        args = [value for record in records for value in (record.payload.job_id, record.fence)]
-        return bool(self._run("applied", namespace, *args))
+        return bool(self._run("applied", namespace, *_applied_args(records)))
+
+    def add_applied(self, batch: ScriptBatch, namespace: str, records: Iterable[Record]) -> None:
+        """`applied`, in a batch the caller sends; its reply is the script's."""
+        batch.script(self.scripts["applied"], namespace_keys(namespace), _applied_args(records))
 
     @retry_transient
     def journals(self, namespaces: Sequence[str], count: int) -> dict[str, list[bytes]]:

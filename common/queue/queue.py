@@ -53,7 +53,7 @@ from common.queue.jobs import (
 from common.queue.journal import Journal
 from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import FENCE_EPOCH_MS, NamespaceCounts, NamespaceLimiter, Record, RecordKind
-from common.redis_cluster import all_exist, node_hash_tags
+from common.redis_cluster import ScriptBatch, all_exist, node_hash_tags
 from common.redis_connection import RedisClient, get_redis
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,12 @@ def new_job(item: JobInput, priority: Priority, revision: str | None) -> Job:
     )
 
 
+def job_events(payload: JobPayload, *events: tuple[type[Event], dict[str, Any]]) -> list[Event]:
+    """Events about this job: each kind with its fields, and the job's key."""
+    key = payload.model_dump(include=JOB_KEY_FIELDS)
+    return [kind(**key, **fields) for kind, fields in events]
+
+
 def parse_priority(priority: object) -> Priority:
     if isinstance(priority, str) and priority in {p.value for p in Priority}:
         return Priority(priority)
@@ -171,11 +177,13 @@ class Queue:
 
     def emit_all(self, payload: JobPayload, *events: tuple[type[Event], dict[str, Any]]) -> None:
         """Publish events about this job, in order, in one round trip (a failure is logged, never fatal)."""
-        key = payload.model_dump(include=JOB_KEY_FIELDS)
+        self._publish(job_events(payload, *events))
+
+    def _publish(self, events: Sequence[Event]) -> None:
         try:
-            self.events.publish_many([kind(**key, **fields) for kind, fields in events])
+            self.events.publish_many(events)
         except Exception:
-            logger.exception("could not publish %s for job %s", [kind.__name__ for kind, _ in events], payload.job_id)
+            logger.exception("could not publish %s", [event.type for event in events])
 
     @classmethod
     def from_config(cls, dispatcher: Dispatcher) -> Queue:
@@ -224,23 +232,33 @@ class Queue:
             ]
         return recorded
 
-    def apply(self, records: Sequence[Record], end: Callable[[Record], None] | None = None) -> bool:
+    def apply(self, records: Sequence[Record], end: Callable[[Record], list[Event]] | None = None) -> bool:
         """Carry out records of one namespace, the dispatches first (a freed slot never waits for the rest),
-        ends through `end` (the lifecycle's), then drop them from the outbox in one call; one that fails
-        stays there for the reaper. True when the namespace has nothing left."""
-        done = []
+        ends through `end` (the lifecycle's); then publish their events and drop them from the outbox, in
+        one round trip. One that fails stays there for the reaper. True when the namespace has nothing left."""
+        done: list[Record] = []
+        events: list[Event] = []
         for record in sorted(records, key=lambda record: record.kind == RecordKind.END):
             try:
-                if record.kind == RecordKind.END and end is not None:
-                    end(record)
-                else:
-                    self._apply(record)
+                events += end(record) if record.kind == RecordKind.END and end is not None else self._apply(record)
                 done.append(record)
             except Exception:
                 logger.exception("could not apply %s of job %s; the reaper will", record.kind, record.payload.job_id)
-        return bool(done) and self.limiter.applied(done[0].payload.namespace, done)
+        if not done:
+            self._publish(events)
+            return False
+        namespace = done[0].payload.namespace
+        batch = ScriptBatch(self.limiter.redis)
+        self.events.add(batch.pipe, events)
+        self.limiter.add_applied(batch, namespace, done)
+        try:
+            return bool(batch.execute()[-1])
+        except Exception:
+            logger.exception("could not publish the events of %s records and drop them; trying apart", len(done))
+        self._publish(events)
+        return self.limiter.applied(namespace, done)
 
-    def _apply(self, record: Record) -> None:
+    def _apply(self, record: Record) -> list[Event]:
         payload = record.payload
         if record.kind == RecordKind.DISPATCH:
             try:
@@ -249,12 +267,13 @@ class Queue:
                 # Back to the waiting room: the reaper's next pass (or a release) dispatches it anew.
                 logger.exception("could not publish job %s; it waits again", payload.job_id)
                 self.limiter.unlease(payload.namespace, payload.job_id, record.token)
-                return
-            self.emit(JobQueued, payload, priority=payload.priority.value)
-        elif record.kind == RecordKind.CANCEL:
-            self.emit(JobCancelled, payload)
-        elif record.kind != RecordKind.REQUEUE:  # a requeue is all in the journal
-            raise ValueError(f"the queue does not apply {record.kind} records")
+                return []
+            return job_events(payload, (JobQueued, {"priority": payload.priority.value}))
+        if record.kind == RecordKind.CANCEL:
+            return job_events(payload, (JobCancelled, {}))
+        if record.kind == RecordKind.REQUEUE:  # all in the journal
+            return []
+        raise ValueError(f"the queue does not apply {record.kind} records")
 
     # --- operators -----------------------------------------------------------------------------------
 

@@ -72,8 +72,10 @@ end
 local STATUS_OF = {success = 'success', error = 'error', crashed = 'error', cancelled = 'cancelled'}
 
 local function journal(status, job, fence, now, payload, attempt, token, worker, code, revision)
-  redis.call('RPUSH', JOURNAL, table.concat({status, fmt(fence), fmt(now), job, fmt(attempt or 0), token or '',
-    worker or '', code or '', revision or '', payload}, '|'))
+  local entry = table.concat({status, fmt(fence), fmt(now), job, fmt(attempt or 0), token or '', worker or '',
+    code or '', revision or '', payload}, '|')
+  redis.call('RPUSH', JOURNAL, entry)
+  return entry
 end
 
 -- The job computes its cache entry next, unless an identical pending job already does (dedupe).
