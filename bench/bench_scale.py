@@ -20,10 +20,10 @@ It starts its own redis-server and SecantusDB (unless BENCH_REDIS_URL / BENCH_MO
     run's first half, stepcache against plain Celery fed the same way.
 
 The million jobs are parked by a bulk loader: the limiter's own `admit` script, pipelined 1,000 calls at
-a time, with no ledger rows (a job the ledger does not know is forgotten when its message starts, not
-run: `Lifecycle.record_start`). Their namespaces are paused (a limit override of 0), so they are parked and
-never leased, as in a namespace whose slots are all taken; the drained sample goes through the step's
-`.delay` (ledger, limiter, messages) into namespaces of its own.
+a time, with no ledger rows (their journal entries are dropped as if the journal's writer had written
+them, so Redis holds what it holds at rest). Their namespaces are paused (a limit override of 0), so they
+are parked and never leased, as in a namespace whose slots are all taken; the drained sample goes through
+the step's `.delay` (limiter, messages, ledger) into namespaces of its own.
 
 It prints a table and writes bench/results/scale.json and bench/results/scale.md.
 """
@@ -140,7 +140,8 @@ def check_payload() -> None:
 
 
 class BulkLoader:
-    """Parks jobs through the limiter's own admit script, pipelined (no ledger rows, no messages)."""
+    """Parks jobs through the limiter's own admit script, pipelined (no ledger rows, no messages); their
+    journal entries are dropped, as the journal's writer drops them once written."""
 
     def __init__(self, client: redis.Redis, limiter: NamespaceLimiter, default_limit: int, queued_ttl_ms: int) -> None:
         self.client = client  # a single Redis (the raw pipeline has no cluster routing), the limiter's
@@ -170,6 +171,9 @@ class BulkLoader:
                 job_id = str(uuid.uuid4()).encode()
                 body = payload_json(job_id.decode(), namespace, f"{namespace}/{label}{i}").encode()
                 pipe.add(self._head(namespace) + _bulk(job_id, body) + self.tail)
+            for start in range(0, len(namespaces), PIPELINE):
+                journals = (namespace_key(ns, "journal").encode() for ns in namespaces[start:][:PIPELINE])
+                pipe.add(_command(b"DEL", *journals))
 
 
 def override_limits(client: redis.Redis, namespaces: Sequence[str], limit: int) -> None:
@@ -461,6 +465,7 @@ class Bench:
                     client=pipe,
                 )
         started = sum(1 for reply in pipe.execute() if as_text(reply[0]) == "run")
+        self.redis.delete(*(namespace_key(name, "journal") for name in active_names))  # as if written
         # Namespaces whose last job just ended are still listed until a pass finds them idle.
         with RawPipeline(self.redis) as raw:
             for begin in range(0, idle, PIPELINE):

@@ -267,7 +267,7 @@ class Lifecycle:
             namespaces = self.limiter.namespaces()
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
-                idle = []
+                idle, journaled = [], []
                 for namespace, reaped in self.limiter.reap(batch, grace_ms).items():
                     report.requeued += reaped.requeued
                     report.crashed += reaped.crashed
@@ -275,9 +275,11 @@ class Lifecycle:
                     report.dispatched += len(reaped.dispatched)
                     if reaped.idle or (reaped.records and self.apply(reaped.records)):
                         idle.append(namespace)
+                    if reaped.journaled:
+                        journaled.append(namespace)
                 # What killed processes left in the journals (and what the reap itself journaled).
                 try:
-                    idle += self.queue.journal.flush(batch)
+                    idle += self.queue.journal.flush(journaled)
                 except Exception:
                     logger.exception("could not write the journals to the ledger; the next pass will")
                 self.limiter.unlist_if_idle(sorted(set(idle)))

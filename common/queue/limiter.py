@@ -180,6 +180,7 @@ class Reaped:
     idle: bool
     requeued: list[str]
     crashed: list[str]
+    journaled: int  # entries in its journal, not written to the ledger yet
 
 
 @dataclass(frozen=True)
@@ -342,13 +343,15 @@ class NamespaceLimiter:
                 [self.max_attempts, *self._promote_args(), REAP_BATCH, grace_ms],
             )
         reaped = {}
-        for namespace, (records, dispatched, idle, requeued, crashed) in zip(namespaces, batch.execute(), strict=True):
+        for namespace, reply in zip(namespaces, batch.execute(), strict=True):
+            records, dispatched, idle, requeued, crashed, journaled = reply
             reaped[namespace] = Reaped(
                 [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
                 bool(idle),
                 [as_text(job) for job in requeued],
                 [as_text(job) for job in crashed],
+                int(journaled),
             )
         return reaped
 
