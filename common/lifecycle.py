@@ -275,11 +275,11 @@ class Lifecycle:
                     report.dispatched += len(reaped.dispatched)
                     if reaped.idle or (reaped.records and self.apply(reaped.records)):
                         idle.append(namespace)
-                    if reaped.journaled:
+                    if reaped.left_behind:
                         journaled.append(namespace)
-                # What killed processes left in the journals (and what the reap itself journaled).
+                # What killed processes left in the journals (the living write their own).
                 try:
-                    idle += self.queue.journal.flush(journaled)
+                    self.queue.journal.flush(journaled, keep_alive=lambda: _extend(lock))
                 except Exception:
                     logger.exception("could not write the journals to the ledger; the next pass will")
                 self.limiter.unlist_if_idle(sorted(set(idle)))
@@ -297,29 +297,23 @@ class Lifecycle:
         return self.queue.check_epoch()
 
 
-def _ended_by_its_cache_entry(job: Job) -> JournalEntry | None:
+def _extend(lock: Any) -> None:
+    with contextlib.suppress(LockError):
+        lock.reacquire()
+
+
+def _ended_by_its_cache_entry(job: Job) -> tuple[Ending, int, str | None] | None:
     """A started job whose cache entry is newer than its start wrote its outcome: the attempt ended (its
-    end was lost with Redis' journal). Its end, as the journal had it."""
+    end was lost with Redis' data). Its ending, the fence of its entry and its error code."""
     try:
         entry = cache.get_response(job.step, job.dataset, job.config, job.split)
     except CachedResponseNotFoundError:
         return None
     if entry.fence is None or entry.fence <= job.fence:
         return None
-    status = JobStatus.SUCCESS if entry.is_success else JobStatus.ERROR
-    error_code = None if entry.is_success else entry.error_code
-    return JournalEntry(
-        status,
-        entry.fence,
-        entry.updated_at,
-        job.payload(),
-        job.attempts,
-        job.lease_token,
-        job.worker,
-        error_code,
-        None,
-        False,
-    )
+    if entry.is_success:
+        return Ending.SUCCESS, entry.fence, None
+    return Ending.ERROR, entry.fence, entry.error_code
 
 
 def _outcome_in_cache(record: Record) -> tuple[Mapping[str, Any] | None, CacheableError | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ import pytest
 import redis
 
 from common import cache
+from common.config import get_config
 from common.lifecycle import Outcome
 from common.queue import JobStatus
+from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import LeaseState, namespace_key
 from tasks.steps import StepJob, step
 from tests import sample_steps
@@ -290,3 +293,86 @@ def test_a_repair_longer_than_its_lock_is_still_one_at_a_time_and_does_not_fail(
     first.join()
     second.join()
     assert most[0] == 1 and not errors, f"{most[0]} repairs at once; errors: {errors}"
+
+
+# --- found (fixed) in the review of the write-behind ledger: a writer that read a journal before Redis lost
+#     its data writes it after the repair: a waiting job only the ledger knows, never run nor ended
+
+
+class HeldLedger(Ledger):
+    """A bulk write that takes a while (as 5,000 entries do on SecantusDB): it goes once `go` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = threading.Event()
+        self.go = threading.Event()
+
+    def write(self, entries: Sequence[JournalEntry]) -> None:
+        self.read.set()
+        self.go.wait(10)
+        super().write(entries)
+
+
+def test_a_journal_written_across_a_repair_gives_its_jobs_back_to_redis(stores: Stores) -> None:
+    q, _ = make_queue(limit=1)
+    q.redis_kept_its_data()
+    q.limiter.on_journal = lambda namespaces: None  # only the writer below
+    q.enqueue(ROOT, "org/a")  # dispatched
+    late = q.enqueue(ROOT, "org/b")  # waiting
+    q.journal.ledger = held = HeldLedger()  # e.g. another process's writer thread, slow
+    writer = threading.Thread(target=q.journal.flush, args=(["org"],))
+    writer.start()
+    assert held.read.wait(10)  # it read the journal; its bulk write is under way
+    stores.redis().flushall()  # Redis loses its data
+    other, _ = make_queue(limit=1)
+    other.reap()  # the repair: the ledger has nothing yet
+    held.go.set()
+    writer.join()  # the late write lands, and sees the repair happened
+    assert q.ledger.get(late.job_id) is not None
+    assert stores.redis().hexists(namespace_key("org", "jobs"), late.job_id), "the ledger's waiting job is unknown"
+
+
+# --- found (fixed): a repair that found a started job's end in its cache entry recorded it in the ledger only:
+#     its next steps and events were lost
+
+
+def test_a_repair_gives_back_the_end_a_cache_entry_shows_and_its_next_steps_run(stores: Stores) -> None:
+    q, dispatcher = make_queue(limit=1, started_ttl=0.5)
+    job = q.enqueue(ROOT, "org/ds")
+    (dispatch,) = dispatcher.take()
+    assert q.start(dispatch.payload, dispatch.token, "w1") is not None  # the ledger says started at once
+    # Lifecycle.end up to its cache write, then the worker is SIGKILLed (before the end script):
+    renewal = q.limiter.renew(dispatch.payload.namespace, dispatch.payload.job_id, dispatch.token, fence=True)
+    q._write_cache(dispatch.payload, Outcome.success(CONTENT), renewal.fence)
+    stores.redis().flushall()  # then Redis restarts empty
+    q.reap()  # the repair records its end again instead of its lease
+    time.sleep(max(1.0, 2 * get_config().worker.heartbeat_interval_seconds) + 0.1)
+    q.reap()  # and applies it, as a record left behind
+    assert q.job(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+    assert "config-split-names" in {j.step for j in q.jobs("org/ds")}, "its next steps never came"
+    assert cache.get_response(ROOT, "org/ds").content == CONTENT
+
+
+# --- found (fixed): a revision (or a worker name) with a '|' made its journal entry unreadable, and blocked
+#     the ledger of every namespace written with it
+
+
+def test_any_revision_goes_through_the_journal(stores: Stores) -> None:
+    q, _ = make_queue(limit=1)
+    job = q.enqueue(ROOT, "org/ds", revision='main|v2 "quoted" ü')
+    other = q.enqueue(ROOT, "other/ds")
+    assert q.job(job.job_id).revision == 'main|v2 "quoted" ü'  # type: ignore[union-attr]
+    assert q.job(other.job_id) is not None
+
+
+# --- found (fixed): a job started within the lag lost its queued_at (its start was written first)
+
+
+def test_a_job_started_within_the_lag_keeps_every_timestamp(stores: Stores) -> None:
+    q, dispatcher = make_queue(limit=1)
+    job = q.enqueue(ROOT, "org/ds")
+    (dispatch,) = dispatcher.take()
+    assert q.start(dispatch.payload, dispatch.token, "w1") is not None
+    recorded = q.job(job.job_id)
+    assert recorded is not None and recorded.status == JobStatus.STARTED and recorded.age is not None
+    assert recorded.created_at <= recorded.queued_at <= recorded.started_at  # type: ignore[operator]

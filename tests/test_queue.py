@@ -300,7 +300,7 @@ def test_cancelling_a_started_job_revokes_it_and_keeps_its_slot_until_it_is_gone
     assert q.heartbeat(dispatch.payload, dispatch.token)  # still running: it keeps its slot...
     q.finish(dispatch.payload, dispatch.token, SUCCESS)  # ...until it ends
     assert q.job(job.job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
-    assert q.counts()["org"].running == 0
+    assert q.limiter.counts("org").running == 0
 
 
 def test_reconcile_rebuilds_waiting_rooms_and_leases_after_redis_lost_its_data(
@@ -407,7 +407,7 @@ def test_a_heartbeat_after_the_job_finished_does_nothing(queue: tuple[Jobs, Reco
     ended = q.job(dispatch.payload.job_id)
     assert not q.heartbeat(dispatch.payload, dispatch.token)
     assert q.job(dispatch.payload.job_id) == ended  # no resurrection, not even a timestamp
-    assert q.counts()["org"].running == 0
+    assert q.limiter.counts("org").running == 0
 
 
 class FlakyDispatcher(RecordingDispatcher):

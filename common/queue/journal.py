@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import NamespaceLimiter
@@ -39,6 +39,10 @@ class Journal:
         self.limiter = limiter
         self.ledger = ledger
         self.lag_seconds = lag_seconds
+        # The keys whose values change when Redis lost its data and was repaired (the queue's epoch
+        # markers), and what to do about entries written across such a repair (the queue's).
+        self.markers: Callable[[], list[str]] = list
+        self.on_repair: Callable[[list[JournalEntry]], None] = lambda entries: None
         self._noted: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -56,28 +60,52 @@ class Journal:
             self._noted.update(namespaces)
         self._wake.set()
 
-    def flush(self, namespaces: Sequence[str]) -> list[str]:
-        """Write these namespaces' journals to the ledger, all of it; the namespaces left with nothing.
-        One flush at a time in a process: its threads never write the same entries twice."""
+    def flush(self, namespaces: Sequence[str], keep_alive: Callable[[], object] = lambda: None) -> list[str]:
+        """Write the entries these namespaces' journals hold now to the ledger (not those that come
+        meanwhile: a caller never waits on a backlog that keeps growing), and unlist the namespaces left
+        with nothing (see `NamespaceLimiter.unlist_if_idle`), which it returns. One flush at a time in a
+        process: its threads never write the same entries twice."""
         with self._flushing:
-            return self._flush(namespaces)
+            idle = self._flush(namespaces, keep_alive)
+        self.limiter.unlist_if_idle(idle)
+        return idle
 
-    def _flush(self, namespaces: Sequence[str]) -> list[str]:
-        idle = []
-        todo = list(namespaces)
-        while todo:
-            more = []
-            for start in range(0, len(todo), FLUSH_NAMESPACES):
-                chunk = todo[start : start + FLUSH_NAMESPACES]
+    def _flush(self, namespaces: Sequence[str], keep_alive: Callable[[], object] = lambda: None) -> list[str]:
+        idle: list[str] = []
+        left = dict.fromkeys(namespaces, -1)  # entries still to write; -1: not read yet
+        while left:
+            names = list(left)
+            for start in range(0, len(names), FLUSH_NAMESPACES):
+                chunk = names[start : start + FLUSH_NAMESPACES]
                 # At most about WRITE_BATCH entries per bulk write, however many namespaces share it.
                 count = max(MIN_ENTRIES, WRITE_BATCH // len(chunk))
-                read = self.limiter.journals(chunk, count)
-                if not read:
-                    continue
-                self.ledger.write([JournalEntry.parse(raw) for entries in read.values() for raw in entries])
-                idle += self.limiter.journaled(read)
-                more += [namespace for namespace, entries in read.items() if len(entries) == count]
-            todo = more
+                wanted = {ns: count if left[ns] < 0 else min(count, left[ns]) for ns in chunk}
+                idle += self._write(wanted, left)
+                keep_alive()
+            left = {namespace: entries for namespace, entries in left.items() if entries > 0}
+        return idle
+
+    def _write(self, wanted: dict[str, int], left: dict[str, int]) -> list[str]:
+        """Read, write and drop up to `wanted` entries of each journal, counting down `left` (set from the
+        journal's length at its first read); the namespaces left with nothing."""
+        markers = self.markers()
+        read, lengths, before = self.limiter.journals(wanted, markers)
+        for namespace in wanted:
+            got = len(read.get(namespace, []))
+            left[namespace] = 0 if not got else (lengths[namespace] if left[namespace] < 0 else left[namespace]) - got
+        if not read:
+            return []
+        entries = []
+        for raw in (raw for namespace_entries in read.values() for raw in namespace_entries):
+            try:
+                entries.append(JournalEntry.parse(raw))
+            except (ValueError, TypeError):  # never written, never blocking the others: dropped, and said
+                logger.error("dropping a journal entry that does not parse: %r", raw)
+        self.ledger.write(entries)
+        idle, after = self.limiter.journaled(read, markers)
+        if None in before or after != before:
+            # Redis lost its data meanwhile: a repair may have read the ledger before this write.
+            self.on_repair(entries)
         return idle
 
     def flush_all(self) -> None:

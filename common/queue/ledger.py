@@ -9,6 +9,7 @@ decision was recorded, so a late, repeated or stale writer never moves a job bac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,6 @@ from common.config import get_config
 from common.constants import JOBS_COLLECTION
 from common.mongo import get_collection
 from common.queue.jobs import TERMINAL_STATUSES, Job, JobPayload, JobStatus
-from common.redis_connection import as_text
 from common.resilience import retry_transient
 
 DUPLICATE_KEY = 11000
@@ -59,7 +59,7 @@ class JournalEntry:
 
     @classmethod
     def parse(cls, raw: bytes | str) -> JournalEntry:
-        status, fence, at, job_id, attempt, token, worker, code, revision, payload = as_text(raw).split("|", 9)
+        status, fence, at, job_id, attempt, token, worker, code, revision, payload = json.loads(raw)
         return cls(
             JobStatus.WAITING if status == CREATED else JobStatus(status),
             int(fence),
@@ -115,9 +115,12 @@ class _JobWrite:
         return InsertOne({"_id": self.job_id, **self.job, **self.fields})
 
     def creation(self) -> UpdateOne:
-        """The facts of its creation, which never change (a later entry created the document first)."""
-        facts = {name: self.job[name] for name in ("created_at", "revision", "age")}
-        return UpdateOne({"_id": self.job_id}, {"$set": facts})
+        """The facts of its creation, which never change, when a later entry created the document first
+        (a start written at once); and when it was queued, if the update could not say it (the newest)."""
+        update: dict[str, Any] = {"$set": {name: self.job[name] for name in ("created_at", "revision", "age")}}
+        if "queued_at" in self.fields:
+            update["$max"] = {"queued_at": self.fields["queued_at"]}
+        return UpdateOne({"_id": self.job_id}, update)
 
     def update(self) -> UpdateOne:
         """Only if the job has not ended and no newer decision was recorded; created if not there yet
@@ -177,6 +180,10 @@ class Ledger:
             {"_id": job_id, "status": JobStatus.STARTED, "lease_token": token}, {"$set": {"last_heartbeat": _now()}}
         )
         return result.modified_count == 1
+
+    @retry_transient
+    def jobs_by_id(self, job_ids: Iterable[str]) -> list[Job]:
+        return [_job(document) for document in self.collection.find({"_id": {"$in": list(job_ids)}})]
 
     @retry_transient
     def jobs(self, dataset: str | None = None, statuses: Iterable[JobStatus] | None = None) -> list[Job]:

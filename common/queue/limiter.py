@@ -65,6 +65,7 @@ _SCRIPTS = (
     "set_limit",
     "promote",
     "restore",
+    "restore_end",
     "unlease",
     "applied",
     "journaled",
@@ -72,7 +73,7 @@ _SCRIPTS = (
 
 
 # The scripts that may journal a ledger transition (their namespaces are noted for the journal's writer).
-_JOURNALING = frozenset({"admit", "confirm", "end", "reap", "cancel", "set_limit", "promote", "unlease"})
+_JOURNALING = frozenset({"admit", "confirm", "end", "reap", "cancel", "set_limit", "promote", "unlease", "restore_end"})
 
 
 def namespace_key(namespace: str, name: str) -> str:
@@ -181,6 +182,7 @@ class Reaped:
     requeued: list[str]
     crashed: list[str]
     journaled: int  # entries in its journal, not written to the ledger yet
+    left_behind: bool  # the oldest of them is older than the grace: the process that made it is gone
 
 
 @dataclass(frozen=True)
@@ -344,7 +346,7 @@ class NamespaceLimiter:
             )
         reaped = {}
         for namespace, reply in zip(namespaces, batch.execute(), strict=True):
-            records, dispatched, idle, requeued, crashed, journaled = reply
+            records, dispatched, idle, requeued, crashed, journaled, left_behind = reply
             reaped[namespace] = Reaped(
                 [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
@@ -352,7 +354,10 @@ class NamespaceLimiter:
                 [as_text(job) for job in requeued],
                 [as_text(job) for job in crashed],
                 int(journaled),
+                bool(left_behind),
             )
+        # What the scripts journaled (a requeue, a crash) is written by this process's writer.
+        self.on_journal([namespace for namespace, reaped_one in reaped.items() if reaped_one.journaled])
         return reaped
 
     def cancel(self, namespace: str, job_ids: Sequence[str]) -> tuple[list[Record], list[str], list[Record]]:
@@ -379,22 +384,39 @@ class NamespaceLimiter:
         batch.script(self.scripts["applied"], namespace_keys(namespace), _applied_args(records))
 
     @retry_transient
-    def journals(self, namespaces: Sequence[str], count: int) -> dict[str, list[bytes]]:
-        """The first `count` journal entries of each namespace that has some, in one pipelined round
-        trip (on a cluster, one per node, all at once)."""
+    def journals(
+        self, counts: dict[str, int], markers: Sequence[str] = ()
+    ) -> tuple[dict[str, list[bytes]], dict[str, int], list[Any]]:
+        """The first `count` journal entries of each namespace that has some, each journal's length, and
+        the values of these marker keys, in one pipelined round trip (on a cluster, one per node, all at
+        once)."""
         pipe = self.redis.pipeline(transaction=False)
-        for namespace in namespaces:
+        for marker in markers:
+            pipe.get(marker)
+        for namespace, count in counts.items():
             pipe.lrange(namespace_key(namespace, "journal"), 0, count - 1)
-        return {namespace: entries for namespace, entries in zip(namespaces, pipe.execute(), strict=True) if entries}
+            pipe.llen(namespace_key(namespace, "journal"))
+        replies = pipe.execute()
+        values, replies = replies[: len(markers)], replies[len(markers) :]
+        read, lengths = {}, {}
+        for index, namespace in enumerate(counts):
+            entries, lengths[namespace] = replies[2 * index], int(replies[2 * index + 1])
+            if entries:
+                read[namespace] = entries
+        return read, lengths, values
 
     @retry_transient
-    def journaled(self, read: dict[str, list[bytes]]) -> list[str]:
+    def journaled(self, read: dict[str, list[bytes]], markers: Sequence[str] = ()) -> tuple[list[str], list[Any]]:
         """Drop the entries read from each journal (see `journals`), now in MongoDB, unless another writer
-        did; the namespaces left with nothing (one round trip)."""
+        did; the namespaces left with nothing, and the values of these marker keys (one round trip)."""
         batch = ScriptBatch(self.redis)
         for namespace, entries in read.items():
             batch.script(self.scripts["journaled"], namespace_keys(namespace), [entries[0], len(entries)])
-        return [namespace for namespace, idle in zip(read, batch.execute(), strict=True) if idle]
+        for marker in markers:
+            batch.pipe.get(marker)
+        replies = batch.execute()
+        idle = [namespace for namespace, reply in zip(read, replies, strict=False) if reply]
+        return idle, replies[len(read) :]
 
     def restore(self, payload: JobPayload, lease_token: str | None, attempts: int, age: int) -> bool:
         """Rebuild one job from the ledger unless Redis knows it: a started job gets its lease back."""
@@ -410,6 +432,13 @@ class NamespaceLimiter:
                 age,
             )
         )
+
+    def restore_end(
+        self, payload: JobPayload, lease_token: str, attempts: int, ending: Ending, fence: int, error_code: str | None
+    ) -> bool:
+        """Record again the end of a started job that Redis lost with its data (see restore_end.lua)."""
+        args = [payload.job_id, payload.compact(), lease_token, attempts, fence, ending.value, error_code or ""]
+        return bool(self._run_active("restore_end", payload.namespace, *args))
 
     def set_limit(self, namespace: str, limit: int | None) -> list[Record]:
         """Override the namespace's limit (0 pauses it), or clear the override with None."""

@@ -52,7 +52,7 @@ from common.queue.jobs import (
 )
 from common.queue.journal import Journal
 from common.queue.ledger import JournalEntry, Ledger
-from common.queue.limiter import FENCE_EPOCH_MS, NamespaceCounts, NamespaceLimiter, Record, RecordKind
+from common.queue.limiter import FENCE_EPOCH_MS, Ending, NamespaceCounts, NamespaceLimiter, Record, RecordKind
 from common.redis_cluster import ScriptBatch, all_exist, node_hash_tags
 from common.redis_connection import RedisClient, get_redis
 
@@ -166,9 +166,11 @@ class Queue:
         self.events = events if events is not None else EventBus(limiter.redis)
         lag = ledger_lag_seconds if ledger_lag_seconds is not None else get_config().queue.ledger_lag_seconds
         self.journal = Journal(limiter, ledger, lag)
-        # The end of a started job that Redis lost before the ledger learnt it, if what it wrote elsewhere
-        # tells it (the lifecycle's: its cache entry); such a job is not restored by a repair.
-        self.ended_elsewhere: Callable[[Job], JournalEntry | None] = lambda job: None
+        self.journal.markers = lambda: [epoch for _, epoch in epoch_keys(limiter.redis)]
+        self.journal.on_repair = self._restore_written
+        # The end of a started job that Redis lost with its data, if what it wrote elsewhere tells it (the
+        # lifecycle's: its cache entry): (ending, fence, error code). The repair gives it its end back.
+        self.ended_elsewhere: Callable[[Job], tuple[Ending, int, str | None] | None] = lambda job: None
         self._mark_epoch = limiter.redis.register_script(MARK_EPOCH)
 
     def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
@@ -326,19 +328,31 @@ class Queue:
         return restored
 
     def _restore_all(self, keep_alive: Callable[[], object] | None = None) -> int:
+        return self._restore(self.ledger.unfinished(), keep_alive)
+
+    def _restore(self, jobs: Sequence[Job], keep_alive: Callable[[], object] | None = None) -> int:
+        """Give Redis back these unfinished jobs of the ledger (started ones first) unless it knows them."""
         restored = 0
-        for job in self.ledger.unfinished():
+        for job in sorted(jobs, key=lambda job: job.status != JobStatus.STARTED):
             if keep_alive is not None:
                 keep_alive()
             ended = self.ended_elsewhere(job) if job.status == JobStatus.STARTED else None
             if ended is not None:
-                # Its end was decided, then lost with Redis' journal before the ledger learnt it.
-                logger.warning("job %s had ended (%s): not restored", job.job_id, ended.status)
-                self.ledger.write([ended])
+                logger.warning("job %s had ended (%s): its end is recorded again, not its lease", job.job_id, ended[0])
+                self.limiter.restore_end(job.payload(), job.lease_token or "", job.attempts, *ended)
                 continue
             token = job.lease_token if job.status == JobStatus.STARTED else None
             restored += self.limiter.restore(job.payload(), token, job.attempts, age_of(job))
         return restored
+
+    def _restore_written(self, entries: Sequence[JournalEntry]) -> None:
+        """Journal entries were written while Redis lost its data: the repair may have read the ledger
+        before them. Once it ran, the jobs they left unfinished are given back to Redis, as it would have."""
+        self.check_epoch()
+        jobs = self.ledger.jobs_by_id({entry.payload.job_id for entry in entries})
+        self._restore([job for job in jobs if not job.status.is_terminal])
+        for namespace in {job.namespace for job in jobs}:
+            self.apply(self.limiter.promote(namespace))
 
     def _promote_all(self) -> None:
         for namespace in self.limiter.namespaces():

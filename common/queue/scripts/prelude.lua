@@ -14,9 +14,9 @@
 --                            "kind|fence|token|at ms|attempt|status|error code|payload"
 --   KEYS[12] runners   hash  job -> "delivery|fence|attempt" of its started attempt
 --   KEYS[13] pending   hash  unicity id -> the waiting or dispatched job that computes it next (dedupe)
---   KEYS[14] journal   list  the ledger's transitions not written to MongoDB yet, oldest first:
---                            "status|fence|at ms|job|attempt|token|worker|error code|revision|payload"
---                            (status 'created': the job's admission, waiting)
+--   KEYS[14] journal   list  the ledger's transitions not written to MongoDB yet, oldest first, each a JSON
+--                            array of strings: [status, fence, at ms, job, attempt, token, worker, error
+--                            code, revision, payload] (status 'created': the job's admission, waiting)
 -- Fences only grow within a namespace, also after its keys expired or Redis lost them: they are at least
 -- the Redis clock in microseconds since FENCE_EPOCH_MS. Every effect outside Redis is conditional on one.
 local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED, AGES, OUTBOX, RUNNERS =
@@ -72,8 +72,8 @@ end
 local STATUS_OF = {success = 'success', error = 'error', crashed = 'error', cancelled = 'cancelled'}
 
 local function journal(status, job, fence, now, payload, attempt, token, worker, code, revision)
-  local entry = table.concat({status, fmt(fence), fmt(now), job, fmt(attempt or 0), token or '', worker or '',
-    code or '', revision or '', payload}, '|')
+  local entry = cjson.encode({status, fmt(fence), fmt(now), job, fmt(attempt or 0), token or '', worker or '',
+    code or '', revision or '', payload})
   redis.call('RPUSH', JOURNAL, entry)
   return entry
 end

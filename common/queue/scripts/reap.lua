@@ -4,7 +4,8 @@
 -- ARGV[1] max attempts, ARGV[2] default limit, ARGV[3] queued lease TTL (ms), ARGV[4] batch size,
 -- ARGV[5] grace (ms): records older than this were left behind by their caller
 -- Returns {records {job, record, ...}, dispatched, idle (1 when the namespace has nothing left),
---          requeued {job, ...}, crashed {job, ...}, journal entries not written to the ledger yet}.
+--          requeued {job, ...}, crashed {job, ...}, journal entries not written to the ledger yet, 1 when
+--          the oldest of them is older than the grace (its writer is gone)}.
 local now = now_ms()
 local fresh, requeued, crashed = {}, {}, {}
 for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
@@ -50,4 +51,6 @@ for i = 1, #entries, 2 do
     records[#records + 1] = rec
   end
 end
-return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL)}
+local head = redis.call('LINDEX', JOURNAL, 0)
+local stale = head and tonumber(cjson.decode(head)[3]) <= now - tonumber(ARGV[5]) and 1 or 0
+return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL), stale}
