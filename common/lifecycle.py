@@ -114,10 +114,10 @@ class Lifecycle:
         return Attempt(payload, token, confirmation.attempt, confirmation.fence, confirmation.started)
 
     def record_start(self, attempt: Attempt, worker: str) -> None:
-        """The ledger, the events and the metrics learn of the start. The ledger at once, not within the
-        lag: should Redis lose its data now, the repair gives this attempt its lease back, and no other
-        job of the namespace takes its slot. A failure here never stops the attempt (its lease is in
-        Redis, its start in the journal)."""
+        """The ledger, the events and the metrics learn of the start (a worker does it beside the step, in
+        a thread of its own). The ledger at once, not within the lag: should Redis lose its data
+        now, the repair gives this attempt its lease back, and no other job of the namespace takes its
+        slot. A failure here never stops the attempt (its lease is in Redis, its start in the journal)."""
         payload = attempt.payload
         try:
             if attempt.started:  # (the journal's writer writes it again, with what follows: harmless)

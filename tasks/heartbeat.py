@@ -1,4 +1,5 @@
-"""A running attempt's heartbeat: a thread that renews its lease every interval, beside the step.
+"""A running attempt's heartbeat: a thread that renews its lease every interval, beside the step (and
+another that records the start, so the step starts at once).
 
 Renewing is a Redis call only: it never waits on MongoDB. The ledger's `last_heartbeat` and the
 heartbeat event are written from a second thread, one at a time; a write that hangs (MongoDB stalled)
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
@@ -30,9 +31,17 @@ class AttemptStopped(BaseException):
 class Heartbeat:
     """`with Heartbeat(lifecycle, attempt):` beats while the block runs."""
 
-    def __init__(self, lifecycle: Lifecycle, attempt: Attempt, interval: float | None = None) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        attempt: Attempt,
+        interval: float | None = None,
+        on_start: Callable[[], object] = lambda: None,
+    ) -> None:
         self.lifecycle = lifecycle
         self.attempt = attempt
+        self.on_start = on_start  # run beside the step, in a thread of its own (the start's records)
+        self._started = threading.Event()
         self.interval = interval if interval is not None else get_config().worker.heartbeat_interval_seconds
         self.beats = 0
         self.lease_lost = False
@@ -44,6 +53,8 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
+        # Its own thread: the start's records wait on MongoDB, the renewals never do.
+        threading.Thread(target=self._record_start, name="start-record", daemon=True).start()
         return self
 
     def __exit__(
@@ -51,6 +62,10 @@ class Heartbeat:
     ) -> None:
         self._stop.set()
         self._thread.join()
+
+    def wait_started(self) -> None:
+        """Until the start is recorded: what the attempt tells next (progress, its end) comes after it."""
+        self._started.wait()
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -66,6 +81,14 @@ class Heartbeat:
             with self._lock:
                 self._interruptible = None
                 _raise_in(thread, None)  # drop a stop that was not delivered yet: the block is over
+
+    def _record_start(self) -> None:
+        try:
+            self.on_start()
+        except Exception:
+            logger.exception("could not record the start of job %s", self.attempt.payload.job_id)
+        finally:
+            self._started.set()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.interval):

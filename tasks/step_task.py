@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -180,8 +181,12 @@ class StepTask(Task):  # type: ignore[misc]
         # Celery's own STARTED (task_track_started) would be stored before the lease is confirmed.
         self.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.request.hostname})
         started = time.monotonic()
-        with job_context(payload.job_id, self.name, payload.dataset), Heartbeat(lifecycle, attempt) as heartbeat:
-            lifecycle.record_start(attempt, worker)
+        # The start's records (the ledger, its event) are written beside the step: it starts at once.
+        recording = partial(lifecycle.record_start, attempt, worker)
+        with (
+            job_context(payload.job_id, self.name, payload.dataset),
+            Heartbeat(lifecycle, attempt, on_start=recording) as heartbeat,
+        ):
             progress = Progress(lambda meta: self._report_progress(lifecycle, attempt, meta, heartbeat))
             job = StepJob(payload.job_id, self.name, payload.dataset, payload.config, payload.split, progress)
             try:
@@ -192,6 +197,7 @@ class StepTask(Task):  # type: ignore[misc]
                 outcome = None
             except Exception as raised:
                 outcome = Outcome.failure(_as_cacheable(raised), time.monotonic() - started, job.known_revision)
+            heartbeat.wait_started()
             if outcome is None or not lifecycle.end(attempt, outcome):
                 # Another attempt may hold the slot now: this one wrote nothing and leaves the rest to it.
                 logger.warning("job %s lost its lease while it ran; it ends without a response", payload.job_id)
@@ -213,6 +219,7 @@ class StepTask(Task):  # type: ignore[misc]
         a `task-progress` Celery event (Flower), the cache entry's progress (when there is one from an
         earlier run), and a job.progress event. An attempt that lost its lease stops here, at its next
         report."""
+        heartbeat.wait_started()
         if heartbeat.lease_lost or not lifecycle.progress(attempt, meta):
             raise JobLeaseLostError("the job's lease was taken back while it ran")
         self.update_state(state=PROGRESS_STATE, meta=meta)
