@@ -376,3 +376,71 @@ def test_a_job_started_within_the_lag_keeps_every_timestamp(stores: Stores) -> N
     recorded = q.job(job.job_id)
     assert recorded is not None and recorded.status == JobStatus.STARTED and recorded.age is not None
     assert recorded.created_at <= recorded.queued_at <= recorded.started_at  # type: ignore[operator]
+
+
+# --- found (fixed) in the second review: a write across a repair gave back to Redis a job that ran, ended
+#     or was cancelled after the repair (the ledger did not say so yet): an end applied twice, a cancelled
+#     job run
+
+
+def _late_write_across_a_repair(stores: Stores) -> tuple[Jobs, Jobs, Any, HeldLedger, threading.Thread, str]:
+    """A's admission is in the ledger; a slow writer has read A's next entry when Redis loses its data,
+    and another process repairs Redis (A waits again, and is dispatched there)."""
+    client = stores.redis()
+    q, _ = make_queue(limit=1)
+    q.redis_kept_its_data()
+    q.limiter.on_journal = lambda namespaces: None  # only the writers below
+    a = q.enqueue(ROOT, "org/a")
+    journal = namespace_key("org", "journal")
+    q.ledger.write([JournalEntry.parse(client.lindex(journal, 0))])
+    client.ltrim(journal, 1, -1)
+    q.journal.ledger = held = HeldLedger()
+    writer = threading.Thread(target=q.journal.flush, args=(["org"],))
+    writer.start()
+    assert held.read.wait(10)
+    client.flushall()
+    other, dispatcher = make_queue(limit=1)
+    other.limiter.on_journal = lambda namespaces: None  # its own writer has not written yet
+    other.reap()  # the repair: A waits again, and is dispatched
+    return q, other, dispatcher, held, writer, a.job_id
+
+
+def test_a_write_across_a_repair_does_not_end_again_a_job_that_ended_after_it(stores: Stores) -> None:
+    q, other, dispatcher, held, writer, job_id = _late_write_across_a_repair(stores)
+    (dispatch,) = [d for d in dispatcher.take() if d.payload.job_id == job_id]
+    assert other.start(dispatch.payload, dispatch.token, "w2") is not None
+    assert other.finish(dispatch.payload, dispatch.token)  # A ended there, its record applied
+    held.go.set()
+    writer.join()  # the late write sees the repair
+    client = stores.redis()
+    assert not client.hexists(namespace_key("org", "outbox"), job_id), "A's end recorded a second time"
+    assert not client.hexists(namespace_key("org", "jobs"), job_id), "A is back"
+    assert q.job(job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
+
+
+def test_a_write_across_a_repair_does_not_bring_back_a_job_cancelled_after_it(stores: Stores) -> None:
+    q, other, dispatcher, held, writer, job_id = _late_write_across_a_repair(stores)
+    assert [d.payload.job_id for d in dispatcher.take()] == [job_id]
+    assert [job.job_id for job in other.cancel("org/a")] == [job_id]
+    held.go.set()
+    writer.join()
+    assert not stores.redis().hexists(namespace_key("org", "jobs"), job_id), "the cancelled job is back"
+    assert q.job(job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+
+
+# --- found (fixed): an unreadable journal head made the reaper's script fail, and with it every pass
+
+
+def test_an_unreadable_journal_entry_is_dropped_and_the_reaper_goes_on(stores: Stores) -> None:
+    client = stores.redis()
+    q, _ = make_queue(limit=1)
+    q.redis_kept_its_data()
+    q.limiter.on_journal = lambda namespaces: None  # only the reaper writes
+    q.enqueue(ROOT, "org/a")
+    q.enqueue(ROOT, "other/b")
+    client.lpush(namespace_key("org", "journal"), b"queued|1|1|job|0|||||{}")  # not an entry
+    time.sleep(max(1.0, 2 * get_config().worker.heartbeat_interval_seconds) + 0.1)
+    assert q.reap() is not None
+    assert client.llen(namespace_key("org", "journal")) == 0
+    assert client.llen(namespace_key("other", "journal")) == 0
+    assert len(q.ledger.jobs()) == 2

@@ -48,6 +48,7 @@ class Journal:
         self._wake = threading.Event()
         self._pid = 0
         self._flushing = threading.Lock()
+        self._repairing = False
         limiter.on_journal = self.note
 
     def note(self, namespaces: Iterable[str]) -> None:
@@ -103,10 +104,20 @@ class Journal:
                 logger.error("dropping a journal entry that does not parse: %r", raw)
         self.ledger.write(entries)
         idle, after = self.limiter.journaled(read, markers)
-        if None in before or after != before:
+        if (None in before or after != before) and not self._repairing:
             # Redis lost its data meanwhile: a repair may have read the ledger before this write.
-            self.on_repair(entries)
+            self._repairing = True
+            try:
+                self.on_repair(entries)
+            except Exception:
+                logger.exception("could not give back to Redis %s job(s) written across a repair", len(entries))
+            finally:
+                self._repairing = False
         return idle
+
+    def write_now(self, namespaces: Sequence[str]) -> None:
+        """`flush`, from the writer itself (it holds the flush already): what on_repair needs written."""
+        self._flush(namespaces)
 
     def flush_all(self) -> None:
         """Write every journal: every namespace with work has its journal listed."""

@@ -347,11 +347,17 @@ class Queue:
 
     def _restore_written(self, entries: Sequence[JournalEntry]) -> None:
         """Journal entries were written while Redis lost its data: the repair may have read the ledger
-        before them. Once it ran, the jobs they left unfinished are given back to Redis, as it would have."""
-        self.check_epoch()
+        before them. Once a repair ran (if one still runs elsewhere, it reads the ledger after this write),
+        what Redis decided since is written too, then the jobs still unfinished are given back to Redis,
+        as the repair would have (a job Redis decided about since is not: restore.lua)."""
+        redis = self.limiter.redis
+        if not self.check_epoch() and not all_exist(redis, [epoch for _, epoch in epoch_keys(redis)]):
+            return
+        namespaces = sorted({entry.payload.namespace for entry in entries})
+        self.journal.write_now(namespaces)
         jobs = self.ledger.jobs_by_id({entry.payload.job_id for entry in entries})
         self._restore([job for job in jobs if not job.status.is_terminal])
-        for namespace in {job.namespace for job in jobs}:
+        for namespace in namespaces:
             self.apply(self.limiter.promote(namespace))
 
     def _promote_all(self) -> None:

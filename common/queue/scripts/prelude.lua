@@ -78,6 +78,15 @@ local function journal(status, job, fence, now, payload, attempt, token, worker,
   return entry
 end
 
+-- Whether a journal entry not written yet names the job: Redis decided about it since (a restore from a
+-- ledger that does not say so yet must not bring it back).
+local function journaled(job)
+  for _, entry in ipairs(redis.call('LRANGE', JOURNAL, 0, -1)) do
+    if string.find(entry, job, 1, true) then return true end
+  end
+  return false
+end
+
 -- The job computes its cache entry next, unless an identical pending job already does (dedupe).
 local function pend(job, payload)
   redis.call('HSETNX', PENDING, decode(payload)['unicity_id'], job)

@@ -51,6 +51,12 @@ for i = 1, #entries, 2 do
     records[#records + 1] = rec
   end
 end
+-- An entry that does not decode counts as left behind: the writer drops it (and says so).
 local head = redis.call('LINDEX', JOURNAL, 0)
-local stale = head and tonumber(cjson.decode(head)[3]) <= now - tonumber(ARGV[5]) and 1 or 0
+local stale = 0
+if head then
+  local decoded, entry = pcall(cjson.decode, head)
+  local at = decoded and type(entry) == 'table' and tonumber(entry[3])
+  if not at or at <= now - tonumber(ARGV[5]) then stale = 1 end
+end
 return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL), stale}

@@ -6,8 +6,9 @@
 -- ARGV[5] started lease TTL (ms), ARGV[6] age (the fence its creation time gives)
 -- Returns 1 when restored, 0 when Redis already knew the job or its end.
 local job, payload = ARGV[1], ARGV[2]
--- A job with a record not applied yet (an end, a cancel) has ended: the ledger has not caught up.
-if redis.call('HEXISTS', OUTBOX, job) == 1 or redis.call('HSETNX', JOBS, job, payload) == 0 then
+-- A job with a record not applied yet (an end, a cancel), or a journal entry not written yet, was decided
+-- about since: the ledger has not caught up.
+if redis.call('HEXISTS', OUTBOX, job) == 1 or journaled(job) or redis.call('HSETNX', JOBS, job, payload) == 0 then
   return 0
 end
 local now = now_ms()

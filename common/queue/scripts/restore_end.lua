@@ -5,7 +5,7 @@
 -- cache entry's), ARGV[6] ending ('success' | 'error'), ARGV[7] error code
 -- Returns 1 when recorded, 0 when Redis knew the job or its end.
 local job, payload = ARGV[1], ARGV[2]
-if redis.call('HEXISTS', OUTBOX, job) == 1 or redis.call('HEXISTS', JOBS, job) == 1 then
+if redis.call('HEXISTS', OUTBOX, job) == 1 or redis.call('HEXISTS', JOBS, job) == 1 or journaled(job) then
   return 0
 end
 local now = now_ms()
