@@ -148,14 +148,18 @@ class Journal:
         atexit.register(self._flush_at_exit)
 
     def _flush_at_exit(self) -> None:
-        """What is noted and not written yet: the reaper's pass writes it if this cannot."""
+        """What is noted and not written yet, if Redis still answers (without retrying: the process is
+        going; whatever stays in a journal is written by the reaper's pass)."""
         with self._lock:
             noted, self._noted = self._noted, set()
-        if noted:
-            try:
-                self._flush(sorted(noted))
-            except Exception as error:
-                logger.warning("the reaper will write the journals of %s namespace(s): %s", len(noted), error)
+        if not noted:
+            return
+        try:
+            self.limiter.redis.ping()
+        except Exception:
+            return
+        with contextlib.suppress(Exception):
+            self._flush(sorted(noted))
 
     def _write_forever(self) -> None:
         while True:
