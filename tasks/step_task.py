@@ -7,7 +7,7 @@ returns the job's `AsyncResult`, whose id is the job id.
 
 On a worker, the message runs only if its lease token still holds a lease (`Queue.start`); the step's
 function then gets a :class:`StepJob` and returns content or raises a typed error. Either lands in the
-cache, the ledger records the end, and the slot goes to the next waiting job of the namespace.
+cache, the end is journaled for the ledger, and the slot goes to the next waiting job of the namespace.
 """
 
 from __future__ import annotations

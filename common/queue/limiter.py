@@ -10,13 +10,15 @@ sharing one hash tag, so check-then-act never races and the keys live on one Red
 Leases carry a fencing token: a redelivered or stale message, or a stale worker, holds no lease and
 can neither run nor end someone else's attempt. Lease expiry uses Redis server time.
 
-No decision lives only in memory: what a script dispatches, requeues, cancels or ends is recorded by
-that script in the namespace's outbox (:class:`Record`), with a fence that only grows. The caller applies
-a record's effects (publish, ledger, cache, events, next steps) and marks it `applied`; if it cannot (a
-lost reply, an exception, a SIGKILL), the reaper's next pass gets the record back from `reap`.
+No decision lives only in memory: what a script dispatches, cancels or ends is recorded by that script
+in the namespace's outbox (:class:`Record`), with a fence that only grows, and every ledger transition it
+decides in the namespace's journal (written to MongoDB by common/queue/journal.py). The caller applies a
+record's effects (publish, cache, events, next steps) and marks it `applied`; if it cannot (a lost
+reply, an exception, a SIGKILL), the reaper's next pass gets the record back from `reap`. Dedupe is
+Redis' too: the `pending` hash names the waiting or dispatched job of each unicity id.
 
 Namespaces with work are listed in one set, so a reaper pass costs what the live namespaces cost; a
-namespace with no job and no record keeps no key but its limit override.
+namespace with no job, no record and no journal entry keeps no key but its limit override.
 """
 
 from __future__ import annotations
