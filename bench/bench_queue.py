@@ -25,17 +25,16 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench.harness import ReleaseWatcher, bench_servers, gaps_seconds, percentile
+from bench.harness import WORKER_CONCURRENCY, ReleaseWatcher, bench_servers, bench_worker, gaps_seconds, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WORKER_CONCURRENCY = 4
 
 
 class Bench:
@@ -44,14 +43,8 @@ class Bench:
         self.log_dir = log_dir
         self.redis = redis.Redis.from_url(env["QUEUE_REDIS_URL"])
 
-    @contextmanager
-    def worker(self, name: str, **extra_env: str) -> Iterator[None]:
-        from tasks.embedded import WorkerProcess
-
-        env = {**self.env, **extra_env}
-        process = WorkerProcess(name, env, self.log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"])
-        with process:
-            yield
+    def worker(self, name: str, **extra_env: str) -> AbstractContextManager[None]:
+        return bench_worker(self.env, self.log_dir, name, **extra_env)
 
     def reset(self) -> None:
         """A clean broker, limiter and ledger between measurements."""

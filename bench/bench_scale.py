@@ -38,15 +38,23 @@ import platform
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-from bench.harness import ReleaseWatcher, Servers, bench_servers, gaps_seconds, percentile
+from bench.harness import (
+    WORKER_CONCURRENCY,
+    ReleaseWatcher,
+    Servers,
+    bench_servers,
+    bench_worker,
+    gaps_seconds,
+    percentile,
+)
 from common.lifecycle import Lifecycle
 from common.queue import Queue
 from common.queue.jobs import JobPayload, Priority
@@ -57,7 +65,6 @@ if TYPE_CHECKING:
     from tasks.embedded import EmbeddedServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WORKER_CONCURRENCY = 4
 PIPELINE = 1000  # commands per round trip of the bulk loader
 BULK_STEP = "bench-noop"
 TARGET_BYTES_PER_JOB = 300
@@ -220,14 +227,8 @@ class Bench:
     def limiter(self) -> NamespaceLimiter:
         return self.queue.limiter
 
-    @contextmanager
-    def worker(self, name: str, **extra_env: str) -> Iterator[None]:
-        from tasks.embedded import WorkerProcess
-
-        env = {**self.env, **extra_env}
-        process = WorkerProcess(name, env, self.log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"])
-        with process:
-            yield
+    def worker(self, name: str, **extra_env: str) -> AbstractContextManager[None]:
+        return bench_worker(self.env, self.log_dir, name, **extra_env)
 
     def fresh_mongo(self) -> None:
         """A new SecantusDB for the next phase with workers: it slows down with every write it ever took,

@@ -8,12 +8,28 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 if TYPE_CHECKING:
     from tasks.embedded import EmbeddedServer
+
+
+WORKER_CONCURRENCY = 4  # prefork processes of every benchmark worker
+
+
+@contextmanager
+def bench_worker(env: dict[str, str], log_dir: Path, name: str, **extra_env: str) -> Iterator[None]:
+    """A real `celery -A tasks worker` with the benchmark's steps, running while the block runs."""
+    from tasks.embedded import WorkerProcess
+
+    process = WorkerProcess(
+        name, {**env, **extra_env}, log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"]
+    )
+    with process:
+        yield
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import Any
 
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from common import cache, metrics, orchestrator
 from common.config import get_config
@@ -267,7 +268,7 @@ class Lifecycle:
             namespaces = self.limiter.namespaces()
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
-                idle, journaled = [], []
+                idle, left_behind = [], []
                 for namespace, reaped in self.limiter.reap(batch, grace_ms).items():
                     report.requeued += reaped.requeued
                     report.crashed += reaped.crashed
@@ -276,15 +277,14 @@ class Lifecycle:
                     if reaped.idle or (reaped.records and self.apply(reaped.records)):
                         idle.append(namespace)
                     if reaped.left_behind:
-                        journaled.append(namespace)
+                        left_behind.append(namespace)
                 # What killed processes left in the journals (the living write their own).
                 try:
-                    self.queue.journal.flush(journaled, keep_alive=lambda: _extend(lock))
+                    self.queue.journal.flush(left_behind, keep_alive=lambda: _extend(lock))
                 except Exception:
                     logger.exception("could not write the journals to the ledger; the next pass will")
-                self.limiter.unlist_if_idle(sorted(set(idle)))
-                with contextlib.suppress(LockError):
-                    lock.reacquire()
+                self.limiter.unlist_if_idle(idle)
+                _extend(lock)
             return report
         finally:
             with contextlib.suppress(LockError):  # a pass longer than the lock: another reaper may run now
@@ -297,7 +297,8 @@ class Lifecycle:
         return self.queue.check_epoch()
 
 
-def _extend(lock: Any) -> None:
+def _extend(lock: Lock) -> None:
+    """Keep the lock a while longer (lost meanwhile: another process may hold it now)."""
     with contextlib.suppress(LockError):
         lock.reacquire()
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pytest
 import redis
@@ -52,45 +52,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    external = os.environ.get("TEST_REDIS_URL")
-    if external:
-        yield external
-        return
-    if shutil.which("redis-server") is None:
-        pytest.exit(
-            "redis-server not found on PATH: install it (apt-get install redis-server) or set TEST_REDIS_URL",
-            returncode=3,
-        )
-    server = _started(start_redis)
-    yield server.url
-    server.stop()
+    yield from _served(
+        "TEST_REDIS_URL",
+        start_redis,
+        "redis-server",
+        "redis-server not found on PATH: install it (apt-get install redis-server) or set TEST_REDIS_URL",
+    )
 
 
 @pytest.fixture(scope="session")
 def mongo_url() -> Iterator[str]:
-    external = os.environ.get("TEST_MONGO_URL")
-    if external:
-        yield external
-        return
-    server = _started(start_mongo)
-    yield server.url
-    server.stop()
+    yield from _served("TEST_MONGO_URL", start_mongo)
 
 
 @pytest.fixture(scope="session")
 def redis_cluster_url() -> Iterator[str]:
     """A Redis Cluster of three masters (redis+cluster:// URL), started once per session when asked for."""
-    external = os.environ.get("TEST_REDIS_CLUSTER_URL")
-    if external:
-        yield external
-        return
     from tests.redis_servers import start_cluster
 
-    if shutil.which("redis-cli") is None:
-        pytest.exit("redis-cli not found on PATH: install it (apt-get install redis-tools)", returncode=3)
-    cluster = _started(start_cluster)
-    yield cluster.url
-    cluster.stop()
+    yield from _served(
+        "TEST_REDIS_CLUSTER_URL",
+        start_cluster,
+        "redis-cli",
+        "redis-cli not found on PATH: install it (apt-get install redis-tools)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +84,29 @@ def redis_sentinel_url() -> Iterator[str]:
     asked for."""
     from tests.redis_servers import start_sentinel
 
-    sentinel = _started(start_sentinel)
-    yield sentinel.url
-    sentinel.stop()
+    yield from _served(None, start_sentinel)
+
+
+class _Server(Protocol):
+    url: str
+
+    def stop(self) -> None: ...
+
+
+def _served(
+    variable: str | None, start: Callable[[], _Server], program: str | None = None, missing: str = ""
+) -> Iterator[str]:
+    """The URL an environment variable names (an external server), or else of a server started here for
+    the session and stopped after it; the session exits with a clear message if it cannot start one."""
+    external = os.environ.get(variable) if variable else None
+    if external:
+        yield external
+        return
+    if program is not None and shutil.which(program) is None:
+        pytest.exit(missing, returncode=3)
+    server = _started(start)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import pytest
 import redis
 
-from common.config import get_config
 from common.exceptions import InvalidDatasetNameError, MissingStepInputError
 from common.queue import JobStatus
 from common.queue.journal import WRITE_BATCH
@@ -16,6 +15,7 @@ from common.queue.ledger import JournalEntry, Ledger
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores
+from tests.waiting import past_grace
 
 RESULT_TIMEOUT = 30
 
@@ -89,7 +89,7 @@ def test_what_a_killed_process_journaled_is_written_to_the_ledger_by_the_next_re
     assert queue.enqueue("test-noop", "lost/ds").job_id == job.job_id  # dedupe is Redis': no wait for the ledger
     lifecycle.reap()
     assert queue.ledger.get(job.job_id) is None  # younger than the grace: its writer may be writing it now
-    time.sleep(max(1.0, 2 * get_config().worker.heartbeat_interval_seconds) + 0.1)  # the reaper's grace
+    past_grace()
     assert lifecycle.reap() is not None
     recorded = queue.ledger.get(job.job_id)
     assert recorded is not None and recorded.status == JobStatus.WAITING and recorded.step == "test-noop"

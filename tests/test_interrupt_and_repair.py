@@ -28,6 +28,7 @@ from tasks.steps import StepJob, step
 from tests import sample_steps
 from tests.conftest import Stores, use_settings
 from tests.test_queue import Jobs, make_queue
+from tests.waiting import past_grace
 
 ROOT = "dataset-config-names"
 CONTENT = {"config_names": [{"dataset": "org/ds", "config": "default"}]}
@@ -75,7 +76,6 @@ def review_silent_thief(job: StepJob) -> dict[str, Any]:
 
 
 def _redis_url() -> str:
-    from common.config import get_config
 
     return get_config().queue.redis_url.get_secret_value()
 
@@ -346,7 +346,7 @@ def test_a_repair_gives_back_the_end_a_cache_entry_shows_and_its_next_steps_run(
     q._write_cache(dispatch.payload, Outcome.success(CONTENT), renewal.fence)
     stores.redis().flushall()  # then Redis restarts empty
     q.reap()  # the repair records its end again instead of its lease
-    time.sleep(max(1.0, 2 * get_config().worker.heartbeat_interval_seconds) + 0.1)
+    past_grace()
     q.reap()  # and applies it, as a record left behind
     assert q.job(job.job_id).status == JobStatus.SUCCESS  # type: ignore[union-attr]
     assert "config-split-names" in {j.step for j in q.jobs("org/ds")}, "its next steps never came"
@@ -439,7 +439,7 @@ def test_an_unreadable_journal_entry_is_dropped_and_the_reaper_goes_on(stores: S
     q.enqueue(ROOT, "org/a")
     q.enqueue(ROOT, "other/b")
     client.lpush(namespace_key("org", "journal"), b"queued|1|1|job|0|||||{}")  # not an entry
-    time.sleep(max(1.0, 2 * get_config().worker.heartbeat_interval_seconds) + 0.1)
+    past_grace()
     assert q.reap() is not None
     assert client.llen(namespace_key("org", "journal")) == 0
     assert client.llen(namespace_key("other", "journal")) == 0

@@ -19,6 +19,7 @@ from common.queue.limiter import ACTIVE_KEY, NamespaceLimiter
 from common.queue.queue import Queue
 from tests.conftest import Stores, use_settings
 from tests.test_queue import SUCCESS, Jobs, make_queue, stale_and_current
+from tests.waiting import past_grace
 
 pytestmark = pytest.mark.redis_topologies
 
@@ -35,15 +36,6 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> None:
         raise ConnectionError(f"{name} failed")
 
     monkeypatch.setattr(owner, name, once)
-
-
-def past_grace() -> None:
-    """Sleep until the outbox records made so far are older than the reaper's grace."""
-    from common import lifecycle
-    from common.config import get_config
-
-    grace = max(getattr(lifecycle, "OUTBOX_GRACE_MIN_SECONDS", 0), 2 * get_config().worker.heartbeat_interval_seconds)
-    time.sleep(grace + 0.1)
 
 
 def events_after(q: Jobs, position: str) -> list[Any]:

@@ -23,7 +23,7 @@ from common.exceptions import ConfigError
 from common.processing_graph import get_processing_graph
 from common.queue import JobStatus
 from common.queue.limiter import namespace_key
-from common.queue.queue import epoch_keys
+from common.queue.queue import epoch_keys, epoch_markers
 from common.redis_connection import Topology, parse_redis_url
 from tasks import samples, steps
 from tasks.embedded import ROOT
@@ -120,7 +120,7 @@ def test_each_master_holds_an_epoch_marker_and_one_master_that_lost_its_data_is_
     q, dispatcher = make_queue(limit=1)
     client = stores.redis()
     assert isinstance(client, RedisCluster)
-    markers = [epoch for _, epoch in epoch_keys(client)]
+    markers = epoch_markers(client)
     assert len(markers) == 3 and len(_node_names(client, markers)) == 3
     namespaces = [f"ns{i}" for i in range(12)]  # spread over the three masters
     for namespace in namespaces:

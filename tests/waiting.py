@@ -18,3 +18,13 @@ def eventually(condition: Callable[[], T], what: str, timeout: float = 60.0, eve
             return value
         assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
         time.sleep(every)
+
+
+def past_grace() -> None:
+    """Sleep until the outbox records and journal entries made so far are older than the reaper's grace
+    (their caller is taken for gone after it)."""
+    from common import lifecycle
+    from common.config import get_config
+
+    grace = max(getattr(lifecycle, "OUTBOX_GRACE_MIN_SECONDS", 0), 2 * get_config().worker.heartbeat_interval_seconds)
+    time.sleep(grace + 0.1)

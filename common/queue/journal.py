@@ -43,13 +43,22 @@ class Journal:
         # markers), and what to do about entries written across such a repair (the queue's).
         self.markers: Callable[[], list[str]] = list
         self.on_repair: Callable[[list[JournalEntry]], None] = lambda entries: None
+        self._pid = 0
+        self._repairing = False
+        self._reset()
+        limiter.on_journal = self.note
+
+    def _reset(self) -> None:
+        """The process's own locks and notes (a forked child's are not its parent's)."""
         self._noted: set[str] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._pid = 0
         self._flushing = threading.Lock()
-        self._repairing = False
-        limiter.on_journal = self.note
+        self._wake = threading.Event()
+
+    def _take_noted(self) -> list[str]:
+        with self._lock:
+            noted, self._noted = self._noted, set()
+        return sorted(noted)
 
     def note(self, namespaces: Iterable[str]) -> None:
         """These namespaces may have new entries: flush them within the lag."""
@@ -66,6 +75,8 @@ class Journal:
         meanwhile: a caller never waits on a backlog that keeps growing), and unlist the namespaces left
         with nothing (see `NamespaceLimiter.unlist_if_idle`), which it returns. One flush at a time in a
         process: its threads never write the same entries twice."""
+        if not namespaces:
+            return []
         with self._flushing:
             idle = self._flush(namespaces, keep_alive)
         self.limiter.unlist_if_idle(idle)
@@ -126,32 +137,27 @@ class Journal:
     def flush_noted(self) -> None:
         """Write the namespaces noted since the last time; on failure they stay noted (and the reaper's
         pass writes them anyway)."""
-        with self._lock:
-            noted, self._noted = self._noted, set()
+        noted = self._take_noted()
         if not noted:
             return
         try:
-            self.flush(sorted(noted))
+            self.flush(noted)
         except Exception:
             logger.exception("could not write the journals of %s namespace(s) to the ledger", len(noted))
             with self._lock:
-                self._noted |= noted
+                self._noted.update(noted)
 
     def _start(self) -> None:
         """The writer thread of this process (a forked child starts its own)."""
         self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._flushing = threading.Lock()
-        self._noted = set()
-        self._wake = threading.Event()
+        self._reset()
         threading.Thread(target=self._write_forever, name="stepcache-journal", daemon=True).start()
         atexit.register(self._flush_at_exit)
 
     def _flush_at_exit(self) -> None:
         """What is noted and not written yet, if Redis still answers (without retrying: the process is
         going; whatever stays in a journal is written by the reaper's pass)."""
-        with self._lock:
-            noted, self._noted = self._noted, set()
+        noted = self._take_noted()
         if not noted:
             return
         try:
@@ -159,7 +165,7 @@ class Journal:
         except Exception:
             return
         with contextlib.suppress(Exception):
-            self._flush(sorted(noted))
+            self._flush(noted)
 
     def _write_forever(self) -> None:
         while True:

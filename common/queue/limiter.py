@@ -263,24 +263,21 @@ class NamespaceLimiter:
         before and after; the scripts' replies. One round trip; two on a cluster, where the set and the
         namespaces are on different nodes, which run their commands in no order between them: there the
         second listing waits for the scripts' replies."""
-        try:
-            return self._run_listed_now(namespaces, calls)
-        finally:
-            self.on_journal(namespaces)
-
-    def _run_listed_now(self, namespaces: Sequence[str], calls: Sequence[tuple[str, str, Sequence[Any]]]) -> list[Any]:
         batch = ScriptBatch(self.redis)
         for namespace in namespaces:
             batch.pipe.sadd(ACTIVE_KEY, namespace)
         for script, namespace, args in calls:
             batch.script(self.scripts[script], namespace_keys(namespace), args)
-        if is_cluster(self.redis):
-            replies = batch.execute()[len(namespaces) :]
-            self.redis.sadd(ACTIVE_KEY, *namespaces)
-            return replies
-        for namespace in namespaces:
-            batch.pipe.sadd(ACTIVE_KEY, namespace)
-        return batch.execute()[len(namespaces) : len(namespaces) + len(calls)]
+        try:
+            if is_cluster(self.redis):
+                replies = batch.execute()[len(namespaces) :]
+                self.redis.sadd(ACTIVE_KEY, *namespaces)
+                return replies
+            for namespace in namespaces:
+                batch.pipe.sadd(ACTIVE_KEY, namespace)
+            return batch.execute()[len(namespaces) : len(namespaces) + len(calls)]
+        finally:
+            self.on_journal(namespaces)
 
     def admit(self, payload: JobPayload, revision: str | None = None) -> tuple[bool, list[Record]]:
         """Park the job (behind its started twin, if it has one), then lease free slots of its

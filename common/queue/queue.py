@@ -73,6 +73,11 @@ end
 return 0"""
 
 
+def epoch_markers(client: RedisClient) -> list[str]:
+    """The epoch marker of every master: all there, Redis kept its data since the last repair."""
+    return [epoch for _, epoch in epoch_keys(client)]
+
+
 def epoch_keys(client: RedisClient) -> list[tuple[str, str]]:
     """(repairing, epoch) keys of every master: REPAIRING_KEY and EPOCH_KEY on one Redis; on a cluster, a
     pair on each master, since each of them fails over, and may lose its data, on its own."""
@@ -166,7 +171,7 @@ class Queue:
         self.events = events if events is not None else EventBus(limiter.redis)
         lag = ledger_lag_seconds if ledger_lag_seconds is not None else get_config().queue.ledger_lag_seconds
         self.journal = Journal(limiter, ledger, lag)
-        self.journal.markers = lambda: [epoch for _, epoch in epoch_keys(limiter.redis)]
+        self.journal.markers = lambda: epoch_markers(limiter.redis)
         self.journal.on_repair = self._restore_written
         # The end of a started job that Redis lost with its data, if what it wrote elsewhere tells it (the
         # lifecycle's: its cache entry): (ending, fence, error code). The repair gives it its end back.
@@ -351,7 +356,7 @@ class Queue:
         what Redis decided since is written too, then the jobs still unfinished are given back to Redis,
         as the repair would have (a job Redis decided about since is not: restore.lua)."""
         redis = self.limiter.redis
-        if not self.check_epoch() and not all_exist(redis, [epoch for _, epoch in epoch_keys(redis)]):
+        if not self.check_epoch() and not all_exist(redis, epoch_markers(redis)):
             return
         namespaces = sorted({entry.payload.namespace for entry in entries})
         self.journal.write_now(namespaces)
@@ -377,7 +382,7 @@ class Queue:
         False when Redis had no marker. Slots are leased, and the marker set, only once a whole repair ran
         without Redis losing its data again (otherwise it repairs again)."""
         redis = self.limiter.redis
-        if all_exist(redis, [epoch for _, epoch in epoch_keys(redis)]):
+        if all_exist(redis, epoch_markers(redis)):
             return True
         lock = redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS)
         keep_alive = _keeper(lock)
