@@ -33,6 +33,9 @@ ASSETS_STORAGE_DIRECTORY = ""
 ASSETS_DEFAULT_SUBDIRECTORY = "datasets_server_assets"
 COMMON_HF_ENDPOINT = "https://huggingface.co"
 COMMON_HF_TOKEN = ""
+COMMON_HF_TIMEOUT_SECONDS = 10.0
+COMMON_HF_CACHE_DIRECTORY = ""
+COMMON_HF_CACHE_MAX_BYTES = 10_000_000_000
 COMMON_LOG_LEVEL: LogLevel = "INFO"
 COMMON_LOG_FORMAT: LogFormat = "plain"
 CACHE_MONGO_DATABASE = "datasets_server_cache"
@@ -52,6 +55,9 @@ WORKER_PARQUET_DIRECTORY = ""
 WORKER_FIRST_ROWS_MAX_BYTES = 1_000_000
 WORKER_FIRST_ROWS_MAX_COLUMNS = 1_000
 WORKER_FIRST_ROWS_MIN_CELL_BYTES = 100
+WORKER_FIRST_ROWS_MAX_ROWS = 100
+WORKER_FIRST_ROWS_MAX_CELL_BYTES = 100_000
+WORKER_PARQUET_MAX_BYTES = 1_000_000_000
 WORKER_MAX_FAILED_RUNS = 3
 WORKER_QUEUED_LEASE_SECONDS = 300.0
 WORKER_HARD_LIMIT_GRACE_SECONDS = 30.0
@@ -135,8 +141,18 @@ class CommonConfig(_Settings):
 
     hf_endpoint: HfEndpoint = COMMON_HF_ENDPOINT
     hf_token: SecretStr = SecretStr(COMMON_HF_TOKEN)
+    hf_timeout_seconds: Annotated[float, Field(gt=0)] = COMMON_HF_TIMEOUT_SECONDS
+    hf_cache_directory: str = COMMON_HF_CACHE_DIRECTORY
+    hf_cache_max_bytes: Annotated[int, Field(ge=0)] = COMMON_HF_CACHE_MAX_BYTES
     log_level: LogLevel = COMMON_LOG_LEVEL
     log_format: LogFormat = COMMON_LOG_FORMAT
+
+    @property
+    def hf_cache_path(self) -> Path:
+        """Where the files read from the Hub are cached on this host, shared by every step."""
+        if self.hf_cache_directory:
+            return Path(self.hf_cache_directory)
+        return Path(platformdirs.user_cache_dir()) / "stepcache_hf"
 
 
 class CacheConfig(_Settings):
@@ -170,6 +186,9 @@ class WorkerConfig(_Settings):
     first_rows_max_bytes: Annotated[int, Field(ge=1000)] = WORKER_FIRST_ROWS_MAX_BYTES
     first_rows_max_columns: Annotated[int, Field(ge=1)] = WORKER_FIRST_ROWS_MAX_COLUMNS
     first_rows_min_cell_bytes: Annotated[int, Field(ge=10)] = WORKER_FIRST_ROWS_MIN_CELL_BYTES
+    first_rows_max_rows: Annotated[int, Field(ge=1, le=10_000)] = WORKER_FIRST_ROWS_MAX_ROWS
+    first_rows_max_cell_bytes: Annotated[int, Field(ge=10)] = WORKER_FIRST_ROWS_MAX_CELL_BYTES
+    parquet_max_bytes: Annotated[int, Field(ge=1)] = WORKER_PARQUET_MAX_BYTES
     max_failed_runs: Annotated[int, Field(ge=1)] = WORKER_MAX_FAILED_RUNS
     queued_lease_seconds: Annotated[float, Field(gt=0)] = WORKER_QUEUED_LEASE_SECONDS
 

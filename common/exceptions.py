@@ -25,7 +25,9 @@
           ├── JobManagerExceededMaximumDurationError 500  the job hit its time limit
           ├── StepNotImplementedError            501  the step has no function yet
           ├── HubUnavailableError                503  the Hub's circuit breaker is open
+          ├── HubTransientError                  502  the Hub timed out, dropped the connection or answered 5xx
           ├── DatasetNotFoundError               404  no such dataset (or no access to it)
+          ├── DatasetGatedError                  403  a gated dataset, and no token with access to it
           ├── ConfigNotFoundError                404  no such config in the dataset
           ├── SplitNotFoundError                 404  no such split in the config
           ├── EmptyDatasetError                  500  the dataset has no data files
@@ -177,10 +179,22 @@ class HubUnavailableError(CacheableError):
     http_status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class HubTransientError(CacheableError):
+    """The Hub timed out, dropped the connection, or answered 429 or 5xx: worth trying again."""
+
+    http_status = HTTPStatus.BAD_GATEWAY
+
+
 class DatasetNotFoundError(CacheableError):
     """The dataset does not exist, or the token gives no access to it."""
 
     http_status = HTTPStatus.NOT_FOUND
+
+
+class DatasetGatedError(CacheableError):
+    """The dataset is gated on the Hub, and COMMON_HF_TOKEN is missing or has no access to it."""
+
+    http_status = HTTPStatus.FORBIDDEN
 
 
 class ConfigNotFoundError(CacheableError):

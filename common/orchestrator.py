@@ -47,6 +47,7 @@ RETRYABLE_ERRORS = frozenset(
         "JobManagerCrashedError",
         "JobManagerExceededMaximumDurationError",
         "HubUnavailableError",
+        "HubTransientError",
         "UnexpectedError",
         "PreviousStepMissingError",
     }

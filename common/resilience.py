@@ -17,7 +17,7 @@ import redis
 from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from common.exceptions import CacheableError, HubUnavailableError
+from common.exceptions import HubTransientError, HubUnavailableError
 from common.redis_connection import RedisClient
 
 P = ParamSpec("P")
@@ -26,10 +26,6 @@ R = TypeVar("R")
 RETRY_ATTEMPTS = 5
 RETRY_MAX_WAIT_SECONDS = 5.0
 BREAKER_NAMESPACE = "stepcache:breaker"
-
-
-class HubTransientError(CacheableError):
-    """The Hub timed out or answered with a 5xx status: worth trying again."""
 
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -75,9 +71,15 @@ def call_hub(breaker: pybreaker.CircuitBreaker, function: Callable[P, R], *args:
 
     @retry_transient
     def attempt() -> R:
-        try:
-            return breaker.call(function, *args, **kwargs)
-        except pybreaker.CircuitBreakerError as error:
-            raise HubUnavailableError("the Hub is failing: calls are suspended for a while", cause=error) from error
+        return call_hub_once(breaker, function, *args, **kwargs)
 
     return attempt()
+
+
+def call_hub_once(breaker: pybreaker.CircuitBreaker, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Call the Hub through the breaker once (a call that cannot be repeated, such as reading the next
+    rows of a stream): a failure is counted, not retried; an open breaker fails fast."""
+    try:
+        return breaker.call(function, *args, **kwargs)
+    except pybreaker.CircuitBreakerError as error:
+        raise HubUnavailableError("the Hub is failing: calls are suspended for a while", cause=error) from error

@@ -1,68 +1,61 @@
 """Where datasets come from: a local mirror laid out like Hub dataset repositories, or the Hub itself.
 
 COMMON_HF_ENDPOINT decides: a `file://` URL or an absolute directory is a :class:`LocalMirror` (a dataset
-`org/name` lives in `<root>/org/name/`, a canonical `name` in `<root>/name/`; its revision is a hash of
-its files' contents); an http(s) URL is the Hub (:class:`HubSource`, through huggingface_hub, with
-COMMON_HF_TOKEN; its revision is the repo's commit sha).
+`org/name` lives in `<root>/org/name/`, a canonical `name` in `<root>/name/`); an http(s) URL is the Hub,
+or any server that answers like it (:class:`HubSource`, with COMMON_HF_TOKEN).
 
-Either way a dataset's files are laid out as on the Hub, and :func:`find_layout` reads that layout:
-a README.md whose YAML header has `configs:` (each with `config_name` and `data_files`), or else the usual
-conventions: `train.csv` or `train-00000.parquet` at the root, `data/train-*.parquet`, `test/*.jsonl`,
-and image or audio folders (`train/cat/1.jpg`, whose parent folder is the label).
+A source says two things: a dataset's current revision, and a :class:`Location` where Hugging Face
+`datasets` reads the dataset at that revision (common.reading does the reading). How a repository is laid
+out (configs in the README's YAML, split names, data_dir, image and audio folders) is `datasets`'s
+business, not ours.
+
+Revisions are cheap: the Hub's is the repo's commit sha (one API call, through the shared breaker); a
+mirror's is a hash of its manifest (every file's relative path, size and modification time: no byte is
+read), kept for a second so that the steps of one job do not walk the tree again.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
-from dataclasses import dataclass, field
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
-import yaml
-
 from common.config import get_config
-from common.exceptions import DatasetNotFoundError, EmptyDatasetError, InvalidSplitNameError
-from common.names import parse_dataset, validate_config, validate_split
+from common.exceptions import CacheableError, DatasetNotFoundError
+from common.hub_errors import typed_hub_error
+from common.names import parse_dataset
 
-DEFAULT_CONFIG = "default"
-FORMATS = {
-    ".csv": "csv",
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".jpg": "image",
-    ".jpeg": "image",
-    ".png": "image",
-    ".gif": "image",
-    ".webp": "image",
-    ".wav": "audio",
-    ".mp3": "audio",
-    ".flac": "audio",
-    ".ogg": "audio",
-}
-SPLIT_ALIASES = {
-    "training": "train",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "testing": "test",
-    "eval": "test",
-}
+R = TypeVar("R")
+MANIFEST_TTL_SECONDS = 1.0
 
 
-@dataclass
-class SplitFiles:
-    """The files of one split, all of one format; for image and audio folders, a label per file."""
+@dataclass(frozen=True)
+class Location:
+    """Where `datasets` reads one dataset at one revision: a directory, or a repo on the Hub."""
 
-    format: str
-    files: list[Path] = field(default_factory=list)
-    labels: list[str | None] = field(default_factory=list)
+    dataset: str
+    path: str  # what `datasets.load_dataset` takes: a local directory or the Hub repo id
+    revision: str | None = None  # the Hub commit; a mirror's directory has only its present state
+    token: str | None = None
+    cache_dir: str | None = None
 
+    def load_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `datasets.load_dataset` and its siblings for this location."""
+        arguments: dict[str, Any] = {"path": self.path}
+        if self.revision is not None:
+            arguments |= {"revision": self.revision, "token": self.token, "cache_dir": self.cache_dir}
+        return arguments
 
-Layout = dict[str, dict[str, SplitFiles]]  # config -> split -> files
+    @property
+    def token_per_repo_id(self) -> dict[str, str | None]:
+        return {self.path: self.token} if self.revision is not None else {}
 
 
 class DatasetSource(Protocol):
@@ -70,79 +63,160 @@ class DatasetSource(Protocol):
         """The dataset's current revision."""
         ...
 
-    def directory(self, dataset: str) -> Path:
-        """A local directory holding the dataset's files at that revision."""
+    def locate(self, dataset: str, revision: str) -> Location:
+        """Where `datasets` reads the dataset at that revision."""
+        ...
+
+    def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
+        """Run a call of `datasets` or `huggingface_hub` on this source: its errors come out typed, and the
+        Hub's transient ones are retried unless the call cannot be repeated (`once`)."""
         ...
 
 
+def _typed(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    try:
+        return function(*args, **kwargs)
+    except CacheableError:
+        raise
+    except Exception as error:
+        typed = typed_hub_error(error)
+        if typed is None:
+            raise
+        raise typed from error
+
+
 class LocalMirror:
-    """Datasets in folders under `root`, laid out like Hub dataset repositories."""
+    """Datasets in folders under `root`, laid out like Hub dataset repositories; read offline."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._manifests: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
 
     def directory(self, dataset: str) -> Path:
-        name = parse_dataset(dataset)
-        path = self.root / name.full
+        path = self.root / parse_dataset(dataset).full
         if not path.is_dir():
             raise DatasetNotFoundError(f"dataset {dataset!r} is not in the mirror at {self.root}")
         return path
 
     def revision(self, dataset: str) -> str:
         directory = self.directory(dataset)
-        digest = hashlib.sha1()
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(directory)).encode() + b"\0")
-            with path.open("rb") as file:
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        with self._lock:
+            at, digest = self._manifests.get(dataset, (0.0, ""))
+        if time.monotonic() - at < MANIFEST_TTL_SECONDS:
+            return digest
+        manifest = hashlib.sha1()
+        for relative, size, mtime_ns in sorted(_manifest(directory)):
+            manifest.update(f"{relative}\0{size}\0{mtime_ns}\n".encode(errors="surrogateescape"))
+        digest = manifest.hexdigest()
+        with self._lock:
+            self._manifests[dataset] = (time.monotonic(), digest)
+        return digest
+
+    def locate(self, dataset: str, revision: str) -> Location:
+        return Location(dataset, str(self.directory(dataset)))
+
+    def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
+        _set_offline(True)
+        return _typed(function, *args, **kwargs)
+
+
+def _manifest(directory: Path) -> Iterator[tuple[str, int, int]]:
+    """(relative path, size, mtime) of every file, leaving out hidden files and folders (.git, .cache...)."""
+    stack = [directory]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file():
+                    stat = entry.stat()
+                    yield os.path.relpath(entry.path, directory), stat.st_size, stat.st_mtime_ns
 
 
 class HubSource:
-    """Datasets on the Hub at `endpoint`, downloaded with huggingface_hub into a local cache."""
+    """Datasets on the Hub at `endpoint`: read by `datasets` in streaming mode, only the bytes a step needs.
+
+    Every call goes through the Hub's shared circuit breaker, with retries of its transient errors
+    (common.resilience); files the libraries download (READMEs, metadata) go to COMMON_HF_CACHE_DIRECTORY,
+    trimmed to COMMON_HF_CACHE_MAX_BYTES.
+    """
 
     def __init__(self, endpoint: str, token: str | None) -> None:
         self.endpoint = endpoint
         self.token = token or None
+        settings = get_config().common
+        self.cache_dir = settings.hf_cache_path
+        configure_hub_libraries(endpoint, settings.hf_timeout_seconds, self.cache_dir)
 
-    def _api(self) -> Any:
-        from huggingface_hub import HfApi
-
-        return HfApi(endpoint=self.endpoint, token=self.token)
-
-    def revision(self, dataset: str) -> str:
-        from huggingface_hub.errors import RepositoryNotFoundError
-
+    def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
+        from common.download_cache import trim_soon
         from common.redis_connection import get_redis
-        from common.resilience import call_hub, hub_breaker
+        from common.resilience import call_hub, call_hub_once, hub_breaker
 
+        _set_offline(False)
         breaker = hub_breaker(get_redis(get_config().queue.redis_url))
         try:
-            info = call_hub(breaker, self._api().dataset_info, parse_dataset(dataset).full, timeout=30)
-        except RepositoryNotFoundError as error:
-            raise DatasetNotFoundError(f"dataset {dataset!r} is not on the Hub", cause=error) from error
+            call = call_hub_once if once else call_hub
+            return cast(R, call(breaker, _typed, function, *args, **kwargs))
+        finally:
+            trim_soon(self.cache_dir, get_config().common.hf_cache_max_bytes)
+
+    def revision(self, dataset: str) -> str:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token, library_name="stepcache")
+        timeout = get_config().common.hf_timeout_seconds
+        info = self.call(api.dataset_info, parse_dataset(dataset).full, timeout=timeout)
         return str(info.sha)
 
-    def directory(self, dataset: str) -> Path:
-        from huggingface_hub import snapshot_download
+    def locate(self, dataset: str, revision: str) -> Location:
+        return Location(dataset, parse_dataset(dataset).full, revision, self.token, str(self.cache_dir / "datasets"))
 
-        return Path(
-            snapshot_download(
-                parse_dataset(dataset).full,
-                repo_type="dataset",
-                revision=self.revision(dataset),
-                endpoint=self.endpoint,
-                token=self.token,
-                etag_timeout=30,
-            )
+
+def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> None:
+    """Point `huggingface_hub` and `datasets` at `endpoint` (they read it at import), with `timeout` on
+    every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars."""
+    os.environ["HF_ENDPOINT"] = endpoint
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["HF_HUB_CACHE"] = str(cache_dir / "hub")
+    import datasets
+    import datasets.config
+    import httpx2
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import disable_progress_bars
+    from huggingface_hub.utils import _http
+
+    hub_constants.ENDPOINT = endpoint
+    hub_constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    hub_constants.HF_HUB_CACHE = str(cache_dir / "hub")
+    hub_constants.HF_HUB_ETAG_TIMEOUT = hub_constants.HF_HUB_DOWNLOAD_TIMEOUT = int(max(1, timeout))
+    datasets.config.HF_ENDPOINT = endpoint
+    datasets.config.HUB_DATASETS_URL = endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    _http.set_client_factory(
+        lambda: httpx2.Client(
+            event_hooks={"request": [_http.hf_request_event_hook]}, follow_redirects=True, timeout=timeout
         )
+    )
+    disable_progress_bars()
+    datasets.disable_progress_bars()
+
+
+def _set_offline(offline: bool) -> None:
+    """A mirror is read offline: `datasets` never reaches for the network on its behalf. (Both kinds of
+    source only meet in one process in tests.)"""
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = offline
 
 
 def get_source() -> DatasetSource:
     """The source COMMON_HF_ENDPOINT names."""
-    endpoint = get_config().common.hf_endpoint
-    return _source(endpoint, get_config().common.hf_token.get_secret_value())
+    settings = get_config().common
+    return _source(settings.hf_endpoint, settings.hf_token.get_secret_value())
 
 
 @cache
@@ -153,96 +227,3 @@ def _source(endpoint: str, token: str) -> DatasetSource:
     if parts.scheme == "":
         return LocalMirror(Path(endpoint))
     return HubSource(endpoint, token)
-
-
-def find_layout(directory: Path) -> Layout:
-    """The configs and splits of a dataset directory, and their files."""
-    declared = _declared_configs(directory)
-    layout = declared if declared is not None else {DEFAULT_CONFIG: _conventional_splits(directory)}
-    layout = {config: splits for config, splits in layout.items() if splits}
-    if not layout:
-        raise EmptyDatasetError("the dataset has no data files in a supported format")
-    return layout
-
-
-def _data_files(directory: Path) -> list[Path]:
-    """The dataset's data files, leaving out hidden files and folders inside it (.git, .cache...)."""
-    return sorted(
-        path
-        for path in directory.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in FORMATS
-        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
-    )
-
-
-def _add(splits: dict[str, SplitFiles], split: str, path: Path, label: str | None = None) -> None:
-    split = SPLIT_ALIASES.get(split.lower(), split)
-    try:
-        validate_split(split)
-    except InvalidSplitNameError:
-        split = "train"
-    files = splits.setdefault(split, SplitFiles(FORMATS[path.suffix.lower()]))
-    if files.format == FORMATS[path.suffix.lower()]:
-        files.files.append(path)
-        files.labels.append(label)
-
-
-def _conventional_splits(directory: Path) -> dict[str, SplitFiles]:
-    splits: dict[str, SplitFiles] = {}
-    for path in _data_files(directory):
-        parts = path.relative_to(directory).parts
-        if parts[0] == "data" and len(parts) > 1:
-            parts = parts[1:]
-        kind = FORMATS[path.suffix.lower()]
-        if len(parts) == 1:  # train.csv, train-00000-of-00002.parquet
-            _add(splits, path.stem.split("-")[0].split(".")[0], path)
-        elif kind in ("image", "audio"):  # train/cat/1.jpg, or cat/1.jpg with no split folder
-            split_named = len(parts) >= 3
-            _add(splits, parts[0] if split_named else "train", path, parts[-2] if len(parts) >= 2 else None)
-        else:  # test/0.jsonl
-            _add(splits, parts[0], path)
-    return splits
-
-
-def _declared_configs(directory: Path) -> Layout | None:
-    readme = directory / "README.md"
-    if not readme.is_file():
-        return None
-    text = readme.read_text(errors="replace")
-    if not text.startswith("---"):
-        return None
-    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
-    try:
-        metadata = yaml.safe_load(header) or {}
-    except yaml.YAMLError:
-        return None
-    configs = metadata.get("configs") if isinstance(metadata, dict) else None
-    if not isinstance(configs, list):
-        return None
-    files = [p.relative_to(directory).as_posix() for p in _data_files(directory)]
-    layout: Layout = {}
-    for entry in configs:
-        if not isinstance(entry, dict):
-            continue
-        config = validate_config(str(entry.get("config_name", DEFAULT_CONFIG)))
-        splits: dict[str, SplitFiles] = {}
-        for split, patterns in _split_patterns(entry.get("data_files")):
-            for relative in files:
-                if any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
-                    _add(splits, split, directory / relative)
-        layout[config] = splits
-    return layout
-
-
-def _split_patterns(data_files: Any) -> list[tuple[str, list[str]]]:
-    if isinstance(data_files, str):
-        return [("train", [data_files])]
-    if isinstance(data_files, list) and all(isinstance(item, str) for item in data_files):
-        return [("train", list(data_files))]
-    result = []
-    for item in data_files or []:
-        if isinstance(item, dict):
-            path = item.get("path", [])
-            result.append((str(item.get("split", "train")), [path] if isinstance(path, str) else list(path)))
-    return result

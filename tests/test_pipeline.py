@@ -82,7 +82,7 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, worker: 
     ]
     assert len(entries) == 3 + 5 + 2 * 2  # dataset-level, config-level, split-level entries
     assert content(entries, "dataset-config-names") == {"config_names": [{"dataset": dataset, "config": "default"}]}
-    assert [s["split"] for s in content(entries, "config-split-names", "default")["splits"]] == ["test", "train"]
+    assert [s["split"] for s in content(entries, "config-split-names", "default")["splits"]] == ["train", "test"]
     first_rows = content(entries, "split-first-rows", "default", "train")
     assert [f["name"] for f in first_rows["features"]] == ["id", "text", "score", "flag"]
     assert first_rows["features"][0]["type"] == {"_type": "Value", "dtype": "int64"}
@@ -168,8 +168,8 @@ def test_bad_datasets_get_typed_cached_errors(mirror: Path, worker: object) -> N
 def test_a_ten_megabyte_cell_is_truncated_to_fit(mirror: Path, worker: object) -> None:
     entries = run_pipeline(samples.big_cell_dataset(mirror))
     first_rows = content(entries, "split-first-rows", "default", "train")
-    assert first_rows["rows"][0]["truncated_cells"] == ["text"]
-    assert len(first_rows["rows"][0]["row"]["text"]) == get_config().worker.first_rows_min_cell_bytes
+    assert first_rows["rows"][0]["truncated_cells"] == ["text"]  # cut to WORKER_FIRST_ROWS_MAX_CELL_BYTES
+    assert len(first_rows["rows"][0]["row"]["text"]) == get_config().worker.first_rows_max_cell_bytes
     assert first_rows["rows"][1]["row"] == {"id": 2, "text": "small"}
 
 

@@ -1,8 +1,11 @@
-"""split-first-rows: the features and the first rows of a split, fitted to WORKER_FIRST_ROWS_MAX_BYTES.
+"""split-first-rows: the features and the first rows of a split, read in streaming mode.
 
-Image and audio cells are written to the asset storage and replaced by their URLs. When the rows are too
-big, the longest cells are truncated (their names listed in the row's `truncated_cells`) and, if that is
-not enough, rows are dropped from the end (`truncated` is then true).
+Only the first WORKER_FIRST_ROWS_MAX_ROWS rows are read (plus one, to know whether there are more), and
+only their media files are fetched. Image and audio cells are written to the asset storage and replaced by
+their URLs. A string cell longer than WORKER_FIRST_ROWS_MAX_CELL_BYTES is cut there; when the rows are
+still too big for WORKER_FIRST_ROWS_MAX_BYTES, the longest cells are cut to WORKER_FIRST_ROWS_MIN_CELL_BYTES
+and, if that is not enough, rows are dropped from the end. Cut cells are named in the row's
+`truncated_cells`; `truncated` says the split has more rows than the response.
 """
 
 from __future__ import annotations
@@ -12,12 +15,10 @@ from typing import Any
 
 from common.assets import CellLocation, store_audio, store_image
 from common.config import get_config
-from common.exceptions import SplitNotFoundError, TooManyColumnsError
-from common.tables import column_kind, features, read_split
+from common.exceptions import TooManyColumnsError
+from common.tables import column_kind, features
 from tasks.step_task import StepJob
-from tasks.steps.configs import config_layout
-
-MAX_ROWS = 100
+from tasks.steps.configs import open_job_split
 
 
 def _size(value: Any) -> int:
@@ -27,13 +28,23 @@ def _size(value: Any) -> int:
 def _cell(value: Any, kind: str, location: CellLocation) -> Any:
     if value is None:
         return None
-    if kind == "image":
-        return store_image(location, value)
-    if kind == "audio":
-        return store_audio(location, value)
+    if kind in ("image", "audio"):
+        data = value.get("bytes") if isinstance(value, dict) else None
+        if data is None:
+            return None
+        return store_image(location, data) if kind == "image" else store_audio(location, data)
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return value
+
+
+def _cut(row: dict[str, Any], max_cell_bytes: int) -> None:
+    """Cut the row's string cells longer than max_cell_bytes, naming them in truncated_cells."""
+    for name, value in row["row"].items():
+        if isinstance(value, str) and len(value.encode()) > max_cell_bytes:
+            row["row"][name] = value.encode()[:max_cell_bytes].decode(errors="ignore")
+            if name not in row["truncated_cells"]:
+                row["truncated_cells"].append(name)
 
 
 def _truncate(rows: list[dict[str, Any]], max_bytes: int, min_cell_bytes: int) -> bool:
@@ -41,10 +52,7 @@ def _truncate(rows: list[dict[str, Any]], max_bytes: int, min_cell_bytes: int) -
     if _size(rows) <= max_bytes:
         return False
     for row in rows:
-        for name, value in row["row"].items():
-            if isinstance(value, str) and len(value.encode()) > min_cell_bytes:
-                row["row"][name] = value.encode()[:min_cell_bytes].decode(errors="ignore")
-                row["truncated_cells"].append(name)
+        _cut(row, min_cell_bytes)
     dropped = False
     while len(rows) > 1 and _size(rows) > max_bytes:
         rows.pop()
@@ -54,36 +62,35 @@ def _truncate(rows: list[dict[str, Any]], max_bytes: int, min_cell_bytes: int) -
 
 def split_first_rows(job: StepJob) -> dict[str, Any]:
     assert job.config is not None and job.split is not None
-    splits = config_layout(job)
-    if job.split not in splits:
-        raise SplitNotFoundError(f"config {job.config!r} has no split {job.split!r}; it has {sorted(splits)}")
     settings = get_config().worker
-    files = splits[job.split].files
-    job.progress.update(0, 1, f"reading {len(files)} file(s) of split {job.split}")
-    table = read_split(splits[job.split])
-    if table.num_columns > settings.first_rows_max_columns:
+    split = open_job_split(job)
+    if len(split.features) > settings.first_rows_max_columns:
         raise TooManyColumnsError(
-            f"the split has {table.num_columns} columns, more than WORKER_FIRST_ROWS_MAX_COLUMNS="
+            f"the split has {len(split.features)} columns, more than WORKER_FIRST_ROWS_MAX_COLUMNS="
             f"{settings.first_rows_max_columns}"
         )
-    kinds = [column_kind(field) for field in table.schema]
+    job.progress.update(0, 1, f"reading the first rows of split {job.split}")
+    first = next(split.batches(settings.first_rows_max_rows + 1), None)  # nothing after it is read
+    more = first is not None and first.num_rows > settings.first_rows_max_rows
+    records = split.embed(first.slice(0, settings.first_rows_max_rows)).to_pylist() if first is not None else []
+    kinds = {name: column_kind(feature) for name, feature in split.features.items()}
     rows = []
-    records = table.slice(0, MAX_ROWS).to_pylist()
     for index, record in enumerate(records):
         row = {}
         for column_index, (name, value) in enumerate(record.items()):
             location = CellLocation(job.dataset, job.revision, job.config, job.split, index, name, column_index)
-            row[name] = _cell(value, kinds[column_index], location)
+            row[name] = _cell(value, kinds.get(name, "other"), location)
         rows.append({"row_idx": index, "row": row, "truncated_cells": []})
+        _cut(rows[-1], settings.first_rows_max_cell_bytes)
         # one row at a time: image and audio cells are written to the asset storage
         job.progress.update(index + 1, len(records) + 1, f"row {index + 1} of {len(records)}")
-    truncated = _truncate(rows, settings.first_rows_max_bytes, settings.first_rows_min_cell_bytes)
+    dropped = _truncate(rows, settings.first_rows_max_bytes, settings.first_rows_min_cell_bytes)
     job.progress.update(1, 1, f"{len(rows)} rows")
     return {
         "dataset": job.dataset,
         "config": job.config,
         "split": job.split,
-        "features": features(table.schema),
+        "features": features(split.features),
         "rows": rows,
-        "truncated": truncated or table.num_rows > MAX_ROWS,
+        "truncated": dropped or more,
     }

@@ -1,12 +1,16 @@
 """config-parquet-and-info and what derives from it: config-parquet, config-info, config-size,
 dataset-size.
 
-config-parquet-and-info writes each split of the config as a Parquet file under
-WORKER_PARQUET_DIRECTORY, at `<dataset>/--/<revision>/--/<config>/<split>/0000.parquet`.
+config-parquet-and-info streams each split of the config into a Parquet file under
+WORKER_PARQUET_DIRECTORY, at `<dataset>/--/<revision>/--/<config>/<split>/0000.parquet`, in batches (memory
+stays bounded whatever the split's size), image and audio bytes inside. It stops a split once
+WORKER_PARQUET_MAX_BYTES of Arrow data are converted: the split's file then holds its first rows, the
+response says `partial: true`, and each split says how many rows and bytes were read.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,13 @@ import pyarrow.parquet as pq
 from common.cache import get_dataset_responses
 from common.config import get_config
 from common.names import validate_key
-from common.tables import features, read_split
+from common.reading import Split
+from common.tables import features
 from tasks.step_task import StepJob
-from tasks.steps.configs import config_layout
+from tasks.steps.configs import job_split_names, open_job_split
+
+BATCH_ROWS = 10_000
+MEDIA_BATCH_ROWS = 100  # a batch of images or audio files holds their bytes
 
 
 def parquet_path(dataset: str, revision: str, config: str, split: str) -> Path:
@@ -25,43 +33,67 @@ def parquet_path(dataset: str, revision: str, config: str, split: str) -> Path:
     return get_config().worker.parquet_path / dataset / "--" / revision / "--" / config / split / "0000.parquet"
 
 
+def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
+    """Write the split to `path` in batches, until `max_bytes` of Arrow data are converted; returns the
+    rows and bytes converted, and whether the split has more (partial). The file appears whole or not at all."""
+    rows, converted, partial = 0, 0, False
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer: pq.ParquetWriter | None = None
+    try:
+        batches = split.batches(MEDIA_BATCH_ROWS if split.has_media else BATCH_ROWS)
+        for batch in batches:
+            if converted >= max_bytes:
+                partial = True
+                break
+            table = split.embed(batch)
+            if writer is None:
+                writer = pq.ParquetWriter(temporary, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows, converted = rows + table.num_rows, converted + table.nbytes
+        if writer is None:  # no rows: an empty file with the split's columns
+            writer = pq.ParquetWriter(temporary, split.features.arrow_schema)
+        writer.close()
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return rows, converted, partial
+
+
 def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
     assert job.config is not None
-    parquet_files, splits, schema = [], {}, None
-    layout = config_layout(job)
-    total = 2 * len(layout)  # per split: its files read, then its Parquet file written
-    job.progress.update(0, total, f"{len(layout)} split(s) to convert")
-    for index, (split, files) in enumerate(layout.items()):
-        table = read_split(files)
-        job.progress.update(2 * index + 1, total, f"read {len(files.files)} file(s) of {split}")
-        path = parquet_path(job.dataset, job.revision, job.config, split)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
+    max_bytes = get_config().worker.parquet_max_bytes
+    parquet_files, splits, described = [], {}, None
+    names = job_split_names(job)
+    job.progress.update(0, max(1, len(names)), f"{len(names)} split(s) to convert")
+    for index, name in enumerate(names):
+        split = open_job_split(job, name)
+        path = parquet_path(job.dataset, job.revision, job.config, name)
+        rows, converted, partial = convert(split, path, max_bytes)
         size = path.stat().st_size
         parquet_files.append(
             {
                 "dataset": job.dataset,
                 "config": job.config,
-                "split": split,
+                "split": name,
                 "filename": path.name,
                 "path": str(path),
                 "size": size,
             }
         )
-        splits[split] = {"name": split, "num_examples": table.num_rows, "num_bytes": table.nbytes}
-        schema = schema or table.schema
-        job.progress.update(2 * index + 2, total, f"converted {split}")
-    assert schema is not None
+        splits[name] = {"name": name, "num_examples": rows, "num_bytes": converted, "partial": partial}
+        described = described or features(split.features)
+        job.progress.update(index + 1, len(names), f"converted {name}: {rows} rows" + (" (partial)" if partial else ""))
     return {
         "parquet_files": parquet_files,
         "dataset_info": {
             "config_name": job.config,
-            "features": features(schema),
+            "features": described or [],
             "splits": splits,
             "download_size": sum(file["size"] for file in parquet_files),
             "dataset_size": sum(split["num_bytes"] for split in splits.values()),
         },
-        "partial": False,
+        "partial": any(split["partial"] for split in splits.values()),
     }
 
 
@@ -70,15 +102,15 @@ def _parent(job: StepJob) -> dict[str, Any]:
 
 
 def config_parquet(job: StepJob) -> dict[str, Any]:
-    parquet_files = _parent(job)["parquet_files"]
-    job.progress.update(1, 1, f"{len(parquet_files)} Parquet file(s)")  # nothing to iterate over: the end
-    return {"parquet_files": parquet_files, "partial": False}
+    parent = _parent(job)
+    job.progress.update(1, 1, f"{len(parent['parquet_files'])} Parquet file(s)")  # nothing to iterate over
+    return {"parquet_files": parent["parquet_files"], "partial": parent.get("partial", False)}
 
 
 def config_info(job: StepJob) -> dict[str, Any]:
-    dataset_info = _parent(job)["dataset_info"]
-    job.progress.update(1, 1, f"{len(dataset_info['splits'])} split(s)")  # nothing to iterate over: the end
-    return {"dataset_info": dataset_info, "partial": False}
+    parent = _parent(job)
+    job.progress.update(1, 1, f"{len(parent['dataset_info']['splits'])} split(s)")  # nothing to iterate over
+    return {"dataset_info": parent["dataset_info"], "partial": parent.get("partial", False)}
 
 
 def config_size(job: StepJob) -> dict[str, Any]:
@@ -112,7 +144,7 @@ def config_size(job: StepJob) -> dict[str, Any]:
             },
             "splits": splits,
         },
-        "partial": False,
+        "partial": parent.get("partial", False),
     }
 
 

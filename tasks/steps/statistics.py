@@ -1,12 +1,20 @@
-"""split-descriptive-statistics: per-column statistics of a split, computed from its Parquet file.
+"""split-descriptive-statistics: per-column statistics of a split, computed from its Parquet file in batches.
 
 Every column: nulls (count and proportion). Numbers: min, max, mean, median, std and a histogram.
 Strings: the same statistics over their lengths. Booleans and class labels: frequencies.
+
+Memory stays bounded whatever the split's size: the file is read in batches of BATCH_ROWS rows, the
+columns it needs only. A first pass gives counts, extremes, mean and variance (merged batch by batch,
+Chan's formulas) and frequencies; a second pass the histogram and the bin that holds the median; further
+passes narrow that bin until it holds at most MEDIAN_MAX_VALUES values, which are kept and sorted. The
+median is exact. A split whose numbers fit in KEEP_MAX_VALUES is read once: its numbers are kept.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,67 +23,180 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.exceptions import SplitNotFoundError
-from common.tables import NAMES_KEY, column_kind
+from common.tables import column_kind, features_of
 from tasks.step_task import StepJob
 
 HISTOGRAM_BINS = 10
+BATCH_ROWS = 65_536
+MEDIAN_BINS = 4096
+MEDIAN_MAX_VALUES = 1_000_000
+KEEP_MAX_VALUES = 4_000_000  # 32 MB of floats: a small split's numbers are kept, and read once
+NUMERIC_KINDS = ("number", "string")
 
 
-def _numbers(values: pa.ChunkedArray) -> dict[str, Any]:
-    data = np.asarray(values.drop_null().to_numpy(zero_copy_only=False), dtype=float)
-    if data.size == 0:
-        return {"min": None, "max": None, "mean": None, "median": None, "std": None, "histogram": None}
-    counts, edges = np.histogram(data, bins=min(HISTOGRAM_BINS, max(1, len(np.unique(data)))))
-    return {
-        "min": float(data.min()),
-        "max": float(data.max()),
-        "mean": float(data.mean()),
-        "median": float(np.median(data)),
-        "std": float(data.std(ddof=1)) if data.size > 1 else 0.0,
-        "histogram": {"hist": counts.tolist(), "bin_edges": edges.tolist()},
-    }
+@dataclass
+class Moments:
+    """Count, extremes, mean and sum of squared deviations of the values seen so far."""
+
+    count: int = 0
+    low: float = np.inf
+    high: float = -np.inf
+    mean: float = 0.0
+    squares: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        mean = float(values.mean())
+        squares = float(((values - mean) ** 2).sum())
+        total = self.count + values.size
+        delta = mean - self.mean
+        self.squares += squares + delta * delta * self.count * values.size / total
+        self.mean += delta * values.size / total
+        self.count = total
+        self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
 
 
-def _frequencies(values: pa.ChunkedArray, names: list[str] | None = None) -> dict[str, Any]:
-    counted = pc.value_counts(values.drop_null()).to_pylist()
-    frequencies = {(names[c["values"]] if names else str(c["values"]).lower()): c["counts"] for c in counted}
-    return {"n_unique": len(frequencies), "frequencies": frequencies}
+@dataclass
+class Column:
+    name: str
+    kind: str
+    names: list[str] | None = None  # a class label's
+    rows: int = 0
+    nulls: int = 0
+    moments: Moments = field(default_factory=Moments)
+    frequencies: Counter[Any] = field(default_factory=Counter)
+    kept: list[np.ndarray] | None = None  # every value, when the split's numbers fit in KEEP_MAX_VALUES
 
 
-def column_statistics(field: pa.Field, values: pa.ChunkedArray) -> dict[str, Any] | None:
-    kind = column_kind(field)
-    nulls = values.null_count
+def _numbers(kind: str, values: pa.Array) -> np.ndarray:
+    """The column's values as floats, nulls left out (a string's are its lengths)."""
+    values = values.drop_null()
+    if kind == "string":
+        values = pc.utf8_length(values)
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=float)
+
+
+def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
+    if column.kept is not None:
+        yield from column.kept
+        return
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=[column.name]):
+        yield _numbers(column.kind, batch.column(0))
+
+
+def _median(path: str, column: Column) -> float:
+    """The exact median, from passes that narrow a range holding it until its values fit in memory.
+
+    (When the values are kept in memory, the "passes" are over them.) Each pass counts, exactly, the values under the range and the values inside it by bin; the next range
+    is the bins holding the middle ranks (widened by a rounding step). The last pass keeps the range's
+    values, sorts them and picks the middle ones."""
+    count = column.moments.count
+    ranks = sorted({(count - 1) // 2, count // 2})  # 0-based: one middle value, or two to average
+    low, high = column.moments.low, column.moments.high
+    while low < high:
+        below, counts, extremes = 0, np.zeros(MEDIAN_BINS, dtype=np.int64), [np.inf, -np.inf]
+        for values in _numeric_batches(path, column):
+            below += int((values < low).sum())
+            inside = values[(values >= low) & (values <= high)]
+            if inside.size:
+                index = np.minimum(((inside - low) * (MEDIAN_BINS / (high - low))).astype(np.int64), MEDIAN_BINS - 1)
+                counts += np.bincount(index, minlength=MEDIAN_BINS)
+                extremes = [min(extremes[0], inside.min()), max(extremes[1], inside.max())]
+        if extremes[0] == extremes[1]:  # every value in the range is the same: the middle ones too
+            return float(extremes[0])
+        cumulative = below + np.cumsum(counts)
+        first, last = (int(np.searchsorted(cumulative, rank, side="right")) for rank in (ranks[0], ranks[-1]))
+        width = (high - low) / MEDIAN_BINS
+        low, high = np.nextafter(low + first * width, -np.inf), np.nextafter(low + (last + 1) * width, np.inf)
+        if int(counts[first : last + 1].sum()) <= MEDIAN_MAX_VALUES:
+            break
+    if low == high:
+        return float(low)
+    below, kept = 0, []
+    for values in _numeric_batches(path, column):
+        below += int((values < low).sum())
+        kept.append(values[(values >= low) & (values <= high)])
+    values = np.sort(np.concatenate(kept))
+    return float(np.mean([values[rank - below] for rank in ranks]))
+
+
+def _histogram(path: str, column: Column) -> dict[str, list[Any]]:
+    low, high = column.moments.low, column.moments.high
+    bins = HISTOGRAM_BINS
+    if float(low).is_integer() and float(high).is_integer():
+        bins = max(1, min(HISTOGRAM_BINS, int(high - low) + 1))
+    edges = np.linspace(low, high, bins + 1) if high > low else np.array([low, high])
+    counts = np.zeros(len(edges) - 1, dtype=np.int64)
+    for values in _numeric_batches(path, column):
+        counts += np.histogram(values, bins=edges)[0]
+    return {"hist": counts.tolist(), "bin_edges": edges.tolist()}
+
+
+def _statistics(path: str, column: Column) -> dict[str, Any]:
     statistics: dict[str, Any] = {
-        "nan_count": nulls,
-        "nan_proportion": round(nulls / len(values), 5) if len(values) else 0,
+        "nan_count": column.nulls,
+        "nan_proportion": round(column.nulls / column.rows, 5) if column.rows else 0,
     }
-    if kind == "number":
-        statistics |= _numbers(values)
-    elif kind == "string":
-        statistics |= _numbers(pc.utf8_length(values))
-    elif kind == "bool":
-        statistics |= _frequencies(values)
-    elif kind == "class_label":
-        statistics |= _frequencies(values, json.loads((field.metadata or {})[NAMES_KEY]))
-    else:
-        return None
-    return {"column_name": field.name, "column_type": kind, "column_statistics": statistics}
+    if column.kind in NUMERIC_KINDS:
+        moments = column.moments
+        if moments.count == 0:
+            return statistics | dict.fromkeys(("min", "max", "mean", "median", "std", "histogram"))
+        return statistics | {
+            "min": moments.low,
+            "max": moments.high,
+            "mean": moments.mean,
+            "median": _median(path, column),
+            "std": float(np.sqrt(moments.squares / (moments.count - 1))) if moments.count > 1 else 0.0,
+            "histogram": _histogram(path, column),
+        }
+    names = column.names
+    frequencies = {(names[k] if names else str(k).lower()): n for k, n in column.frequencies.items()}
+    return statistics | {"n_unique": len(frequencies), "frequencies": frequencies}
 
 
 def split_descriptive_statistics(job: StepJob) -> dict[str, Any]:
     assert job.config is not None and job.split is not None
-    files = job.previous_step("config-parquet", job.config)["parquet_files"]
-    paths = [f["path"] for f in files if f["split"] == job.split]
-    if not paths:
+    parent = job.previous_step("config-parquet", job.config)
+    files = [f for f in parent["parquet_files"] if f["split"] == job.split]
+    if not files:
         raise SplitNotFoundError(f"config {job.config!r} has no Parquet file for split {job.split!r}")
-    job.progress.update(0, 1, f"reading {len(paths)} Parquet file(s)")
-    table = pa.concat_tables([pq.read_table(path) for path in paths])
-    columns = []
-    for index, field in enumerate(table.schema):
-        columns.append(column_statistics(field, table.column(field.name)))
-        job.progress.update(index + 1, table.num_columns, f"column {field.name}")
-    return {
-        "num_examples": table.num_rows,
-        "statistics": [c for c in columns if c is not None],
-        "partial": False,
-    }
+    path = files[0]["path"]
+    features = features_of(pq.read_schema(path))
+    columns = [Column(name, column_kind(feature)) for name, feature in features.items()]
+    for column in columns:
+        if column.kind == "class_label":
+            column.names = list(features[column.name].names)
+    columns = [c for c in columns if c.kind in (*NUMERIC_KINDS, "bool", "class_label")]
+    parquet = pq.ParquetFile(path)
+    total = parquet.metadata.num_rows
+    steps = max(1, total + len(columns))  # every row read, then every column's passes
+    job.progress.update(0, steps, f"reading {total} rows")
+    numeric = [c for c in columns if c.kind in NUMERIC_KINDS]
+    if total * len(numeric) <= KEEP_MAX_VALUES:
+        for column in numeric:
+            column.kept = []
+    read = 0
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[c.name for c in columns]):
+        for column in columns:
+            values = batch.column(column.name)
+            column.rows += len(values)
+            column.nulls += values.null_count
+            if column.kind in NUMERIC_KINDS:
+                numbers = _numbers(column.kind, values)
+                column.moments.add(numbers)
+                if column.kept is not None:
+                    column.kept.append(numbers)
+            else:
+                column.frequencies.update(
+                    {c["values"]: c["counts"] for c in pc.value_counts(values.drop_null()).to_pylist()}
+                )
+        read += batch.num_rows
+        job.progress.update(read, steps, f"read {read} of {total} rows")
+    statistics = []
+    for index, column in enumerate(columns):
+        statistics.append(
+            {"column_name": column.name, "column_type": column.kind, "column_statistics": _statistics(path, column)}
+        )
+        job.progress.update(total + index + 1, steps, f"column {column.name}")
+    return {"num_examples": total, "statistics": statistics, "partial": bool(parent.get("partial", False))}

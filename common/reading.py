@@ -1,0 +1,117 @@
+"""Reading datasets with Hugging Face `datasets`: configs, splits, features and rows, in streaming mode.
+
+Whatever the layout or format `datasets` reads (CSV, TSV, JSON Lines, Parquet, Arrow, text, image and
+audio folders, compressed and sharded files, configs declared in the README), a step sees the same
+thing: the config names, a config's split names, and a :class:`Split` whose rows come in Arrow batches,
+read as they are consumed. Nothing reads more of a file than the rows asked for, give or take the
+reader's block; a Hub dataset's files are read over HTTP ranges, never downloaded whole.
+
+Image and audio columns are read undecoded (`{"bytes", "path"}`): a step embeds the bytes of the rows it
+keeps (:meth:`Split.embed`), without decoding what it only stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from common.exceptions import ConfigNotFoundError, SplitNotFoundError
+from common.sources import DatasetSource, Location
+
+if TYPE_CHECKING:
+    from datasets import Features, IterableDataset
+
+MEDIA_TYPES = ("Image", "Audio")
+
+
+def config_names(source: DatasetSource, location: Location) -> list[str]:
+    from datasets import get_dataset_config_names
+
+    return list(source.call(get_dataset_config_names, **location.load_arguments()))
+
+
+def split_names(source: DatasetSource, location: Location, config: str) -> list[str]:
+    """The config's split names, from its data files' names (no file is read) or else from `datasets`."""
+    from datasets import get_dataset_split_names
+
+    builder = _builder(source, location, config)
+    if builder.config.data_files:
+        return [str(split) for split in builder.config.data_files]
+    try:
+        return list(source.call(get_dataset_split_names, **location.load_arguments(), config_name=config))
+    except ValueError as error:
+        raise _config_not_found(error, location, config) from error
+
+
+def _builder(source: DatasetSource, location: Location, config: str) -> Any:
+    from datasets import load_dataset_builder
+
+    try:
+        return source.call(load_dataset_builder, **location.load_arguments(), name=config)
+    except ValueError as error:
+        raise _config_not_found(error, location, config) from error
+
+
+@dataclass
+class Split:
+    """One split of a config, open for reading in streaming mode."""
+
+    source: DatasetSource
+    location: Location
+    stream: IterableDataset
+    features: Features
+
+    def batches(self, rows: int) -> Iterator[pa.Table]:
+        """The split's rows in Arrow tables of `rows` rows (the last one shorter), media not embedded.
+        Each batch is read when asked for; a Hub error in the middle is typed, not retried (a stream
+        cannot be resumed), and counted by the breaker."""
+        iterator = iter(self.stream.with_format("arrow").iter(batch_size=rows))
+        while (table := self.source.call(next, iterator, None, once=True)) is not None:
+            yield table
+
+    def embed(self, table: pa.Table) -> pa.Table:
+        """The table with the bytes of its image and audio files inside it."""
+        from datasets.table import embed_table_storage
+
+        if not any(feature_type(feature) in MEDIA_TYPES for feature in self.features.values()):
+            return table
+        embedded: pa.Table = self.source.call(
+            embed_table_storage, table, token_per_repo_id=self.location.token_per_repo_id, once=True
+        )
+        return embedded
+
+    @property
+    def has_media(self) -> bool:
+        return any(feature_type(feature) in MEDIA_TYPES for feature in self.features.values())
+
+
+def open_split(source: DatasetSource, location: Location, config: str, split: str) -> Split:
+    """The split, ready to stream; ConfigNotFoundError or SplitNotFoundError when it is not there."""
+    builder = _builder(source, location, config)
+    try:
+        stream = source.call(builder.as_streaming_dataset, split=split)
+    except ValueError as error:
+        if "Bad split" not in str(error):
+            raise
+        raise SplitNotFoundError(f"config {config!r} of {location.dataset!r} has no split {split!r}", error) from error
+    if stream.features is None:  # CSV, JSON...: the features are those of the first rows
+        stream = source.call(stream._resolve_features, once=True)
+    features = stream.features
+    for name, feature in features.items():
+        if feature_type(feature) in MEDIA_TYPES and getattr(feature, "decode", False):
+            stream = stream.cast_column(name, type(feature)(decode=False))
+    return Split(source, location, stream, stream.features)
+
+
+def _config_not_found(error: ValueError, location: Location, config: str) -> Exception:
+    if "BuilderConfig" in str(error) and "not found" in str(error):
+        return ConfigNotFoundError(f"dataset {location.dataset!r} has no config {config!r}: {error}", error)
+    return error
+
+
+def feature_type(feature: Any) -> str:
+    """The `_type` of a feature: Value, ClassLabel, Image, Audio, List..."""
+    return str(getattr(feature, "_type", type(feature).__name__))
