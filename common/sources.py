@@ -178,7 +178,8 @@ class HubSource:
 
 def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> None:
     """Point `huggingface_hub` and `datasets` at `endpoint` (they read it at import), with `timeout` on
-    every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars."""
+    every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars. (`datasets` would
+also ask the Hub's dataset viewer for the features and splits it computed: we compute them.)"""
     os.environ["HF_ENDPOINT"] = endpoint
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ["HF_HUB_CACHE"] = str(cache_dir / "hub")
@@ -186,7 +187,7 @@ def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> N
     import datasets.config
     import httpx2
     import huggingface_hub.constants as hub_constants
-    from huggingface_hub import disable_progress_bars
+    from huggingface_hub.utils.tqdm import disable_progress_bars
     from huggingface_hub.utils import _http
 
     hub_constants.ENDPOINT = endpoint
@@ -195,6 +196,7 @@ def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> N
     hub_constants.HF_HUB_ETAG_TIMEOUT = hub_constants.HF_HUB_DOWNLOAD_TIMEOUT = int(max(1, timeout))
     datasets.config.HF_ENDPOINT = endpoint
     datasets.config.HUB_DATASETS_URL = endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    datasets.config.USE_PARQUET_EXPORT = False  # we are the dataset viewer: never ask one for its answers
     _http.set_client_factory(
         lambda: httpx2.Client(
             event_hooks={"request": [_http.hf_request_event_hook]}, follow_redirects=True, timeout=timeout

@@ -1,0 +1,188 @@
+"""Reading datasets with `datasets`, from a local mirror and from a Hub-compatible server, in every format."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from common.config import get_config
+from common.exceptions import ConfigNotFoundError, DatasetNotFoundError, EmptyDatasetError, SplitNotFoundError
+from common.reading import Split, config_names, open_split, split_names
+from common.sources import DatasetSource, LocalMirror, get_source
+from common.tables import column_kind, features, features_of
+from tasks import samples
+from tasks.steps.parquet import convert
+from tests import formats
+from tests.hub_server import HubServer
+
+
+@pytest.fixture(params=["mirror", "hub"])
+def source_root(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[DatasetSource, Path, HubServer | None]]:
+    """A directory to write repositories in, and the source that serves it: a mirror, or a local Hub."""
+    root = tmp_path / "repos"
+    root.mkdir()
+    monkeypatch.setenv("COMMON_HF_CACHE_DIRECTORY", str(tmp_path / "hf-cache"))
+    if request.param == "mirror":
+        monkeypatch.setenv("COMMON_HF_ENDPOINT", str(root))
+        get_config.cache_clear()
+        yield get_source(), root, None
+    else:
+        request.getfixturevalue("stores")  # the Hub's breaker keeps its state in Redis
+        with HubServer(root) as server:
+            monkeypatch.setenv("COMMON_HF_ENDPOINT", server.url)
+            get_config.cache_clear()
+            yield get_source(), root, server
+    get_config.cache_clear()
+
+
+def opened(source: DatasetSource, dataset: str, config: str, split: str) -> Split:
+    return open_split(source, source.locate(dataset, source.revision(dataset)), config, split)
+
+
+@pytest.mark.parametrize("kind", list(formats.EXPECTED))
+def test_every_format_and_layout_reads_the_same_way(
+    kind: str, source_root: tuple[DatasetSource, Path, HubServer | None]
+) -> None:
+    source, root, _ = source_root
+    write, splits, first_row, types = formats.EXPECTED[kind]
+    dataset = write(root)
+    location = source.locate(dataset, source.revision(dataset))
+    assert config_names(source, location) == list(splits)
+    assert {config: split_names(source, location, config) for config in splits} == splits
+    config = next(iter(splits))
+    split = open_split(source, location, config, splits[config][0])
+    described = {f["name"]: f["type"] for f in features(split.features)}
+    assert {name: t.get("dtype", t["_type"]) for name, t in described.items()} == types
+    rows = [row for table in split.batches(7) for row in split.embed(table).to_pylist()]
+    assert first_row.items() <= rows[0].items()
+    if types == formats.NUMBERS:
+        assert rows == formats.ROWS  # every row, in order, across shards and batches
+    for name, feature in split.features.items():
+        if column_kind(feature) in ("image", "audio"):
+            assert all(row[name]["bytes"] for row in rows)  # embedded, whatever the source
+
+
+def test_missing_datasets_configs_and_splits_are_typed(
+    source_root: tuple[DatasetSource, Path, HubServer | None],
+) -> None:
+    source, root, _ = source_root
+    with pytest.raises(DatasetNotFoundError):
+        source.revision("fmt/nothing")
+    dataset = formats.csv_repo(root)
+    location = source.locate(dataset, source.revision(dataset))
+    with pytest.raises(ConfigNotFoundError):
+        split_names(source, location, "nope")
+    with pytest.raises(ConfigNotFoundError):
+        open_split(source, location, "nope", "train")
+    with pytest.raises(SplitNotFoundError):
+        open_split(source, location, "default", "nope")
+    empty = samples.empty_dataset(root)
+    with pytest.raises(EmptyDatasetError):
+        config_names(source, source.locate(empty, source.revision(empty)))
+
+
+def bytes_read_by_this_process() -> int:
+    return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+
+def test_the_first_rows_of_a_big_file_read_only_its_beginning(
+    source_root: tuple[DatasetSource, Path, HubServer | None],
+) -> None:
+    source, root, server = source_root
+    path = root / "big" / "csv" / "train.csv"
+    path.parent.mkdir(parents=True)
+    with path.open("w") as file:
+        file.write("id,text\n")
+        for start in range(0, 600_000, 100_000):
+            file.write("".join(f"{i},{'x' * 40}\n" for i in range(start, start + 100_000)))
+    size = path.stat().st_size  # 30 MB
+    split = opened(source, "big/csv", "default", "train")
+    before = bytes_read_by_this_process()
+    first = next(split.batches(101))
+    assert first.num_rows == 101 and first.column("id")[100].as_py() == 100
+    if server is None:
+        assert bytes_read_by_this_process() - before < size / 10
+    else:  # over HTTP ranges, which fsspec reads ahead in blocks of 5 MiB
+        assert 0 < sum(sent for name, sent in server.bytes_sent.items() if "big/csv" in name) <= 2.2 * 2**20 * 5
+
+
+def test_a_conversion_past_its_cap_is_partial_and_says_how_much_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.steps import parquet
+
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 7)
+    mirror = LocalMirror(tmp_path)
+    dataset = formats.sharded_repo(tmp_path)
+    split = opened(mirror, dataset, "default", "train")
+    rows, converted, partial = convert(split, tmp_path / "out" / "all.parquet", max_bytes=10**9)
+    assert (rows, partial) == (30, False) and pq.read_table(tmp_path / "out" / "all.parquet").num_rows == 30
+    split = opened(mirror, dataset, "default", "train")
+    rows, converted, partial = convert(split, tmp_path / "out" / "some.parquet", max_bytes=1)
+    assert (rows, partial) == (7, True) and converted > 0  # one batch: it reached the cap
+    assert pq.read_table(tmp_path / "out" / "some.parquet").num_rows == rows
+
+
+def test_parquet_files_carry_the_features_and_the_media_bytes(tmp_path: Path) -> None:
+    mirror = LocalMirror(tmp_path)
+    dataset = formats.imagefolder_repo(tmp_path)
+    path = tmp_path / "out" / "0000.parquet"
+    convert(opened(mirror, dataset, "default", "train"), path, max_bytes=10**9)
+    table = pq.read_table(path)
+    assert [column_kind(f) for f in features_of(table.schema).values()] == ["image", "class_label"]
+    assert all(cell["bytes"] for cell in table.column("image").to_pylist())
+    assert features_of(table.schema)["label"].names == ["cat", "dog"]
+
+
+def test_a_mirrors_revision_is_its_manifest_not_its_bytes(tmp_path: Path) -> None:
+    mirror = LocalMirror(tmp_path)
+    dataset = formats.csv_repo(tmp_path)
+    first = mirror.revision(dataset)
+    assert len(first) == 40
+    path = tmp_path / dataset / "data" / "train.csv"
+    stat = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"row", b"ROW"))  # same size...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...same time: same manifest
+    mirror._manifests.clear()
+    assert mirror.revision(dataset) == first
+    path.touch()
+    assert mirror.revision(dataset) == first  # kept for MANIFEST_TTL_SECONDS
+    mirror._manifests.clear()
+    assert mirror.revision(dataset) != first
+    (tmp_path / dataset / ".git").mkdir()
+    (tmp_path / dataset / ".git" / "x").write_text("hidden files are not part of the dataset")
+    second = mirror.revision(dataset)
+    mirror._manifests.clear()
+    assert mirror.revision(dataset) == second
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 10, 1001, 20_000])
+def test_the_median_is_exact_when_the_values_do_not_fit(
+    size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.steps import statistics
+
+    monkeypatch.setattr(statistics, "MEDIAN_MAX_VALUES", 7)  # forces the narrowing passes
+    monkeypatch.setattr(statistics, "BATCH_ROWS", 999)
+    rng = np.random.default_rng(size)
+    values = np.concatenate([rng.normal(size=size // 2), np.full(size - size // 2, 0.25)])
+    rng.shuffle(values)
+    path = tmp_path / "values.parquet"
+    pq.write_table(pa.table({"x": values}), path)
+    column = statistics.Column("x", "number")
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=999):
+        column.moments.add(statistics._numbers("number", batch.column(0)))
+    assert statistics._median(str(path), column) == pytest.approx(float(np.median(values)), abs=0)
+    column.kept = [values[:500], values[500:]]  # a small split's numbers, kept from the first pass
+    assert statistics._median(str(path), column) == pytest.approx(float(np.median(values)), abs=0)
+    assert column.moments.mean == pytest.approx(values.mean())
+    if size > 1:
+        assert np.sqrt(column.moments.squares / (size - 1)) == pytest.approx(values.std(ddof=1))
