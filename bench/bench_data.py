@@ -158,6 +158,50 @@ print(json.dumps({"first_rows_seconds": first_rows, "parquet_seconds": parquet -
 """
 
 
+ENGINES = {  # the same statistics of the numeric columns of a Parquet file, by other engines
+    "duckdb": """
+import duckdb, sys
+path, columns = sys.argv[1], sys.argv[2].split(",")
+connection = duckdb.connect()
+for c in columns:
+    connection.execute(f'select count("{c}"), min("{c}"), max("{c}"), avg("{c}"), median("{c}"), '
+                       f'stddev_samp("{c}") from read_parquet(?)', [path]).fetchall()
+""",
+    "polars": """
+import polars as pl, sys
+path, columns = sys.argv[1], sys.argv[2].split(",")
+frame = pl.scan_parquet(path)
+for c in columns:
+    frame.select(pl.col(c).count(), pl.col(c).min(), pl.col(c).max(), pl.col(c).mean(), pl.col(c).median(),
+                 pl.col(c).std()).collect(engine="streaming")
+""",
+}
+MEASURED_RUN = """
+import resource, sys, time
+started = time.monotonic()
+sys.argv = sys.argv[1:]
+exec(sys.argv.pop(0))
+print(time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def engines(parquet: Path, columns: list[str]) -> dict[str, Any]:
+    """Seconds and peak RSS of duckdb and polars (streaming) computing the numeric columns' statistics."""
+    measured: dict[str, Any] = {}
+    for name, code in ENGINES.items():
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURED_RUN, "-", code, str(parquet), ",".join(columns)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            measured[name] = {"failed": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            continue
+        seconds, peak = done.stdout.split()
+        measured[name] = {"seconds": round(float(seconds), 3), "peak_rss_mb": round(float(peak), 1)}
+    return measured
+
+
 def naive(kind: str, path: Path, scratch: Path) -> dict[str, Any]:
     """The naive full read, in a fresh process (it may be killed by the OOM killer: then that is said)."""
     done = subprocess.run(
@@ -207,6 +251,9 @@ def main() -> None:
                 with console.status(f"{dataset}: the naive full read"):
                     path = mirror / dataset / ("train.csv" if kind == "csv" else "train")
                     results[kind]["naive"] = naive(kind, path, scratch)
+            with console.status("the statistics by duckdb and polars"):
+                parquet = next((scratch / "parquet" / DATASETS["csv"]).rglob("*.parquet"))
+                results["csv"]["engines"] = engines(parquet, ["id", "score"])
     report(results, console)
 
 
@@ -232,6 +279,17 @@ def report(results: dict[str, Any], console: Console) -> None:
                 f"{naive_run['peak_rss_mb']:.0f}" if "peak_rss_mb" in naive_run else "-",
             )
     console.print(table)
+    engines_table = Table(
+        title="the CSV split's numeric statistics (2 columns), other engines on the same Parquet file"
+    )
+    for column in ("engine", "seconds", "peak RSS (MB)"):
+        engines_table.add_column(column)
+    for name, measured in results["csv"]["engines"].items():
+        failed = measured.get("failed")
+        engines_table.add_row(
+            name, failed or f"{measured['seconds']:.2f}", "-" if failed else f"{measured['peak_rss_mb']:.0f}"
+        )
+    console.print(engines_table)
 
 
 if __name__ == "__main__":

@@ -178,8 +178,8 @@ class HubSource:
 
 def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> None:
     """Point `huggingface_hub` and `datasets` at `endpoint` (they read it at import), with `timeout` on
-    every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars. (`datasets` would
-also ask the Hub's dataset viewer for the features and splits it computed: we compute them.)"""
+        every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars. (`datasets`
+    would also ask the Hub's dataset viewer for the features and splits it computed: we compute them.)"""
     os.environ["HF_ENDPOINT"] = endpoint
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ["HF_HUB_CACHE"] = str(cache_dir / "hub")
@@ -187,8 +187,8 @@ also ask the Hub's dataset viewer for the features and splits it computed: we co
     import datasets.config
     import httpx2
     import huggingface_hub.constants as hub_constants
-    from huggingface_hub.utils.tqdm import disable_progress_bars
     from huggingface_hub.utils import _http
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     hub_constants.ENDPOINT = endpoint
     hub_constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"

@@ -78,3 +78,37 @@ def test_a_users_step_fans_out_to_its_config_level_child_and_fans_in_with_real_w
 
 def _entry(kind: str, dataset: str) -> cache.CachedResponse | None:
     return next((entry for entry in cache.get_dataset_responses(dataset) if entry.kind == kind), None)
+
+
+def test_a_private_hub_dataset_with_real_workers_and_the_token_in_no_log(
+    stores: Stores, celery_app: Celery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import formats
+    from tests.hub_server import HubServer
+
+    secret = "hf_worker_secret_that_must_not_leak"
+    with HubServer(tmp_path / "hub") as hub:
+        hub.token = secret
+        hub.modes["fmt/configs"] = "private"
+        dataset = formats.two_configs_repo(hub.root)
+        env = {
+            **stores.env(),
+            "COMMON_HF_ENDPOINT": hub.url,
+            "COMMON_HF_TOKEN": secret,
+            "COMMON_HF_CACHE_DIRECTORY": str(tmp_path / "hf-cache"),
+            "COMMON_LOG_LEVEL": "DEBUG",
+            "ASSETS_STORAGE_DIRECTORY": str(tmp_path / "assets"),
+            "WORKER_PARQUET_DIRECTORY": str(tmp_path / "parquet"),
+            "WORKER_METRICS_PORT": "0",
+        }
+        use_settings(monkeypatch, env)
+        with sample_worker("w", env, tmp_path) as worker:
+            steps.dataset_config_names.delay(dataset)
+            entries = wait_until_settled(dataset)
+    defaults = {key: entry for key, entry in entries.items() if not key[0].startswith("test-")}
+    assert all(entry.is_success for entry in defaults.values()), {k: e.error_code for k, e in defaults.items()}
+    assert len(defaults) == 3 + 5 * 2 + 2 * 3  # en/train, fr/train, fr/test
+    assert any(headers.get("authorization") == f"Bearer {secret}" for _, _, headers in hub.requests)
+    log = worker.log_path.read_text()
+    assert "config-parquet-and-info" in log and secret not in log
+    assert all(secret not in str(entry.content) for entry in entries.values())

@@ -186,3 +186,16 @@ def test_the_median_is_exact_when_the_values_do_not_fit(
     assert column.moments.mean == pytest.approx(values.mean())
     if size > 1:
         assert np.sqrt(column.moments.squares / (size - 1)) == pytest.approx(values.std(ddof=1))
+
+
+def test_the_hub_file_cache_is_trimmed_least_recently_used_first(tmp_path: Path) -> None:
+    from common.download_cache import trim
+
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = tmp_path / "hub" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1_000_000 - age * 1000, 1_000_000 - age * 1000))
+    assert trim(tmp_path, 2500) == 1000
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["middle", "newest"]
+    assert trim(tmp_path, 2500) == 0

@@ -88,9 +88,10 @@ def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
 def _median(path: str, column: Column) -> float:
     """The exact median, from passes that narrow a range holding it until its values fit in memory.
 
-    (When the values are kept in memory, the "passes" are over them.) Each pass counts, exactly, the values under the range and the values inside it by bin; the next range
+    Each pass counts, exactly, the values under the range and the values inside it by bin; the next range
     is the bins holding the middle ranks (widened by a rounding step). The last pass keeps the range's
-    values, sorts them and picks the middle ones."""
+    values, sorts them and picks the middle ones. (When a small split's values are kept in memory, the
+    passes are over them.)"""
     count = column.moments.count
     ranks = sorted({(count - 1) // 2, count // 2})  # 0-based: one middle value, or two to average
     low, high = column.moments.low, column.moments.high
