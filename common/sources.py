@@ -48,9 +48,9 @@ class Location:
 
     def load_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `datasets.load_dataset` and its siblings for this location."""
-        arguments: dict[str, Any] = {"path": self.path}
+        arguments: dict[str, Any] = {"path": self.path, "cache_dir": self.cache_dir}
         if self.revision is not None:
-            arguments |= {"revision": self.revision, "token": self.token, "cache_dir": self.cache_dir}
+            arguments |= {"revision": self.revision, "token": self.token}
         return arguments
 
     @property
@@ -114,11 +114,14 @@ class LocalMirror:
         return digest
 
     def locate(self, dataset: str, revision: str) -> Location:
-        return Location(dataset, str(self.directory(dataset)))
+        return Location(dataset, str(self.directory(dataset)), cache_dir=str(_cache_path() / "datasets"))
 
     def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
         _set_offline(True)
-        return _typed(function, *args, **kwargs)
+        try:
+            return _typed(function, *args, **kwargs)
+        finally:
+            _trim_cache()
 
 
 def _manifest(directory: Path) -> Iterator[tuple[str, int, int]]:
@@ -147,12 +150,9 @@ class HubSource:
     def __init__(self, endpoint: str, token: str | None) -> None:
         self.endpoint = endpoint
         self.token = token or None
-        settings = get_config().common
-        self.cache_dir = settings.hf_cache_path
-        configure_hub_libraries(endpoint, settings.hf_timeout_seconds, self.cache_dir)
+        configure_hub_libraries(endpoint, get_config().common.hf_timeout_seconds, _cache_path())
 
     def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
-        from common.download_cache import trim_soon
         from common.redis_connection import get_redis
         from common.resilience import call_hub, call_hub_once, hub_breaker
 
@@ -162,7 +162,7 @@ class HubSource:
             call = call_hub_once if once else call_hub
             return cast(R, call(breaker, _typed, function, *args, **kwargs))
         finally:
-            trim_soon(self.cache_dir, get_config().common.hf_cache_max_bytes)
+            _trim_cache()
 
     def revision(self, dataset: str) -> str:
         from huggingface_hub import HfApi
@@ -173,7 +173,17 @@ class HubSource:
         return str(info.sha)
 
     def locate(self, dataset: str, revision: str) -> Location:
-        return Location(dataset, parse_dataset(dataset).full, revision, self.token, str(self.cache_dir / "datasets"))
+        return Location(dataset, parse_dataset(dataset).full, revision, self.token, str(_cache_path() / "datasets"))
+
+
+def _cache_path() -> Path:
+    return get_config().common.hf_cache_path
+
+
+def _trim_cache() -> None:
+    from common.download_cache import trim_soon
+
+    trim_soon(_cache_path(), get_config().common.hf_cache_max_bytes)
 
 
 def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> None:
