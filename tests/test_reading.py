@@ -179,7 +179,7 @@ def test_the_median_is_exact_when_the_values_do_not_fit(
     pq.write_table(pa.table({"x": values}), path)
     column = statistics.Column("x", "number")
     for batch in pq.ParquetFile(path).iter_batches(batch_size=999):
-        column.moments.add(statistics._numbers("number", batch.column(0)))
+        column.add(batch.column(0))
     assert statistics._median(str(path), column) == pytest.approx(float(np.median(values)), abs=0)
     column.kept = [values[:500], values[500:]]  # a small split's numbers, kept from the first pass
     assert statistics._median(str(path), column) == pytest.approx(float(np.median(values)), abs=0)
@@ -199,3 +199,16 @@ def test_the_hub_file_cache_is_trimmed_least_recently_used_first(tmp_path: Path)
     assert trim(tmp_path, 2500) == 1000
     assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["middle", "newest"]
     assert trim(tmp_path, 2500) == 0
+
+
+def test_statistics_count_nan_and_infinities_as_nulls(tmp_path: Path) -> None:
+    from tasks.steps import statistics
+
+    path = tmp_path / "values.parquet"
+    pq.write_table(pa.table({"x": [1.0, float("nan"), 3.0, float("inf"), None, 2.0]}), path)
+    column = statistics.Column("x", "number")
+    for batch in pq.ParquetFile(path).iter_batches():
+        column.add(batch.column(0))
+    described = statistics._statistics(str(path), column)
+    assert (described["nan_count"], described["min"], described["max"], described["median"]) == (3, 1.0, 3.0, 2.0)
+    assert sum(described["histogram"]["hist"]) == 3

@@ -11,6 +11,7 @@ response says `partial: true`, and each split says how many rows and bytes were 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
     """Write the split to `path` in batches, until `max_bytes` of Arrow data are converted; returns the
     rows and bytes converted, and whether the split has more (partial). The file appears whole or not at all."""
     rows, converted, partial = 0, 0, False
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # attempts may overlap
     path.parent.mkdir(parents=True, exist_ok=True)
     writer: pq.ParquetWriter | None = None
     try:

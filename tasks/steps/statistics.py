@@ -1,7 +1,8 @@
 """split-descriptive-statistics: per-column statistics of a split, computed from its Parquet file in batches.
 
-Every column: nulls (count and proportion). Numbers: min, max, mean, median, std and a histogram.
-Strings: the same statistics over their lengths. Booleans and class labels: frequencies.
+Every column: nulls (count and proportion; NaN and infinite numbers count as nulls). Numbers: min, max,
+mean, median, std and a histogram. Strings: the same statistics over their lengths. Booleans and class
+labels: frequencies.
 
 Memory stays bounded whatever the split's size: the file is read in batches of BATCH_ROWS rows, the
 columns it needs only. A first pass gives counts, extremes, mean and variance (merged batch by batch,
@@ -68,13 +69,27 @@ class Column:
     frequencies: Counter[Any] = field(default_factory=Counter)
     kept: list[np.ndarray] | None = None  # every value, when the split's numbers fit in KEEP_MAX_VALUES
 
+    def add(self, values: pa.Array) -> None:
+        """Count a batch of the column's values (the first pass)."""
+        self.rows += len(values)
+        self.nulls += values.null_count
+        if self.kind in NUMERIC_KINDS:
+            numbers = _numbers(self.kind, values)
+            self.nulls += len(values) - values.null_count - numbers.size  # NaN and infinities
+            self.moments.add(numbers)
+            if self.kept is not None:
+                self.kept.append(numbers)
+        else:
+            self.frequencies.update({c["values"]: c["counts"] for c in pc.value_counts(values.drop_null()).to_pylist()})
+
 
 def _numbers(kind: str, values: pa.Array) -> np.ndarray:
-    """The column's values as floats, nulls left out (a string's are its lengths)."""
+    """The column's values as floats (a string's are its lengths), nulls, NaN and infinities left out."""
     values = values.drop_null()
     if kind == "string":
         values = pc.utf8_length(values)
-    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=float)
+    numbers = np.asarray(values.to_numpy(zero_copy_only=False), dtype=float)
+    return numbers[np.isfinite(numbers)]
 
 
 def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
@@ -180,18 +195,7 @@ def split_descriptive_statistics(job: StepJob) -> dict[str, Any]:
     read = 0
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[c.name for c in columns]):
         for column in columns:
-            values = batch.column(column.name)
-            column.rows += len(values)
-            column.nulls += values.null_count
-            if column.kind in NUMERIC_KINDS:
-                numbers = _numbers(column.kind, values)
-                column.moments.add(numbers)
-                if column.kept is not None:
-                    column.kept.append(numbers)
-            else:
-                column.frequencies.update(
-                    {c["values"]: c["counts"] for c in pc.value_counts(values.drop_null()).to_pylist()}
-                )
+            column.add(batch.column(column.name))
         read += batch.num_rows
         job.progress.update(read, steps, f"read {read} of {total} rows")
     statistics = []
