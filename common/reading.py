@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 MEDIA_TYPES = ("Image", "Audio")
 
 
+def preload_reading() -> None:
+    """Import `datasets` now (a worker's main process does, before its pool forks)."""
+    import datasets  # noqa: F401
+
+
 def config_names(source: DatasetSource, location: Location) -> list[str]:
     from datasets import get_dataset_config_names
 

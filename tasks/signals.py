@@ -9,8 +9,9 @@ attempt can be kept from writing. What a job's process cannot do, because it is 
 not a job's business, happens here too:
 
 - setup_logging: stepcache's logging (level and format from COMMON_LOG_*), instead of Celery's;
-- worker_init, worker_ready, worker_shutdown (main process): the metrics directory for the pool, the
-  reaper thread and the metrics HTTP server;
+- worker_init, worker_ready, worker_shutdown (main process): the metrics directory for the pool and the
+  libraries that read datasets (imported before the pool forks), the reaper thread and the metrics HTTP
+  server;
 - worker_process_shutdown: a pool process's metrics bookkeeping;
 - task_revoked of a terminated job (main process): its attempt ends as cancelled, through the one way
   out, under the killed message's own token (the hard time limit does the same from the step's
@@ -62,6 +63,7 @@ from common.events import (
 from common.exceptions import StepcacheError
 from common.lifecycle import CANCELLED
 from common.logging import configure_logging
+from common.reading import preload_reading
 from common.redis_connection import get_redis
 from tasks.queue import get_queue
 from tasks.reaper import Reaper
@@ -202,6 +204,7 @@ def _configure_logging(**_: Any) -> None:
 
 def _prepare_pool(**_: Any) -> None:
     metrics.prepare_multiprocess()
+    preload_reading()  # once, before the pool forks: no job pays for importing `datasets` (about 2 s)
 
 
 def _start_worker_services(**_: Any) -> None:

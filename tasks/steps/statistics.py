@@ -89,7 +89,8 @@ def _numbers(kind: str, values: pa.Array) -> np.ndarray:
     if kind == "string":
         values = pc.utf8_length(values)
     numbers = np.asarray(values.to_numpy(zero_copy_only=False), dtype=float)
-    return numbers[np.isfinite(numbers)]
+    finite: np.ndarray = numbers[np.isfinite(numbers)]
+    return finite
 
 
 def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
