@@ -131,6 +131,16 @@ def run_step(
     }
 
 
+def resolution_seconds(dataset: str) -> float:
+    """The run time of dataset-config-names: the first step, which resolves the repository (its configs and
+    data files) for every step after it (common/dataset_modules.py)."""
+    from tasks.queue import get_queue
+
+    job = next(j for j in get_queue().jobs(dataset) if j.step == "dataset-config-names")
+    assert job.started_at is not None and job.finished_at is not None
+    return round((job.finished_at - job.started_at).total_seconds(), 3)
+
+
 NAIVE = """
 import json, resource, sys, time
 import numpy as np, pyarrow as pa, pyarrow.csv as pacsv, pyarrow.parquet as pq
@@ -167,20 +177,27 @@ for c in columns:
     connection.execute(f'select count("{c}"), min("{c}"), max("{c}"), avg("{c}"), median("{c}"), '
                        f'stddev_samp("{c}") from read_parquet(?)', [path]).fetchall()
 """,
+    "stepcache": """
+import sys
+from common.progress import Progress
+from tasks.steps.statistics import describe
+describe(sys.argv[1], Progress(lambda meta: None), sys.argv[2].split(","))
+""",
     "polars": """
 import polars as pl, sys
 path, columns = sys.argv[1], sys.argv[2].split(",")
 frame = pl.scan_parquet(path)
 for c in columns:
-    frame.select(pl.col(c).count(), pl.col(c).min(), pl.col(c).max(), pl.col(c).mean(), pl.col(c).median(),
-                 pl.col(c).std()).collect(engine="streaming")
+    column = pl.col(c)
+    frame.select(column.count().alias("count"), column.min().alias("min"), column.max().alias("max"),
+                 column.mean().alias("mean"), column.median().alias("median"), column.std().alias("std"),
+                 ).collect(engine="streaming")
 """,
 }
 MEASURED_RUN = """
 import resource, sys, time
 started = time.monotonic()
-sys.argv = sys.argv[1:]
-exec(sys.argv.pop(0))
+exec(sys.argv.pop(1))  # the engine's code; it reads its arguments from sys.argv[1:]
 print(time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
@@ -190,7 +207,7 @@ def engines(parquet: Path, columns: list[str]) -> dict[str, Any]:
     measured: dict[str, Any] = {}
     for name, code in ENGINES.items():
         done = subprocess.run(
-            [sys.executable, "-c", MEASURED_RUN, "-", code, str(parquet), ",".join(columns)],
+            [sys.executable, "-c", MEASURED_RUN, code, str(parquet), ",".join(columns)],
             capture_output=True,
             text=True,
         )
@@ -248,6 +265,7 @@ def main() -> None:
                         step: run_step(servers.env, scratch, dataset, step, queue, split)
                         for step, queue, split in STEPS
                     }
+                    results[kind]["resolution_seconds"] = resolution_seconds(dataset)
                 with console.status(f"{dataset}: the naive full read"):
                     path = mirror / dataset / ("train.csv" if kind == "csv" else "train")
                     results[kind]["naive"] = naive(kind, path, scratch)
@@ -279,8 +297,12 @@ def report(results: dict[str, Any], console: Console) -> None:
                 f"{naive_run['peak_rss_mb']:.0f}" if "peak_rss_mb" in naive_run else "-",
             )
     console.print(table)
+    for kind in DATASETS:
+        console.print(
+            f"{kind}: dataset-config-names (resolves the repository once) {results[kind]['resolution_seconds']} s"
+        )
     engines_table = Table(
-        title="the CSV split's numeric statistics (2 columns), other engines on the same Parquet file"
+        title="the CSV split's numeric statistics (2 columns): stepcache's and other engines' on the same Parquet file"
     )
     for column in ("engine", "seconds", "peak RSS (MB)"):
         engines_table.add_column(column)

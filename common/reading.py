@@ -12,12 +12,15 @@ keeps (:meth:`Split.embed`), without decoding what it only stores.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from common.dataset_modules import kept_at
 from common.exceptions import ConfigNotFoundError, SplitNotFoundError
 from common.sources import DatasetSource, Location
 
@@ -35,7 +38,8 @@ def preload_reading() -> None:
 def config_names(source: DatasetSource, location: Location) -> list[str]:
     from datasets import get_dataset_config_names
 
-    return list(source.call(get_dataset_config_names, **location.load_arguments()))
+    with _resolved_once(location):
+        return list(source.call(get_dataset_config_names, **location.load_arguments()))
 
 
 def split_names(source: DatasetSource, location: Location, config: str) -> list[str]:
@@ -55,7 +59,8 @@ def _builder(source: DatasetSource, location: Location, config: str) -> Any:
     from datasets import load_dataset_builder
 
     try:
-        return source.call(load_dataset_builder, **location.load_arguments(), name=config)
+        with _resolved_once(location):
+            return source.call(load_dataset_builder, **location.load_arguments(), name=config)
     except ValueError as error:
         raise _config_not_found(error, location, config) from error
 
@@ -109,6 +114,12 @@ def open_split(source: DatasetSource, location: Location, config: str, split: st
         if feature_type(feature) in MEDIA_TYPES and getattr(feature, "decode", False):
             stream = stream.cast_column(name, type(feature)(decode=False))
     return Split(source, location, stream, stream.features)
+
+
+def _resolved_once(location: Location) -> contextlib.AbstractContextManager[None]:
+    """What `datasets` resolves about the repository (its configs and data files), once per revision."""
+    assert location.cache_dir is not None
+    return kept_at(location.path, location.fingerprint, Path(location.cache_dir))
 
 
 def _config_not_found(error: ValueError, location: Location, config: str) -> Exception:

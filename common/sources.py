@@ -42,7 +42,8 @@ class Location:
 
     dataset: str
     path: str  # what `datasets.load_dataset` takes: a local directory or the Hub repo id
-    revision: str | None = None  # the Hub commit; a mirror's directory has only its present state
+    fingerprint: str  # the revision the job reads (a mirror's too: its manifest)
+    revision: str | None = None  # the Hub commit `datasets` reads; a mirror's directory has only its present
     token: str | None = None
     cache_dir: str | None = None
 
@@ -114,7 +115,7 @@ class LocalMirror:
         return digest
 
     def locate(self, dataset: str, revision: str) -> Location:
-        return Location(dataset, str(self.directory(dataset)), cache_dir=str(_cache_path() / "datasets"))
+        return Location(dataset, str(self.directory(dataset)), revision, cache_dir=str(_cache_path() / "datasets"))
 
     def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
         _set_offline(True)
@@ -173,7 +174,8 @@ class HubSource:
         return str(info.sha)
 
     def locate(self, dataset: str, revision: str) -> Location:
-        return Location(dataset, parse_dataset(dataset).full, revision, self.token, str(_cache_path() / "datasets"))
+        path = parse_dataset(dataset).full
+        return Location(dataset, path, revision, revision, self.token, str(_cache_path() / "datasets"))
 
 
 def _cache_path() -> Path:

@@ -153,3 +153,6 @@ def test_the_token_reaches_no_log_event_ledger_row_or_cache_entry(
     assert events and stored
     for text in (*stored, *events, caplog.text):
         assert SECRET not in text
+    kept = [path for path in Path(get_config().common.hf_cache_path).rglob("*") if path.is_file()]
+    assert any(path.suffix == ".pickle" for path in kept)  # what datasets resolved, kept for the other steps
+    assert not any(SECRET.encode() in path.read_bytes() for path in kept)

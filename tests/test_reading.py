@@ -212,3 +212,21 @@ def test_statistics_count_nan_and_infinities_as_nulls(tmp_path: Path) -> None:
     described = statistics._statistics(str(path), column)
     assert (described["nan_count"], described["min"], described["max"], described["median"]) == (3, 1.0, 3.0, 2.0)
     assert sum(described["histogram"]["hist"]) == 3
+
+
+def test_what_datasets_resolves_is_kept_per_revision_for_every_process_of_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common import dataset_modules
+
+    monkeypatch.setenv("COMMON_HF_CACHE_DIRECTORY", str(tmp_path / "hf-cache"))
+    get_config.cache_clear()
+    mirror = LocalMirror(tmp_path / "repos")
+    dataset = formats.two_configs_repo(tmp_path / "repos")
+    assert split_names(mirror, mirror.locate(dataset, "rev1"), "fr") == ["train", "test"]
+    (tmp_path / "repos" / dataset / "french" / "test.csv").unlink()
+    assert split_names(mirror, mirror.locate(dataset, "rev1"), "fr") == ["train", "test"]  # kept for rev1
+    dataset_modules._memory.clear()  # another process of the host: it finds it on disk
+    assert split_names(mirror, mirror.locate(dataset, "rev1"), "fr") == ["train", "test"]
+    assert split_names(mirror, mirror.locate(dataset, "rev2"), "fr") == ["train"]  # another revision
+    get_config.cache_clear()

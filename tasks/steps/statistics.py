@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.exceptions import SplitNotFoundError
+from common.progress import Progress
 from common.tables import column_kind, features_of
 from tasks.step_task import StepJob
 
@@ -97,7 +98,7 @@ def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
     if column.kept is not None:
         yield from column.kept
         return
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=[column.name]):
+    for batch in _batches(path, [column.name]):
         yield _numbers(column.kind, batch.column(0))
 
 
@@ -178,31 +179,42 @@ def split_descriptive_statistics(job: StepJob) -> dict[str, Any]:
     files = [f for f in parent["parquet_files"] if f["split"] == job.split]
     if not files:
         raise SplitNotFoundError(f"config {job.config!r} has no Parquet file for split {job.split!r}")
-    path = files[0]["path"]
+    return describe(files[0]["path"], job.progress) | {"partial": bool(parent.get("partial", False))}
+
+
+def describe(path: str, progress: Progress, only: list[str] | None = None) -> dict[str, Any]:
+    """{"num_examples", "statistics"} of a Parquet file (of its columns named in `only`), read in batches."""
     features = features_of(pq.read_schema(path))
-    columns = [Column(name, column_kind(feature)) for name, feature in features.items()]
+    columns = [Column(name, column_kind(f)) for name, f in features.items() if only is None or name in only]
     for column in columns:
         if column.kind == "class_label":
             column.names = list(features[column.name].names)
     columns = [c for c in columns if c.kind in (*NUMERIC_KINDS, "bool", "class_label")]
-    parquet = pq.ParquetFile(path)
-    total = parquet.metadata.num_rows
+    total = pq.ParquetFile(path).metadata.num_rows
     steps = max(1, total + len(columns))  # every row read, then every column's passes
-    job.progress.update(0, steps, f"reading {total} rows")
+    progress.update(0, steps, f"reading {total} rows")
     numeric = [c for c in columns if c.kind in NUMERIC_KINDS]
     if total * len(numeric) <= KEEP_MAX_VALUES:
         for column in numeric:
             column.kept = []
     read = 0
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[c.name for c in columns]):
+    for batch in _batches(path, [c.name for c in columns]):
         for column in columns:
             column.add(batch.column(column.name))
         read += batch.num_rows
-        job.progress.update(read, steps, f"read {read} of {total} rows")
+        progress.update(read, steps, f"read {read} of {total} rows")
     statistics = []
     for index, column in enumerate(columns):
         statistics.append(
             {"column_name": column.name, "column_type": column.kind, "column_statistics": _statistics(path, column)}
         )
-        job.progress.update(total + index + 1, steps, f"column {column.name}")
-    return {"num_examples": total, "statistics": statistics, "partial": bool(parent.get("partial", False))}
+        progress.update(total + index + 1, steps, f"column {column.name}")
+    return {"num_examples": total, "statistics": statistics}
+
+
+def _batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's batches, the given columns only, without buffering whole row groups ahead."""
+    batches: Iterator[pa.RecordBatch] = pq.ParquetFile(path, pre_buffer=False).iter_batches(
+        batch_size=BATCH_ROWS, columns=columns
+    )
+    return batches
