@@ -214,7 +214,7 @@ def engines(parquet: Path, columns: list[str]) -> dict[str, Any]:
         if done.returncode != 0:
             measured[name] = {"failed": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
             continue
-        seconds, peak = done.stdout.split()
+        seconds, peak = done.stdout.strip().splitlines()[-1].split()  # its last line: what it measured
         measured[name] = {"seconds": round(float(seconds), 3), "peak_rss_mb": round(float(peak), 1)}
     return measured
 
@@ -251,6 +251,7 @@ def main() -> None:
             "COMMON_HF_ENDPOINT": str(mirror),
             "WORKER_PARQUET_DIRECTORY": str(scratch / "parquet"),
             "ASSETS_STORAGE_DIRECTORY": str(scratch / "assets"),
+            "COMMON_HF_CACHE_DIRECTORY": str(scratch / "hf-cache"),  # cold: nothing resolved before the run
             "WORKER_PARQUET_MAX_BYTES": str(10**11),  # convert everything: the point is the whole split
             "WORKER_MAX_JOB_DURATION_SECONDS": str(TIMEOUT_SECONDS),
             "WORKER_HEARTBEAT_INTERVAL_SECONDS": "5",

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+from common.exceptions import CacheableError
 from common.reading import Split, config_names, open_split, split_names
 from common.sources import Location, get_source
 from tasks.step_task import StepJob
 
 
 def location(job: StepJob) -> Location:
-    """Where the dataset is read at the job's revision (which the job records)."""
+    """Where the dataset is read at the job's revision (which the job records): the revision its parent's
+    entry was computed at (no Hub call, no walk of a mirror), or else the source's current one."""
+    if job.known_revision is None and job.config is not None:
+        parent = ("config-split-names", job.config) if job.split is not None else ("dataset-config-names", None)
+        with contextlib.suppress(CacheableError):  # no usable parent entry: the source says
+            job.previous_step(*parent)
     return get_source().locate(job.dataset, job.revision)
 
 
