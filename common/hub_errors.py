@@ -27,12 +27,14 @@ TRANSIENT_STATUSES = frozenset({408, 429})
 
 def typed_hub_error(error: BaseException) -> CacheableError | None:
     """The cacheable error that `error` means, or None when it means nothing known (a bug: UnexpectedError)."""
+    import datasets.builder
     import datasets.data_files
     import datasets.exceptions
     import datasets.table
     import httpx2
     import pandas.errors
     import pyarrow as pa
+    import yaml  # (PyYAML: what `datasets` reads READMEs with)
     from huggingface_hub import errors
 
     message = f"{type(error).__name__}: {error}"
@@ -55,9 +57,16 @@ def typed_hub_error(error: BaseException) -> CacheableError | None:
         if "gated" in str(error).lower():
             return DatasetGatedError(f"the dataset is gated and the token has no access to it ({message})", error)
         return DatasetNotFoundError(f"the dataset does not exist or cannot be accessed ({message})", error)
+    if isinstance(error, yaml.YAMLError | datasets.builder.InvalidConfigName):
+        return DatasetGenerationError(f"the dataset's README declares configs that cannot be read ({message})", error)
     if isinstance(error, datasets.data_files.EmptyDatasetError | datasets.exceptions.DataFilesNotFoundError):
         return EmptyDatasetError(f"the dataset has no data files in a supported format ({message})", error)
-    unreadable = (datasets.exceptions.DatasetsError, datasets.table.CastError, pandas.errors.ParserError)
+    unreadable = (
+        datasets.exceptions.DatasetsError,
+        datasets.table.CastError,
+        pandas.errors.ParserError,
+        pandas.errors.EmptyDataError,
+    )
     if isinstance(error, (*unreadable, pa.ArrowException, UnicodeError, OSError)):
         return DatasetGenerationError(f"the dataset's files cannot be read ({message})", error)
     return None

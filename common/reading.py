@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from datasets import Features, IterableDataset
 
 MEDIA_TYPES = ("Image", "Audio")
+PARQUET_BATCH_ROWS = 1_000
 
 
 def preload_reading() -> None:
@@ -57,12 +58,18 @@ def split_names(source: DatasetSource, location: Location, config: str) -> list[
 
 def _builder(source: DatasetSource, location: Location, config: str) -> Any:
     from datasets import load_dataset_builder
+    from datasets.packaged_modules.parquet.parquet import ParquetConfig
 
     try:
         with _resolved_once(location):
-            return source.call(load_dataset_builder, **location.load_arguments(), name=config)
+            builder = source.call(load_dataset_builder, **location.load_arguments(), name=config)
     except ValueError as error:
         raise _config_not_found(error, location, config) from error
+    if isinstance(builder.config, ParquetConfig) and builder.config.batch_size is None:
+        # It would read a whole row group at a time (a million rows, as pandas and pyarrow write them),
+        # and fail on a file with no rows (a batch of 0).
+        builder.config.batch_size = PARQUET_BATCH_ROWS
+    return builder
 
 
 @dataclass
@@ -76,10 +83,9 @@ class Split:
 
     def batches(self, rows: int) -> Iterator[pa.Table]:
         """The split's rows in Arrow tables of `rows` rows (the last one shorter), media not embedded.
-        Each batch is read when asked for; a Hub error in the middle is typed, not retried (a stream
-        cannot be resumed), and counted by the breaker."""
+        Each batch is read when asked for; a Hub error in the middle is typed and counted by the breaker."""
         iterator = iter(self.stream.with_format("arrow").iter(batch_size=rows))
-        while (table := self.source.call(next, iterator, None, once=True)) is not None:
+        while (table := self.source.call(next, iterator, None)) is not None:
             yield table
 
     def embed(self, table: pa.Table) -> pa.Table:
@@ -89,7 +95,7 @@ class Split:
         if not any(feature_type(feature) in MEDIA_TYPES for feature in self.features.values()):
             return table
         embedded: pa.Table = self.source.call(
-            embed_table_storage, table, token_per_repo_id=self.location.token_per_repo_id, once=True
+            embed_table_storage, table, token_per_repo_id=self.location.token_per_repo_id
         )
         return embedded
 
@@ -100,6 +106,8 @@ class Split:
 
 def open_split(source: DatasetSource, location: Location, config: str, split: str) -> Split:
     """The split, ready to stream; ConfigNotFoundError or SplitNotFoundError when it is not there."""
+    import datasets
+
     builder = _builder(source, location, config)
     try:
         stream = source.call(builder.as_streaming_dataset, split=split)
@@ -108,7 +116,10 @@ def open_split(source: DatasetSource, location: Location, config: str, split: st
             raise
         raise SplitNotFoundError(f"config {config!r} of {location.dataset!r} has no split {split!r}", error) from error
     if stream.features is None:  # CSV, JSON...: the features are those of the first rows
-        stream = source.call(stream._resolve_features, once=True)
+        try:
+            stream = source.call(stream._resolve_features)
+        except StopIteration:  # no rows: no features to tell
+            return Split(source, location, stream, datasets.Features({}))
     features = stream.features
     for name, feature in features.items():
         if feature_type(feature) in MEDIA_TYPES and getattr(feature, "decode", False):

@@ -68,9 +68,11 @@ class DatasetSource(Protocol):
         """Where `datasets` reads the dataset at that revision."""
         ...
 
-    def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
-        """Run a call of `datasets` or `huggingface_hub` on this source: its errors come out typed, and the
-        Hub's transient ones are retried unless the call cannot be repeated (`once`)."""
+    def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
+        """Run a call of `datasets` or `huggingface_hub` on this source: its errors come out typed, and a
+        failing Hub counts it. With `retries`, the Hub's transient errors are retried with backoff here (for
+        a call the libraries do not retry themselves: they retry their downloads and listings, and a stream
+        cannot be resumed)."""
         ...
 
 
@@ -91,6 +93,7 @@ class LocalMirror:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        _set_offline(True)  # a process reads one source: a mirror's never reaches for the network
         self._manifests: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
@@ -117,8 +120,7 @@ class LocalMirror:
     def locate(self, dataset: str, revision: str) -> Location:
         return Location(dataset, str(self.directory(dataset)), revision, cache_dir=str(_cache_path() / "datasets"))
 
-    def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
-        _set_offline(True)
+    def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
         try:
             return _typed(function, *args, **kwargs)
         finally:
@@ -151,16 +153,16 @@ class HubSource:
     def __init__(self, endpoint: str, token: str | None) -> None:
         self.endpoint = endpoint
         self.token = token or None
+        _set_offline(False)
         configure_hub_libraries(endpoint, get_config().common.hf_timeout_seconds, _cache_path())
 
-    def call(self, function: Callable[..., R], *args: Any, once: bool = False, **kwargs: Any) -> R:
+    def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
         from common.redis_connection import get_redis
         from common.resilience import call_hub, call_hub_once, hub_breaker
 
-        _set_offline(False)
         breaker = hub_breaker(get_redis(get_config().queue.redis_url))
         try:
-            call = call_hub_once if once else call_hub
+            call = call_hub if retries else call_hub_once
             return cast(R, call(breaker, _typed, function, *args, **kwargs))
         finally:
             _trim_cache()
@@ -170,7 +172,7 @@ class HubSource:
 
         api = HfApi(endpoint=self.endpoint, token=self.token, library_name="stepcache")
         timeout = get_config().common.hf_timeout_seconds
-        info = self.call(api.dataset_info, parse_dataset(dataset).full, timeout=timeout)
+        info = self.call(api.dataset_info, parse_dataset(dataset).full, timeout=timeout, retries=True)
         return str(info.sha)
 
     def locate(self, dataset: str, revision: str) -> Location:
@@ -209,18 +211,27 @@ def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> N
     datasets.config.HF_ENDPOINT = endpoint
     datasets.config.HUB_DATASETS_URL = endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
     datasets.config.USE_PARQUET_EXPORT = False  # we are the dataset viewer: never ask one for its answers
+    bounded = httpx2.Timeout(timeout).as_dict()
+
+    def bound(request: httpx2.Request) -> None:  # also the requests the libraries send with timeout=None
+        request.extensions["timeout"] = bounded
+
     _http.set_client_factory(
         lambda: httpx2.Client(
-            event_hooks={"request": [_http.hf_request_event_hook]}, follow_redirects=True, timeout=timeout
+            event_hooks={"request": [bound, _http.hf_request_event_hook]}, follow_redirects=True, timeout=timeout
         )
     )
+    # `datasets` retries a failing stream 20 times, 5 s apart, on top of huggingface_hub's retries: a Hub
+    # that stopped answering held a job for half an hour. Once more, a second later, is enough.
+    datasets.config.STREAMING_READ_MAX_RETRIES = datasets.config.STREAMING_OPEN_MAX_RETRIES = 1
+    datasets.config.STREAMING_READ_RETRY_INTERVAL = datasets.config.STREAMING_OPEN_RETRY_INTERVAL = 1
     disable_progress_bars()
     datasets.disable_progress_bars()
 
 
 def _set_offline(offline: bool) -> None:
-    """A mirror is read offline: `datasets` never reaches for the network on its behalf. (Both kinds of
-    source only meet in one process in tests.)"""
+    """A mirror is read offline: `datasets` never reaches for the network on its behalf. A process reads
+    one source, whose creation sets it (both kinds only meet in one process in tests)."""
     import datasets.config
     import huggingface_hub.constants as hub_constants
 

@@ -53,6 +53,7 @@ class HubServer:
         self.modes: dict[str, str] = {}
         self.mode: str | None = None
         self.hang_seconds = 60.0
+        self.hang_on: str | None = None  # requests whose path holds this hang, whatever the repo's mode
         self.page_size = 1000  # entries per tree page (as the Hub: 1000, and at most 50 with expand=true)
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path?query, headers with lower-case names)
         self.bytes_sent: dict[str, int] = {}  # "repo_id/path_in_repo" -> bytes of the file written to the sockets
@@ -145,6 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))  # read it all: keep the connection usable
+        if hub.hang_on is not None and hub.hang_on in self.path:
+            hub._stopping.wait(hub.hang_seconds)
+            self.close_connection = True
+            return
         url = urlsplit(self.path)
         segments, query = url.path.split("/")[1:], parse_qs(url.query)
         try:

@@ -156,3 +156,26 @@ def test_the_token_reaches_no_log_event_ledger_row_or_cache_entry(
     kept = [path for path in Path(get_config().common.hf_cache_path).rglob("*") if path.is_file()]
     assert any(path.suffix == ".pickle" for path in kept)  # what datasets resolved, kept for the other steps
     assert not any(SECRET.encode() in path.read_bytes() for path in kept)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hang_on", ["/tree/", "/README.md"])
+def test_every_request_to_the_hub_is_bounded_by_its_timeout(
+    hang_on: str, hub: HubServer, stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing or a download that never answers (the libraries send some without a timeout) fails typed,
+    within the libraries' own retries of COMMON_HF_TIMEOUT_SECONDS each, instead of holding the job."""
+    import time
+
+    from common.exceptions import HubTransientError, HubUnavailableError
+    from common.reading import config_names
+    from common.sources import get_source
+
+    dataset = formats.two_configs_repo(hub.root)
+    source = get_source()
+    location = source.locate(dataset, source.revision(dataset))
+    hub.hang_on = hang_on
+    started = time.monotonic()
+    with pytest.raises((HubTransientError, HubUnavailableError)):
+        config_names(source, location)
+    assert time.monotonic() - started < 90

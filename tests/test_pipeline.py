@@ -158,6 +158,9 @@ def test_bad_datasets_get_typed_cached_errors(mirror: Path, worker: object) -> N
     assert child.error_code == "ParentStepFailedError" and "config-parquet-and-info" in child.content["error"]
     assert content(corrupted, "dataset-size")["failed"] == ["default"]
     assert content(corrupted, "dataset-is-valid") == {"viewer": False, "preview": False}
+    samples.write(mirror / "org" / "notimages" / "train" / "cat" / "1.png", "this is text, not a PNG")
+    not_images = run_pipeline("org/notimages")
+    assert not_images[("split-first-rows", "default", "train")].error_code == "DatasetGenerationError"
     wide = run_pipeline(samples.wide_dataset(mirror))
     assert (
         wide[("split-first-rows", "default", "train")].http_status,

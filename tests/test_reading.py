@@ -127,7 +127,7 @@ def test_a_conversion_past_its_cap_is_partial_and_says_how_much_it_read(
     assert (rows, partial) == (30, False) and pq.read_table(tmp_path / "out" / "all.parquet").num_rows == 30
     split = opened(mirror, dataset, "default", "train")
     rows, converted, partial = convert(split, tmp_path / "out" / "some.parquet", max_bytes=1)
-    assert (rows, partial) == (7, True) and converted > 0  # one batch: it reached the cap
+    assert (rows, partial) == (1, True) and converted > 0  # the cap falls in the first batch: one row kept
     assert pq.read_table(tmp_path / "out" / "some.parquet").num_rows == rows
 
 
@@ -230,3 +230,68 @@ def test_what_datasets_resolves_is_kept_per_revision_for_every_process_of_the_ho
     assert split_names(mirror, mirror.locate(dataset, "rev1"), "fr") == ["train", "test"]
     assert split_names(mirror, mirror.locate(dataset, "rev2"), "fr") == ["train"]  # another revision
     get_config.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0] * 50 + [1.0] * 50,  # a balanced label: the two middle values differ, each tied 50 times
+        [0.0] * 30 + [1.0] * 50 + [2.0] * 20,
+        [1.0] * 40 + [float(np.nextafter(1.0, 2.0))] * 60,  # neighbouring floats: bins cannot split them
+    ],
+)
+def test_the_median_ends_and_is_exact_with_ties_that_do_not_fit(
+    values: list[float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.steps import statistics
+
+    monkeypatch.setattr(statistics, "MEDIAN_MAX_VALUES", 7)
+    path = tmp_path / "values.parquet"
+    pq.write_table(pa.table({"x": values}), path)
+    column = statistics.Column("x", "number")
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=33):
+        column.add(batch.column(0))
+    assert statistics._median(str(path), column) == float(np.median(values))
+
+
+def test_a_class_label_counts_minus_one_as_no_label_and_a_float_histogram_keeps_float_bins(tmp_path: Path) -> None:
+    import json
+
+    from common.progress import Progress
+    from tasks.steps.statistics import describe
+
+    features = {"label": {"names": ["neg", "pos"], "_type": "ClassLabel"}, "p": {"dtype": "float64", "_type": "Value"}}
+    schema = pa.schema(
+        [("label", pa.int64()), ("p", pa.float64())],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+    path = tmp_path / "labels.parquet"
+    rows = [{"label": label, "p": p} for label, p in [(0, 0.0), (1, 1.0), (-1, 0.25), (-1, 0.75), (7, 0.5)]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    described = {
+        s["column_name"]: s["column_statistics"] for s in describe(str(path), Progress(lambda m: None))["statistics"]
+    }
+    assert described["label"]["frequencies"] == {"neg": 1, "pos": 1}
+    assert (described["label"]["no_label_count"], described["label"]["no_label_proportion"]) == (3, 0.6)
+    assert len(described["p"]["histogram"]["hist"]) == 10  # a probability's bins, not [0, 0.5, 1]
+
+
+def test_ugly_inputs_are_typed_errors_or_empty_splits(tmp_path: Path) -> None:
+    from common.exceptions import DatasetGenerationError
+    from tasks.samples import write
+
+    mirror = LocalMirror(tmp_path)
+    write(tmp_path / "u" / "yaml" / "README.md", "---\nconfigs: [\n---\n")
+    write(tmp_path / "u" / "yaml" / "train.csv", "a\n1\n")
+    with pytest.raises(DatasetGenerationError):
+        config_names(mirror, mirror.locate("u/yaml", "r"))
+    write(tmp_path / "u" / "empty" / "train.csv", "")
+    with pytest.raises(DatasetGenerationError):
+        next(opened(mirror, "u/empty", "default", "train").batches(10))
+    write(tmp_path / "u" / "header" / "train.csv", "a,b\n")  # a split with no rows
+    assert next(opened(mirror, "u/header", "default", "train").batches(10), None) is None
+    path = tmp_path / "u" / "norows" / "train.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": pa.array([], pa.int64())}), path)  # a row group of 0 rows
+    split = opened(mirror, "u/norows", "default", "train")
+    assert convert(split, tmp_path / "out.parquet", 10**9) == (0, 0, False)

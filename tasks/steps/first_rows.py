@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from PIL import Image
+
 from common.assets import CellLocation, store_audio, store_image
 from common.config import get_config
-from common.exceptions import TooManyColumnsError
+from common.exceptions import DatasetGenerationError, TooManyColumnsError
 from common.tables import column_kind, features
 from tasks.step_task import StepJob
 from tasks.steps.configs import open_job_split
@@ -32,7 +34,14 @@ def _cell(value: Any, kind: str, location: CellLocation) -> Any:
         data = value.get("bytes") if isinstance(value, dict) else None
         if data is None:
             return None
-        return store_image(location, data) if kind == "image" else store_audio(location, data)
+        if kind == "audio":
+            return store_audio(location, data)
+        try:
+            return store_image(location, data)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # not an image, truncated, a bomb
+            raise DatasetGenerationError(
+                f"row {location.row}, column {location.column!r}: not a readable image ({error})", error
+            ) from error
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return value

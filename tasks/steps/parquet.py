@@ -47,11 +47,16 @@ def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
             if converted >= max_bytes:
                 partial = True
                 break
+            if converted + batch.nbytes > max_bytes:  # the cap falls inside this batch: keep its rows up to it
+                rows_left = max(1, int(batch.num_rows * (max_bytes - converted) / batch.nbytes))
+                partial, batch = rows_left < batch.num_rows, batch.slice(0, rows_left)
             table = split.embed(batch)
             if writer is None:
                 writer = pq.ParquetWriter(temporary, table.schema)
             writer.write_table(table.cast(writer.schema))
             rows, converted = rows + table.num_rows, converted + table.nbytes
+            if partial:
+                break
         if writer is None:  # no rows: an empty file with the split's columns
             writer = pq.ParquetWriter(temporary, split.features.arrow_schema)
         writer.close()

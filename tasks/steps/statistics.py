@@ -64,6 +64,7 @@ class Column:
     name: str
     kind: str
     names: list[str] | None = None  # a class label's
+    integer: bool = False  # a number column of an integer type: its histogram's bins are integers
     rows: int = 0
     nulls: int = 0
     moments: Moments = field(default_factory=Moments)
@@ -103,46 +104,60 @@ def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
 
 
 def _median(path: str, column: Column) -> float:
-    """The exact median, from passes that narrow a range holding it until its values fit in memory.
-
-    Each pass counts, exactly, the values under the range and the values inside it by bin; the next range
-    is the bins holding the middle ranks (widened by a rounding step). The last pass keeps the range's
-    values, sorts them and picks the middle ones. (When a small split's values are kept in memory, the
-    passes are over them.)"""
+    """The exact median: the middle value, or the mean of the two middle ones."""
     count = column.moments.count
-    ranks = sorted({(count - 1) // 2, count // 2})  # 0-based: one middle value, or two to average
+    return float(np.mean([_select(path, column, rank) for rank in sorted({(count - 1) // 2, count // 2})]))
+
+
+def _select(path: str, column: Column, rank: int) -> float:
+    """The value of 0-based `rank` among the column's sorted values, from passes that narrow a range holding
+    it until that range's values fit in MEDIAN_MAX_VALUES.
+
+    Each pass counts, exactly, the values under the range and, by bin, those inside it; the next range is
+    the bin holding the rank (widened by a rounding step). A range that stops shrinking holds a few
+    distinct values (ties, or neighbouring floats): they are counted by value instead. (When a small
+    split's values are kept in memory, the passes are over them.)"""
     low, high = column.moments.low, column.moments.high
-    while low < high:
+    while True:
         below, counts, extremes = 0, np.zeros(MEDIAN_BINS, dtype=np.int64), [np.inf, -np.inf]
         for values in _numeric_batches(path, column):
             below += int((values < low).sum())
             inside = values[(values >= low) & (values <= high)]
             if inside.size:
-                index = np.minimum(((inside - low) * (MEDIAN_BINS / (high - low))).astype(np.int64), MEDIAN_BINS - 1)
-                counts += np.bincount(index, minlength=MEDIAN_BINS)
+                scaled = (inside - low) * (MEDIAN_BINS / (high - low)) if high > low else np.zeros(inside.size)
+                counts += np.bincount(np.minimum(scaled.astype(np.int64), MEDIAN_BINS - 1), minlength=MEDIAN_BINS)
                 extremes = [min(extremes[0], inside.min()), max(extremes[1], inside.max())]
-        if extremes[0] == extremes[1]:  # every value in the range is the same: the middle ones too
+        if extremes[0] == extremes[1]:  # one value in the range: the one at the rank
             return float(extremes[0])
-        cumulative = below + np.cumsum(counts)
-        first, last = (int(np.searchsorted(cumulative, rank, side="right")) for rank in (ranks[0], ranks[-1]))
+        index = int(np.searchsorted(below + np.cumsum(counts), rank, side="right"))
         width = (high - low) / MEDIAN_BINS
-        low, high = np.nextafter(low + first * width, -np.inf), np.nextafter(low + (last + 1) * width, np.inf)
-        if int(counts[first : last + 1].sum()) <= MEDIAN_MAX_VALUES:
+        narrowed = (np.nextafter(low + index * width, -np.inf), np.nextafter(low + (index + 1) * width, np.inf))
+        narrowed = (max(narrowed[0], low), min(narrowed[1], high))
+        if int(counts[index]) <= MEDIAN_MAX_VALUES or narrowed == (low, high):
             break
-    if low == high:
-        return float(low)
+        low, high = narrowed
+    if narrowed == (low, high):  # it stopped shrinking: few distinct values, counted by value
+        tally: Counter[float] = Counter()
+        for values in _numeric_batches(path, column):
+            distinct, times = np.unique(values[(values >= low) & (values <= high)], return_counts=True)
+            tally.update(dict(zip(distinct.tolist(), times.tolist(), strict=True)))
+        position = below
+        for value in sorted(tally):
+            position += tally[value]
+            if position > rank:
+                return float(value)
+    low, high = narrowed
     below, kept = 0, []
     for values in _numeric_batches(path, column):
         below += int((values < low).sum())
         kept.append(values[(values >= low) & (values <= high)])
-    values = np.sort(np.concatenate(kept))
-    return float(np.mean([values[rank - below] for rank in ranks]))
+    return float(np.sort(np.concatenate(kept))[rank - below])
 
 
 def _histogram(path: str, column: Column) -> dict[str, list[Any]]:
     low, high = column.moments.low, column.moments.high
     bins = HISTOGRAM_BINS
-    if float(low).is_integer() and float(high).is_integer():
+    if column.integer or column.kind == "string":  # lengths are integers too
         bins = max(1, min(HISTOGRAM_BINS, int(high - low) + 1))
     edges = np.linspace(low, high, bins + 1) if high > low else np.array([low, high])
     counts = np.zeros(len(edges) - 1, dtype=np.int64)
@@ -169,8 +184,18 @@ def _statistics(path: str, column: Column) -> dict[str, Any]:
             "histogram": _histogram(path, column),
         }
     names = column.names
-    frequencies = {(names[k] if names else str(k).lower()): n for k, n in column.frequencies.items()}
-    return statistics | {"n_unique": len(frequencies), "frequencies": frequencies}
+    if names is None:
+        frequencies = {str(k).lower(): n for k, n in column.frequencies.items()}
+        return statistics | {"n_unique": len(frequencies), "frequencies": frequencies}
+    # A class label: -1 (or any value that names no class) is "no label", as in unlabelled test splits.
+    frequencies = {names[k]: n for k, n in column.frequencies.items() if 0 <= k < len(names)}
+    unlabelled = sum(n for k, n in column.frequencies.items() if not 0 <= k < len(names))
+    return statistics | {
+        "no_label_count": unlabelled,
+        "no_label_proportion": round(unlabelled / column.rows, 5) if column.rows else 0,
+        "n_unique": len(frequencies),
+        "frequencies": frequencies,
+    }
 
 
 def split_descriptive_statistics(job: StepJob) -> dict[str, Any]:
@@ -187,8 +212,10 @@ def describe(path: str, progress: Progress, only: list[str] | None = None) -> di
     features = features_of(pq.read_schema(path))
     columns = [Column(name, column_kind(f)) for name, f in features.items() if only is None or name in only]
     for column in columns:
+        feature = features[column.name]
         if column.kind == "class_label":
-            column.names = list(features[column.name].names)
+            column.names = list(feature.names)
+        column.integer = column.kind == "number" and str(feature.dtype).startswith(("int", "uint"))
     columns = [c for c in columns if c.kind in (*NUMERIC_KINDS, "bool", "class_label")]
     total = pq.ParquetFile(path).metadata.num_rows
     steps = max(1, total + len(columns))  # every row read, then every column's passes
