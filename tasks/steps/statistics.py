@@ -106,7 +106,18 @@ def _numeric_batches(path: str, column: Column) -> Iterator[np.ndarray]:
 def _median(path: str, column: Column) -> float:
     """The exact median: the middle value, or the mean of the two middle ones."""
     count = column.moments.count
-    return float(np.mean([_select(path, column, rank) for rank in sorted({(count - 1) // 2, count // 2})]))
+    lower = _select(path, column, (count - 1) // 2)
+    if count % 2:
+        return lower
+    # The upper middle value, in one pass: the lower one again, or else the smallest value above it.
+    at_most, above = 0, np.inf
+    for values in _numeric_batches(path, column):
+        at_most += int((values <= lower).sum())
+        bigger = values[values > lower]
+        if bigger.size:
+            above = min(above, float(bigger.min()))
+    upper = lower if at_most > count // 2 else above
+    return float(np.mean([lower, upper]))
 
 
 def _select(path: str, column: Column, rank: int) -> float:
