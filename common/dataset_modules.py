@@ -7,7 +7,7 @@ pattern walks the tree). Every step of a dataset needs it, at the same revision.
 
 Inside :func:`kept_at` (which common.reading wraps around its calls), `datasets`'s
 `dataset_module_factory` keeps its answer, keyed by the repository and the revision: in the process, and
-pickled under `<COMMON_HF_CACHE_DIRECTORY>/modules/` for the host's other processes (trimmed with the rest
+pickled under `<COMMON_HF_CACHE_DIRECTORY>/datasets/modules/` for the host's other processes (trimmed with the rest
 of that cache). A Hub revision is a commit; a mirror's is its manifest (files, sizes and times), so a
 changed file is another key. Outside it, `datasets` works as it always does.
 """

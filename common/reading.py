@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -92,7 +91,7 @@ class Split:
         """The table with the bytes of its image and audio files inside it."""
         from datasets.table import embed_table_storage
 
-        if not any(feature_type(feature) in MEDIA_TYPES for feature in self.features.values()):
+        if not self.has_media:
             return table
         embedded: pa.Table = self.source.call(
             embed_table_storage, table, token_per_repo_id=self.location.token_per_repo_id
@@ -129,8 +128,7 @@ def open_split(source: DatasetSource, location: Location, config: str, split: st
 
 def _resolved_once(location: Location) -> contextlib.AbstractContextManager[None]:
     """What `datasets` resolves about the repository (its configs and data files), once per revision."""
-    assert location.cache_dir is not None
-    return kept_at(location.path, location.fingerprint, Path(location.cache_dir))
+    return kept_at(location.path, location.fingerprint, location.cache_dir)
 
 
 def _config_not_found(error: ValueError, location: Location, config: str) -> Exception:

@@ -45,11 +45,16 @@ class Location:
     fingerprint: str  # the revision the job reads (a mirror's too: its manifest)
     revision: str | None = None  # the Hub commit `datasets` reads; a mirror's directory has only its present
     token: str | None = None
-    cache_dir: str | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where `datasets` keeps what it writes for this dataset (locks, resolved modules): in the host's
+        COMMON_HF_CACHE_DIRECTORY, whichever the source."""
+        return _cache_path() / "datasets"
 
     def load_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `datasets.load_dataset` and its siblings for this location."""
-        arguments: dict[str, Any] = {"path": self.path, "cache_dir": self.cache_dir}
+        arguments: dict[str, Any] = {"path": self.path, "cache_dir": str(self.cache_dir)}
         if self.revision is not None:
             arguments |= {"revision": self.revision, "token": self.token}
         return arguments
@@ -118,7 +123,7 @@ class LocalMirror:
         return digest
 
     def locate(self, dataset: str, revision: str) -> Location:
-        return Location(dataset, str(self.directory(dataset)), revision, cache_dir=str(_cache_path() / "datasets"))
+        return Location(dataset, str(self.directory(dataset)), revision)
 
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
         try:
@@ -145,9 +150,9 @@ def _manifest(directory: Path) -> Iterator[tuple[str, int, int]]:
 class HubSource:
     """Datasets on the Hub at `endpoint`: read by `datasets` in streaming mode, only the bytes a step needs.
 
-    Every call goes through the Hub's shared circuit breaker, with retries of its transient errors
-    (common.resilience); files the libraries download (READMEs, metadata) go to COMMON_HF_CACHE_DIRECTORY,
-    trimmed to COMMON_HF_CACHE_MAX_BYTES.
+    Every call goes through the Hub's shared circuit breaker (common.resilience); the libraries retry their
+    own listings and downloads, and the revision is retried here. Files the libraries download (READMEs,
+    metadata) go to COMMON_HF_CACHE_DIRECTORY, trimmed to COMMON_HF_CACHE_MAX_BYTES.
     """
 
     def __init__(self, endpoint: str, token: str | None) -> None:
@@ -176,8 +181,7 @@ class HubSource:
         return str(info.sha)
 
     def locate(self, dataset: str, revision: str) -> Location:
-        path = parse_dataset(dataset).full
-        return Location(dataset, path, revision, revision, self.token, str(_cache_path() / "datasets"))
+        return Location(dataset, parse_dataset(dataset).full, revision, revision, self.token)
 
 
 def _cache_path() -> Path:
@@ -192,7 +196,7 @@ def _trim_cache() -> None:
 
 def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> None:
     """Point `huggingface_hub` and `datasets` at `endpoint` (they read it at import), with `timeout` on
-        every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars. (`datasets`
+    every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars. (`datasets`
     would also ask the Hub's dataset viewer for the features and splits it computed: we compute them.)"""
     os.environ["HF_ENDPOINT"] = endpoint
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -23,7 +23,7 @@ from tasks.queue import get_queue
 from tests import formats
 from tests.conftest import Stores
 from tests.hub_server import HubServer
-from tests.test_pipeline import content, default_graph, run_pipeline, wait_until_settled
+from tests.test_pipeline import content, default_graph, run_pipeline, use_pipeline_settings, wait_until_settled
 
 __all__ = ["default_graph"]  # a fixture: the default graph only (no sample steps to backfill)
 
@@ -36,13 +36,13 @@ def hub(stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iter
     root.mkdir()
     with HubServer(root) as server:
         server.token = SECRET
-        monkeypatch.setenv("COMMON_HF_ENDPOINT", server.url)
-        monkeypatch.setenv("COMMON_HF_TIMEOUT_SECONDS", "1")
-        monkeypatch.setenv("COMMON_HF_CACHE_DIRECTORY", str(tmp_path / "hf-cache"))
-        monkeypatch.setenv("ASSETS_STORAGE_DIRECTORY", str(tmp_path / "assets"))
-        monkeypatch.setenv("WORKER_PARQUET_DIRECTORY", str(tmp_path / "parquet"))
-        monkeypatch.setenv("QUEUE_MAX_JOBS_PER_NAMESPACE", "4")
-        get_config.cache_clear()
+        use_pipeline_settings(
+            monkeypatch,
+            tmp_path,
+            server.url,
+            COMMON_HF_TIMEOUT_SECONDS="1",
+            COMMON_HF_CACHE_DIRECTORY=str(tmp_path / "hf-cache"),
+        )
         yield server
     get_config.cache_clear()
 

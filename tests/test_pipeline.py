@@ -19,20 +19,33 @@ from common.processing_graph import get_processing_graph
 from common.queue import JobStatus
 from tasks import samples, steps
 from tasks.queue import get_queue
-from tests.conftest import Stores
+from tests.conftest import Stores, use_settings
 
 TIMEOUT = 120.0
+
+
+def use_pipeline_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str, **more: str
+) -> dict[str, str]:
+    """The settings a pipeline test reads datasets with, from `endpoint`: its own assets and Parquet
+    directories under tmp_path, and 4 jobs at once per namespace."""
+    return use_settings(
+        monkeypatch,
+        {
+            "COMMON_HF_ENDPOINT": endpoint,
+            "ASSETS_STORAGE_DIRECTORY": str(tmp_path / "assets"),
+            "WORKER_PARQUET_DIRECTORY": str(tmp_path / "parquet"),
+            "QUEUE_MAX_JOBS_PER_NAMESPACE": "4",
+            **more,
+        },
+    )
 
 
 @pytest.fixture
 def mirror(stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "mirror"
     root.mkdir()
-    monkeypatch.setenv("COMMON_HF_ENDPOINT", f"file://{root}")
-    monkeypatch.setenv("ASSETS_STORAGE_DIRECTORY", str(tmp_path / "assets"))
-    monkeypatch.setenv("WORKER_PARQUET_DIRECTORY", str(tmp_path / "parquet"))
-    monkeypatch.setenv("QUEUE_MAX_JOBS_PER_NAMESPACE", "4")
-    get_config.cache_clear()
+    use_pipeline_settings(monkeypatch, tmp_path, f"file://{root}")
     yield root
     get_config.cache_clear()
 
