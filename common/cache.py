@@ -10,7 +10,7 @@ Readers use :func:`get_response`; steps never call this module, the worker store
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -282,3 +282,18 @@ def count_by_status(kind: str | None = None) -> list[CacheCount]:
     ]
     counts = [CacheCount(**row["_id"], count=row["count"]) for row in cache_collection().aggregate(pipeline)]
     return sorted(counts, key=lambda c: (c.kind, c.http_status, c.error_code or ""))
+
+
+def move_dataset_responses(old: str, new: str, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Give the entries of dataset `old` to `new` (whose own entries are replaced), each content passed
+    through `rewrite`; returns how many moved. Not atomic: a reader may see both names for a moment."""
+    old, _, _ = validate_key(old, None, None)
+    new, _, _ = validate_key(new, None, None)
+    collection = cache_collection()
+    documents = list(collection.find({"dataset": old}, projection={"_id": False}))
+    collection.delete_many({"dataset": new})
+    for document in documents:
+        document |= {"dataset": new, "content": rewrite(document["content"])}
+        collection.replace_one({field: document[field] for field in KEY_FIELDS}, document, upsert=True)
+    collection.delete_many({"dataset": old})
+    return len(documents)

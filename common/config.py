@@ -1,7 +1,7 @@
 """Settings every stepcache process reads, one pydantic-settings model per environment prefix.
 
 The names and defaults of the ASSETS_, COMMON_, CACHE_ and QUEUE_ variables are those of the
-dataset-viewer's libcommon; QUEUE_REDIS_URL and the WORKER_ prefix are stepcache's own.
+dataset-viewer's libcommon; QUEUE_REDIS_URL and the WORKER_ and API_ prefixes are stepcache's own.
 Values come from the environment (and an optional `.env` file in the working directory).
 
 A bad value stops the process at start: :func:`get_config` raises :class:`ConfigError` whose message is
@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.exceptions import ConfigError
@@ -61,6 +61,10 @@ WORKER_PARQUET_MAX_BYTES = 1_000_000_000
 WORKER_MAX_FAILED_RUNS = 3
 WORKER_QUEUED_LEASE_SECONDS = 300.0
 WORKER_HARD_LIMIT_GRACE_SECONDS = 30.0
+API_HOST = "127.0.0.1"
+API_PORT = 8000
+API_METRICS_PORT = 9809
+MIN_SECRET_LENGTH = 16
 
 
 def mask_url(url: str) -> str:
@@ -211,6 +215,65 @@ class WorkerConfig(_Settings):
         return max(3600.0, 2 * self.max_job_duration_seconds + self.lease_ttl_seconds)
 
 
+def _check_secret(value: SecretStr) -> SecretStr:
+    if 0 < len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+        raise ValueError(f"must be empty (off) or at least {MIN_SECRET_LENGTH} characters")
+    return value
+
+
+Secret = Annotated[SecretStr, AfterValidator(_check_secret)]
+JwtAlgorithm = Literal["EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+
+
+class ApiConfig(_Settings):
+    """The HTTP API (`python -m tasks api`). An empty secret turns its feature off: no operator key and no
+    operator secret, no operator endpoint; no webhook secret, no webhook; no JWT public key, no gated or
+    private dataset served. The assets' signing key, when empty, is drawn at random when the API starts
+    (its URLs then hold for that process only)."""
+
+    model_config = SettingsConfigDict(env_prefix="API_")
+
+    host: str = API_HOST
+    port: Annotated[int, Field(ge=0, le=65535)] = API_PORT
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = API_METRICS_PORT
+    cors_origins: str = ""  # comma-separated origins, or "*"; empty: no CORS headers
+    max_body_bytes: Annotated[int, Field(ge=1_000, le=100_000_000)] = 1_000_000
+    request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    cache_max_age_seconds: Annotated[int, Field(ge=0)] = 60
+    retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
+    backfill_interval_seconds: Annotated[float, Field(gt=0)] = 60.0
+    access_cache_seconds: Annotated[float, Field(ge=0)] = 60.0
+    jwt_algorithm: JwtAlgorithm = "EdDSA"
+    jwt_public_key: str = ""
+    jwt_audience: Annotated[str, Field(min_length=1)] = "stepcache"
+    operator_key: Secret = SecretStr("")
+    operator_secret: Secret = SecretStr("")
+    signature_window_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    webhook_secret: Secret = SecretStr("")
+    assets_signing_key: Secret = SecretStr("")
+    assets_url_ttl_seconds: Annotated[int, Field(ge=1)] = 3600
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _check_public_key(cls, value: str, info: ValidationInfo) -> str:
+        """A PEM public key of the algorithm's family (newlines may be written `\\n` in one-line variables)."""
+        pem = value.replace("\\n", "\n").strip()
+        algorithm = info.data.get("jwt_algorithm")
+        if pem and algorithm:
+            from jwt.algorithms import get_default_algorithms
+
+            try:
+                get_default_algorithms()[algorithm].prepare_key(pem)
+            except Exception as error:
+                raise ValueError(f"not a PEM public key for {algorithm}: {error}") from None
+        return pem
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+
 class AppConfig(BaseModel):
     """All settings of one process."""
 
@@ -220,6 +283,7 @@ class AppConfig(BaseModel):
         "cache": CacheConfig,
         "queue": QueueConfig,
         "worker": WorkerConfig,
+        "api": ApiConfig,
     }
 
     assets: AssetsConfig
@@ -227,6 +291,7 @@ class AppConfig(BaseModel):
     cache: CacheConfig
     queue: QueueConfig
     worker: WorkerConfig
+    api: ApiConfig
 
     @classmethod
     def from_env(cls) -> AppConfig:
@@ -246,7 +311,7 @@ def _one_line(settings_class: type[_Settings], error: ValidationError) -> str:
     variable = prefix + "_".join(str(part) for part in first["loc"]).upper()
     raw = os.environ.get(variable)
     shown = ""
-    if raw is not None and "TOKEN" not in variable:
+    if raw is not None and not any(word in variable for word in ("TOKEN", "SECRET", "KEY")):
         shown = f"={mask_url(raw) if 'URL' in variable else raw!r}"
     message = first["msg"].removeprefix("Value error, ")
     return f"invalid configuration: {variable}{shown}: {message}"

@@ -23,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.logging import current_request_id
+
 SCHEMA_VERSION = 1
 JOB_KEY_FIELDS: set[str] = {"job_id", "step", "dataset", "config", "split", "namespace"}  # every event carries them
 
@@ -63,6 +65,7 @@ class Event(BaseModel):
     config: str | None = None
     split: str | None = None
     namespace: str | None = None
+    request_id: str | None = Field(default_factory=current_request_id)  # the API request it was published in
 
 
 class JobEvent(Event):

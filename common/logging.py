@@ -2,8 +2,9 @@
 
 Inside a job, every line carries the job id, the step and the dataset: :func:`job_context` sets them in
 a context variable that a filter copies onto each record, so code deep inside a step logs with plain
-`logging.getLogger(__name__)` and still says which job it belongs to. Passwords inside URLs are masked
-in every line, whoever logged them.
+`logging.getLogger(__name__)` and still says which job it belongs to. Inside an HTTP request of the API,
+:func:`request_context` does the same with the request id, which the events published in the request carry
+too. Passwords inside URLs are masked in every line, whoever logged them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 from common.config import LogFormat, LogLevel, mask_url
 
 JOB_FIELDS = ("job_id", "step", "dataset")
+CONTEXT_FIELDS = ("request_id", *JOB_FIELDS)
 _job: ContextVar[dict[str, str]] = ContextVar("stepcache_job", default={})  # noqa: B039 (never mutated)
+_request_id: ContextVar[str | None] = ContextVar("stepcache_request_id", default=None)
 _URL_WITH_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/@'\"]*@[^\s'\"]+", re.IGNORECASE)
-PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(job)s: %(message)s"
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
 
 
 def mask_secrets(text: str) -> str:
@@ -40,14 +43,29 @@ def job_context(job_id: str, step: str, dataset: str) -> Iterator[None]:
         _job.reset(token)
 
 
+@contextmanager
+def request_context(request_id: str) -> Iterator[None]:
+    """Every line logged, and every event made, inside this block carries the request id."""
+    token = _request_id.set(request_id)
+    try:
+        yield
+    finally:
+        _request_id.reset(token)
+
+
+def current_request_id() -> str | None:
+    """The id of the API request this code runs for, if any."""
+    return _request_id.get()
+
+
 class JobContextFilter(logging.Filter):
-    """Copies the current job's fields onto the record and masks secrets in its message."""
+    """Copies the current request's id and job's fields onto the record and masks secrets in its message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        job = _job.get()
-        for field in JOB_FIELDS:
-            setattr(record, field, job.get(field))
-        record.job = "".join(f" [{field}={job[field]}]" for field in JOB_FIELDS if field in job)
+        context = {**_job.get(), "request_id": _request_id.get()}
+        for field in CONTEXT_FIELDS:
+            setattr(record, field, context.get(field))
+        record.context = "".join(f" [{field}={context[field]}]" for field in CONTEXT_FIELDS if context.get(field))
         message = record.getMessage()
         masked = mask_secrets(message)
         if masked != message:
@@ -65,7 +83,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for field in JOB_FIELDS:
+        for field in CONTEXT_FIELDS:
             value = getattr(record, field, None)
             if value is not None:
                 line[field] = value

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from common.config import get_config
@@ -34,6 +34,8 @@ from common.names import parse_dataset
 
 R = TypeVar("R")
 MANIFEST_TTL_SECONDS = 1.0
+Access = Literal["public", "gated", "private"]
+ACCESS_MARKED: tuple[Access, ...] = ("private", "gated")  # a mirror's marker files, the strictest first
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class DatasetSource(Protocol):
 
     def locate(self, dataset: str, revision: str) -> Location:
         """Where `datasets` reads the dataset at that revision."""
+        ...
+
+    def access(self, dataset: str) -> Access:
+        """Who may read the dataset: everyone ("public"), or only with a token ("gated", "private")."""
         ...
 
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
@@ -125,6 +131,11 @@ class LocalMirror:
     def locate(self, dataset: str, revision: str) -> Location:
         return Location(dataset, str(self.directory(dataset)), revision)
 
+    def access(self, dataset: str) -> Access:
+        """ "private" or "gated" when the dataset's folder holds a file `.private` or `.gated`."""
+        directory = self.directory(dataset)
+        return next((level for level in ACCESS_MARKED if (directory / f".{level}").exists()), "public")
+
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
         try:
             return _typed(function, *args, **kwargs)
@@ -173,15 +184,21 @@ class HubSource:
             _trim_cache()
 
     def revision(self, dataset: str) -> str:
+        return str(self._info(dataset).sha)
+
+    def _info(self, dataset: str) -> Any:
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=self.endpoint, token=self.token, library_name="stepcache")
         timeout = get_config().common.hf_timeout_seconds
-        info = self.call(api.dataset_info, parse_dataset(dataset).full, timeout=timeout, retries=True)
-        return str(info.sha)
+        return self.call(api.dataset_info, parse_dataset(dataset).full, timeout=timeout, retries=True)
 
     def locate(self, dataset: str, revision: str) -> Location:
         return Location(dataset, parse_dataset(dataset).full, revision, revision, self.token)
+
+    def access(self, dataset: str) -> Access:
+        info = self._info(dataset)
+        return "private" if info.private else "gated" if info.gated else "public"
 
 
 def _cache_path() -> Path:

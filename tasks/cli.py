@@ -198,7 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--once", action="store_true", help="exit when the sample pipelines are done")
     run_parser.add_argument("--home", type=Path, default=None, help="where local data goes (default: .stepcache)")
     run_parser.add_argument("--flower-port", type=int, default=5555, help="Flower's port (default: 5555)")
+    run_parser.add_argument("--api-port", type=int, default=8000, help="the HTTP API's port (default: 8000)")
     run_parser.set_defaults(run=_run)
+
+    api_parser = commands.add_parser("api", help="serve the cache, jobs and assets over HTTP (uvicorn)")
+    api_parser.add_argument("--host", default=None, help="the address to listen on (default: API_HOST)")
+    api_parser.add_argument("--port", type=int, default=None, help="the port (default: API_PORT)")
+    api_parser.add_argument("--workers", type=_positive, default=None, help="processes (default: API_WORKERS)")
+    api_parser.set_defaults(run=_api)
 
     enqueue_parser = commands.add_parser("enqueue", help="enqueue one step for a dataset, config or split")
     enqueue_parser.add_argument("step", metavar="STEP", help="a step of the graph, e.g. dataset-config-names")
@@ -275,7 +282,13 @@ def _top(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tasks.run import DEFAULT_HOME, run
 
-    return run(home=args.home or DEFAULT_HOME, once=args.once, flower_port=args.flower_port)
+    return run(home=args.home or DEFAULT_HOME, once=args.once, flower_port=args.flower_port, api_port=args.api_port)
+
+
+def _api(args: argparse.Namespace) -> int:
+    from tasks.serve_api import serve_api
+
+    return serve_api(host=args.host, port=args.port, workers=args.workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

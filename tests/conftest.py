@@ -34,7 +34,7 @@ from common.config import AppConfig, QueueConfig, get_config
 from common.redis_connection import RedisClient, connect
 from tasks.embedded import ServerUnavailableError, start_mongo, start_redis
 
-SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_", "CELERY_BROKER_URL")
+SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_", "API_", "CELERY_BROKER_URL")
 SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
 T = TypeVar("T")
 
@@ -258,3 +258,11 @@ def worker(stores: Stores, celery_app: Celery) -> Iterator[object]:
         shutdown_timeout=30,
     ) as running:
         yield running
+
+
+@pytest.fixture
+def default_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default graph only: the sample steps other tests register would be "missing" for every dataset."""
+    import common.processing_graph as graph_module
+
+    monkeypatch.setattr(graph_module, "processing_graph", graph_module.ProcessingGraph(graph_module.DEFAULT_STEPS))

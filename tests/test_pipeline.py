@@ -189,12 +189,6 @@ def test_a_ten_megabyte_cell_is_truncated_to_fit(mirror: Path, worker: object) -
     assert first_rows["rows"][1]["row"] == {"id": 2, "text": "small"}
 
 
-@pytest.fixture
-def default_graph(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default graph only: the sample steps other tests register would be "missing" for every dataset."""
-    monkeypatch.setattr(graph_module, "processing_graph", graph_module.ProcessingGraph(graph_module.DEFAULT_STEPS))
-
-
 def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
     mirror: Path, worker: object, default_graph: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,103 @@
+"""`create_api()`: the FastAPI app, its routes, middlewares and error handlers.
+
+Every error is JSON `{"error": message, "error_code": code}` with the code in `X-Error-Code`: the typed
+errors of stepcache with their status (a bad name: 422), FastAPI's validation errors as 422
+`InvalidParameterError`, and anything unexpected as 500 `UnexpectedError`, logged with its traceback and
+the request id, never sent. `GET /healthcheck` answers when the API can reach Redis and MongoDB.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from api import assets, cached, jobs, operator, webhook
+from api.errors import answer_error, error_response
+from api.middleware import RequestMiddleware
+from common.config import AppConfig, get_config_or_exit
+from common.exceptions import StepcacheError
+
+logger = logging.getLogger(__name__)
+HTTP_ERROR_CODES = {
+    HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "PayloadTooLargeError",
+}
+
+
+def create_api(settings: AppConfig | None = None) -> FastAPI:
+    settings = settings or get_config_or_exit()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import tasks  # noqa: F401  (the Celery app jobs are published through)
+
+        yield
+
+    app = FastAPI(
+        title="stepcache",
+        summary="Precomputed responses about datasets, their jobs and assets",
+        version="1",
+        lifespan=lifespan,
+    )
+    for router in (cached.router(), jobs.router(), assets.router(settings), operator.router(), webhook.router()):
+        app.include_router(router)
+    app.add_api_route("/healthcheck", healthcheck, methods=["GET"], tags=["health"])
+    app.add_exception_handler(StepcacheError, _stepcache_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    origins = settings.api.allowed_origins
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD"], max_age=3600)
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=settings.api.max_body_bytes,
+        timeout_seconds=settings.api.request_timeout_seconds,
+    )
+    return app
+
+
+def healthcheck() -> dict[str, str]:
+    """Redis and MongoDB answer."""
+    from common.cache import cache_collection
+    from common.config import get_config
+    from common.redis_connection import get_redis
+
+    get_redis(get_config().queue.redis_url).ping()
+    cache_collection().database.command("ping")
+    return {"status": "ok"}
+
+
+async def _stepcache_error(request: Request, error: Exception) -> JSONResponse:
+    return answer_error(error)
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in problem.get('loc', ()))}: {problem.get('msg', '')}"
+        for problem in error.errors()
+    )
+    return error_response(
+        HTTPStatus.UNPROCESSABLE_ENTITY, f"invalid request: {problems}"[:1000], "InvalidParameterError"
+    )
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    code = HTTP_ERROR_CODES.get(HTTPStatus(error.status_code), f"HTTP{error.status_code}Error")
+    return error_response(error.status_code, str(error.detail), code, dict(error.headers or {}))
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return answer_error(error)

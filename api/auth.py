@@ -1,0 +1,153 @@
+"""Who may read what.
+
+Gated and private datasets
+    Served only with `Authorization: Bearer <JWT>`: signed with API_JWT_ALGORITHM (asymmetric only: an
+    HMAC or `none` token is refused, so the public key can never be used as a shared secret), verified
+    with API_JWT_PUBLIC_KEY, unexpired (`exp` required), for API_JWT_AUDIENCE (`aud` required), and for
+    this dataset (`sub` is `datasets/<dataset>`). Whether a dataset is public is asked to the source
+    (common.sources) and kept API_ACCESS_CACHE_SECONDS per dataset.
+Operator endpoints
+    `Authorization: Bearer <API_OPERATOR_KEY>`, or a request signed with API_OPERATOR_SECRET:
+    `X-Stepcache-Timestamp: <unix seconds>` and `X-Stepcache-Signature: <hex HMAC-SHA256>` over
+    `"<timestamp>\\n<METHOD>\\n<path>?<query>\\n<hex SHA-256 of the body>"` (:func:`sign_request`). A
+    timestamp outside API_SIGNATURE_WINDOW_SECONDS is stale, and a signature is accepted once: Redis
+    remembers it for twice the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import threading
+import time
+from collections import OrderedDict
+
+import jwt
+from fastapi import Request
+
+from api.errors import AuthenticationRequiredError, ForbiddenError
+from common.config import ApiConfig, get_config
+from common.constants import REDIS_PREFIX
+from common.redis_connection import get_redis
+from common.sources import Access
+
+TIMESTAMP_HEADER = "X-Stepcache-Timestamp"
+SIGNATURE_HEADER = "X-Stepcache-Signature"
+ACCESS_CACHE_SIZE = 10_000
+
+
+class _AccessCache:
+    """The access of the datasets asked about lately (bounded, least recently used out first)."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[float, Access]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, dataset: str, ttl: float) -> Access:
+        now = time.monotonic()
+        with self._lock:
+            known = self._entries.get(dataset)
+            if known is not None and now - known[0] < ttl:
+                self._entries.move_to_end(dataset)
+                return known[1]
+        from common.sources import get_source
+
+        access = get_source().access(dataset)  # typed errors: DatasetNotFoundError, HubUnavailableError...
+        with self._lock:
+            self._entries[dataset] = (now, access)
+            self._entries.move_to_end(dataset)
+            while len(self._entries) > ACCESS_CACHE_SIZE:
+                self._entries.popitem(last=False)
+        return access
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+access_cache = _AccessCache()
+
+
+def bearer(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() or None if scheme.lower() == "bearer" else None
+
+
+def check_dataset_access(request: Request, dataset: str) -> Access:
+    """The dataset's access; for a gated or private one, a valid JWT for it, or a 401/403 typed error."""
+    settings = get_config().api
+    access = access_cache.get(dataset, settings.access_cache_seconds)
+    if access != "public":
+        check_token(bearer(request), dataset, settings)
+    return access
+
+
+def check_token(token: str | None, dataset: str, settings: ApiConfig) -> None:
+    if token is None:
+        raise AuthenticationRequiredError(f"{dataset} is not public: send a JWT for it (Authorization: Bearer)")
+    if not settings.jwt_public_key:
+        raise AuthenticationRequiredError("this API checks no token: API_JWT_PUBLIC_KEY is not set")
+    try:
+        claims = jwt.decode(
+            token,
+            settings.jwt_public_key,
+            algorithms=[settings.jwt_algorithm],
+            audience=settings.jwt_audience,
+            options={"require": ["exp", "aud", "sub"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthenticationRequiredError("the token has expired") from None
+    except jwt.InvalidTokenError as error:
+        raise AuthenticationRequiredError(f"the token is not valid: {error}") from None
+    if claims.get("sub") != f"datasets/{dataset}":
+        raise ForbiddenError(f"the token does not give access to {dataset}")
+
+
+def request_digest(secret: str, timestamp: str, method: str, target: str, body: bytes) -> str:
+    """The signature of a request to `target` (its path and, after `?`, its query) at `timestamp`."""
+    message = f"{timestamp}\n{method.upper()}\n{target}\n{hashlib.sha256(body).hexdigest()}"
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_request(secret: str, method: str, target: str, body: bytes = b"", now: float | None = None) -> dict[str, str]:
+    """The headers that sign an operator request (what a client of the operator endpoints sends)."""
+    timestamp = str(int(time.time() if now is None else now))
+    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: request_digest(secret, timestamp, method, target, body)}
+
+
+async def require_operator(request: Request) -> None:
+    """A FastAPI dependency: the operator's key, or a fresh signature seen for the first time."""
+    from starlette.concurrency import run_in_threadpool
+
+    settings = get_config().api
+    key = settings.operator_key.get_secret_value()
+    token = bearer(request)
+    if key and token is not None:
+        if hmac.compare_digest(token.encode(), key.encode()):
+            return
+        raise AuthenticationRequiredError("wrong operator key")
+    secret = settings.operator_secret.get_secret_value()
+    timestamp, signature = request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER)
+    if not secret or timestamp is None or signature is None:
+        raise AuthenticationRequiredError(
+            "operator endpoints need Authorization: Bearer <API_OPERATOR_KEY> or a request signed with "
+            f"API_OPERATOR_SECRET ({TIMESTAMP_HEADER}, {SIGNATURE_HEADER})"
+        )
+    try:
+        age = abs(time.time() - int(timestamp))
+    except ValueError:
+        raise AuthenticationRequiredError(f"{TIMESTAMP_HEADER} is not a number of seconds") from None
+    if age > settings.signature_window_seconds:
+        raise AuthenticationRequiredError(f"stale signature: its timestamp is {age:.0f} s away from now")
+    query = request.url.query
+    target = request.url.path + (f"?{query}" if query else "")
+    expected = request_digest(secret, timestamp, request.method, target, await request.body())
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
+        raise AuthenticationRequiredError("the request's signature does not match it")
+    window = math.ceil(2 * settings.signature_window_seconds)
+    first = await run_in_threadpool(
+        get_redis(get_config().queue.redis_url).set, f"{REDIS_PREFIX}:api:signature:{signature}", 1, nx=True, ex=window
+    )
+    if not first:
+        raise AuthenticationRequiredError("replayed signature: this signed request was already received")

@@ -1,0 +1,104 @@
+"""The errors the API answers with, beside the typed errors of common.exceptions.
+
+Every error body is `{"error": message, "error_code": code}`; the code is also in the `X-Error-Code`
+header. A cached error keeps the status and code its step stored.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from common.exceptions import CacheableError, InvalidInputError, StepcacheError, UnknownJobError
+
+ERROR_CODE_HEADER = "X-Error-Code"
+
+
+class ApiError(StepcacheError):
+    """An answer other than the cached content; `error_code` is the class name unless set."""
+
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+    error_code: str | None = None
+    headers: dict[str, str] = {}  # noqa: RUF012 (instances replace it, never mutate it)
+
+    def __init__(
+        self, message: str, headers: dict[str, str] | None = None, error_code: str | None = None, **fields: Any
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+        if headers is not None:
+            self.headers = headers
+        if error_code is not None:
+            self.error_code = error_code
+
+    @property
+    def code(self) -> str:
+        return self.error_code or type(self).__name__
+
+
+class AuthenticationRequiredError(ApiError):
+    """No credentials, or credentials that are not valid (expired, tampered, wrong audience)."""
+
+    http_status = HTTPStatus.UNAUTHORIZED
+
+
+class ForbiddenError(ApiError):
+    """Valid credentials that do not give access to this resource."""
+
+    http_status = HTTPStatus.FORBIDDEN
+
+
+class NotFoundError(ApiError):
+    http_status = HTTPStatus.NOT_FOUND
+
+
+class ResponseNotReadyError(ApiError):
+    """The entry is being computed (or a backfill for it was just enqueued): ask again after Retry-After."""
+
+    http_status = HTTPStatus.ACCEPTED
+
+
+class ResponseNotFoundError(ApiError):
+    """No entry, none being computed, and the graph does not expect one (say, a config the dataset lacks)."""
+
+    http_status = HTTPStatus.NOT_FOUND
+
+
+class PayloadTooLargeError(ApiError):
+    http_status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class RequestTimeoutError(ApiError):
+    http_status = HTTPStatus.GATEWAY_TIMEOUT
+
+
+class InvalidParameterError(ApiError):
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+def error_body(message: str, code: str, **fields: Any) -> dict[str, Any]:
+    return {"error": message, "error_code": code, **fields}
+
+
+def error_response(
+    status: int, message: str, code: str, headers: dict[str, str] | None = None, **fields: Any
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, code, **fields), status, headers={**(headers or {}), ERROR_CODE_HEADER: code}
+    )
+
+
+def answer_error(error: Exception) -> JSONResponse:
+    """The JSON answer of an error raised while serving a request (never a traceback)."""
+    if isinstance(error, ApiError):
+        return error_response(error.http_status, error.message, error.code, error.headers, **error.fields)
+    if isinstance(error, UnknownJobError):
+        return error_response(HTTPStatus.NOT_FOUND, str(error), type(error).__name__)
+    if isinstance(error, InvalidInputError):
+        return error_response(HTTPStatus.UNPROCESSABLE_ENTITY, str(error), type(error).__name__)
+    if isinstance(error, CacheableError):
+        return error_response(error.http_status, error.message, error.error_code)
+    return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error occurred", "UnexpectedError")

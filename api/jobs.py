@@ -1,0 +1,106 @@
+"""Jobs, as the ledger records them, and their events as they happen.
+
+`GET /jobs/{job_id}`: the job's ledger state (its lease token left out).
+`GET /jobs/{job_id}/events`: Server-Sent Events, one per event of the job on the event stream (job.*,
+task.*: queued, started, progress, heartbeat, cache updated, succeeded or failed), each with its stream id
+as `id` and its type as `event`; the stream ends with the job's end. Without `Last-Event-ID` it starts at
+the job's creation; with one (what an EventSource sends when it reconnects), right after it. When the end
+is no longer on the stream (trimmed, or the job ended before), a last `job.state` event gives the ledger's
+state. The stream is read every API_EVENTS_POLL_SECONDS (0.5 s) without blocking a thread; a comment line
+is sent every 15 s to keep proxies from closing an idle stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Header, Path
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import InvalidParameterError, NotFoundError
+from common.events import EventType, JobState
+from common.queue import Job
+
+JOB_ID = r"^[A-Za-z0-9-]{1,64}$"
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+POLL_SECONDS = 0.5
+LEDGER_CHECK_EVERY = 4  # polls without news between two looks at the ledger
+READ_COUNT = 200
+PING_SECONDS = 15
+
+
+def find_job(job_id: str) -> Job:
+    from tasks.queue import get_queue
+
+    queue = get_queue()
+    job = queue.ledger.get(job_id) or queue.job(job_id)  # the ledger itself first: no journal to write
+    if job is None:
+        raise NotFoundError(f"no job {job_id}", error_code="UnknownJobError")
+    return job
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    return job.model_dump(mode="json", exclude={"lease_token"})
+
+
+async def job_events(job: Job, after: str) -> AsyncIterator[ServerSentEvent]:
+    from tasks.queue import get_queue
+
+    bus = get_queue().events
+    position, quiet = after, 0
+    while True:
+        entries = await run_in_threadpool(bus.read, position, READ_COUNT, None)
+        for stream_id, event in entries:
+            position = stream_id
+            if event.job_id != job.job_id:
+                continue
+            yield ServerSentEvent(event.model_dump_json(), event=event.type, id=stream_id)
+            if event.type in {str(kind) for kind in EventType if kind.ends_job}:
+                return
+        if entries:
+            quiet = 0
+            continue
+        quiet += 1
+        if quiet % LEDGER_CHECK_EVERY == 0:
+            current = await run_in_threadpool(find_job, job.job_id)
+            if current.status.is_terminal and not await run_in_threadpool(_has_news, bus, position):
+                key = current.model_dump(include={"job_id", "step", "dataset", "config", "split", "namespace"})
+                state = JobState(**key, status=current.status.value, attempts=current.attempts)
+                yield ServerSentEvent(state.model_dump_json(), event=state.type, id=position)
+                return
+        await asyncio.sleep(POLL_SECONDS)
+
+
+def _has_news(bus: Any, position: str) -> bool:
+    return bool(bus.read(position, 1, None))
+
+
+def router() -> APIRouter:
+    jobs = APIRouter(prefix="/jobs", tags=["jobs"])
+
+    @jobs.get("/{job_id}", responses={404: {"description": "no such job"}})
+    def job(job_id: str = Path(pattern=JOB_ID)) -> dict[str, Any]:
+        """The job's state in the ledger."""
+        return job_document(find_job(job_id))
+
+    @jobs.get(
+        "/{job_id}/events",
+        response_class=EventSourceResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "the job's events"}},
+    )
+    async def events(
+        job_id: str = Path(pattern=JOB_ID),
+        last_event_id: str | None = Header(None, description="resume after this stream id"),
+    ) -> EventSourceResponse:
+        """The job's events as Server-Sent Events, until it ends."""
+        if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
+            raise InvalidParameterError(f"Last-Event-ID is a stream id (<ms>-<n>), not {last_event_id[:64]!r}")
+        found = await run_in_threadpool(find_job, job_id)
+        start = last_event_id or f"{max(0, int(found.created_at.timestamp() * 1000) - 1000)}-0"
+        return EventSourceResponse(job_events(found, start), ping=PING_SECONDS)
+
+    return jobs

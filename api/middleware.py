@@ -1,0 +1,118 @@
+"""What every request goes through, outermost first, in one ASGI middleware (`RequestMiddleware`):
+
+- a request id (the client's `X-Request-Id` when it is a short token, else a new one) set in the logging
+  context (common.logging.request_context): every log line and event of the request carries it, and the
+  response echoes it;
+- the access log: one line per request (`stepcache.api.access`), its query's signatures masked;
+- Prometheus metrics by route template (never by raw path: the series stay bounded):
+  `stepcache_api_requests_total{method,route,status}` and `stepcache_api_request_duration_seconds`;
+- bounded requests: a body over API_MAX_BODY_BYTES is refused (413) from its Content-Length or as it
+  streams in, and a request not answered within API_REQUEST_TIMEOUT_SECONDS gets 504 (the event streams
+  excepted: they last as long as their job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import PayloadTooLargeError, error_response
+from common.logging import request_context
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SIGNATURE = re.compile(r"(signature=)[^&]*", re.IGNORECASE)
+STREAMING_SUFFIX = "/events"  # Server-Sent Events: no timeout
+access_log = logging.getLogger("stepcache.api.access")
+REQUESTS = Counter("stepcache_api_requests", "API requests answered", ["method", "route", "status"])
+DURATION = Histogram(
+    "stepcache_api_request_duration_seconds",
+    "Time to answer an API request (to the start of the response)",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def request_id_of(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == REQUEST_ID_HEADER.encode():
+            text: str = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+    return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, timeout_seconds: float) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.timeout_seconds = timeout_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        started = time.perf_counter()
+        status: dict[str, Any] = {"code": 500, "sent": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
+                DURATION.labels(scope["method"], _route(scope)).observe(time.perf_counter() - started)
+            await send(message)
+
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise PayloadTooLargeError(f"the request body is over {self.max_body_bytes} bytes")
+            return message
+
+        with request_context(request_id):
+            try:
+                length = _content_length(scope)
+                if length is not None and length > self.max_body_bytes:
+                    error = PayloadTooLargeError(f"the request body is over {self.max_body_bytes} bytes")
+                    await error_response(error.http_status, error.message, error.code)(scope, receive, send_with_id)
+                elif scope["path"].endswith(STREAMING_SUFFIX):
+                    await self.app(scope, bounded_receive, send_with_id)
+                else:
+                    await asyncio.wait_for(self.app(scope, bounded_receive, send_with_id), self.timeout_seconds)
+            except TimeoutError:
+                if not status["sent"]:
+                    message = f"the request was not answered within {self.timeout_seconds} s"
+                    await error_response(504, message, "RequestTimeoutError")(scope, receive, send_with_id)
+            finally:
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                REQUESTS.labels(scope["method"], _route(scope), str(status["code"])).inc()
+                query = _SIGNATURE.sub(r"\1***", scope.get("query_string", b"").decode("latin-1"))
+                client = scope.get("client") or ("-", 0)
+                target = scope["path"] + (f"?{query}" if query else "")
+                access_log.info('%s "%s %s" %s %.1fms', client[0], scope["method"], target, status["code"], elapsed_ms)
+
+
+def _route(scope: Scope) -> str:
+    route = scope.get("route")
+    return str(getattr(route, "path", "unmatched"))

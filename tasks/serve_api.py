@@ -1,0 +1,36 @@
+"""`python -m tasks api`: the HTTP API (api.create_api) on uvicorn, its metrics on API_METRICS_PORT.
+
+Logging is stepcache's (COMMON_LOG_LEVEL, COMMON_LOG_FORMAT; uvicorn's own access log is off: the API
+writes one line per request with its request id). The metrics of every uvicorn worker process are
+gathered through PROMETHEUS_MULTIPROC_DIR.
+"""
+
+from __future__ import annotations
+
+from common.config import get_config_or_exit
+from common.logging import configure_logging
+from common.metrics import prepare_multiprocess, serve
+
+KEEP_ALIVE_SECONDS = 5
+
+
+def serve_api(host: str | None = None, port: int | None = None, workers: int | None = None) -> int:
+    settings = get_config_or_exit()
+    configure_logging(settings.common.log_level, settings.common.log_format)
+    prepare_multiprocess()  # before prometheus_client is imported
+    if settings.api.metrics_port:
+        serve(settings.api.metrics_port)
+    import uvicorn
+
+    uvicorn.run(
+        "api.app:create_api",
+        factory=True,
+        host=host or settings.api.host,
+        port=settings.api.port if port is None else port,
+        workers=workers or settings.api.workers,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        server_header=False,
+    )
+    return 0

@@ -1,0 +1,178 @@
+"""The HTTP API over real HTTP (uvicorn on a free port), with Celery's in-process worker behind it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tasks import samples, steps
+from tasks.queue import get_queue
+from tests.api_server import api_client
+from tests.conftest import Stores
+from tests.test_pipeline import use_pipeline_settings, wait_until_settled
+
+TIMEOUT = 120.0
+
+
+@pytest.fixture
+def mirror(stores: Stores, default_graph: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    root = tmp_path / "mirror"
+    root.mkdir()
+    use_pipeline_settings(monkeypatch, tmp_path, f"file://{root}", API_BACKFILL_INTERVAL_SECONDS="3600")
+    return root
+
+
+@pytest.fixture
+def client(mirror: Path) -> Iterator[httpx.Client]:
+    with api_client() as client:
+        yield client
+
+
+def get_until_ready(client: httpx.Client, path: str, timeout: float = TIMEOUT, **params: str) -> list[httpx.Response]:
+    """Every answer to GET path until one is not 202 (not ready)."""
+    answers = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answers.append(client.get(path, params=params))
+        if answers[-1].status_code != 202:
+            return answers
+        time.sleep(0.2)
+    raise AssertionError(f"{path} {params} stayed not ready: {answers[-1].json()}")
+
+
+def test_a_dataset_goes_from_not_ready_to_200_through_the_api_alone(
+    client: httpx.Client, mirror: Path, worker: object
+) -> None:
+    dataset = samples.csv_dataset(mirror)
+    answers = get_until_ready(client, "/first-rows", dataset=dataset, config="default", split="train")
+    first, last = answers[0], answers[-1]
+    assert first.status_code == 202 and first.json()["error_code"] == "ResponseNotReadyError"
+    assert first.json()["backfill"] is True and int(first.headers["Retry-After"]) >= 1
+    later_not_ready = [answer for answer in answers[1:-1]]
+    assert all(
+        "job_id" in answer.json() and answer.headers["Location"].startswith("/jobs/") for answer in later_not_ready
+    )
+    assert last.status_code == 200, last.json()
+    body = last.json()
+    assert [feature["name"] for feature in body["features"]] == ["id", "text", "score", "flag"]
+    assert body["rows"][3]["row"] == {"id": 3, "text": "row 3", "score": 1.5, "flag": False}
+    assert last.headers["Cache-Control"].startswith("public, max-age=")
+    tag = last.headers["ETag"]
+    again = client.get(
+        "/first-rows",
+        params={"dataset": dataset, "config": "default", "split": "train"},
+        headers={"If-None-Match": tag},
+    )
+    assert again.status_code == 304 and again.content == b"" and again.headers["ETag"] == tag
+    wait_until_settled(dataset)
+    splits = client.get("/splits", params={"dataset": dataset}).json()
+    assert [split["split"] for split in splits["splits"]] == ["train", "test"] and splits["pending"] == []
+    assert client.get("/splits", params={"dataset": dataset, "config": "default"}).json()["splits"] == splits["splits"]
+    parquet = client.get("/parquet", params={"dataset": dataset}).json()
+    assert sorted(file["split"] for file in parquet["parquet_files"]) == ["test", "train"]
+    assert set(client.get("/info", params={"dataset": dataset}).json()["dataset_info"]) == {"default"}
+    assert client.get("/size", params={"dataset": dataset}).json()["size"]["dataset"]["num_rows"] == 152
+    statistics = client.get("/statistics", params={"dataset": dataset, "config": "default", "split": "train"})
+    assert statistics.status_code == 200 and statistics.json()["num_examples"] > 0
+    assert client.get("/is-valid", params={"dataset": dataset}).json()["preview"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "code"),
+    [
+        ("/first-rows", {"dataset": "../etc", "config": "a", "split": "b"}, "InvalidDatasetNameError"),
+        ("/first-rows", {"dataset": "org/ds", "config": "a/b", "split": "b"}, "InvalidConfigNameError"),
+        ("/first-rows", {"dataset": "org/ds", "config": "a", "split": "b\nc"}, "InvalidSplitNameError"),
+        ("/splits", {"dataset": "org/ds", "split": "train"}, "InvalidSplitNameError"),
+        ("/first-rows", {"dataset": "org/ds"}, "InvalidParameterError"),
+        ("/is-valid", {"dataset": "org/ds", "config": "default"}, "InvalidParameterError"),
+        ("/is-valid", {}, "InvalidParameterError"),
+        ("/jobs/not a job id", {}, "InvalidParameterError"),
+    ],
+)
+def test_bad_input_gets_422_with_its_typed_error_and_writes_nothing(
+    client: httpx.Client, stores: Stores, path: str, params: dict[str, str], code: str
+) -> None:
+    answer = client.get(path, params=params)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error_code"] == code and answer.headers["X-Error-Code"] == code
+    assert "Traceback" not in answer.text
+    assert stores.redis().dbsize() == 0 or not stores.redis().keys("stepcache:api:backfill:*")
+
+
+def test_a_cached_error_keeps_its_status_and_code_and_a_missing_dataset_is_not_found(
+    client: httpx.Client, mirror: Path, worker: object
+) -> None:
+    empty = samples.empty_dataset(mirror)
+    answers = get_until_ready(client, "/splits", dataset=empty)
+    assert answers[-1].status_code == 500 and answers[-1].json()["error_code"] == "EmptyDatasetError"
+    assert answers[-1].headers["X-Error-Code"] == "EmptyDatasetError"
+    # A dataset the source does not have: 404 at once, nothing enqueued.
+    missing = client.get("/first-rows", params={"dataset": "org/missing", "config": "default", "split": "train"})
+    assert missing.status_code == 404 and missing.json()["error_code"] == "DatasetNotFoundError"
+    assert get_queue().jobs("org/missing") == []
+
+
+def test_a_missing_entry_enqueues_a_backfill_once(client: httpx.Client, mirror: Path) -> None:
+    dataset = samples.csv_dataset(mirror)
+    queue = get_queue()
+    queue.set_limit("org", 0)  # its jobs wait: this test looks at what the API enqueues
+    params = {"dataset": dataset, "config": "default", "split": "train"}
+    first = client.get("/first-rows", params=params)
+    assert first.status_code == 202 and first.json()["backfill"] is True
+    jobs = queue.jobs(dataset)
+    assert [job.step for job in jobs] == ["dataset-config-names"]
+    second = client.get("/first-rows", params=params)
+    assert second.status_code == 202 and second.json()["job_id"] == jobs[0].job_id
+    assert second.headers["Location"] == f"/jobs/{jobs[0].job_id}" and "backfill" not in second.json()
+    queue.cancel(dataset)
+    # No job, no entry, and a backfill already tried within API_BACKFILL_INTERVAL_SECONDS: not found.
+    third = client.get("/first-rows", params=params)
+    assert third.status_code == 404 and third.json()["error_code"] == "ResponseNotFoundError"
+    assert len(queue.jobs(dataset)) == 1
+
+
+def events_of(
+    client: httpx.Client, job_id: str, last_event_id: str | None = None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, type, data) of every event of the job's SSE stream, until it ends."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events, current = [], {}
+    with client.stream("GET", f"/jobs/{job_id}/events", headers=headers, timeout=TIMEOUT) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if not line:
+                if "data" in current:
+                    events.append((current.get("id", ""), current.get("event", ""), json.loads(current["data"])))
+                current = {}
+                continue
+            field, _, value = line.partition(":")
+            current[field] = value.strip()
+    return events
+
+
+def test_a_job_and_its_events_as_server_sent_events_resumable(
+    client: httpx.Client, mirror: Path, worker: object
+) -> None:
+    dataset = samples.csv_dataset(mirror)
+    job_id = steps.dataset_config_names.delay(dataset).id
+    events = events_of(client, job_id)
+    types = [kind for _, kind, _ in events]
+    assert types[-1] == "job.succeeded" and "job.started" in types and "job.progress" in types, types
+    assert all(data["job_id"] == job_id for _, _, data in events)
+    progress = [data for _, kind, data in events if kind == "job.progress"]
+    assert progress[-1]["fraction"] == 1.0
+    resumed = events_of(client, job_id, last_event_id=events[0][0])
+    assert [event[0] for event in resumed] == [event[0] for event in events[1:]]
+    state = client.get(f"/jobs/{job_id}").json()
+    assert state["status"] == "success" and state["dataset"] == dataset and "lease_token" not in state
+    # Resumed after its end: what came after it (Celery's task.succeeded), then the ledger's state closes it.
+    after_end = [kind for _, kind, _ in events_of(client, job_id, last_event_id=events[-1][0])]
+    assert after_end[-1] == "job.state" and not any(kind.startswith("job.") for kind in after_end[:-1])
+    assert client.get("/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
