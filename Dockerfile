@@ -1,4 +1,4 @@
-# stepcache's image: the same code runs the workers (by default one consuming every queue) and Flower.
+# stepcache's image: the same code runs the workers (by default one consuming every queue), Flower and the API.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -7,6 +7,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY tasks ./tasks
+COPY api ./api
 RUN pip install . && useradd --create-home stepcache && mkdir -p /data/assets /data/parquet /metrics \
     && chown -R stepcache /data /metrics
 USER stepcache

@@ -84,7 +84,7 @@ def route_prefix(settings: AppConfig) -> str:
 def resolve(storage: Path, path: str) -> Path:
     """The file `path` names in the storage directory, or NotFoundError (same answer for every refusal)."""
     parts = path.split("/")
-    refused = NotFoundError(f"no asset at {path!r}")
+    refused = NotFoundError("no such asset")
     if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
         raise refused
     root = os.path.realpath(storage)

@@ -71,7 +71,9 @@ access_cache = _AccessCache()
 
 def bearer(request: Request) -> str | None:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    return credentials.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip() or None
 
 
 def check_dataset_access(request: Request, dataset: str) -> Access:

@@ -6,7 +6,7 @@ task.*: queued, started, progress, heartbeat, cache updated, succeeded or failed
 as `id` and its type as `event`; the stream ends with the job's end. Without `Last-Event-ID` it starts at
 the job's creation; with one (what an EventSource sends when it reconnects), right after it. When the end
 is no longer on the stream (trimmed, or the job ended before), a last `job.state` event gives the ledger's
-state. The stream is read every API_EVENTS_POLL_SECONDS (0.5 s) without blocking a thread; a comment line
+state. The stream is read every 0.5 s without holding a thread while waiting; a comment line
 is sent every 15 s to keep proxies from closing an idle stream.
 """
 

@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import PayloadTooLargeError, error_response
@@ -86,8 +87,8 @@ class RequestMiddleware:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise PayloadTooLargeError(f"the request body is over {self.max_body_bytes} bytes")
+            if received > self.max_body_bytes:  # an HTTPException: FastAPI passes it on from the body's parsing
+                raise HTTPException(413, f"the request body is over {self.max_body_bytes} bytes")
             return message
 
         with request_context(request_id):

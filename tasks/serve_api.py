@@ -7,11 +7,14 @@ gathered through PROMETHEUS_MULTIPROC_DIR.
 
 from __future__ import annotations
 
+import logging
+
 from common.config import get_config_or_exit
 from common.logging import configure_logging
 from common.metrics import prepare_multiprocess, serve
 
 KEEP_ALIVE_SECONDS = 5
+logger = logging.getLogger(__name__)
 
 
 def serve_api(host: str | None = None, port: int | None = None, workers: int | None = None) -> int:
@@ -19,7 +22,10 @@ def serve_api(host: str | None = None, port: int | None = None, workers: int | N
     configure_logging(settings.common.log_level, settings.common.log_format)
     prepare_multiprocess()  # before prometheus_client is imported
     if settings.api.metrics_port:
-        serve(settings.api.metrics_port)
+        try:
+            serve(settings.api.metrics_port)
+        except OSError as error:  # the API serves without its metrics rather than not at all
+            logger.warning("no metrics: port %s: %s", settings.api.metrics_port, error)
     import uvicorn
 
     uvicorn.run(

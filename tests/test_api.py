@@ -14,7 +14,7 @@ import pytest
 from tasks import samples, steps
 from tasks.queue import get_queue
 from tests.api_server import api_client
-from tests.conftest import Stores
+from tests.conftest import Stores, use_settings
 from tests.test_pipeline import use_pipeline_settings, wait_until_settled
 
 TIMEOUT = 120.0
@@ -34,12 +34,14 @@ def client(mirror: Path) -> Iterator[httpx.Client]:
         yield client
 
 
-def get_until_ready(client: httpx.Client, path: str, timeout: float = TIMEOUT, **params: str) -> list[httpx.Response]:
+def get_until_ready(
+    client: httpx.Client, path: str, headers: dict[str, str] | None = None, **params: str
+) -> list[httpx.Response]:
     """Every answer to GET path until one is not 202 (not ready)."""
     answers = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        answers.append(client.get(path, params=params))
+        answers.append(client.get(path, params=params, headers=headers))
         if answers[-1].status_code != 202:
             return answers
         time.sleep(0.2)
@@ -176,3 +178,31 @@ def test_a_job_and_its_events_as_server_sent_events_resumable(
     after_end = [kind for _, kind, _ in events_of(client, job_id, last_event_id=events[-1][0])]
     assert after_end[-1] == "job.state" and not any(kind.startswith("job.") for kind in after_end[:-1])
     assert client.get("/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+
+
+def test_bounded_requests_cors_and_request_ids(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_settings(
+        monkeypatch,
+        {"API_MAX_BODY_BYTES": "2000", "API_CORS_ORIGINS": "https://viewer.example", "API_WEBHOOK_SECRET": "s" * 16},
+    )
+    with api_client() as client:
+        big = b"{" + b" " * 5000 + b"}"
+        declared = client.post("/webhook", content=big, headers={"X-Webhook-Secret": "s" * 16})
+        assert declared.status_code == 413 and declared.json()["error_code"] == "PayloadTooLargeError"
+        chunked = client.post(
+            "/webhook", content=iter([big[:1500], big[1500:]]), headers={"X-Webhook-Secret": "s" * 16}
+        )
+        assert chunked.status_code == 413 and chunked.json()["error_code"] == "PayloadTooLargeError"
+        allowed = client.get("/is-valid", params={"dataset": "x"}, headers={"Origin": "https://viewer.example"})
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://viewer.example"
+        other = client.get("/is-valid", params={"dataset": "x"}, headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+        assert client.get("/is-valid", headers={"X-Request-Id": "abc-123"}).headers["X-Request-Id"] == "abc-123"
+        injected = client.get("/is-valid", headers={"X-Request-Id": "a b\tc" + "x" * 100}).headers["X-Request-Id"]
+        assert len(injected) == 32 and injected.isalnum()  # not a token: a new id instead
+        assert client.get("/nowhere").json() == {"error": "Not Found", "error_code": "NotFoundError"}
+        assert "paths" in client.get("/openapi.json").json()
+    use_settings(monkeypatch, {"API_REQUEST_TIMEOUT_SECONDS": "0.001"})
+    with api_client() as client:
+        slow = client.get("/healthcheck")
+        assert slow.status_code == 504 and slow.json()["error_code"] == "RequestTimeoutError"

@@ -39,6 +39,10 @@ DEFAULTS = {
     "WORKER_FIRST_ROWS_MIN_CELL_BYTES": (100, lambda c: c.worker.first_rows_min_cell_bytes),
     "WORKER_MAX_FAILED_RUNS": (3, lambda c: c.worker.max_failed_runs),
     "WORKER_QUEUED_LEASE_SECONDS": (300.0, lambda c: c.worker.queued_lease_seconds),
+    "API_PORT": (8000, lambda c: c.api.port),
+    "API_JWT_ALGORITHM": ("EdDSA", lambda c: c.api.jwt_algorithm),
+    "API_RETRY_AFTER_SECONDS": (5, lambda c: c.api.retry_after_seconds),
+    "API_MAX_BODY_BYTES": (1_000_000, lambda c: c.api.max_body_bytes),
 }
 
 BAD_VALUES = [
@@ -67,6 +71,17 @@ BAD_VALUES = [
     ("WORKER_FIRST_ROWS_MIN_CELL_BYTES", "x"),
     ("WORKER_MAX_FAILED_RUNS", "0"),
     ("WORKER_QUEUED_LEASE_SECONDS", "0"),
+    ("API_PORT", "-1"),
+    ("API_JWT_ALGORITHM", "HS256"),  # a shared-secret algorithm: the public key would sign tokens
+    ("API_JWT_ALGORITHM", "none"),
+    ("API_JWT_PUBLIC_KEY", "hunter2 is not a key"),
+    ("API_OPERATOR_KEY", "hunter2"),  # too short to be a secret
+    ("API_OPERATOR_SECRET", "hunter2"),
+    ("API_WEBHOOK_SECRET", "hunter2"),
+    ("API_ASSETS_SIGNING_KEY", "hunter2"),
+    ("API_MAX_BODY_BYTES", "10"),
+    ("API_REQUEST_TIMEOUT_SECONDS", "0"),
+    ("API_RETRY_AFTER_SECONDS", "0"),
 ]
 
 
@@ -87,6 +102,8 @@ def test_every_variable_is_read_from_the_environment(clean_env: pytest.MonkeyPat
         "COMMON_LOG_FORMAT": "json",
         "WORKER_FIRST_ROWS_MAX_BYTES": "5000",
         "WORKER_FIRST_ROWS_MIN_CELL_BYTES": "50",
+        "API_JWT_ALGORITHM": "ES256",
+        "API_MAX_BODY_BYTES": "5000",
     }
     expected_default, read = DEFAULTS[variable]
     raw = values.get(variable, "7" if not isinstance(expected_default, str) else "something-else")

@@ -27,7 +27,7 @@ def compose() -> dict[str, Any]:
 
 def test_the_compose_file_parses_and_has_the_documented_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "mongo", "worker-light", "worker-heavy", "flower"}
+    assert set(services) == {"redis", "mongo", "worker-light", "worker-heavy", "flower", "api"}
     assert services["redis"]["image"] == "redis:7" and services["mongo"]["image"] == "mongo:7"
     for name in ("redis", "mongo"):
         assert services[name]["healthcheck"]["test"] and services[name]["volumes"]
@@ -47,11 +47,18 @@ def test_workers_consume_the_queues_the_graph_routes_to() -> None:
 
 def test_every_variable_the_services_set_is_one_the_code_reads() -> None:
     services = compose()["services"]
-    for name in ("worker-light", "worker-heavy", "flower"):
+    for name in ("worker-light", "worker-heavy", "flower", "api"):
         environment = services[name]["environment"]
         assert set(environment) <= SETTINGS, set(environment) - SETTINGS
         assert {"QUEUE_REDIS_URL", "CACHE_MONGO_URL", "QUEUE_MONGO_URL"} <= set(environment)
         assert services[name]["volumes"] is not None
+
+
+def test_the_api_serves_on_every_interface_with_a_healthcheck() -> None:
+    api = compose()["services"]["api"]
+    assert api["command"][:4] == ["python", "-m", "tasks", "api"] and "0.0.0.0" in api["command"]
+    assert "/healthcheck" in " ".join(api["healthcheck"]["test"]) and "8000:8000" in api["ports"]
+    assert api["environment"]["API_ASSETS_SIGNING_KEY"].startswith("${API_ASSETS_SIGNING_KEY:?")
 
 
 def test_flower_needs_basic_auth_from_the_environment() -> None:
@@ -62,6 +69,6 @@ def test_flower_needs_basic_auth_from_the_environment() -> None:
 def test_the_dockerfile_installs_the_project_and_starts_a_worker() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
-    for copied in ("common", "tasks", "pyproject.toml"):
+    for copied in ("common", "tasks", "api", "pyproject.toml"):
         assert copied in dockerfile and Path(ROOT / copied).exists()
     assert 'CMD ["celery", "-A", "tasks", "worker"]' in dockerfile  # every queue

@@ -48,6 +48,8 @@ def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(t
             str(tmp_path / ".stepcache"),
             "--flower-port",
             str(free_port()),
+            "--api-port",
+            str(free_port()),
         ],
         cwd=ROOT,
         env=unconfigured_env(),
@@ -58,20 +60,21 @@ def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(t
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     lines = process.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("kind"))
-    rows = [line for line in lines[header + 2 :] if line.strip() and not line.startswith("Flower")]
+    rows = [line for line in lines[header + 2 :] if line.strip() and not line.startswith(("Flower", "API"))]
     assert len(rows) == SAMPLE_ENTRIES
     assert all(line.split()[-2] == "ok" for line in rows), rows
     assert {line.split()[1] for line in rows} == {"demo/csv", "demo/jsonl", "other/parquet", "other/images"}
-    assert "Flower: http://localhost:" in process.stdout
+    assert "Flower: http://localhost:" in process.stdout and "API: http://localhost:" in process.stdout
     home = tmp_path / ".stepcache"
     assert (home / "mongo").is_dir() and (home / "mirror" / "demo" / "csv" / "train.csv").is_file()
 
 
 def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port = free_port()
+    port, api_port = free_port(), free_port()
     env = unconfigured_env()
+    ports = ["--flower-port", str(port), "--api-port", str(api_port)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks", "run", "--home", str(tmp_path), "--flower-port", str(port)],
+        [sys.executable, "-m", "tasks", "run", "--home", str(tmp_path), *ports],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -127,11 +130,17 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
             timeout=60,
         )
         assert "split-first-rows" in status.stdout and "200" in status.stdout
+        # The API it printed serves the same entry.
+        assert f"API: http://localhost:{api_port}/docs" in "".join(output)
+        query = "dataset=me/pets&config=default&split=train"
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/first-rows?{query}", timeout=30) as answer:
+            assert answer.status == 200 and json.load(answer)["rows"][1]["row"] == {"name": "bird", "legs": 2}
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=120)
         reader.join(timeout=10)
     assert process.returncode == 0, "".join(output)[-3000:]
     assert "stopped" in "".join(output)
-    with socket.socket() as sock:  # Flower is gone with it
-        assert sock.connect_ex(("127.0.0.1", port)) != 0
+    for gone in (port, api_port):  # Flower and the API are gone with it
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", gone)) != 0

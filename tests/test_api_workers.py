@@ -1,0 +1,73 @@
+"""The API as users run it: `python -m tasks api` and `celery -A tasks worker`, real processes, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from common.event_bus import EventBus
+from tasks import run, samples
+from tasks.embedded import WorkerProcess, free_port
+from tests.conftest import Stores, use_settings
+from tests.test_api import events_of, get_until_ready
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.slow
+
+
+def healthy(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthcheck").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_dataset_through_the_api_alone_with_real_processes(
+    stores: Stores, default_graph: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "mirror"
+    port, metrics_port = free_port(), free_port()
+    env = use_settings(
+        monkeypatch,
+        {
+            **stores.env(),
+            "COMMON_HF_ENDPOINT": f"file://{root}",
+            "ASSETS_STORAGE_DIRECTORY": str(tmp_path / "assets"),
+            "WORKER_PARQUET_DIRECTORY": str(tmp_path / "parquet"),
+            "WORKER_METRICS_PORT": "0",
+            "API_METRICS_PORT": str(metrics_port),
+            "COMMON_LOG_FORMAT": "json",
+        },
+    )
+    dataset = samples.csv_dataset(root)
+    with (
+        WorkerProcess("api-e2e", env, tmp_path / "worker.log", concurrency=2),
+        run.api(env, port, tmp_path / "api.log"),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+    ):
+        eventually(lambda: healthy(client), "the API answers /healthcheck")
+        position = EventBus(stores.redis()).last_id()
+        params = {"dataset": dataset, "config": "default", "split": "train"}
+        first = client.get("/first-rows", params=params, headers={"X-Request-Id": "e2e-request-1"})
+        assert first.status_code == 202 and first.headers["X-Request-Id"] == "e2e-request-1"
+        waiting = get_until_ready(client, "/first-rows", **params)
+        assert waiting[-1].status_code == 200 and len(waiting[-1].json()["rows"]) == 100
+        job_ids = {answer.json()["job_id"] for answer in waiting[:-1]}
+        # A job's events through SSE, to its end (from its start: the stream is replayed from its creation).
+        for job_id in list(job_ids)[:2]:
+            kinds = [kind for _, kind, _ in events_of(client, job_id)]
+            assert {"job.queued", "job.started"} <= set(kinds) and kinds[-1] == "job.succeeded", kinds
+        # The request id in the events published while answering that request, and in the API's log lines.
+        events = EventBus(stores.redis()).read(position, count=1000)
+        assert {event.type for _, event in events if event.request_id == "e2e-request-1"} == {"job.queued"}
+        time.sleep(0.5)
+        lines = [json.loads(line) for line in (tmp_path / "api.log").read_text().splitlines() if line.startswith("{")]
+        tagged = [line for line in lines if line.get("request_id") == "e2e-request-1"]
+        assert any(line["logger"] == "stepcache.api.access" and " 202 " in line["message"] for line in tagged), tagged
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'stepcache_api_requests_total{method="GET",route="/first-rows",status="200"}' in metrics
+        assert 'route="unmatched"' not in metrics or "/etc" not in metrics
