@@ -4,7 +4,7 @@ PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast lint bench bench-scale bench-data clean
+.PHONY: install run test test-fast lint bench bench-scale bench-data bench-api clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -47,3 +47,7 @@ bench-scale: install
 bench-data: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.bench_data
+
+# A cached /first-rows through the HTTP API against raw pymongo reads, 16 clients each (~1 minute).
+bench-api: install
+	$(BIN)/python -m bench.bench_api

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.auth import sign_request
 from common.event_bus import EventBus
 from tasks import run, samples
 from tasks.embedded import WorkerProcess, free_port
@@ -17,6 +18,10 @@ from tests.test_api import events_of, get_until_ready
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
+OPERATOR_KEY = "e2e-operator-key-0123456789"
+OPERATOR_SECRET = "e2e-operator-secret-0123456789"
+WEBHOOK_SECRET = "e2e-webhook-secret-0123456789"
+ASSETS_KEY = "e2e-assets-key-0123456789"
 
 
 def healthy(client: httpx.Client) -> bool:
@@ -41,6 +46,11 @@ def test_a_dataset_through_the_api_alone_with_real_processes(
             "WORKER_METRICS_PORT": "0",
             "API_METRICS_PORT": str(metrics_port),
             "COMMON_LOG_FORMAT": "json",
+            "COMMON_LOG_LEVEL": "DEBUG",
+            "API_OPERATOR_KEY": OPERATOR_KEY,
+            "API_OPERATOR_SECRET": OPERATOR_SECRET,
+            "API_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "API_ASSETS_SIGNING_KEY": ASSETS_KEY,
         },
     )
     dataset = samples.csv_dataset(root)
@@ -71,3 +81,15 @@ def test_a_dataset_through_the_api_alone_with_real_processes(
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert 'stepcache_api_requests_total{method="GET",route="/first-rows",status="200"}' in metrics
         assert 'route="unmatched"' not in metrics or "/etc" not in metrics
+        # Secrets, in headers and settings, are never logged, even at DEBUG.
+        client.get("/admin/limits", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
+        client.post(
+            "/admin/refresh?dataset=org/x",
+            headers=sign_request(OPERATOR_SECRET, "POST", "/admin/refresh?dataset=org/x"),
+        )
+        client.post("/webhook", json={}, headers={"X-Webhook-Secret": WEBHOOK_SECRET})
+        time.sleep(0.5)
+    log = (tmp_path / "api.log").read_text()
+    assert "/admin/refresh" in log and "/webhook" in log
+    for secret in (OPERATOR_KEY, OPERATOR_SECRET, WEBHOOK_SECRET, ASSETS_KEY):
+        assert secret not in log
