@@ -21,12 +21,12 @@ still `pending` and those `failed`, and `partial` when any is either or was cut.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -81,24 +81,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class ContentResponse(JSONResponse):
-    """JSON, with what BSON keeps and JSON lacks made JSON: NaN and infinities as null, dates as text."""
+    """JSON by orjson: what BSON keeps and JSON lacks made JSON (NaN and infinities as null, dates as text)."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=str)
-        except ValueError:
-            text = json.dumps(_finite(content), ensure_ascii=False, separators=(",", ":"), default=str)
-        return text.encode()
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
+        return orjson.dumps(content, default=str)
 
 
 def entity_tag(entries: Sequence[cache.CachedResponse], *more: object) -> str:

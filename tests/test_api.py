@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from common import cache
 from tasks import samples, steps
 from tasks.queue import get_queue
 from tests.api_server import api_client
@@ -206,3 +207,12 @@ def test_bounded_requests_cors_and_request_ids(mirror: Path, monkeypatch: pytest
     with api_client() as client:
         slow = client.get("/healthcheck")
         assert slow.status_code == 504 and slow.json()["error_code"] == "RequestTimeoutError"
+
+
+def test_what_bson_holds_and_json_lacks_is_served_as_json(client: httpx.Client, mirror: Path) -> None:
+    (mirror / "org" / "odd").mkdir(parents=True)
+    content = {"size": {"nan": float("nan"), "inf": float("-inf"), "text": "été 🌞", "big": 2**62}}
+    cache.upsert_response("dataset-size", "org/odd", content)
+    answer = client.get("/size", params={"dataset": "org/odd"})
+    assert answer.status_code == 200
+    assert answer.json() == {"size": {"nan": None, "inf": None, "text": "été 🌞", "big": 2**62}}
