@@ -22,6 +22,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import InvalidParameterError, NotFoundError
+from common.config import get_config
 from common.events import EventType, JobState
 from common.queue import Job
 
@@ -31,16 +32,23 @@ POLL_SECONDS = 0.5
 LEDGER_CHECK_EVERY = 4  # polls without news between two looks at the ledger
 READ_COUNT = 200
 PING_SECONDS = 15
+MAX_LEDGER_WAIT_SECONDS = 1.0
+START_MARGIN_MS = 10_000  # the job was created by a clock other than Redis': read from a little before
 
 
-def find_job(job_id: str) -> Job:
+async def find_job(job_id: str) -> Job:
+    """The job in the ledger; a job enqueued a moment ago may still be in its namespace's journal (written
+    within QUEUE_LEDGER_LAG_SECONDS), so a miss is looked up once more after that (no journal is written
+    for an unknown id: asking costs two reads)."""
     from tasks.queue import get_queue
 
-    queue = get_queue()
-    job = queue.ledger.get(job_id) or queue.job(job_id)  # the ledger itself first: no journal to write
-    if job is None:
-        raise NotFoundError(f"no job {job_id}", error_code="UnknownJobError")
-    return job
+    ledger = get_queue().ledger
+    for wait in (0.0, min(MAX_LEDGER_WAIT_SECONDS, 2 * get_config().queue.ledger_lag_seconds)):
+        await asyncio.sleep(wait)
+        job = await run_in_threadpool(ledger.get, job_id)
+        if job is not None:
+            return job
+    raise NotFoundError(f"no job {job_id}", error_code="UnknownJobError")
 
 
 def job_document(job: Job) -> dict[str, Any]:
@@ -66,7 +74,7 @@ async def job_events(job: Job, after: str) -> AsyncIterator[ServerSentEvent]:
             continue
         quiet += 1
         if quiet % LEDGER_CHECK_EVERY == 0:
-            current = await run_in_threadpool(find_job, job.job_id)
+            current = await find_job(job.job_id)
             if current.status.is_terminal and not await run_in_threadpool(_has_news, bus, position):
                 key = current.model_dump(include={"job_id", "step", "dataset", "config", "split", "namespace"})
                 state = JobState(**key, status=current.status.value, attempts=current.attempts)
@@ -83,9 +91,9 @@ def router() -> APIRouter:
     jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 
     @jobs.get("/{job_id}", responses={404: {"description": "no such job"}})
-    def job(job_id: str = Path(pattern=JOB_ID)) -> dict[str, Any]:
+    async def job(job_id: str = Path(pattern=JOB_ID)) -> dict[str, Any]:
         """The job's state in the ledger."""
-        return job_document(find_job(job_id))
+        return job_document(await find_job(job_id))
 
     @jobs.get(
         "/{job_id}/events",
@@ -99,8 +107,8 @@ def router() -> APIRouter:
         """The job's events as Server-Sent Events, until it ends."""
         if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
             raise InvalidParameterError(f"Last-Event-ID is a stream id (<ms>-<n>), not {last_event_id[:64]!r}")
-        found = await run_in_threadpool(find_job, job_id)
-        start = last_event_id or f"{max(0, int(found.created_at.timestamp() * 1000) - 1000)}-0"
+        found = await find_job(job_id)
+        start = last_event_id or f"{max(0, int(found.created_at.timestamp() * 1000) - START_MARGIN_MS)}-0"
         return EventSourceResponse(job_events(found, start), ping=PING_SECONDS)
 
     return jobs
