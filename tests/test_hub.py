@@ -23,7 +23,7 @@ from tasks.queue import get_queue
 from tests import formats
 from tests.conftest import Stores
 from tests.hub_server import HubServer
-from tests.test_pipeline import content, default_graph, run_pipeline, use_pipeline_settings, wait_until_settled
+from tests.test_pipeline import content, run_pipeline, use_pipeline_settings, wait_until_settled
 
 __all__ = ["default_graph"]  # a fixture: the default graph only (no sample steps to backfill)
 
