@@ -25,8 +25,6 @@ from tests.conftest import Stores
 from tests.hub_server import HubServer
 from tests.test_pipeline import content, run_pipeline, use_pipeline_settings, wait_until_settled
 
-__all__ = ["default_graph"]  # a fixture: the default graph only (no sample steps to backfill)
-
 SECRET = "hf_secret_token_that_must_not_leak"
 
 
