@@ -3,12 +3,11 @@
 Every error is JSON `{"error": message, "error_code": code}` with the code in `X-Error-Code`: the typed
 errors of stepcache with their status (a bad name: 422), FastAPI's validation errors as 422
 `InvalidParameterError`, and anything unexpected as 500 `UnexpectedError`, logged with its traceback and
-the request id, never sent. `GET /healthcheck` answers when the API can reach Redis and MongoDB.
+the request id (api.middleware), never sent. `GET /healthcheck` answers when the API can reach Redis and MongoDB.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -25,7 +24,7 @@ from api.middleware import RequestMiddleware
 from common.config import AppConfig, get_config_or_exit
 from common.exceptions import StepcacheError
 
-logger = logging.getLogger(__name__)
+EXPOSED_HEADERS = ["ETag", "Retry-After", "Location", "X-Error-Code", "X-Request-Id"]
 HTTP_ERROR_CODES = {
     HTTPStatus.NOT_FOUND: "NotFoundError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
@@ -54,15 +53,21 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
     app.add_exception_handler(StepcacheError, _stepcache_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
-    origins = settings.api.allowed_origins
-    if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD"], max_age=3600)
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.api.max_body_bytes,
         timeout_seconds=settings.api.request_timeout_seconds,
     )
+    origins = settings.api.allowed_origins
+    if origins:  # outermost: every answer carries it, the middleware's own (413, 504, 500) too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET"],
+            allow_headers=["Authorization", "If-None-Match", "X-Request-Id", "Last-Event-ID"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=3600,
+        )
     return app
 
 
@@ -96,8 +101,3 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     code = HTTP_ERROR_CODES.get(HTTPStatus(error.status_code), f"HTTP{error.status_code}Error")
     return error_response(error.status_code, str(error.detail), code, dict(error.headers or {}))
-
-
-async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
-    return answer_error(error)

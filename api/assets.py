@@ -1,11 +1,13 @@
 """The assets (images, audio) first-rows points to, served under ASSETS_BASE_URL with signed URLs.
 
 A URL is valid until `expires` (unix seconds) and carries `signature`, the hex HMAC-SHA256 of
-`"<path under the base>\\n<expires>"` with API_ASSETS_SIGNING_KEY. The API signs the `src` of every asset
-it serves in a response; `expires` is rounded up to the next multiple of API_ASSETS_URL_TTL_SECONDS (plus
-one), so the same response is the same bytes for a while and its ETag holds. A path is refused, even
-signed, when a part of it is empty, `.` or `..`, or holds a backslash or NUL, or when it resolves through
-a symbolic link or outside ASSETS_STORAGE_DIRECTORY.
+`"<path under the base, percent-decoded>\\n<expires>"` with API_ASSETS_SIGNING_KEY. The API signs the
+`src` of the image and audio cells of the first rows it serves, when they point into that dataset's own
+files (a cell of another column is data: never signed). `expires` is rounded up to the next multiple
+of API_ASSETS_URL_TTL_SECONDS (plus one), so the same response is the same bytes for a while and its
+ETag (which names the key) holds. A path is refused, even signed, when a part of it is empty, `.` or
+`..`, or holds a backslash or NUL, or when it resolves through a symbolic link or outside
+ASSETS_STORAGE_DIRECTORY.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from api.errors import ForbiddenError, NotFoundError
 from common.config import AppConfig, get_config
+
+MEDIA = {"Image", "Audio"}  # the features whose cells first rows store as asset files
 
 
 @cache
@@ -48,30 +52,56 @@ def expiry(ttl: int, now: float | None = None) -> int:
     return (int(time.time() if now is None else now) // ttl + 2) * ttl
 
 
-def url_signer(settings: AppConfig, expires: int) -> Callable[[str], str]:
-    """Signs the URL of an asset under ASSETS_BASE_URL (other strings come back as they are)."""
+def key_id(settings: AppConfig) -> str:
+    """Names the signing key without revealing it (a response's ETag changes with it)."""
+    return hashlib.sha256(signing_key(settings)).hexdigest()[:8]
+
+
+def url_signer(settings: AppConfig, expires: int, dataset: str) -> Callable[[str], str]:
+    """Signs the URL of one of the dataset's assets under ASSETS_BASE_URL (other strings come back as
+    they are: a URL into another dataset's files is never signed)."""
     base = settings.assets.base_url.rstrip("/") + "/"
+    own = f"{base}{quote(dataset, safe='/')}/--/"
     key = signing_key(settings)
 
     def sign(url: str) -> str:
-        if not url.startswith(base) or "?" in url:
+        if not url.startswith(own) or "?" in url or "#" in url:
             return url
-        path = url.removeprefix(base)
+        path = unquote(url.removeprefix(base))
         return f"{url}?expires={expires}&signature={signature(key, path, expires)}"
 
     return sign
 
 
-def sign_sources(content: Any, sign: Callable[[str], str]) -> Any:
-    """The content with the `src` of every asset it holds signed."""
-    if isinstance(content, dict):
-        return {
-            name: sign(value) if name == "src" and isinstance(value, str) else sign_sources(value, sign)
-            for name, value in content.items()
-        }
-    if isinstance(content, list):
-        return [sign_sources(item, sign) for item in content]
-    return content
+def media_columns(content: dict[str, Any]) -> list[str]:
+    """The columns of first rows whose cells the step stored as asset files: images and audio."""
+    return [
+        feature["name"]
+        for feature in content.get("features", [])
+        if isinstance(feature, dict) and isinstance(feature.get("type"), dict) and feature["type"].get("_type") in MEDIA
+    ]
+
+
+def map_media_sources(content: dict[str, Any], change: Callable[[str], str]) -> dict[str, Any]:
+    """First rows with `change` applied to the `src` of each image or audio cell, and nothing else (what a
+    dataset's own cells hold is data, never a URL of ours)."""
+    columns = media_columns(content)
+    if not columns:
+        return content
+
+    def changed(source: Any) -> Any:
+        if isinstance(source, dict) and isinstance(source.get("src"), str):
+            return {**source, "src": change(source["src"])}
+        return source
+
+    rows = []
+    for item in content.get("rows", []):
+        row = dict(item.get("row", {})) if isinstance(item, dict) else {}
+        for column in columns:
+            cell = row.get(column)
+            row[column] = [changed(source) for source in cell] if isinstance(cell, list) else changed(cell)
+        rows.append({**item, "row": row} if isinstance(item, dict) else item)
+    return {**content, "rows": rows}
 
 
 def route_prefix(settings: AppConfig) -> str:

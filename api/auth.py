@@ -8,8 +8,9 @@ Gated and private datasets
     (common.sources) and kept API_ACCESS_CACHE_SECONDS per dataset.
 Operator endpoints
     `Authorization: Bearer <API_OPERATOR_KEY>`, or a request signed with API_OPERATOR_SECRET:
-    `X-Stepcache-Timestamp: <unix seconds>` and `X-Stepcache-Signature: <hex HMAC-SHA256>` over
-    `"<timestamp>\\n<METHOD>\\n<path>?<query>\\n<hex SHA-256 of the body>"` (:func:`sign_request`). A
+    `X-Stepcache-Timestamp: <unix seconds>`, `X-Stepcache-Nonce: <up to 64 [A-Za-z0-9_-]>` (may be empty)
+    and `X-Stepcache-Signature: <hex HMAC-SHA256>` over
+    `"<timestamp>\\n<nonce>\\n<METHOD>\\n<path>?<query>\\n<hex SHA-256 of the body>"` (:func:`sign_request`). A
     timestamp outside API_SIGNATURE_WINDOW_SECONDS is stale, and a signature is accepted once: Redis
     remembers it for twice the window.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -29,19 +32,25 @@ from fastapi import Request
 from api.errors import AuthenticationRequiredError, ForbiddenError
 from common.config import ApiConfig, get_config
 from common.constants import REDIS_PREFIX
+from common.exceptions import DatasetNotFoundError
 from common.redis_connection import get_redis
 from common.sources import Access
 
 TIMESTAMP_HEADER = "X-Stepcache-Timestamp"
 SIGNATURE_HEADER = "X-Stepcache-Signature"
+NONCE_HEADER = "X-Stepcache-Nonce"
+TIMESTAMP = re.compile(r"\d{1,12}")
+NONCE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 ACCESS_CACHE_SIZE = 10_000
 
 
 class _AccessCache:
-    """The access of the datasets asked about lately (bounded, least recently used out first)."""
+    """The access of the datasets asked about lately, and which ones the source does not have (bounded,
+    least recently used out first): a client asking again and again costs the source one call per
+    API_ACCESS_CACHE_SECONDS."""
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[str, tuple[float, Access]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, Access | DatasetNotFoundError]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, dataset: str, ttl: float) -> Access:
@@ -50,20 +59,27 @@ class _AccessCache:
             known = self._entries.get(dataset)
             if known is not None and now - known[0] < ttl:
                 self._entries.move_to_end(dataset)
+                if isinstance(known[1], DatasetNotFoundError):
+                    raise DatasetNotFoundError(known[1].message)
                 return known[1]
         from common.sources import get_source
 
-        access = get_source().access(dataset)  # typed errors: DatasetNotFoundError, HubUnavailableError...
+        try:
+            access: Access | DatasetNotFoundError = get_source().access(dataset)  # other errors: typed, not kept
+        except DatasetNotFoundError as error:
+            access = error
         with self._lock:
             self._entries[dataset] = (now, access)
             self._entries.move_to_end(dataset)
             while len(self._entries) > ACCESS_CACHE_SIZE:
                 self._entries.popitem(last=False)
+        if isinstance(access, DatasetNotFoundError):
+            raise access
         return access
 
-    def clear(self) -> None:
+    def forget(self, dataset: str) -> None:
         with self._lock:
-            self._entries.clear()
+            self._entries.pop(dataset, None)
 
 
 access_cache = _AccessCache()
@@ -106,16 +122,18 @@ def check_token(token: str | None, dataset: str, settings: ApiConfig) -> None:
         raise ForbiddenError(f"the token does not give access to {dataset}")
 
 
-def request_digest(secret: str, timestamp: str, method: str, target: str, body: bytes) -> str:
+def request_digest(secret: str, timestamp: str, nonce: str, method: str, target: str, body: bytes) -> str:
     """The signature of a request to `target` (its path and, after `?`, its query) at `timestamp`."""
-    message = f"{timestamp}\n{method.upper()}\n{target}\n{hashlib.sha256(body).hexdigest()}"
+    message = f"{timestamp}\n{nonce}\n{method.upper()}\n{target}\n{hashlib.sha256(body).hexdigest()}"
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 
 def sign_request(secret: str, method: str, target: str, body: bytes = b"", now: float | None = None) -> dict[str, str]:
-    """The headers that sign an operator request (what a client of the operator endpoints sends)."""
-    timestamp = str(int(time.time() if now is None else now))
-    return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: request_digest(secret, timestamp, method, target, body)}
+    """The headers that sign an operator request (what a client of the operator endpoints sends): a new
+    nonce each time, so the same request sent twice in a second is two requests, not a replay."""
+    timestamp, nonce = str(int(time.time() if now is None else now)), secrets.token_hex(16)
+    digest = request_digest(secret, timestamp, nonce, method, target, body)
+    return {TIMESTAMP_HEADER: timestamp, NONCE_HEADER: nonce, SIGNATURE_HEADER: digest}
 
 
 async def require_operator(request: Request) -> None:
@@ -131,20 +149,20 @@ async def require_operator(request: Request) -> None:
         raise AuthenticationRequiredError("wrong operator key")
     secret = settings.operator_secret.get_secret_value()
     timestamp, signature = request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER)
+    nonce = request.headers.get(NONCE_HEADER, "")
     if not secret or timestamp is None or signature is None:
         raise AuthenticationRequiredError(
             "operator endpoints need Authorization: Bearer <API_OPERATOR_KEY> or a request signed with "
             f"API_OPERATOR_SECRET ({TIMESTAMP_HEADER}, {SIGNATURE_HEADER})"
         )
-    try:
-        age = abs(time.time() - int(timestamp))
-    except ValueError:
-        raise AuthenticationRequiredError(f"{TIMESTAMP_HEADER} is not a number of seconds") from None
+    if not TIMESTAMP.fullmatch(timestamp) or not NONCE.fullmatch(nonce):
+        raise AuthenticationRequiredError(f"{TIMESTAMP_HEADER} is unix seconds, {NONCE_HEADER} up to 64 [A-Za-z0-9_-]")
+    age = abs(time.time() - int(timestamp))
     if age > settings.signature_window_seconds:
         raise AuthenticationRequiredError(f"stale signature: its timestamp is {age:.0f} s away from now")
     query = request.url.query
     target = request.url.path + (f"?{query}" if query else "")
-    expected = request_digest(secret, timestamp, request.method, target, await request.body())
+    expected = request_digest(secret, timestamp, nonce, request.method, target, await request.body())
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise AuthenticationRequiredError("the request's signature does not match it")
     window = math.ceil(2 * settings.signature_window_seconds)

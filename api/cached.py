@@ -30,7 +30,7 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.assets import expiry, sign_sources, url_signer
+from api.assets import expiry, key_id, map_media_sources, media_columns, url_signer
 from api.auth import check_dataset_access
 from api.errors import ERROR_CODE_HEADER, InvalidParameterError, ResponseNotFoundError, ResponseNotReadyError
 from common import cache, orchestrator
@@ -46,7 +46,6 @@ from common.sources import Access
 ROOT_STEP = "dataset-config-names"
 FIRST_ROWS = "split-first-rows"
 BUSY = [JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED]
-MEDIA = {"Image", "Audio"}  # the features whose cells first rows store as assets
 
 
 @dataclass(frozen=True)
@@ -122,20 +121,12 @@ def answer_entry(request: Request, entry: cache.CachedResponse, access: Access) 
     if not entry.is_success:
         body = {"error": entry.content.get("error"), "error_code": entry.error_code}
         return answer(request, [entry], body, entry.http_status, entry.error_code, access)
-    if entry.kind != FIRST_ROWS or not _has_media(entry.content):
+    if entry.kind != FIRST_ROWS or not media_columns(entry.content):
         return answer(request, [entry], entry.content, entry.http_status, None, access)
     settings = get_config()
     expires = expiry(settings.api.assets_url_ttl_seconds)
-    content = sign_sources(entry.content, url_signer(settings, expires))
-    return answer(request, [entry], content, entry.http_status, None, access, expires)
-
-
-def _has_media(content: dict[str, Any]) -> bool:
-    """Whether first rows hold asset URLs: a column of images or audio (signing the rest costs for nothing)."""
-    return any(
-        isinstance(feature, dict) and isinstance(feature.get("type"), dict) and feature["type"].get("_type") in MEDIA
-        for feature in content.get("features", [])
-    )
+    content = map_media_sources(entry.content, url_signer(settings, expires, entry.dataset))
+    return answer(request, [entry], content, entry.http_status, None, access, expires, key_id(settings))
 
 
 def serve(endpoint: Endpoint, request: Request, dataset: str, config: str | None, split: str | None) -> Response:

@@ -17,10 +17,11 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Header, Path
+from fastapi import APIRouter, Header, Path, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import check_dataset_access
 from api.errors import InvalidParameterError, NotFoundError
 from common.config import get_config
 from common.events import EventType, JobState
@@ -49,6 +50,17 @@ async def find_job(job_id: str) -> Job:
         if job is not None:
             return job
     raise NotFoundError(f"no job {job_id}", error_code="UnknownJobError")
+
+
+async def readable_job(request: Request, job_id: str) -> Job:
+    """The job, if the request may read its dataset (api.auth: a gated or private one needs a JWT)."""
+    job = await find_job(job_id)
+    await run_in_threadpool(check_dataset_access, request, job.dataset)
+    return job
+
+
+def _is_stream_id(text: str) -> bool:
+    return STREAM_ID.fullmatch(text) is not None and all(int(part) < 2**64 for part in text.split("-"))
 
 
 def job_document(job: Job) -> dict[str, Any]:
@@ -91,9 +103,9 @@ def router() -> APIRouter:
     jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 
     @jobs.get("/{job_id}", responses={404: {"description": "no such job"}})
-    async def job(job_id: str = Path(pattern=JOB_ID)) -> dict[str, Any]:
-        """The job's state in the ledger."""
-        return job_document(await find_job(job_id))
+    async def job(request: Request, job_id: str = Path(pattern=JOB_ID)) -> dict[str, Any]:
+        """The job's state in the ledger (a job of a gated or private dataset: with a JWT for it)."""
+        return job_document(await readable_job(request, job_id))
 
     @jobs.get(
         "/{job_id}/events",
@@ -101,13 +113,14 @@ def router() -> APIRouter:
         responses={200: {"content": {"text/event-stream": {}}, "description": "the job's events"}},
     )
     async def events(
+        request: Request,
         job_id: str = Path(pattern=JOB_ID),
         last_event_id: str | None = Header(None, description="resume after this stream id"),
     ) -> EventSourceResponse:
         """The job's events as Server-Sent Events, until it ends."""
-        if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
+        if last_event_id is not None and not _is_stream_id(last_event_id):
             raise InvalidParameterError(f"Last-Event-ID is a stream id (<ms>-<n>), not {last_event_id[:64]!r}")
-        found = await find_job(job_id)
+        found = await readable_job(request, job_id)
         start = last_event_id or f"{max(0, int(found.created_at.timestamp() * 1000) - START_MARGIN_MS)}-0"
         return EventSourceResponse(job_events(found, start), ping=PING_SECONDS)
 

@@ -4,7 +4,8 @@
   context (common.logging.request_context): every log line and event of the request carries it, and the
   response echoes it;
 - the access log: one line per request (`stepcache.api.access`), its query's signatures masked;
-- Prometheus metrics by route template (never by raw path: the series stay bounded):
+- an unexpected error: logged with its traceback and the request id, answered 500 `UnexpectedError`;
+- Prometheus metrics by route template and known method (never by raw path: the series stay bounded):
   `stepcache_api_requests_total{method,route,status}` and `stepcache_api_request_duration_seconds`;
 - bounded requests: a body over API_MAX_BODY_BYTES is refused (413) from its Content-Length or as it
   streams in, and a request not answered within API_REQUEST_TIMEOUT_SECONDS gets 504 (the event streams
@@ -32,6 +33,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SIGNATURE = re.compile(r"(signature=)[^&]*", re.IGNORECASE)
 STREAMING_SUFFIX = "/events"  # Server-Sent Events: no timeout
 access_log = logging.getLogger("stepcache.api.access")
+logger = logging.getLogger(__name__)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # any other: "other"
 REQUESTS = Counter("stepcache_api_requests", "API requests answered", ["method", "route", "status"])
 DURATION = Histogram(
     "stepcache_api_request_duration_seconds",
@@ -78,7 +81,8 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
-                DURATION.labels(scope["method"], _route(scope)).observe(time.perf_counter() - started)
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                DURATION.labels(method, _route(scope)).observe(time.perf_counter() - started)
             await send(message)
 
         received = 0
@@ -105,13 +109,26 @@ class RequestMiddleware:
                 if not status["sent"]:
                     message = f"the request was not answered within {self.timeout_seconds} s"
                     await error_response(504, message, "RequestTimeoutError")(scope, receive, send_with_id)
+            except Exception:
+                # Here, not in Starlette's outermost handler: the line and the answer keep the request id.
+                logger.exception("unexpected error on %s %s", scope["method"], _target(scope))
+                if not status["sent"]:
+                    message = "an unexpected error occurred"
+                    await error_response(500, message, "UnexpectedError")(scope, receive, send_with_id)
             finally:
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                REQUESTS.labels(scope["method"], _route(scope), str(status["code"])).inc()
-                query = _SIGNATURE.sub(r"\1***", scope.get("query_string", b"").decode("latin-1"))
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                REQUESTS.labels(method, _route(scope), str(status["code"])).inc()
                 client = scope.get("client") or ("-", 0)
-                target = scope["path"] + (f"?{query}" if query else "")
-                access_log.info('%s "%s %s" %s %.1fms', client[0], scope["method"], target, status["code"], elapsed_ms)
+                access_log.info('%s "%s %s" %s %.1fms', client[0], method, _target(scope), status["code"], elapsed_ms)
+
+
+def _target(scope: Scope) -> str:
+    """The request's path and query as received (percent-encoded: no line breaks to forge log lines with),
+    its signatures masked."""
+    path: bytes = scope.get("raw_path") or scope["path"].encode("unicode_escape")
+    query = _SIGNATURE.sub(r"\1***", scope.get("query_string", b"").decode("latin-1"))
+    return path.decode("latin-1") + (f"?{query}" if query else "")
 
 
 def _route(scope: Scope) -> str:

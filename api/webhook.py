@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import hmac
 import shutil
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.assets import map_media_sources
 from api.auth import access_cache
-from api.errors import AuthenticationRequiredError
+from api.errors import AuthenticationRequiredError, InvalidParameterError
 from common import cache, orchestrator
 from common.config import get_config
 from common.constants import REDIS_PREFIX
@@ -56,12 +60,20 @@ class WebhookPayload(BaseModel):
 
 
 def _directories(dataset: str) -> list[Path]:
+    """Where the dataset's files are, and only its files: `<dataset>/--/...` (a canonical name's folder also
+    holds its namespace's datasets)."""
     settings = get_config()
-    return [settings.assets.storage_path / dataset, settings.worker.parquet_path / dataset]
+    return [settings.assets.storage_path / dataset / "--", settings.worker.parquet_path / dataset / "--"]
+
+
+def _remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    with suppress(OSError):
+        directory.parent.rmdir()  # the dataset's folder, once nothing else is in it
 
 
 def forget(dataset: str) -> None:
-    access_cache.clear()
+    access_cache.forget(dataset)
     get_redis(get_config().queue.redis_url).delete(f"{REDIS_PREFIX}:api:backfill:{dataset}")
 
 
@@ -71,43 +83,57 @@ def delete(dataset: str) -> dict[str, Any]:
     cancelled = get_queue().cancel(dataset, revoke_started=True)
     deleted = cache.delete_dataset_responses(dataset)
     for directory in _directories(dataset):
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove(directory)
     forget(dataset)
     return {"cancelled": len(cancelled), "deleted": deleted}
 
 
-def renamer(old: str, new: str) -> Any:
+def renamer(old: str, new: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Rewrites an entry's content for the new name: the `dataset` fields, the Parquet files' `path`, and
+    the `src` of first rows' image and audio cells; the rows' data stays as it is."""
     settings = get_config()
-    prefixes = [
-        (f"{settings.assets.base_url.rstrip('/')}/{old}/--/", f"{settings.assets.base_url.rstrip('/')}/{new}/--/"),
-        (f"{settings.worker.parquet_path / old}/--/", f"{settings.worker.parquet_path / new}/--/"),
-    ]
+    base = settings.assets.base_url.rstrip("/")
+    assets = (f"{base}/{quote(old, safe='/')}/--/", f"{base}/{quote(new, safe='/')}/--/")
+    parquet = (f"{settings.worker.parquet_path / old}/--/", f"{settings.worker.parquet_path / new}/--/")
+
+    def moved(value: str, prefixes: tuple[str, str]) -> str:
+        before, after = prefixes
+        return after + value.removeprefix(before) if value.startswith(before) else value
 
     def rename(value: Any) -> Any:
         if isinstance(value, dict):
-            return {key: new if key == "dataset" and item == old else rename(item) for key, item in value.items()}
+            return {
+                key: new
+                if key == "dataset" and item == old
+                else moved(item, parquet)
+                if key == "path" and isinstance(item, str)
+                else item
+                if key == "rows"
+                else rename(item)
+                for key, item in value.items()
+            }
         if isinstance(value, list):
             return [rename(item) for item in value]
-        if isinstance(value, str):
-            for before, after in prefixes:
-                if value.startswith(before):
-                    return after + value.removeprefix(before)
         return value
 
-    return rename
+    return lambda content: map_media_sources(rename(content), lambda source: moved(source, assets))
 
 
 def move(old: str, new: str) -> dict[str, Any]:
     from tasks.queue import get_queue
 
+    if old.lower() == new.lower():
+        raise InvalidParameterError(f"a dataset is not moved to its own name ({old} to {new})")
     queue = get_queue()
     cancelled = queue.cancel(old, revoke_started=True) + queue.cancel(new, revoke_started=True)
-    moved = cache.move_dataset_responses(old, new, renamer(old, new))
     for source, target in zip(_directories(old), _directories(new), strict=True):
-        shutil.rmtree(target, ignore_errors=True)
+        _remove(target)
         if source.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(source, target)
+            source.rename(target)
+            with suppress(OSError):
+                source.parent.rmdir()
+    moved = cache.move_dataset_responses(old, new, renamer(old, new))
     forget(old)
     forget(new)
     jobs = orchestrator.backfill(queue, new, priority="normal")
@@ -115,7 +141,8 @@ def move(old: str, new: str) -> dict[str, Any]:
 
 
 def check_secret(x_webhook_secret: str | None = Header(None, description="API_WEBHOOK_SECRET")) -> None:
-    """Before the body is even parsed: the shared secret."""
+    """The shared secret, checked before the body is validated (a body that is not JSON at all is refused
+    first: FastAPI parses it before it runs dependencies; API_MAX_BODY_BYTES bounds it)."""
     secret = get_config().api.webhook_secret.get_secret_value()
     if not secret or not hmac.compare_digest((x_webhook_secret or "").encode(), secret.encode()):
         raise AuthenticationRequiredError(f"a webhook needs the shared secret in {SECRET_HEADER}")

@@ -12,6 +12,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from common.config import get_config
 from common.exceptions import InvalidSplitNameError
@@ -61,7 +62,7 @@ def _store(location: CellLocation, name: str, data: bytes) -> str:
     path = settings.storage_path / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return f"{settings.base_url.rstrip('/')}/{relative.as_posix()}"
+    return f"{settings.base_url.rstrip('/')}/{quote(relative.as_posix())}"  # names may hold '%', '#', '?'...
 
 
 def store_image(location: CellLocation, data: bytes) -> dict[str, object]:

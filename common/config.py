@@ -19,7 +19,16 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.exceptions import ConfigError
@@ -240,10 +249,10 @@ class ApiConfig(_Settings):
     cors_origins: str = ""  # comma-separated origins, or "*"; empty: no CORS headers
     max_body_bytes: Annotated[int, Field(ge=1_000, le=100_000_000)] = 1_000_000
     request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    cache_max_age_seconds: Annotated[int, Field(ge=0)] = 60
+    cache_max_age_seconds: Annotated[int, Field(ge=0, le=365 * 86400)] = 60
     retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
-    backfill_interval_seconds: Annotated[float, Field(gt=0)] = 60.0
-    access_cache_seconds: Annotated[float, Field(ge=0)] = 60.0
+    backfill_interval_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 60.0
+    access_cache_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
     jwt_algorithm: JwtAlgorithm = "EdDSA"
     jwt_public_key: str = ""
     jwt_audience: Annotated[str, Field(min_length=1)] = "stepcache"
@@ -252,7 +261,7 @@ class ApiConfig(_Settings):
     signature_window_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
     webhook_secret: Secret = SecretStr("")
     assets_signing_key: Secret = SecretStr("")
-    assets_url_ttl_seconds: Annotated[int, Field(ge=1)] = 3600
+    assets_url_ttl_seconds: Annotated[int, Field(ge=1, le=365 * 86400)] = 3600
 
     @field_validator("jwt_public_key")
     @classmethod
@@ -264,10 +273,18 @@ class ApiConfig(_Settings):
             from jwt.algorithms import get_default_algorithms
 
             try:
-                get_default_algorithms()[algorithm].prepare_key(pem)
+                key = get_default_algorithms()[algorithm].prepare_key(pem)
             except Exception as error:
                 raise ValueError(f"not a PEM public key for {algorithm}: {error}") from None
+            if not callable(getattr(key, "verify", None)):  # a private key: it signs, and must not be here
+                raise ValueError(f"a private key, where the public key for {algorithm} goes")
         return pem
+
+    @model_validator(mode="after")
+    def _check_workers_share_a_key(self) -> ApiConfig:
+        if self.workers > 1 and not self.assets_signing_key.get_secret_value():
+            raise ValueError("API_WORKERS > 1 needs API_ASSETS_SIGNING_KEY: every process must sign alike")
+        return self
 
     @property
     def allowed_origins(self) -> list[str]:
@@ -307,6 +324,8 @@ class AppConfig(BaseModel):
 
 def _one_line(settings_class: type[_Settings], error: ValidationError) -> str:
     first = error.errors(include_url=False, include_input=False)[0]
+    if not first["loc"]:  # a rule between variables: its message names them
+        return f"invalid configuration: {first['msg'].removeprefix('Value error, ')}"
     prefix = str(settings_class.model_config.get("env_prefix", ""))
     variable = prefix + "_".join(str(part) for part in first["loc"]).upper()
     raw = os.environ.get(variable)

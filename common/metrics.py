@@ -170,8 +170,8 @@ class LiveCollector:
         yield entries
 
 
-def serve(port: int, live: LiveCollector | None = None) -> Any:
-    """Serve every process's metrics (and the live gauges) over HTTP on `port`; returns the server."""
+def serve(port: int, address: str = "0.0.0.0", live: LiveCollector | None = None) -> Any:
+    """Serve every process's metrics (and the live gauges) over HTTP on `address`:`port`; returns the server."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -179,7 +179,7 @@ def serve(port: int, live: LiveCollector | None = None) -> Any:
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     if live is not None:
         registry.register(live)
-    server, _ = start_http_server(port, registry=registry)
+    server, _ = start_http_server(port, addr=address, registry=registry)
     return server
 
 

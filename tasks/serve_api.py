@@ -8,6 +8,7 @@ gathered through PROMETHEUS_MULTIPROC_DIR.
 from __future__ import annotations
 
 import logging
+import sys
 
 from common.config import get_config_or_exit
 from common.logging import configure_logging
@@ -19,11 +20,15 @@ logger = logging.getLogger(__name__)
 
 def serve_api(host: str | None = None, port: int | None = None, workers: int | None = None) -> int:
     settings = get_config_or_exit()
+    workers = workers or settings.api.workers
+    if workers > 1 and not settings.api.assets_signing_key.get_secret_value():
+        print("stepcache: --workers > 1 needs API_ASSETS_SIGNING_KEY: every process must sign alike", file=sys.stderr)
+        return 2
     configure_logging(settings.common.log_level, settings.common.log_format)
     prepare_multiprocess()  # before prometheus_client is imported
     if settings.api.metrics_port:
         try:
-            serve(settings.api.metrics_port)
+            serve(settings.api.metrics_port, host or settings.api.host)
         except OSError as error:  # the API serves without its metrics rather than not at all
             logger.warning("no metrics: port %s: %s", settings.api.metrics_port, error)
     import uvicorn
@@ -33,7 +38,7 @@ def serve_api(host: str | None = None, port: int | None = None, workers: int | N
         factory=True,
         host=host or settings.api.host,
         port=settings.api.port if port is None else port,
-        workers=workers or settings.api.workers,
+        workers=workers,
         log_config=None,
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,

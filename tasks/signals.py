@@ -216,7 +216,7 @@ def _start_worker_services(**_: Any) -> None:
         queue = get_queue()
         live = metrics.LiveCollector(queue.limiter.overview, cache.count_by_status)
         try:
-            _running["metrics"] = metrics.serve(port, live)
+            _running["metrics"] = metrics.serve(port, live=live)
         except OSError as error:
             logger.warning("metrics not served on port %s: %s", port, error)
 

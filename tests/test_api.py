@@ -179,6 +179,9 @@ def test_a_job_and_its_events_as_server_sent_events_resumable(
     after_end = [kind for _, kind, _ in events_of(client, job_id, last_event_id=events[-1][0])]
     assert after_end[-1] == "job.state" and not any(kind.startswith("job.") for kind in after_end[:-1])
     assert client.get("/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+    for bad in ("99999999999999999999-0", "1-x", "-1"):
+        answer = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+        assert answer.status_code == 422 and answer.json()["error_code"] == "InvalidParameterError"
 
 
 def test_bounded_requests_cors_and_request_ids(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,15 +190,18 @@ def test_bounded_requests_cors_and_request_ids(mirror: Path, monkeypatch: pytest
         {"API_MAX_BODY_BYTES": "2000", "API_CORS_ORIGINS": "https://viewer.example", "API_WEBHOOK_SECRET": "s" * 16},
     )
     with api_client() as client:
-        big = b"{" + b" " * 5000 + b"}"
-        declared = client.post("/webhook", content=big, headers={"X-Webhook-Secret": "s" * 16})
+        big, secret = b"{" + b" " * 5000 + b"}", {"X-Webhook-Secret": "s" * 16}
+        declared = client.post("/webhook", content=big, headers=secret)
         assert declared.status_code == 413 and declared.json()["error_code"] == "PayloadTooLargeError"
-        chunked = client.post(
-            "/webhook", content=iter([big[:1500], big[1500:]]), headers={"X-Webhook-Secret": "s" * 16}
-        )
+        chunked = client.post("/webhook", content=iter([big[:1500], big[1500:]]), headers=secret)
         assert chunked.status_code == 413 and chunked.json()["error_code"] == "PayloadTooLargeError"
         allowed = client.get("/is-valid", params={"dataset": "x"}, headers={"Origin": "https://viewer.example"})
         assert allowed.headers["Access-Control-Allow-Origin"] == "https://viewer.example"
+        assert {"ETag", "Retry-After", "X-Error-Code"} <= set(
+            allowed.headers["Access-Control-Expose-Headers"].split(", ")
+        )
+        too_big = client.post("/webhook", content=big, headers={**secret, "Origin": "https://viewer.example"})
+        assert too_big.status_code == 413 and too_big.headers["Access-Control-Allow-Origin"] == "https://viewer.example"
         other = client.get("/is-valid", params={"dataset": "x"}, headers={"Origin": "https://evil.example"})
         assert "Access-Control-Allow-Origin" not in other.headers
         assert client.get("/is-valid", headers={"X-Request-Id": "abc-123"}).headers["X-Request-Id"] == "abc-123"

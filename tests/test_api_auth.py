@@ -21,8 +21,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from api.assets import expiry, url_signer
 from api.auth import sign_request
 from common import cache
+from common.assets import CellLocation, store_image
 from common.config import get_config
 from tasks import samples
 from tasks.queue import get_queue
@@ -90,6 +92,11 @@ def test_a_gated_dataset_needs_a_valid_jwt_for_it(client: httpx.Client, mirror: 
     good = token(dataset)
     answers = get_until_ready(client, "/first-rows", headers={"Authorization": f"Bearer {good}"}, **params)
     assert answers[-1].status_code == 200 and answers[-1].headers["Cache-Control"].startswith("private")
+    job_id = get_queue().jobs(dataset)[0].job_id
+    for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/events"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers={"Authorization": f"Bearer {token('org/other')}"}).status_code == 403
+    assert client.get(f"/jobs/{job_id}", headers={"Authorization": f"Bearer {good}"}).json()["dataset"] == dataset
     header, payload, signature = good.split(".")
     claims = {"sub": f"datasets/{dataset}", "aud": AUDIENCE, "exp": int(time.time()) + 300}
     hs256 = {"alg": "HS256", "typ": "JWT"}
@@ -148,6 +155,9 @@ def test_operator_endpoints_need_the_key_or_a_fresh_signature_seen_once(client: 
         "another body": sign_request(OPERATOR_SECRET, "PUT", target, json.dumps({"limit": 0}).encode()),
         "no timestamp": {"X-Stepcache-Signature": signed["X-Stepcache-Signature"]},
         "bad timestamp": {**signed, "X-Stepcache-Timestamp": "yesterday"},
+        "huge timestamp": {**signed, "X-Stepcache-Timestamp": "9" * 400},
+        "another nonce": {**signed, "X-Stepcache-Nonce": "0" * 32},
+        "bad nonce": {**signed, "X-Stepcache-Nonce": "a b"},
     }
     for name, headers in refusals.items():
         answer = operator_answer(client, "PUT", target, headers, body)
@@ -160,6 +170,11 @@ def test_operator_endpoints_need_the_key_or_a_fresh_signature_seen_once(client: 
     replayed = operator_answer(client, "PUT", target, signed, body)
     assert replayed.status_code == 401 and "replayed" in replayed.json()["error"]
     assert queue.get_limit("org") == (get_config().queue.max_jobs_per_namespace, False)
+    # The same request signed twice in the same second: two nonces, two requests.
+    for _ in range(2):
+        assert operator_answer(
+            client, "PUT", target, sign_request(OPERATOR_SECRET, "PUT", target, body), body
+        ).is_success
     # With the key: pause, read, resume.
     key = {"Authorization": f"Bearer {OPERATOR_KEY}"}
     assert operator_answer(client, "POST", "/admin/limits/org/pause", key).status_code == 200
@@ -221,6 +236,19 @@ def test_asset_urls_are_signed_and_expire_and_no_path_leaves_the_storage(
         assert answered == status, (name, answered, body)
         assert b"TOP SECRET" not in body, name
     assert outside.read_text() == "TOP SECRET CONTENT"
+    # A dataset's cell that looks like an asset of another dataset is data: never signed (no signing oracle).
+    thief = "thief/data"
+    samples.write(mirror / thief / "train.jsonl", json.dumps({"picture": {"src": "assets/" + path}}) + "\n")
+    stolen = get_until_ready(client, "/first-rows", dataset=thief, config="default", split="train")[-1]
+    assert stolen.json()["rows"][0]["row"]["picture"]["src"] == "assets/" + path
+    # Names that need percent-encoding in a URL.
+    revision = path.split("/--/")[1]
+    for config in ("pct%41", "h#sh", "sp ace"):
+        location = CellLocation(dataset, revision, config, "train", 0, "image", 0)
+        stored = store_image(location, (next((mirror / dataset).rglob("*.png"))).read_bytes())["src"]
+        assert isinstance(stored, str)
+        signed_url = url_signer(get_config(), expiry(3600), dataset)(stored)
+        assert client.get("/" + signed_url).status_code == 200, (config, signed_url)
 
 
 def raw_get(client: httpx.Client, target: str) -> tuple[int, bytes]:
@@ -246,6 +274,13 @@ def test_the_webhook_updates_deletes_and_moves_a_dataset(client: httpx.Client, m
     assert webhook(client, "update", dataset).json()["enqueued"] == 1  # the first step; the others follow
     before = wait_until_settled(dataset)
     assert before[("split-first-rows", "default", "train")].is_success
+    # A canonical dataset named like the namespace: its delete spares the namespace's datasets.
+    assets = sorted((get_config().assets.storage_path / dataset).rglob("*.jpg"))
+    assert webhook(client, "delete", "org").json()["deleted"] == 0
+    assert sorted((get_config().assets.storage_path / dataset).rglob("*.jpg")) == assets and assets
+    # A move to its own name is refused, and changes nothing.
+    assert webhook(client, "move", dataset, movedTo={"name": dataset.upper()}).status_code == 422
+    assert len(cache.get_dataset_responses(dataset)) == len(before)
     # Refused: no secret, a wrong one; nothing happens.
     for secret in ("", "wrong-secret-0123456789"):
         assert webhook(client, "delete", dataset, secret).status_code == 401

@@ -88,6 +88,10 @@ def test_a_dataset_through_the_api_alone_with_real_processes(
             headers=sign_request(OPERATOR_SECRET, "POST", "/admin/refresh?dataset=org/x"),
         )
         client.post("/webhook", json={}, headers={"X-Webhook-Secret": WEBHOOK_SECRET})
+        for method in ("M1", "M2", "M3"):  # made-up methods: no series of their own (at most one "other")
+            client.request(method, "/healthcheck")
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert 'method="M1"' not in metrics
         time.sleep(0.5)
     log = (tmp_path / "api.log").read_text()
     assert "/admin/refresh" in log and "/webhook" in log

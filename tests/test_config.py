@@ -190,3 +190,20 @@ def test_the_lease_outlives_the_tolerated_missing_heartbeats(clean_env: pytest.M
     clean_env.setenv("WORKER_HEARTBEAT_INTERVAL_SECONDS", "2")
     clean_env.setenv("WORKER_MAX_MISSING_HEARTBEATS", "3")
     assert get_config().worker.lease_ttl_seconds == 8
+
+
+def test_an_api_private_key_where_the_public_key_goes_is_refused(clean_env: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    clean_env.setenv("API_JWT_PUBLIC_KEY", private.decode())
+    with pytest.raises(ConfigError, match="a private key"):
+        get_config()
+    clean_env.delenv("API_JWT_PUBLIC_KEY")
+    clean_env.setenv("API_WORKERS", "2")  # processes that sign asset URLs must share a key
+    with pytest.raises(ConfigError, match="API_ASSETS_SIGNING_KEY"):
+        get_config()
