@@ -63,7 +63,9 @@ def test_a_plain_task_added_to_the_app_emits_started_heartbeat_and_completion_ev
     failed = failed_events[-1]
     assert isinstance(failed, TaskFailed)
     assert failed.exception == "PlainError" and failed.message == "plain failure"
-    assert [e.type for e in failed_events] == [EventType.TASK_STARTED, EventType.TASK_FAILED]
+    # (A loaded machine may let a heartbeat in, 0.2 s apart, before the failure.)
+    told = [e.type for e in failed_events if e.type != EventType.TASK_HEARTBEAT]
+    assert told == [EventType.TASK_STARTED, EventType.TASK_FAILED]
 
 
 def test_a_step_task_event_carries_its_jobs_key(stores: Stores, worker: Any) -> None:
