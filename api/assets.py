@@ -78,8 +78,13 @@ def media_columns(content: dict[str, Any]) -> list[str]:
     return [
         feature["name"]
         for feature in content.get("features", [])
-        if isinstance(feature, dict) and isinstance(feature.get("type"), dict) and feature["type"].get("_type") in MEDIA
+        if isinstance(feature, dict) and isinstance(feature.get("type"), dict) and _kind(feature["type"]) in MEDIA
     ]
+
+
+def _kind(feature_type: dict[str, Any]) -> str | None:
+    kind = feature_type.get("_type")  # a struct's field may be named "_type": then it is not a string
+    return kind if isinstance(kind, str) else None
 
 
 def map_media_sources(content: dict[str, Any], change: Callable[[str], str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from fastapi import Request
 from api.errors import AuthenticationRequiredError, ForbiddenError
 from common.config import ApiConfig, get_config
 from common.constants import REDIS_PREFIX
-from common.exceptions import DatasetNotFoundError
+from common.exceptions import DatasetNotFoundError, HubTransientError, HubUnavailableError
 from common.redis_connection import get_redis
 from common.sources import Access
 
@@ -42,12 +42,14 @@ NONCE_HEADER = "X-Stepcache-Nonce"
 TIMESTAMP = re.compile(r"\d{1,12}")
 NONCE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 ACCESS_CACHE_SIZE = 10_000
+STALE_SECONDS = 3600.0  # how long a dataset's last known access is used while the Hub is down
 
 
 class _AccessCache:
     """The access of the datasets asked about lately, and which ones the source does not have (bounded,
     least recently used out first): a client asking again and again costs the source one call per
-    API_ACCESS_CACHE_SECONDS."""
+    API_ACCESS_CACHE_SECONDS. While the Hub is down, a dataset's last known access is used for up to an
+    hour (stale if error): a Hub outage does not take the cache down with it."""
 
     def __init__(self) -> None:
         self._entries: OrderedDict[str, tuple[float, Access | DatasetNotFoundError]] = OrderedDict()
@@ -65,9 +67,14 @@ class _AccessCache:
         from common.sources import get_source
 
         try:
-            access: Access | DatasetNotFoundError = get_source().access(dataset)  # other errors: typed, not kept
+            access: Access | DatasetNotFoundError = get_source().access(dataset)
         except DatasetNotFoundError as error:
             access = error
+        except (HubUnavailableError, HubTransientError):
+            # The Hub is down: what it said last, for a while, rather than no dataset served at all.
+            if known is not None and not isinstance(known[1], DatasetNotFoundError) and now - known[0] < STALE_SECONDS:
+                return known[1]
+            raise
         with self._lock:
             self._entries[dataset] = (now, access)
             self._entries.move_to_end(dataset)

@@ -126,7 +126,8 @@ def answer_entry(request: Request, entry: cache.CachedResponse, access: Access) 
     settings = get_config()
     expires = expiry(settings.api.assets_url_ttl_seconds)
     content = map_media_sources(entry.content, url_signer(settings, expires, entry.dataset))
-    return answer(request, [entry], content, entry.http_status, None, access, expires, key_id(settings))
+    signing = (expires, key_id(settings), settings.assets.base_url)
+    return answer(request, [entry], content, entry.http_status, None, access, *signing)
 
 
 def serve(endpoint: Endpoint, request: Request, dataset: str, config: str | None, split: str | None) -> Response:
@@ -166,11 +167,14 @@ def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> 
         job = next((job for job in busy if (job.step, job.config, job.split) == (kind, config, split)), busy[0])
         message = f"the response is not ready yet: {job.step} is {job.status}"
         raise ResponseNotReadyError(message, {**retry, "Location": f"/jobs/{job.job_id}"}, job_id=job.job_id)
-    ancestors = {step.name for step in get_processing_graph().ancestors(kind)}
-    for entry in cache.get_dataset_responses(dataset):
-        failed = entry.kind in ancestors and not entry.is_success
-        if failed and entry.config in (None, config) and entry.split in (None, split):
-            return entry
+    ancestors = [step.name for step in get_processing_graph().ancestors(kind)]
+    for entry in cache.get_dataset_responses(dataset, ancestors, with_content=False):  # metadata only
+        failed = not entry.is_success and entry.config in (None, config) and entry.split in (None, split)
+        if failed:
+            try:
+                return cache.get_response(entry.kind, dataset, entry.config, entry.split)
+            except CachedResponseNotFoundError:
+                break  # deleted meanwhile: no stand-in
     redis = get_redis(settings.queue.redis_url)
     marker = f"{REDIS_PREFIX}:api:backfill:{dataset}"
     if redis.set(marker, 1, nx=True, ex=math.ceil(settings.api.backfill_interval_seconds)):
@@ -186,13 +190,13 @@ def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> 
 def gathered(endpoint: Endpoint, request: Request, dataset: str, access: Access) -> Response:
     """The configs' entries of the endpoint gathered into one dataset-level answer."""
     assert endpoint.gather is not None
-    entries = cache.get_dataset_responses(dataset)
+    kind = endpoint.kinds[InputType.CONFIG]
+    entries = cache.get_dataset_responses(dataset, [ROOT_STEP, kind])
     names = next((entry for entry in entries if entry.kind == ROOT_STEP), None) or stand_in(
         ROOT_STEP, dataset, None, None
     )
     if not names.is_success:
         return answer_entry(request, names, access)
-    kind = endpoint.kinds[InputType.CONFIG]
     by_config = {entry.config: entry for entry in entries if entry.kind == kind}
     values: list[Any] | dict[str, Any] = {} if endpoint.gather_by_config else []
     pending, failed, partial, used = [], [], False, [names]

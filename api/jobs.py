@@ -6,8 +6,10 @@ task.*: queued, started, progress, heartbeat, cache updated, succeeded or failed
 as `id` and its type as `event`; the stream ends with the job's end. Without `Last-Event-ID` it starts at
 the job's creation; with one (what an EventSource sends when it reconnects), right after it. When the end
 is no longer on the stream (trimmed, or the job ended before), a last `job.state` event gives the ledger's
-state. The stream is read every 0.5 s without holding a thread while waiting; a comment line
-is sent every 15 s to keep proxies from closing an idle stream.
+state; a connection replays at most SCAN_BUDGET entries of other jobs' events in a row. The stream is
+read every 0.5 s without holding a thread while waiting (each watcher reads every event: the cost grows
+with watchers times events); a comment line is sent every 15 s to keep proxies from closing an idle
+stream.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 POLL_SECONDS = 0.5
 LEDGER_CHECK_EVERY = 4  # polls without news between two looks at the ledger
 READ_COUNT = 200
+SCAN_BUDGET = 20_000  # others' events one connection reads in a row before it stops replaying
+ENDS = frozenset(str(kind) for kind in EventType if kind.ends_job)
 PING_SECONDS = 15
 MAX_LEDGER_WAIT_SECONDS = 1.0
 START_MARGIN_MS = 10_000  # the job was created by a clock other than Redis': read from a little before
@@ -68,19 +72,31 @@ def job_document(job: Job) -> dict[str, Any]:
 
 
 async def job_events(job: Job, after: str) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after stream id `after`, until its end. One connection reads at most SCAN_BUDGET
+    entries of others' events in a row: past that (a job long finished, its events trimmed), a terminal
+    job's state closes the stream, and a running one's state is sent and the reading jumps to now."""
     from tasks.queue import get_queue
 
     bus = get_queue().events
-    position, quiet = after, 0
+    position, quiet, scanned = after, 0, 0
     while True:
         entries = await run_in_threadpool(bus.read, position, READ_COUNT, None)
         for stream_id, event in entries:
-            position = stream_id
+            position, scanned = stream_id, scanned + 1
             if event.job_id != job.job_id:
                 continue
+            scanned = 0
             yield ServerSentEvent(event.model_dump_json(), event=event.type, id=stream_id)
-            if event.type in {str(kind) for kind in EventType if kind.ends_job}:
+            if event.type in ENDS:
                 return
+        if scanned > SCAN_BUDGET:
+            current = await find_job(job.job_id)
+            if not current.status.is_terminal:
+                position, scanned = await run_in_threadpool(bus.last_id), 0
+            yield _state(current, position)
+            if current.status.is_terminal:
+                return
+            continue
         if entries:
             quiet = 0
             continue
@@ -88,11 +104,16 @@ async def job_events(job: Job, after: str) -> AsyncIterator[ServerSentEvent]:
         if quiet % LEDGER_CHECK_EVERY == 0:
             current = await find_job(job.job_id)
             if current.status.is_terminal and not await run_in_threadpool(_has_news, bus, position):
-                key = current.model_dump(include={"job_id", "step", "dataset", "config", "split", "namespace"})
-                state = JobState(**key, status=current.status.value, attempts=current.attempts)
-                yield ServerSentEvent(state.model_dump_json(), event=state.type, id=position)
+                yield _state(current, position)
                 return
         await asyncio.sleep(POLL_SECONDS)
+
+
+def _state(job: Job, position: str) -> ServerSentEvent:
+    """The job's state in the ledger, as a `job.state` event at this stream position."""
+    key = job.model_dump(include={"job_id", "step", "dataset", "config", "split", "namespace"})
+    state = JobState(**key, status=job.status.value, attempts=job.attempts)
+    return ServerSentEvent(state.model_dump_json(), event=state.type, id=position)
 
 
 def _has_news(bus: Any, position: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import shutil
+import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -120,20 +121,25 @@ def renamer(old: str, new: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 
 def move(old: str, new: str) -> dict[str, Any]:
+    """Entries first (every content rewritten before any is written), then files; a retried move finds
+    nothing left under the old name and leaves the new one as the first try made it."""
     from tasks.queue import get_queue
 
-    if old.lower() == new.lower():
-        raise InvalidParameterError(f"a dataset is not moved to its own name ({old} to {new})")
+    if old == new:
+        raise InvalidParameterError(f"a dataset is not moved to its own name ({old})")
     queue = get_queue()
     cancelled = queue.cancel(old, revoke_started=True) + queue.cancel(new, revoke_started=True)
-    for source, target in zip(_directories(old), _directories(new), strict=True):
-        _remove(target)
-        if source.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source.rename(target)
-            with suppress(OSError):
-                source.parent.rmdir()
     moved = cache.move_dataset_responses(old, new, renamer(old, new))
+    for source, target in zip(_directories(old), _directories(new), strict=True):
+        if not source.exists():
+            continue
+        # Through a staging name: on a case-insensitive file system, `Org/A` and `org/a` are one folder.
+        staging = source.parent.parent / f".moving-{uuid.uuid4().hex}"
+        source.rename(staging)
+        _remove(source)  # the old dataset's folder, now empty
+        _remove(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(target)
     forget(old)
     forget(new)
     jobs = orchestrator.backfill(queue, new, priority="normal")

@@ -11,6 +11,7 @@ Readers use :func:`get_response`; steps never call this module, the worker store
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from collections.abc import Collection as Collection_
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -252,11 +253,20 @@ def get_previous_step_response(
 
 
 @retry_transient
-def get_dataset_responses(dataset: str) -> list[CachedResponse]:
-    """Every entry of the dataset, ordered by kind, config and split."""
+def get_dataset_responses(
+    dataset: str, kinds: Collection_[str] | None = None, with_content: bool = True
+) -> list[CachedResponse]:
+    """Every entry of the dataset (of these kinds only, when given), ordered by kind, config and split;
+    without their content (an empty one), when it is not needed: contents can be megabytes each."""
     dataset, _, _ = validate_key(dataset, None, None)
-    cursor = cache_collection().find({"dataset": dataset}, projection={"_id": False})
-    entries = [CachedResponse.model_validate(document) for document in cursor]
+    query: dict[str, Any] = (
+        {"dataset": dataset} if kinds is None else {"dataset": dataset, "kind": {"$in": list(kinds)}}
+    )
+    projection = {"_id": False} if with_content else {"_id": False, "content": False}
+    entries = [
+        CachedResponse.model_validate(document if with_content else {**document, "content": {}})
+        for document in cache_collection().find(query, projection=projection)
+    ]
     return sorted(entries, key=lambda entry: (entry.kind, entry.config or "", entry.split or ""))
 
 
@@ -286,14 +296,20 @@ def count_by_status(kind: str | None = None) -> list[CacheCount]:
 
 def move_dataset_responses(old: str, new: str, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
     """Give the entries of dataset `old` to `new` (whose own entries are replaced), each content passed
-    through `rewrite`; returns how many moved. Not atomic: a reader may see both names for a moment."""
+    through `rewrite`; returns how many moved. Not atomic: a reader may see both names for a moment; when
+    `old` has no entry (a move retried), `new`'s are left as they are."""
     old, _, _ = validate_key(old, None, None)
     new, _, _ = validate_key(new, None, None)
     collection = cache_collection()
-    documents = list(collection.find({"dataset": old}, projection={"_id": False}))
+    # Every content rewritten before anything changes; none to move (a retried move): nothing changes.
+    documents = [
+        {**document, "dataset": new, "content": rewrite(document["content"])}
+        for document in collection.find({"dataset": old}, projection={"_id": False})
+    ]
+    if not documents:
+        return 0
     collection.delete_many({"dataset": new})
     for document in documents:
-        document |= {"dataset": new, "content": rewrite(document["content"])}
         collection.replace_one({field: document[field] for field in KEY_FIELDS}, document, upsert=True)
     collection.delete_many({"dataset": old})
     return len(documents)
