@@ -332,6 +332,7 @@ def main() -> None:
             "COMMON_HF_ENDPOINT": mirror.as_uri(),
             "COMMON_HF_CACHE_DIRECTORY": str(scratch / "hf-cache"),
             "API_METRICS_PORT": "0",
+            "API_ASSETS_SIGNING_KEY": "bench-assets-signing-key",  # API_WORKERS > 1 must share one
         }
         with bench_servers(**extra) as servers:
             content = write_entry()
