@@ -7,7 +7,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY tasks ./tasks
-COPY api ./api
 RUN pip install . && useradd --create-home stepcache && mkdir -p /data/assets /data/parquet /metrics \
     && chown -R stepcache /data /metrics
 USER stepcache

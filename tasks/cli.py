@@ -286,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _api(args: argparse.Namespace) -> int:
-    from tasks.serve_api import serve_api
+    from tasks.api.serve import serve_api
 
     return serve_api(host=args.host, port=args.port, workers=args.workers)
 

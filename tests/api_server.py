@@ -11,8 +11,8 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
-from api import create_api
 from common.config import get_config
+from tasks.api import create_api
 from tasks.embedded import free_port
 
 

@@ -236,7 +236,7 @@ def test_a_struct_with_a_field_named_type_is_not_taken_for_an_image(
 def test_a_stream_far_behind_is_not_replayed_forever(
     client: httpx.Client, mirror: Path, worker: object, stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import api.jobs
+    import tasks.api.jobs
     from common.event_bus import EventBus
     from common.events import JobQueued
 
@@ -245,7 +245,7 @@ def test_a_stream_far_behind_is_not_replayed_forever(
     end = events_of(client, job_id)[-1][0]
     bus = EventBus(stores.redis())
     bus.publish_many([JobQueued(job_id="other", step="x", dataset="org/other", namespace="org")] * 500)
-    monkeypatch.setattr(api.jobs, "SCAN_BUDGET", 100)
+    monkeypatch.setattr(tasks.api.jobs, "SCAN_BUDGET", 100)
     started = time.monotonic()
     resumed = events_of(client, job_id, last_event_id=end)
     assert resumed[-1][1] == "job.state" and time.monotonic() - started < 10

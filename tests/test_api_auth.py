@@ -21,12 +21,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from api.assets import expiry, url_signer
-from api.auth import sign_request
 from common import cache
 from common.assets import CellLocation, store_image
 from common.config import get_config
 from tasks import samples
+from tasks.api.assets import expiry, url_signer
+from tasks.api.auth import sign_request
 from tasks.queue import get_queue
 from tests.api_server import api_client
 from tests.conftest import Stores

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.auth import sign_request
 from common.event_bus import EventBus
 from tasks import run, samples
+from tasks.api.auth import sign_request
 from tasks.embedded import WorkerProcess, free_port
 from tests.conftest import Stores, use_settings
 from tests.test_api import events_of, get_until_ready

@@ -69,6 +69,6 @@ def test_flower_needs_basic_auth_from_the_environment() -> None:
 def test_the_dockerfile_installs_the_project_and_starts_a_worker() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
-    for copied in ("common", "tasks", "api", "pyproject.toml"):
+    for copied in ("common", "tasks", "pyproject.toml"):
         assert copied in dockerfile and Path(ROOT / copied).exists()
     assert 'CMD ["celery", "-A", "tasks", "worker"]' in dockerfile  # every queue

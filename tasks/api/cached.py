@@ -30,9 +30,6 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.assets import expiry, key_id, map_media_sources, media_columns, url_signer
-from api.auth import check_dataset_access
-from api.errors import ERROR_CODE_HEADER, InvalidParameterError, ResponseNotFoundError, ResponseNotReadyError
 from common import cache, orchestrator
 from common.config import get_config
 from common.constants import REDIS_PREFIX
@@ -42,6 +39,9 @@ from common.processing_graph import InputType, get_processing_graph
 from common.queue import JobStatus
 from common.redis_connection import get_redis
 from common.sources import Access
+from tasks.api.assets import expiry, key_id, map_media_sources, media_columns, url_signer
+from tasks.api.auth import check_dataset_access
+from tasks.api.errors import ERROR_CODE_HEADER, InvalidParameterError, ResponseNotFoundError, ResponseNotReadyError
 
 ROOT_STEP = "dataset-config-names"
 FIRST_ROWS = "split-first-rows"

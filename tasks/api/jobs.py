@@ -23,11 +23,11 @@ from fastapi import APIRouter, Header, Path, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import check_dataset_access
-from api.errors import InvalidParameterError, NotFoundError
 from common.config import get_config
 from common.events import EventType, JobState
 from common.queue import Job
+from tasks.api.auth import check_dataset_access
+from tasks.api.errors import InvalidParameterError, NotFoundError
 
 JOB_ID = r"^[A-Za-z0-9-]{1,64}$"
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -57,7 +57,7 @@ async def find_job(job_id: str) -> Job:
 
 
 async def readable_job(request: Request, job_id: str) -> Job:
-    """The job, if the request may read its dataset (api.auth: a gated or private one needs a JWT)."""
+    """The job, if the request may read its dataset (tasks.api.auth: a gated or private one needs a JWT)."""
     job = await find_job(job_id)
     await run_in_threadpool(check_dataset_access, request, job.dataset)
     return job

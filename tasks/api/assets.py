@@ -26,8 +26,8 @@ from urllib.parse import quote, unquote, urlsplit
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from api.errors import ForbiddenError, NotFoundError
 from common.config import AppConfig, get_config
+from tasks.api.errors import ForbiddenError, NotFoundError
 
 MEDIA = {"Image", "Audio"}  # the features whose cells first rows store as asset files
 

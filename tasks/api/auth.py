@@ -29,12 +29,12 @@ from collections import OrderedDict
 import jwt
 from fastapi import Request
 
-from api.errors import AuthenticationRequiredError, ForbiddenError
 from common.config import ApiConfig, get_config
 from common.constants import REDIS_PREFIX
 from common.exceptions import DatasetNotFoundError, HubTransientError, HubUnavailableError
 from common.redis_connection import get_redis
 from common.sources import Access
+from tasks.api.errors import AuthenticationRequiredError, ForbiddenError
 
 TIMESTAMP_HEADER = "X-Stepcache-Timestamp"
 SIGNATURE_HEADER = "X-Stepcache-Signature"

@@ -23,14 +23,14 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.assets import map_media_sources
-from api.auth import access_cache
-from api.errors import AuthenticationRequiredError, InvalidParameterError
 from common import cache, orchestrator
 from common.config import get_config
 from common.constants import REDIS_PREFIX
 from common.names import validate_dataset
 from common.redis_connection import get_redis
+from tasks.api.assets import map_media_sources
+from tasks.api.auth import access_cache
+from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError
 
 SECRET_HEADER = "X-Webhook-Secret"
 

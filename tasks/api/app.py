@@ -3,7 +3,7 @@
 Every error is JSON `{"error": message, "error_code": code}` with the code in `X-Error-Code`: the typed
 errors of stepcache with their status (a bad name: 422), FastAPI's validation errors as 422
 `InvalidParameterError`, and anything unexpected as 500 `UnexpectedError`, logged with its traceback and
-the request id (api.middleware), never sent. `GET /healthcheck` answers when the API can reach Redis and MongoDB.
+the request id (tasks.api.middleware), never sent. `GET /healthcheck` answers when the API can reach Redis and MongoDB.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from api import assets, cached, jobs, operator, webhook
-from api.errors import answer_error, error_response
-from api.middleware import RequestMiddleware
 from common.config import AppConfig, get_config_or_exit
 from common.exceptions import StepcacheError
+from tasks.api.assets import router as assets_routes
+from tasks.api.cached import router as cached_routes
+from tasks.api.errors import answer_error, error_response
+from tasks.api.jobs import router as jobs_routes
+from tasks.api.middleware import RequestMiddleware
+from tasks.api.operator import router as operator_routes
+from tasks.api.webhook import router as webhook_routes
 
 EXPOSED_HEADERS = ["ETag", "Retry-After", "Location", "X-Error-Code", "X-Request-Id"]
 HTTP_ERROR_CODES = {
@@ -47,7 +51,7 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
-    for router in (cached.router(), jobs.router(), assets.router(settings), operator.router(), webhook.router()):
+    for router in (cached_routes(), jobs_routes(), assets_routes(settings), operator_routes(), webhook_routes()):
         app.include_router(router)
     app.add_api_route("/healthcheck", healthcheck, methods=["GET"], tags=["health"])
     app.add_exception_handler(StepcacheError, _stepcache_error)

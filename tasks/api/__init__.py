@@ -6,6 +6,6 @@ API_ prefix (common.config.ApiConfig) beside the others.
 
 from __future__ import annotations
 
-from api.app import create_api
+from tasks.api.app import create_api
 
 __all__ = ["create_api"]

@@ -1,4 +1,4 @@
-"""`python -m tasks api`: the HTTP API (api.create_api) on uvicorn, its metrics on API_METRICS_PORT.
+"""`python -m tasks api`: the HTTP API (tasks.api.create_api) on uvicorn, its metrics on API_METRICS_PORT.
 
 Logging is stepcache's (COMMON_LOG_LEVEL, COMMON_LOG_FORMAT; uvicorn's own access log is off: the API
 writes one line per request with its request id). The metrics of every uvicorn worker process are
@@ -34,7 +34,7 @@ def serve_api(host: str | None = None, port: int | None = None, workers: int | N
     import uvicorn
 
     uvicorn.run(
-        "api.app:create_api",
+        "tasks.api.app:create_api",
         factory=True,
         host=host or settings.api.host,
         port=settings.api.port if port is None else port,

@@ -1,4 +1,4 @@
-"""Operator endpoints, under /admin, for the operator's key or a signed request (api.auth):
+"""Operator endpoints, under /admin, for the operator's key or a signed request (tasks.api.auth):
 
 - `POST /admin/refresh?dataset=&priority=`: compute the dataset again from its first step, whatever the
   cache holds (its children follow as each step succeeds);
@@ -16,12 +16,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query
 
-from api.auth import require_operator
 from common.config import get_config
 from common.names import validate_dataset
 from common.processing_graph import get_processing_graph
 from common.queue import Priority
 from common.queue.queue import JobInput
+from tasks.api.auth import require_operator
 
 NAMESPACE = r"^[A-Za-z0-9._-]{1,96}$"
 AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "no operator key, or a bad, stale or replayed signature"}}
