@@ -13,6 +13,7 @@ from common.event_bus import EventBus
 from tasks import run, samples
 from tasks.api.auth import sign_request
 from tasks.embedded import WorkerProcess, free_port
+from tests.api_server import api_client
 from tests.conftest import Stores, use_settings
 from tests.test_api import events_of, get_until_ready
 from tests.waiting import eventually
@@ -97,3 +98,36 @@ def test_a_dataset_through_the_api_alone_with_real_processes(
     assert "/admin/refresh" in log and "/webhook" in log
     for secret in (OPERATOR_KEY, OPERATOR_SECRET, WEBHOOK_SECRET, ASSETS_KEY):
         assert secret not in log
+
+
+def test_a_webhook_to_one_api_process_is_heard_by_the_others(
+    stores: Stores, default_graph: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "mirror"
+    root.mkdir()
+    port = free_port()
+    env = use_settings(
+        monkeypatch,
+        {
+            **stores.env(),
+            "COMMON_HF_ENDPOINT": f"file://{root}",
+            "API_METRICS_PORT": "0",
+            "API_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "API_ACCESS_CACHE_SECONDS": "3600",  # only a webhook makes the processes ask the source again
+        },
+    )
+    params = {"dataset": "org/new", "config": "default"}
+    with (
+        run.api(env, port, tmp_path / "api.log"),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as other,
+        api_client() as client,
+    ):
+        eventually(lambda: healthy(other), "the API answers /healthcheck")
+        assert other.get("/splits", params=params).json()["error_code"] == "DatasetNotFoundError"
+        samples.csv_dataset(root, "org/new")
+        assert other.get("/splits", params=params).json()["error_code"] == "DatasetNotFoundError"  # kept
+        payload = {"event": {"action": "create", "scope": "repo"}, "repo": {"type": "dataset", "name": "org/new"}}
+        assert client.post("/webhook", json=payload, headers={"X-Webhook-Secret": WEBHOOK_SECRET}).is_success
+        started = time.monotonic()
+        eventually(lambda: other.get("/splits", params=params).status_code == 202, "the other process forgetting")
+        assert time.monotonic() - started < 5

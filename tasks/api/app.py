@@ -21,6 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from common.config import AppConfig, get_config_or_exit
 from common.exceptions import StepcacheError
 from tasks.api.assets import router as assets_routes
+from tasks.api.auth import AccessCache
 from tasks.api.cached import router as cached_routes
 from tasks.api.errors import answer_error, error_response
 from tasks.api.jobs import router as jobs_routes
@@ -51,6 +52,7 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
         version="1",
         lifespan=lifespan,
     )
+    app.state.access_cache = AccessCache()  # the app's: an API process forgets what a webhook says
     for router in (cached_routes(), jobs_routes(), assets_routes(settings), operator_routes(), webhook_routes()):
         app.include_router(router)
     app.add_api_route("/healthcheck", healthcheck, methods=["GET"], tags=["health"])

@@ -19,23 +19,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
+from typing import Any
 
 import jwt
 from fastapi import Request
+from redis.exceptions import RedisError
 
 from common.config import ApiConfig, get_config
 from common.constants import REDIS_PREFIX
 from common.exceptions import DatasetNotFoundError, HubTransientError, HubUnavailableError
-from common.redis_connection import get_redis
+from common.redis_connection import as_text, get_redis
 from common.sources import Access
 from tasks.api.errors import AuthenticationRequiredError, ForbiddenError
 
+logger = logging.getLogger(__name__)
 TIMESTAMP_HEADER = "X-Stepcache-Timestamp"
 SIGNATURE_HEADER = "X-Stepcache-Signature"
 NONCE_HEADER = "X-Stepcache-Nonce"
@@ -43,19 +47,43 @@ TIMESTAMP = re.compile(r"\d{1,12}")
 NONCE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 ACCESS_CACHE_SIZE = 10_000
 STALE_SECONDS = 3600.0  # how long a dataset's last known access is used while the Hub is down
+FORGOTTEN_KEY = f"{REDIS_PREFIX}:api:forgotten"  # datasets a webhook made an API process forget, by time
+FORGOTTEN_KEPT_SECONDS = 3600.0
+SYNC_SECONDS = 1.0
+CLOCK_SKEW_SECONDS = 5.0  # the processes' clocks may differ: forgetting twice costs nothing
 
 
-class _AccessCache:
+class AccessCache:
     """The access of the datasets asked about lately, and which ones the source does not have (bounded,
     least recently used out first): a client asking again and again costs the source one call per
     API_ACCESS_CACHE_SECONDS. While the Hub is down, a dataset's last known access is used for up to an
-    hour (stale if error): a Hub outage does not take the cache down with it."""
+    hour (stale if error): a Hub outage does not take the cache down with it. A dataset forgotten (by a
+    webhook) in one API process is forgotten by every other within a second: the names go to a Redis
+    sorted set that each process reads at most once a second."""
 
     def __init__(self) -> None:
         self._entries: OrderedDict[str, tuple[float, Access | DatasetNotFoundError]] = OrderedDict()
         self._lock = threading.Lock()
+        self._synced, self._since = 0.0, time.time()
+
+    def _sync(self) -> None:
+        """Forget here what other processes forgot since the last look (at most one look a second)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._synced < SYNC_SECONDS:
+                return
+            self._synced, since, self._since = now, self._since, time.time()
+        try:
+            names = _redis().zrangebyscore(FORGOTTEN_KEY, since - CLOCK_SKEW_SECONDS, "+inf")
+        except RedisError:
+            logger.warning("could not read the datasets other API processes forgot", exc_info=True)
+            return
+        with self._lock:
+            for name in names:
+                self._entries.pop(as_text(name), None)
 
     def get(self, dataset: str, ttl: float) -> Access:
+        self._sync()
         now = time.monotonic()
         with self._lock:
             known = self._entries.get(dataset)
@@ -85,11 +113,18 @@ class _AccessCache:
         return access
 
     def forget(self, dataset: str) -> None:
+        """Forget the dataset here, and tell the other API processes."""
         with self._lock:
             self._entries.pop(dataset, None)
+        now = time.time()
+        pipe = _redis().pipeline(transaction=False)
+        pipe.zadd(FORGOTTEN_KEY, {dataset: now})
+        pipe.zremrangebyscore(FORGOTTEN_KEY, "-inf", now - FORGOTTEN_KEPT_SECONDS)
+        pipe.execute()
 
 
-access_cache = _AccessCache()
+def _redis() -> Any:
+    return get_redis(get_config().queue.redis_url)
 
 
 def bearer(request: Request) -> str | None:
@@ -102,6 +137,7 @@ def bearer(request: Request) -> str | None:
 def check_dataset_access(request: Request, dataset: str) -> Access:
     """The dataset's access; for a gated or private one, a valid JWT for it, or a 401/403 typed error."""
     settings = get_config().api
+    access_cache: AccessCache = request.app.state.access_cache
     access = access_cache.get(dataset, settings.access_cache_seconds)
     if access != "public":
         check_token(bearer(request), dataset, settings)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import cache, orchestrator
@@ -29,7 +29,7 @@ from common.constants import REDIS_PREFIX
 from common.names import validate_dataset
 from common.redis_connection import get_redis
 from tasks.api.assets import map_media_sources
-from tasks.api.auth import access_cache
+from tasks.api.auth import AccessCache
 from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError
 
 SECRET_HEADER = "X-Webhook-Secret"
@@ -73,19 +73,19 @@ def _remove(directory: Path) -> None:
         directory.parent.rmdir()  # the dataset's folder, once nothing else is in it
 
 
-def forget(dataset: str) -> None:
-    access_cache.forget(dataset)
+def forget(access: AccessCache, dataset: str) -> None:
+    access.forget(dataset)  # here at once, in the other API processes within a second
     get_redis(get_config().queue.redis_url).delete(f"{REDIS_PREFIX}:api:backfill:{dataset}")
 
 
-def delete(dataset: str) -> dict[str, Any]:
+def delete(access: AccessCache, dataset: str) -> dict[str, Any]:
     from tasks.queue import get_queue
 
     cancelled = get_queue().cancel(dataset, revoke_started=True)
     deleted = cache.delete_dataset_responses(dataset)
     for directory in _directories(dataset):
         _remove(directory)
-    forget(dataset)
+    forget(access, dataset)
     return {"cancelled": len(cancelled), "deleted": deleted}
 
 
@@ -120,7 +120,7 @@ def renamer(old: str, new: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda content: map_media_sources(rename(content), lambda source: moved(source, assets))
 
 
-def move(old: str, new: str) -> dict[str, Any]:
+def move(access: AccessCache, old: str, new: str) -> dict[str, Any]:
     """Entries first (every content rewritten before any is written), then files; a retried move finds
     nothing left under the old name and leaves the new one as the first try made it."""
     from tasks.queue import get_queue
@@ -140,8 +140,8 @@ def move(old: str, new: str) -> dict[str, Any]:
         _remove(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(target)
-    forget(old)
-    forget(new)
+    forget(access, old)
+    forget(access, new)
     jobs = orchestrator.backfill(queue, new, priority="normal")
     return {"cancelled": len(cancelled), "moved": moved, "enqueued": len(jobs)}
 
@@ -162,22 +162,23 @@ def router() -> APIRouter:
         dependencies=[Depends(check_secret)],
         responses={401: {"description": "a missing or wrong X-Webhook-Secret"}},
     )
-    def webhook(payload: WebhookPayload) -> dict[str, Any]:
+    def webhook(payload: WebhookPayload, request: Request) -> dict[str, Any]:
         """A repository event of the Hub."""
         from tasks.queue import get_queue
 
+        access: AccessCache = request.app.state.access_cache
         if payload.repo.type != "dataset" or payload.event.scope != "repo":
             return {"status": "ignored"}
         dataset = validate_dataset(payload.repo.name)
         action = payload.event.action
         if action in ("create", "update"):
-            forget(dataset)
+            forget(access, dataset)
             jobs = orchestrator.backfill(get_queue(), dataset, priority="normal")
             return {"status": "ok", "enqueued": len(jobs)}
         if action == "delete":
-            return {"status": "ok", **delete(dataset)}
+            return {"status": "ok", **delete(access, dataset)}
         if action == "move" and payload.moved_to is not None:
-            return {"status": "ok", **move(dataset, validate_dataset(payload.moved_to.name))}
+            return {"status": "ok", **move(access, dataset, validate_dataset(payload.moved_to.name))}
         return {"status": "ignored"}
 
     return hooks
