@@ -251,6 +251,10 @@ def after_job(
     if not graph.children(key.step):
         return []  # nothing to plan: no need to read the dataset's entries
     entries = cache.get_dataset_responses(key.dataset)
+    if not any((entry.kind, entry.config, entry.split) == (key.step, key.config, key.split) for entry in entries):
+        # The job's own entry is gone: the dataset was deleted or moved meanwhile. Nothing follows it.
+        logger.info("nothing enqueued after %s %s %s %s: its cache entry is gone", *key)
+        return []
     if error is None:
         plan = plan_after_success(graph, key, content or {}, entries)
     else:

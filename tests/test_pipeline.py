@@ -236,3 +236,14 @@ def test_an_asset_path_never_leaves_the_storage_directory() -> None:
     assert location.relative_directory().as_posix() == "org/ds/--/abc123/--/default/train/0/column-3"
     with pytest.raises(ValueError):
         CellLocation("org/ds", "../x", "default", "train", 0, "image", 0).relative_directory()
+
+
+def test_nothing_follows_a_job_whose_entry_is_gone(mirror: Path) -> None:
+    """A dataset deleted (or moved) while a job of it ends: its children are not enqueued under the old name."""
+    dataset = samples.csv_dataset(mirror)
+    key = orchestrator.JobKey("dataset-config-names", dataset, None, None)
+    content = {"config_names": [{"dataset": dataset, "config": "default"}]}
+    assert orchestrator.after_job(get_queue(), key, content, None, "normal") == []
+    assert get_queue().jobs(dataset) == []
+    cache.upsert_response("dataset-config-names", dataset, content)
+    assert [job.step for job in orchestrator.after_job(get_queue(), key, content, None, "normal")] != []
