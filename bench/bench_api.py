@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -200,79 +199,51 @@ def baseline(
     return hammer(make_call, threads, warmup, seconds, processes)
 
 
-class ApiProcess:
-    """`python -m tasks api` on a free port, its output in `log`; stopped (it and its workers, by PID)."""
-
-    def __init__(self, env: dict[str, str], log: Path, workers: int) -> None:
-        from tasks.embedded import free_port
-
-        self.port = free_port()
-        self.env = env
-        self.log = log
-        self.workers = workers
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "tasks", "api", "--host", "127.0.0.1", "--port", str(self.port)]
-        with self.log.open("wb") as output:
-            self.process = subprocess.Popen(
-                [*command, "--workers", str(self.workers)],
-                cwd=ROOT,
-                env=self.env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the API exited with {self.process.returncode}: see {self.log}")
-            try:
-                status, _ = self.get("/healthcheck")
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the API did not answer /healthcheck within {STARTUP_TIMEOUT_SECONDS:.0f} s")
-
-    def get(self, target: str) -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            connection.request("GET", target)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    def stop(self) -> None:
-        import psutil
-
-        if self.process is None:
-            return
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for child in children:  # uvicorn's workers, should the supervisor have left any
-            with suppress(psutil.NoSuchProcess):
-                child.kill()
+def get(port: int, target: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", target)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 @contextmanager
-def api_process(env: dict[str, str], log: Path, workers: int) -> Iterator[ApiProcess]:
-    api = ApiProcess(env, log, workers)
+def api_process(env: dict[str, str], log: Path, workers: int) -> Iterator[tuple[int, int]]:
+    """`python -m tasks api` on a free port (tasks.run.api starts and stops it), once it answers
+    /healthcheck: its port and PID. uvicorn workers it would leave behind are killed by PID."""
+    import psutil
+
+    from tasks import run
+    from tasks.embedded import free_port
+
+    port = free_port()
+    left: list[psutil.Process] = []
+    with run.api(env, port, log, workers) as process:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while get_status(port) != 200:
+            if process.poll() is not None:
+                raise RuntimeError(f"the API exited with {process.returncode}: see {log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API did not answer /healthcheck within {STARTUP_TIMEOUT_SECONDS:.0f} s")
+            time.sleep(0.1)
+        try:
+            yield port, process.pid
+        finally:
+            with suppress(psutil.NoSuchProcess):
+                left = psutil.Process(process.pid).children(recursive=True)
+    for child in left:
+        with suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def get_status(port: int) -> int | None:
+    """The status of GET /healthcheck, or None while nothing answers."""
     try:
-        api.start()
-        yield api
-    finally:
-        api.stop()
+        return get(port, "/healthcheck")[0]
+    except OSError:
+        return None
 
 
 def through_api(
@@ -287,13 +258,13 @@ def through_api(
 ) -> dict[str, Any]:
     """The cached first rows through the API, each thread on its own keep-alive connection."""
     target = "/first-rows?" + urlencode({"dataset": DATASET, "config": CONFIG, "split": SPLIT})
-    with api_process(env, log, workers) as api:
-        status, expected = api.get(target)
+    with api_process(env, log, workers) as (port, pid):
+        status, expected = get(port, target)
         if status != 200 or json.loads(expected) != content:
             raise AssertionError(f"GET {target} answered {status}: {expected[:300]!r}")
 
         def make_call() -> Callable[[], bool]:
-            connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
             def call() -> bool:
                 try:
@@ -307,10 +278,9 @@ def through_api(
 
             return call
 
-        assert api.process is not None
-        measured = hammer(make_call, threads, warmup, seconds, {**processes, "api": (api.process.pid, True)})
+        measured = hammer(make_call, threads, warmup, seconds, {**processes, "api": (pid, True)})
         measured["body_bytes"] = len(expected)
-        measured["log_tail"] = api.log.read_text(errors="replace").splitlines()[-5:]
+        measured["log_tail"] = log.read_text(errors="replace").splitlines()[-5:]
     return measured
 
 

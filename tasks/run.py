@@ -44,8 +44,8 @@ def flower(env: dict[str, str], port: int, log: Path) -> AbstractContextManager[
     return child(command, env, log)
 
 
-def api(env: dict[str, str], port: int, log: Path) -> AbstractContextManager[subprocess.Popen[bytes]]:
-    return child([sys.executable, "-m", "tasks", "api", f"--port={port}"], env, log)
+def api(env: dict[str, str], port: int, log: Path, workers: int = 1) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    return child([sys.executable, "-m", "tasks", "api", f"--port={port}", f"--workers={workers}"], env, log)
 
 
 @contextmanager

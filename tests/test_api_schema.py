@@ -64,9 +64,5 @@ def test_every_operation_with_generated_input(api_url: str) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:
-        run = given(case=operation.as_strategy())(check_operation)
+        run = given(case=operation.as_strategy())(check)
         settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)(run)()
-
-
-def check_operation(case: schemathesis.Case) -> None:
-    check(case)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from tasks import run, samples
 from tasks.api.auth import sign_request
 from tasks.embedded import WorkerProcess, free_port
 from tests.api_server import api_client
-from tests.conftest import Stores, use_settings
+from tests.conftest import Stores
 from tests.test_api import events_of, get_until_ready
+from tests.test_pipeline import use_pipeline_settings
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -37,24 +39,21 @@ def test_a_dataset_through_the_api_alone_with_real_processes(
 ) -> None:
     root = tmp_path / "mirror"
     port, metrics_port = free_port(), free_port()
-    env = use_settings(
+    use_pipeline_settings(
         monkeypatch,
-        {
-            **stores.env(),
-            "COMMON_HF_ENDPOINT": f"file://{root}",
-            "ASSETS_STORAGE_DIRECTORY": str(tmp_path / "assets"),
-            "WORKER_PARQUET_DIRECTORY": str(tmp_path / "parquet"),
-            "WORKER_METRICS_PORT": "0",
-            "API_METRICS_PORT": str(metrics_port),
-            "COMMON_LOG_FORMAT": "json",
-            "COMMON_LOG_LEVEL": "DEBUG",
-            "API_OPERATOR_KEY": OPERATOR_KEY,
-            "API_OPERATOR_SECRET": OPERATOR_SECRET,
-            "API_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "API_ASSETS_SIGNING_KEY": ASSETS_KEY,
-        },
+        tmp_path,
+        f"file://{root}",
+        WORKER_METRICS_PORT="0",
+        API_METRICS_PORT=str(metrics_port),
+        COMMON_LOG_FORMAT="json",
+        COMMON_LOG_LEVEL="DEBUG",
+        API_OPERATOR_KEY=OPERATOR_KEY,
+        API_OPERATOR_SECRET=OPERATOR_SECRET,
+        API_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        API_ASSETS_SIGNING_KEY=ASSETS_KEY,
     )
     dataset = samples.csv_dataset(root)
+    env = dict(os.environ)  # the stores' settings and the test's, as the processes it starts must share them
     with (
         WorkerProcess("api-e2e", env, tmp_path / "worker.log", concurrency=2),
         run.api(env, port, tmp_path / "api.log"),
@@ -106,19 +105,17 @@ def test_a_webhook_to_one_api_process_is_heard_by_the_others(
     root = tmp_path / "mirror"
     root.mkdir()
     port = free_port()
-    env = use_settings(
+    use_pipeline_settings(
         monkeypatch,
-        {
-            **stores.env(),
-            "COMMON_HF_ENDPOINT": f"file://{root}",
-            "API_METRICS_PORT": "0",
-            "API_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "API_ACCESS_CACHE_SECONDS": "3600",  # only a webhook makes the processes ask the source again
-        },
+        tmp_path,
+        f"file://{root}",
+        API_METRICS_PORT="0",
+        API_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        API_ACCESS_CACHE_SECONDS="3600",  # only a webhook makes the processes ask the source again
     )
     params = {"dataset": "org/new", "config": "default"}
     with (
-        run.api(env, port, tmp_path / "api.log"),
+        run.api(dict(os.environ), port, tmp_path / "api.log"),
         httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as other,
         api_client() as client,
     ):

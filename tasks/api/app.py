@@ -23,7 +23,7 @@ from common.exceptions import StepcacheError
 from tasks.api.assets import router as assets_routes
 from tasks.api.auth import AccessCache
 from tasks.api.cached import router as cached_routes
-from tasks.api.errors import answer_error, error_response
+from tasks.api.errors import PayloadTooLargeError, answer_error, error_response
 from tasks.api.jobs import router as jobs_routes
 from tasks.api.middleware import RequestMiddleware
 from tasks.api.operator import router as operator_routes
@@ -33,7 +33,7 @@ EXPOSED_HEADERS = ["ETag", "Retry-After", "Location", "X-Error-Code", "X-Request
 HTTP_ERROR_CODES = {
     HTTPStatus.NOT_FOUND: "NotFoundError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
-    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "PayloadTooLargeError",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: PayloadTooLargeError.__name__,  # the middleware's, from a streamed body
 }
 
 

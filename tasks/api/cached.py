@@ -41,7 +41,13 @@ from common.redis_connection import get_redis
 from common.sources import Access
 from tasks.api.assets import expiry, key_id, map_media_sources, media_columns, url_signer
 from tasks.api.auth import check_dataset_access
-from tasks.api.errors import ERROR_CODE_HEADER, InvalidParameterError, ResponseNotFoundError, ResponseNotReadyError
+from tasks.api.errors import (
+    ERROR_CODE_HEADER,
+    InvalidParameterError,
+    ResponseNotFoundError,
+    ResponseNotReadyError,
+    error_body,
+)
 
 ROOT_STEP = "dataset-config-names"
 FIRST_ROWS = "split-first-rows"
@@ -119,7 +125,7 @@ def answer(
 
 def answer_entry(request: Request, entry: cache.CachedResponse, access: Access) -> Response:
     if not entry.is_success:
-        body = {"error": entry.content.get("error"), "error_code": entry.error_code}
+        body = error_body(entry.content.get("error"), entry.error_code)
         return answer(request, [entry], body, entry.http_status, entry.error_code, access)
     if entry.kind != FIRST_ROWS or not media_columns(entry.content):
         return answer(request, [entry], entry.content, entry.http_status, None, access)

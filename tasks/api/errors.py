@@ -79,7 +79,7 @@ class InvalidParameterError(ApiError):
     http_status = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
-def error_body(message: str, code: str, **fields: Any) -> dict[str, Any]:
+def error_body(message: str | None, code: str | None, **fields: Any) -> dict[str, Any]:
     return {"error": message, "error_code": code, **fields}
 
 

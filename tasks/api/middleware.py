@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.logging import request_context
-from tasks.api.errors import PayloadTooLargeError, error_response
+from tasks.api.errors import PayloadTooLargeError, RequestTimeoutError, answer_error
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -74,6 +74,8 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = request_id_of(scope)
+        method = scope["method"] if scope["method"] in METHODS else "other"
+        too_big = f"the request body is over {self.max_body_bytes} bytes"
         started = time.perf_counter()
         status: dict[str, Any] = {"code": 500, "sent": False}
 
@@ -81,7 +83,6 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
-                method = scope["method"] if scope["method"] in METHODS else "other"
                 DURATION.labels(method, _route(scope)).observe(time.perf_counter() - started)
             await send(message)
 
@@ -92,32 +93,29 @@ class RequestMiddleware:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:  # an HTTPException: FastAPI passes it on from the body's parsing
-                raise HTTPException(413, f"the request body is over {self.max_body_bytes} bytes")
+                raise HTTPException(413, too_big)
             return message
 
         with request_context(request_id):
             try:
                 length = _content_length(scope)
                 if length is not None and length > self.max_body_bytes:
-                    error = PayloadTooLargeError(f"the request body is over {self.max_body_bytes} bytes")
-                    await error_response(error.http_status, error.message, error.code)(scope, receive, send_with_id)
+                    await answer_error(PayloadTooLargeError(too_big))(scope, receive, send_with_id)
                 elif scope["path"].endswith(STREAMING_SUFFIX):
                     await self.app(scope, bounded_receive, send_with_id)
                 else:
                     await asyncio.wait_for(self.app(scope, bounded_receive, send_with_id), self.timeout_seconds)
             except TimeoutError:
                 if not status["sent"]:
-                    message = f"the request was not answered within {self.timeout_seconds} s"
-                    await error_response(504, message, "RequestTimeoutError")(scope, receive, send_with_id)
-            except Exception:
+                    timeout = RequestTimeoutError(f"the request was not answered within {self.timeout_seconds} s")
+                    await answer_error(timeout)(scope, receive, send_with_id)
+            except Exception as error:
                 # Here, not in Starlette's outermost handler: the line and the answer keep the request id.
                 logger.exception("unexpected error on %s %s", scope["method"], _target(scope))
                 if not status["sent"]:
-                    message = "an unexpected error occurred"
-                    await error_response(500, message, "UnexpectedError")(scope, receive, send_with_id)
+                    await answer_error(error)(scope, receive, send_with_id)  # 500 UnexpectedError, no detail
             finally:
                 elapsed_ms = (time.perf_counter() - started) * 1000
-                method = scope["method"] if scope["method"] in METHODS else "other"
                 REQUESTS.labels(method, _route(scope), str(status["code"])).inc()
                 client = scope.get("client") or ("-", 0)
                 access_log.info('%s "%s %s" %s %.1fms', client[0], method, _target(scope), status["code"], elapsed_ms)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def serve_api(host: str | None = None, port: int | None = None, workers: int | None = None) -> int:
     settings = get_config_or_exit()
-    workers = workers or settings.api.workers
+    host, workers = host or settings.api.host, workers or settings.api.workers
     if workers > 1 and not settings.api.assets_signing_key.get_secret_value():
         print("stepcache: --workers > 1 needs API_ASSETS_SIGNING_KEY: every process must sign alike", file=sys.stderr)
         return 2
@@ -28,7 +28,7 @@ def serve_api(host: str | None = None, port: int | None = None, workers: int | N
     prepare_multiprocess()  # before prometheus_client is imported
     if settings.api.metrics_port:
         try:
-            serve(settings.api.metrics_port, host or settings.api.host)
+            serve(settings.api.metrics_port, host)
         except OSError as error:  # the API serves without its metrics rather than not at all
             logger.warning("no metrics: port %s: %s", settings.api.metrics_port, error)
     import uvicorn
@@ -36,7 +36,7 @@ def serve_api(host: str | None = None, port: int | None = None, workers: int | N
     uvicorn.run(
         "tasks.api.app:create_api",
         factory=True,
-        host=host or settings.api.host,
+        host=host,
         port=settings.api.port if port is None else port,
         workers=workers,
         log_config=None,
