@@ -5,13 +5,20 @@ computed it. A success stores the step's content with http_status 200; an error 
 details as content, with its error_code and http_status. `failed_runs` counts consecutive errors for
 the same dataset revision: a success, or an error at a new revision, starts it again.
 
+Fencing, where the write lands: before its step runs, an attempt *claims* its entry (`claim_entry`, the
+entry's `claim`: its job and start fence; a placeholder without a response when the entry is new, which
+no reader sees). Its response is written only while that claim is still its own (`Writer`): a newer
+attempt of the job, another job of the same entry, a cancel (`release_claims`) or a delete (the document
+is gone, and a fenced write never creates one) refuses it, whatever the fences' clocks say.
+
 Readers use :func:`get_response`; steps never call this module, the worker stores what they return.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Collection as Collection_
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -41,6 +48,23 @@ from common.resilience import retry_transient
 KEY_FIELDS = ("kind", "dataset", "config", "split")
 UPSERT_ATTEMPTS = 3
 WRITE_FLAG = "_stepcache_write"  # set and unset within one update: whether this write may replace the entry
+RESPONSE = {"http_status": {"$exists": True}}  # an entry with a response: not an attempt's bare claim
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Who writes a response: the job, and the start fence of its attempt's claim (None: whichever attempt
+    of the job holds the claim, as the reaper writes a crash)."""
+
+    job_id: str
+    claim: int | None = None
+
+    def may_write(self) -> dict[str, Any]:
+        """An aggregation expression: the entry's claim is this writer's."""
+        same_job = {"$eq": ["$claim.job", self.job_id]}
+        if self.claim is None:
+            return same_job
+        return {"$and": [same_job, {"$eq": ["$claim.fence", self.claim]}]}
 
 
 class CachedResponse(BaseModel):
@@ -63,6 +87,7 @@ class CachedResponse(BaseModel):
     failed_runs: int = 0
     updated_at: datetime
     fence: int | None = None  # the limiter's fence of the attempt that wrote it; None: not written by a job
+    job_id: str | None = None  # the job whose attempt wrote it; None: not written by a job
 
     @property
     def is_success(self) -> bool:
@@ -89,6 +114,7 @@ def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
     collection.create_index([("dataset", ASCENDING), ("kind", ASCENDING)], name="dataset")
     collection.create_index([("kind", ASCENDING), ("http_status", ASCENDING), ("error_code", ASCENDING)], name="status")
     collection.create_index([("updated_at", DESCENDING)], name="updated_at")
+    collection.create_index([("claim.job", ASCENDING)], name="claim")
 
 
 def _key(kind: str, dataset: str, config: str | None, split: str | None) -> dict[str, Any]:
@@ -127,11 +153,13 @@ def upsert_response(
     progress: float | None = 1.0,
     duration: float | None = None,
     fence: int | None = None,
+    writer: Writer | None = None,
 ) -> bool:
     """Create or replace the entry of this key; writing the same response twice leaves one entry.
 
-    With a `fence` (the limiter's, for the attempt that computed the response), the entry is written
-    only over an older one: False when the entry holds this fence or a newer one, and nothing changed.
+    With a `writer` (a job's attempt, its response stamped with the limiter's `fence` of its end), the
+    entry is written only while its claim is the writer's, and never created: False when it is not (a
+    newer attempt or job claimed it, a cancel released it, a delete removed it), and nothing changed.
 
     `job_runner_version` defaults to the processing graph's version of the step `kind`. Raises
     ContentTooBigError or ContentNotStorableError, and writes nothing, when the content cannot be stored;
@@ -153,6 +181,7 @@ def upsert_response(
         "duration": duration,
         "updated_at": datetime.now(UTC),
         **({"fence": fence} if fence is not None else {}),
+        **({"job_id": writer.job_id} if writer is not None else {}),
     }
     # The revision is compared before it is overwritten: both $set stages run in order, atomically.
     same_revision = {"$eq": ["$dataset_git_revision", {"$literal": dataset_git_revision}]}
@@ -162,16 +191,16 @@ def upsert_response(
         "failed_runs": runs,
         "dataset_git_revision": {"$literal": dataset_git_revision},
     }
-    # The fence is compared inside the document, not in the query: the query stays an exact match on the
+    # The claim is compared inside the document, not in the query: the query stays an exact match on the
     # key index (a condition on `fence` there made SecantusDB scan the collection: 37 ms at 2,000 entries).
     pipeline: list[dict[str, Any]] = [
-        {"$set": {WRITE_FLAG: True if fence is None else _older_than(fence)}},
+        {"$set": {WRITE_FLAG: True if writer is None else writer.may_write()}},
         {"$set": {name: {"$cond": [f"${WRITE_FLAG}", value, f"${name}"]} for name, value in values.items()}},
         {"$unset": WRITE_FLAG},
     ]
     for attempt in range(UPSERT_ATTEMPTS):
         try:
-            result = cache_collection().update_one(key, pipeline, upsert=True)
+            result = cache_collection().update_one(key, pipeline, upsert=writer is None)
             return result.upserted_id is not None or result.modified_count == 1
         except DuplicateKeyError:
             # Two first writers of one key raced: the loser retries as an update of the winner's entry.
@@ -180,9 +209,41 @@ def upsert_response(
     return False  # unreachable: the last attempt returns or raises
 
 
-def _older_than(fence: int) -> dict[str, Any]:
-    """An aggregation expression: the entry was written under an older fence, or by no job (no fence)."""
-    return {"$lt": [{"$ifNull": ["$fence", -1]}, fence]}
+@retry_transient
+def claim_entry(kind: str, dataset: str, config: str | None, split: str | None, writer: Writer) -> bool:
+    """Before an attempt's step runs: make the entry's claim this attempt's (a placeholder when the entry
+    is new), unless a newer attempt of the same job claimed it; True when the claim is the writer's. Safe
+    to repeat. Another job's claim is replaced: only the attempt holding its lease gets this far (a stale
+    one stops at its next check and never writes), and a claim taken away from a live attempt is taken
+    back by it before it writes (see `Lifecycle`)."""
+    assert writer.claim is not None
+    key = _key(kind, dataset, config, split)
+    mine = {"job": writer.job_id, "fence": writer.claim}
+    newer_of_same_job = {
+        "$and": [{"$eq": ["$claim.job", writer.job_id]}, {"$gt": [{"$ifNull": ["$claim.fence", -1]}, writer.claim]}]
+    }
+    stage = {"$set": {"claim": {"$cond": [newer_of_same_job, "$claim", {"$literal": mine}]}}}
+    for attempt in range(UPSERT_ATTEMPTS):
+        try:
+            cache_collection().update_one(key, [stage], upsert=True)
+            break
+        except DuplicateKeyError:
+            if attempt == UPSERT_ATTEMPTS - 1:
+                raise
+    document = cache_collection().find_one(key, projection={"claim": True})
+    return document is not None and document.get("claim") == mine
+
+
+@retry_transient
+def release_claims(job_ids: Iterable[str]) -> None:
+    """Cancelled jobs' attempts write nothing from now on: their claims are released, their placeholders
+    removed (an entry with a response keeps it)."""
+    ids = list(job_ids)
+    if not ids:
+        return
+    collection = cache_collection()
+    collection.delete_many({"claim.job": {"$in": ids}, "http_status": {"$exists": False}})
+    collection.update_many({"claim.job": {"$in": ids}}, {"$unset": {"claim": ""}})
 
 
 def upsert_error(
@@ -195,6 +256,7 @@ def upsert_error(
     dataset_git_revision: str | None = None,
     duration: float | None = None,
     fence: int | None = None,
+    writer: Writer | None = None,
 ) -> bool:
     """Store a typed error as the response of this key (fenced as `upsert_response` is)."""
     return upsert_response(
@@ -210,26 +272,27 @@ def upsert_error(
         dataset_git_revision=dataset_git_revision,
         duration=duration,
         fence=fence,
+        writer=writer,
     )
 
 
 @retry_transient
 def update_progress(
-    kind: str, dataset: str, config: str | None, split: str | None, progress: float, fence: int
+    kind: str, dataset: str, config: str | None, split: str | None, progress: float, writer: Writer
 ) -> bool:
-    """Set the progress (0..1) of an existing entry if it is older than the running attempt's `fence`
-    (an entry as new or newer keeps its own); False when there is no entry."""
+    """Set the progress (0..1) of an existing entry while its claim is the running attempt's; False when
+    there is no entry with a response."""
     key = _key(kind, dataset, config, split)
     value = min(1.0, max(0.0, progress))
-    progress_stage = {"$set": {"progress": {"$cond": [_older_than(fence), value, "$progress"]}}}
-    return cache_collection().update_one(key, [progress_stage]).matched_count == 1
+    progress_stage = {"$set": {"progress": {"$cond": [writer.may_write(), value, "$progress"]}}}
+    return cache_collection().update_one({**key, **RESPONSE}, [progress_stage]).matched_count == 1
 
 
 @retry_transient
 def get_response(kind: str, dataset: str, config: str | None = None, split: str | None = None) -> CachedResponse:
     """The entry of this key, or CachedResponseNotFoundError."""
     key = _key(kind, dataset, config, split)
-    document = cache_collection().find_one(key, projection={"_id": False})
+    document = cache_collection().find_one({**key, **RESPONSE}, projection={"_id": False, "claim": False})
     if document is None:
         raise CachedResponseNotFoundError(
             f"no cache entry for kind={kind!r} dataset={dataset!r} config={config!r} split={split!r}"
@@ -262,7 +325,8 @@ def get_dataset_responses(
     query: dict[str, Any] = (
         {"dataset": dataset} if kinds is None else {"dataset": dataset, "kind": {"$in": list(kinds)}}
     )
-    projection = {"_id": False} if with_content else {"_id": False, "content": False}
+    query |= RESPONSE
+    projection = {"_id": False, "claim": False} if with_content else {"_id": False, "claim": False, "content": False}
     entries = [
         CachedResponse.model_validate(document if with_content else {**document, "content": {}})
         for document in cache_collection().find(query, projection=projection)
@@ -280,7 +344,7 @@ def delete_dataset_responses(dataset: str) -> int:
 @retry_transient
 def count_by_status(kind: str | None = None) -> list[CacheCount]:
     """How many entries per (kind, http_status, error_code), optionally for one kind."""
-    match: dict[str, Any] = {} if kind is None else {"kind": kind}
+    match: dict[str, Any] = dict(RESPONSE) if kind is None else {"kind": kind, **RESPONSE}
     pipeline: list[dict[str, Any]] = [
         {"$match": match},
         {
@@ -304,7 +368,7 @@ def move_dataset_responses(old: str, new: str, rewrite: Callable[[dict[str, Any]
     # Every content rewritten before anything changes; none to move (a retried move): nothing changes.
     documents = [
         {**document, "dataset": new, "content": rewrite(document["content"])}
-        for document in collection.find({"dataset": old}, projection={"_id": False})
+        for document in collection.find({"dataset": old, **RESPONSE}, projection={"_id": False, "claim": False})
     ]
     if not documents:
         return 0

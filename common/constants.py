@@ -5,3 +5,4 @@ JOBS_COLLECTION = "jobs"
 
 # Redis keys of one namespace share the hash tag `{namespace}` so a Lua script touching them is cluster-safe.
 REDIS_PREFIX = "stepcache"
+GENERATIONS_COLLECTION = "redisGenerations"  # each Redis master's generation, as the ledger last saw it

@@ -5,7 +5,7 @@ the step's success or typed error, the soft or hard time limit, a revoke, a canc
 the reaper found, through the end record the reaper's script made. Either way::
 
     renew(fence)            the attempt still holds its lease?   no: it is stale and writes nothing
-    cache entry             stamped with the fence; never written over a newer one
+    cache entry             stamped with the fence; written only while the attempt's claim on it holds
     limiter end (Lua)       forget the job, record END in the outbox and the ledger's transition in the
                             journal, lease freed slots (DISPATCH records)
     apply(records)          events, next steps, metrics; publish the dispatched jobs; then drop the
@@ -14,6 +14,10 @@ the reaper found, through the end record the reaper's script made. Either way::
 What the caller cannot apply (a lost reply, Mongo down, a SIGKILL) stays in the outbox and the
 reaper's next pass applies it: every effect is idempotent and fenced, so applying twice is harmless
 (events are delivered at least once). The end of a job and its fan-out are one resumable unit.
+
+Before its step runs, an attempt's start is durable: written to the ledger (with the journal it is in,
+which checks that Redis has not rolled back), its cache entry claimed, its lease checked again. A repair
+then never hands out a second lease for a job whose attempt may be running: the ledger says it started.
 """
 
 from __future__ import annotations
@@ -34,8 +38,7 @@ from common.events import CacheUpdated, Event, JobCancelled, JobFailed, JobProgr
 from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import Job, JobPayload, JobStatus, Queue
-from common.queue.ledger import JournalEntry
-from common.queue.limiter import Ending, LeaseState, Record
+from common.queue.limiter import Ending, LeaseState, Record, Renewal
 from common.queue.queue import job_events
 
 logger = logging.getLogger(__name__)
@@ -60,8 +63,11 @@ class Attempt:
     payload: JobPayload
     token: str
     number: int = 0
-    fence: int = 0
-    started: str = field(default="", compare=False)  # its start's journal entry, for the ledger at once
+    fence: int = 0  # its start fence (0: unknown, as a worker's main process knows it): its claim on the entry
+
+    @property
+    def writer(self) -> cache.Writer:
+        return cache.Writer(self.payload.job_id, self.fence or None)
 
 
 @dataclass(frozen=True)
@@ -107,34 +113,53 @@ class Lifecycle:
 
     def start(self, payload: JobPayload, token: str, delivery: str, worker: str = "") -> Attempt | None:
         """Whether this delivery of the job's message may run: only while its token holds a lease not
-        started by another delivery (the ledger will say it started, on this worker). None: drop the
-        message, and change nothing else."""
+        started by another delivery, once its start is durable (`_make_durable`). None: drop the message
+        (a stale or cancelled one, or a start that could not be made durable: its lease lapses and the
+        reaper requeues it), and run nothing."""
         confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token, delivery, worker)
         if not confirmation.run:
             return None
-        return Attempt(payload, token, confirmation.attempt, confirmation.fence, confirmation.started)
+        attempt = Attempt(payload, token, confirmation.attempt, confirmation.fence)
+        try:
+            state = self._make_durable(attempt)
+        except Exception:
+            logger.exception("could not make the start of job %s durable; it does not run", payload.job_id)
+            return None
+        if state == LeaseState.CANCELLED:
+            self.end(attempt, CANCELLED)
+        return attempt if state == LeaseState.RUNNING else None
+
+    def _make_durable(self, attempt: Attempt) -> LeaseState:
+        """Before the step runs: the start in the ledger (its namespace's journal written now, which also
+        finds a Redis that rolled back), the cache entry claimed for this attempt, then the lease asked
+        again: a repair that read the ledger before the start restored the job as not started, and this
+        attempt finds its lease gone."""
+        payload = attempt.payload
+        self.queue.journal.flush([payload.namespace])
+        if not cache.claim_entry(payload.step, payload.dataset, payload.config, payload.split, attempt.writer):
+            return LeaseState.LOST  # a newer attempt of the job claimed it
+        return self.renew(attempt)
 
     def record_start(self, attempt: Attempt, worker: str) -> None:
-        """The ledger, the events and the metrics learn of the start (a worker does it beside the step, in
-        a thread of its own). The ledger at once, not within the lag: should Redis lose its data
-        now, the repair gives this attempt its lease back, and no other job of the namespace takes its
-        slot. A failure here never stops the attempt (its lease is in Redis, its start in the journal)."""
+        """The events and the metrics learn of the start (a worker does it beside the step, in a thread of
+        its own; the ledger knows already)."""
+        self.queue.emit(JobStarted, attempt.payload, worker=worker, attempt=attempt.number)
+        metrics.job_started(attempt.payload.step)
+
+    def _renew(self, attempt: Attempt, fence: bool = False) -> Renewal:
+        """Renew the lease of this attempt; LOST only once Redis is known to be as the ledger left it
+        (markers and generation): after a loss or a rollback, the repair gives started attempts their
+        leases back."""
         payload = attempt.payload
-        try:
-            if attempt.started:  # (the journal's writer writes it again, with what follows: harmless)
-                self.ledger.write([JournalEntry.parse(attempt.started)])
-        except Exception:
-            logger.exception("could not record the start of job %s; the journal's writer will", payload.job_id)
-        self.queue.emit(JobStarted, payload, worker=worker, attempt=attempt.number)
-        metrics.job_started(payload.step)
+        args = (payload.namespace, payload.job_id, attempt.token)
+        renewal = self.limiter.renew(*args, fence=fence, start=attempt.fence)
+        if renewal.state == LeaseState.LOST and not self.queue.check_epoch(deep=True):
+            renewal = self.limiter.renew(*args, fence=fence, start=attempt.fence)
+        return renewal
 
     def renew(self, attempt: Attempt) -> LeaseState:
-        """Keep the attempt's lease (Redis only: this never waits on Mongo). LOST only once Redis is known
-        to have kept its data: after a loss, the reaper gives started attempts their leases back."""
-        state = self.limiter.renew(attempt.payload.namespace, attempt.payload.job_id, attempt.token).state
-        if state == LeaseState.LOST and not self.redis_kept_its_data():
-            state = self.limiter.renew(attempt.payload.namespace, attempt.payload.job_id, attempt.token).state
-        return state
+        """Keep the attempt's lease (Redis only, unless it finds it gone: this never waits on Mongo)."""
+        return self._renew(attempt).state
 
     def beat(self, attempt: Attempt) -> None:
         """What a heartbeat writes besides the lease: the ledger's last_heartbeat (the heartbeat event of
@@ -149,7 +174,7 @@ class Lifecycle:
             return False
         payload = attempt.payload
         cache.update_progress(
-            payload.step, payload.dataset, payload.config, payload.split, meta["fraction"], attempt.fence
+            payload.step, payload.dataset, payload.config, payload.split, meta["fraction"], attempt.writer
         )
         self.queue.emit(JobProgress, payload, **meta)
         return True
@@ -160,28 +185,51 @@ class Lifecycle:
         """End the attempt with this outcome, whatever ended it; False (and nothing written anywhere)
         when the attempt is stale: its lease was taken back, or the job ended otherwise."""
         payload = attempt.payload
-        renewal = self.limiter.renew(payload.namespace, payload.job_id, attempt.token, fence=True)
-        if renewal.state == LeaseState.LOST and not self.redis_kept_its_data():
-            renewal = self.limiter.renew(payload.namespace, payload.job_id, attempt.token, fence=True)
+        renewal = self._renew(attempt, fence=True)
         if renewal.state == LeaseState.LOST:
             return False
+        # The attempt that holds the lease (a worker's main process does not know its start fence).
+        attempt = Attempt(payload, attempt.token, attempt.number, attempt.fence or renewal.start)
         if renewal.state == LeaseState.CANCELLED:
             outcome = CANCELLED
         elif outcome.ending in (Ending.SUCCESS, Ending.ERROR):
-            outcome = self._write_cache(payload, outcome, renewal.fence)
+            outcome = self._write_cache(attempt, outcome, renewal.fence)
         error_code = outcome.error.error_code if outcome.error is not None else None
-        record, dispatched = self.limiter.end(payload, attempt.token, renewal.fence, outcome.ending, error_code)
+        record, dispatched = self.limiter.end(
+            payload, attempt.token, renewal.fence, outcome.ending, error_code, attempt.fence
+        )
         if record is None:
-            return False  # taken back meanwhile: our entry's fence is older than any newer attempt's
+            return False  # taken back meanwhile: its claim went to the newer attempt, which writes
         self.apply([record, *dispatched], outcome)
         return True
 
-    def _write_cache(self, payload: JobPayload, outcome: Outcome, fence: int) -> Outcome:
-        """The attempt's response, stamped with its fence; content that cannot be stored is replaced by
-        the typed error that says why."""
+    def _write_cache(self, attempt: Attempt, outcome: Outcome, fence: int) -> Outcome:
+        """The attempt's response, stamped with its fence, written only while its claim on the entry holds;
+        content that cannot be stored is replaced by the typed error that says why. A claim a stale attempt
+        took late is taken back (this attempt holds the lease); a claim released (a cancel) or an entry
+        removed (a delete) ends the attempt as cancelled, having written nothing."""
+        for _ in range(2):
+            outcome, written = self._write_response(attempt, outcome, fence)
+            if written:
+                return outcome
+            if self.renew(attempt) != LeaseState.RUNNING or not cache.claim_entry(
+                attempt.payload.step,
+                attempt.payload.dataset,
+                attempt.payload.config,
+                attempt.payload.split,
+                attempt.writer,
+            ):
+                break
+        logger.warning(
+            "job %s: its entry was released or removed while it ran; it writes nothing", attempt.payload.job_id
+        )
+        return CANCELLED
+
+    def _write_response(self, attempt: Attempt, outcome: Outcome, fence: int) -> tuple[Outcome, bool]:
+        payload, writer = attempt.payload, attempt.writer
         if outcome.error is None:
             try:
-                cache.upsert_response(
+                written = cache.upsert_response(
                     payload.step,
                     payload.dataset,
                     outcome.content or {},
@@ -190,12 +238,13 @@ class Lifecycle:
                     dataset_git_revision=outcome.revision,
                     duration=outcome.duration,
                     fence=fence,
+                    writer=writer,
                 )
-                return outcome
+                return outcome, written
             except CacheableError as error:
                 outcome = Outcome.failure(error, outcome.duration, outcome.revision)
         assert outcome.error is not None
-        cache.upsert_error(
+        written = cache.upsert_error(
             payload.step,
             payload.dataset,
             outcome.error,
@@ -204,8 +253,9 @@ class Lifecycle:
             dataset_git_revision=outcome.revision,
             duration=outcome.duration,
             fence=fence,
+            writer=writer,
         )
-        return outcome
+        return outcome, written
 
     def apply(self, records: Sequence[Record], outcome: Outcome | None = None) -> bool:
         """Carry out records of one namespace (an end with the outcome its own attempt knows, when it is
@@ -213,20 +263,29 @@ class Lifecycle:
         return self.queue.apply(records, end=lambda record: self._apply_end(record, outcome))
 
     def _apply_end(self, record: Record, outcome: Outcome | None) -> list[Event]:
-        """The end's effects outside Redis (cache of a crash, next steps, metrics); its events."""
+        """The end's effects outside Redis (cache of a crash, next steps, metrics); its events. Each is safe
+        to repeat: the crash's cache write is the job's own (its claim) and stamped with the record's fence;
+        the children have ids of their own (`enqueue_next`); events are delivered at least once, each with
+        the job's key; the metrics count once per process that applies it (a repeat is a reaper's, rare)."""
         payload, ending = record.payload, record.ending or Ending.ERROR
         content: Mapping[str, Any] | None = None
         error: CacheableError | None = None
         if ending == Ending.CRASHED:
-            error = JobManagerCrashedError(f"the job's worker stopped sending heartbeats {record.attempt} times")
-            cache.upsert_error(payload.step, payload.dataset, error, payload.config, payload.split, fence=record.fence)
+            crash = JobManagerCrashedError(f"the job's worker stopped sending heartbeats {record.attempt} times")
+            writer = cache.Writer(payload.job_id)
+            if cache.upsert_error(
+                payload.step, payload.dataset, crash, payload.config, payload.split, fence=record.fence, writer=writer
+            ):
+                error = crash  # (never claimed, or its entry deleted meanwhile: no entry, nothing follows)
         elif outcome is not None:
             content, error = outcome.content, outcome.error
         elif ending != Ending.CANCELLED:
             content, error = _outcome_in_cache(record)
+        else:
+            cache.release_claims([payload.job_id])  # a placeholder it claimed after it was cancelled
         error_code = error.error_code if error is not None else record.error_code
         if ending != Ending.CANCELLED and (content is not None or error is not None):
-            self.enqueue_next(payload, content, error)
+            self.enqueue_next(record, content, error, again=outcome is None)
         duration = outcome.duration if outcome is not None else None
         metrics.job_finished(payload.step, STATUS_OF[ending].value, duration)
         if ending == Ending.CANCELLED:
@@ -244,11 +303,16 @@ class Lifecycle:
         return job_events(payload, updated, (JobFailed, failed))
 
     def enqueue_next(
-        self, payload: JobPayload, content: Mapping[str, Any] | None, error: CacheableError | None
+        self, record: Record, content: Mapping[str, Any] | None, error: CacheableError | None, again: bool
     ) -> None:
-        """Carry out what the processing graph asks for after this job (children inherit its priority)."""
+        """Carry out what the processing graph asks for after this ending (children inherit its priority).
+        Each child's job id is derived from the ending (its job and fence) and the child's key, so applying
+        the end twice (`again`: the reaper's, a repair's) enqueues none twice: a child still in Redis is
+        refused by admit.lua, one that ended already is found in the ledger (its journal written first)."""
+        payload = record.payload
         key = orchestrator.JobKey(payload.step, payload.dataset, payload.config, payload.split)
-        orchestrator.after_job(self.queue, key, content, error, payload.priority)
+        parent = orchestrator.Parent(payload.job_id, record.fence, again)
+        orchestrator.after_job(self.queue, key, content, error, payload.priority, parent)
 
     # --- the reaper ----------------------------------------------------------------------------------
 
@@ -262,7 +326,7 @@ class Lifecycle:
         if not lock.acquire():
             return None
         try:
-            self.queue.check_epoch()
+            self.queue.check_epoch(deep=True)
             report = ReapReport()
             grace_ms = int(max(OUTBOX_GRACE_MIN_SECONDS, 2 * get_config().worker.heartbeat_interval_seconds) * 1000)
             namespaces = self.limiter.namespaces()
@@ -291,10 +355,9 @@ class Lifecycle:
                 lock.release()
 
     def redis_kept_its_data(self) -> bool:
-        """True when Redis has its epoch marker. Otherwise it lost its data (or is new): it is repaired
-        from the ledger first, and False is returned: an attempt that found its lease gone asks again,
-        since a started job gets its lease back."""
-        return self.queue.check_epoch()
+        """True when Redis is as the ledger left it (markers and generation). Otherwise it lost its data,
+        rolled back or is new: it is repaired from the ledger first, and False is returned."""
+        return self.queue.check_epoch(deep=True)
 
 
 def _extend(lock: Lock) -> None:
@@ -304,13 +367,13 @@ def _extend(lock: Lock) -> None:
 
 
 def _ended_by_its_cache_entry(job: Job) -> tuple[Ending, int, str | None] | None:
-    """A started job whose cache entry is newer than its start wrote its outcome: the attempt ended (its
-    end was lost with Redis' data). Its ending, the fence of its entry and its error code."""
+    """A started job whose cache entry its own attempt wrote reached its end (Redis forgot it: lost with its
+    data, or rolled back). Its ending, the fence of its entry and its error code."""
     try:
         entry = cache.get_response(job.step, job.dataset, job.config, job.split)
     except CachedResponseNotFoundError:
         return None
-    if entry.fence is None or entry.fence <= job.fence:
+    if entry.job_id != job.job_id or entry.fence is None:
         return None
     if entry.is_success:
         return Ending.SUCCESS, entry.fence, None

@@ -15,6 +15,7 @@ of running; coarser children are still enqueued when ready, and report what is m
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -39,9 +40,11 @@ from common.processing_graph import (
     get_processing_graph,
 )
 from common.queue import Job, Priority, Queue
+from common.queue.jobs import unicity_id
 from common.queue.queue import JobInput, new_job
 
 logger = logging.getLogger(__name__)
+CHILDREN = uuid.UUID("4f0c3a52-5d3e-4d8e-9b7c-2d1c6a7e9f10")  # the uuid5 namespace of children's job ids
 RETRYABLE_ERRORS = frozenset(
     {
         "JobManagerCrashedError",
@@ -59,6 +62,18 @@ class JobKey(NamedTuple):
     dataset: str
     config: str | None
     split: str | None
+
+
+class Parent(NamedTuple):
+    """The ending whose plan is carried out: its job and fence name its children's job ids, so that carrying
+    it out again enqueues none twice (`again`: it may have been carried out before)."""
+
+    job_id: str
+    fence: int
+    again: bool = False
+
+    def child_id(self, key: JobKey) -> str:
+        return str(uuid.uuid5(CHILDREN, f"{self.job_id}|{self.fence}|{unicity_id(*key)}"))
 
 
 @dataclass
@@ -227,11 +242,12 @@ def plan_backfill(
 # --- carrying plans out ------------------------------------------------------------------------------
 
 
-def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL) -> list[Job]:
-    """Cache the plan's errors, then enqueue its jobs; returns the jobs (a pending twin when there is one)."""
+def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL, parent: Parent | None = None) -> list[Job]:
+    """Cache the plan's errors, then enqueue its jobs; returns the jobs (a pending twin when there is one).
+    A parent's plan gives its jobs the ids it derives, and one carried out again skips those that exist."""
     for key, error in plan.errors:
         cache.upsert_error(key.step, key.dataset, error, config=key.config, split=key.split)
-    valid = []
+    valid: list[JobInput] = []
     for key in plan.jobs:
         try:
             new_job(JobInput(*key), Priority.NORMAL, None)  # what enqueue_many would refuse
@@ -240,11 +256,19 @@ def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL) -> li
             # A name an older entry listed that is not valid (a step's new content is checked when it runs):
             # the others go on, and retrying would not make it valid.
             logger.warning("not enqueued: %s %s %s %s: %s", *key, error)
-    return queue.enqueue_many(valid, priority=priority)
+    if parent is None:
+        return queue.enqueue_many(valid, priority=priority)
+    job_ids = [parent.child_id(JobKey(*item)) for item in valid]
+    return queue.enqueue_many(valid, priority=priority, job_ids=job_ids, once=parent.again)
 
 
 def after_job(
-    queue: Queue, key: JobKey, content: Mapping[str, Any] | None, error: CacheableError | None, priority: object
+    queue: Queue,
+    key: JobKey,
+    content: Mapping[str, Any] | None,
+    error: CacheableError | None,
+    priority: object,
+    parent: Parent | None = None,
 ) -> list[Job]:
     """Carry out what the graph asks for after this job (its children inherit its priority)."""
     graph = get_processing_graph()
@@ -259,7 +283,7 @@ def after_job(
         plan = plan_after_success(graph, key, content or {}, entries)
     else:
         plan = plan_after_failure(graph, key, error, entries)
-    return run_plan(plan, queue, priority)
+    return run_plan(plan, queue, priority, parent)
 
 
 def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> list[Job]:

@@ -128,3 +128,32 @@ def start_sentinel(service: str = "mymaster") -> RedisGroup:
         group.stop()
         raise
     return group
+
+
+class SnapshotRedis:
+    """One redis-server keeping RDB snapshots in `directory` (Redis' default persistence, saved on demand
+    here): `kill_and_restart` SIGKILLs it and starts it again on the same port, from its last snapshot."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.server = self._start()
+
+    def _start(self) -> EmbeddedServer:
+        arguments = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        arguments += ["--save", "", "--appendonly", "no", "--dbfilename", "dump.rdb"]
+        return _redis_server("redis-server (snapshots)", arguments, self.port)
+
+    def save(self) -> None:
+        with redis.Redis(port=self.port) as client:
+            client.save()
+
+    def kill_and_restart(self) -> None:
+        self.server.process.kill()
+        self.server.process.wait()
+        self.server = self._start()
+
+    def stop(self) -> None:
+        self.server.stop()

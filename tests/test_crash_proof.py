@@ -19,9 +19,9 @@ from common import cache
 from common.exceptions import JobManagerExceededMaximumDurationError
 from common.lifecycle import Attempt, Outcome
 from common.queue import Dispatch, JobStatus
+from common.queue.epoch import EPOCH_KEY
 from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import ACTIVE_KEY, Ending
-from common.queue.queue import EPOCH_KEY
 from tasks import cli
 from tasks.embedded import start_mongo
 from tasks.queue import CeleryDispatcher, get_lifecycle, get_queue

@@ -208,17 +208,17 @@ def test_a_flush_during_the_repair_leaves_no_job_unknown_to_redis(
     q.journal.flush_all()  # the ledger caught up (it follows within QUEUE_LEDGER_LAG_SECONDS)
     client = redis.Redis.from_url(stores.redis_url)
     client.flushall()  # Redis restarts empty
-    real_restore = q.limiter.restore
+    real_resync = q.limiter.resync
     flushed: list[bool] = []
 
-    def restore(*args: Any) -> bool:
-        restored = real_restore(*args)
+    def resync(*args: Any) -> int:
+        resynced = real_resync(*args)
         if not flushed:  # ... and once more (a failover flapping) while the repair runs
             flushed.append(True)
             client.flushall()
-        return restored
+        return resynced
 
-    monkeypatch.setattr(q.limiter, "restore", restore)
+    monkeypatch.setattr(q.limiter, "resync", resync)
     problems = []
     try:
         q.reap()  # the repair (the reaper thread logs what it raises, and goes on)
@@ -246,6 +246,7 @@ def test_a_repair_longer_than_its_lock_is_still_one_at_a_time_and_does_not_fail(
     from common.queue import queue as queue_module
 
     monkeypatch.setattr(queue_module, "REPAIR_LOCK_SECONDS", 1)  # 60 s in production; a 100k-job backlog
+    monkeypatch.setattr(queue_module, "RESYNC_BATCH", 1)  # a round trip per job, each a slow one
     q1, _ = make_queue(limit=1)
     for i in range(6):
         q1.enqueue(ROOT, f"org/ds{i}")
@@ -255,14 +256,14 @@ def test_a_repair_longer_than_its_lock_is_still_one_at_a_time_and_does_not_fail(
     guard = threading.Lock()
 
     def slow(queue: Jobs) -> None:
-        real_restore = queue.limiter.restore
-        real_reconcile = queue.queue._restore_all
+        real_resync = queue.limiter.resync
+        real_reconcile = queue.queue._resync_all
 
-        def restore(*args: Any) -> bool:
-            time.sleep(0.3)  # a round trip to a remote Redis, times many jobs
-            return real_restore(*args)
+        def resync(*args: Any) -> int:
+            time.sleep(0.3)  # a round trip to a remote Redis, times many batches
+            return real_resync(*args)
 
-        def reconcile(keep_alive: Any = None) -> int:  # the repair's restores, as Queue._restore_all
+        def reconcile(keep_alive: Any = None) -> int:  # the repair's resyncs, as Queue._resync_all
             with guard:
                 active[0] += 1
                 most[0] = max(most[0], active[0])
@@ -272,8 +273,8 @@ def test_a_repair_longer_than_its_lock_is_still_one_at_a_time_and_does_not_fail(
                 with guard:
                     active[0] -= 1
 
-        monkeypatch.setattr(queue.limiter, "restore", restore)
-        monkeypatch.setattr(queue.queue, "_restore_all", reconcile)
+        monkeypatch.setattr(queue.limiter, "resync", resync)
+        monkeypatch.setattr(queue.queue, "_resync_all", reconcile)
 
     q2, _ = make_queue(limit=1)
     slow(q1)
@@ -340,10 +341,11 @@ def test_a_repair_gives_back_the_end_a_cache_entry_shows_and_its_next_steps_run(
     q, dispatcher = make_queue(limit=1, started_ttl=0.5)
     job = q.enqueue(ROOT, "org/ds")
     (dispatch,) = dispatcher.take()
-    assert q.start(dispatch.payload, dispatch.token, "w1") is not None  # the ledger says started at once
+    attempt = q.start(dispatch.payload, dispatch.token, "w1")
+    assert attempt is not None  # the ledger says started at once
     # Lifecycle.end up to its cache write, then the worker is SIGKILLed (before the end script):
     renewal = q.limiter.renew(dispatch.payload.namespace, dispatch.payload.job_id, dispatch.token, fence=True)
-    q._write_cache(dispatch.payload, Outcome.success(CONTENT), renewal.fence)
+    q._write_cache(attempt, Outcome.success(CONTENT), renewal.fence)
     stores.redis().flushall()  # then Redis restarts empty
     q.reap()  # the repair records its end again instead of its lease
     past_grace()

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from common import cache
+from common.cache import Writer
 from common.events import EventType
+from common.exceptions import CachedResponseNotFoundError
 from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.queue import JobStatus
 from common.queue.ledger import JournalEntry, Ledger
@@ -201,7 +203,7 @@ def test_an_end_whose_apply_failed_is_finished_by_one_pass_after_the_grace(
 def test_a_heartbeat_racing_the_end_before_the_first_repair_does_not_bring_the_ended_job_back(
     stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.queue.queue import EPOCH_KEY
+    from common.queue.epoch import EPOCH_KEY
 
     q, dispatcher = make_queue(limit=1, max_attempts=1, started_ttl=0.2)
     client = stores.redis()
@@ -276,19 +278,33 @@ def test_every_way_a_job_ends_leaves_no_namespace_key(stores: Stores, monkeypatc
 # --- cache fences --------------------------------------------------------------------------------
 
 
-def test_a_fenced_cache_write_never_replaces_an_entry_as_new_or_newer(stores: Stores) -> None:
-    assert cache.upsert_response(ROOT, "org/ds", {"v": 1}, fence=10)
-    assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=9)
-    assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=10)
-    assert cache.get_response(ROOT, "org/ds").content == {"v": 1}
-    cache.update_progress(ROOT, "org/ds", None, None, 0.5, 10)
-    cache.update_progress(ROOT, "org/ds", None, None, 0.5, 9)
-    assert cache.get_response(ROOT, "org/ds").progress == 1.0  # as new or newer: its own progress stays
-    assert cache.update_progress(ROOT, "org/ds", None, None, 0.5, 11)
+def test_a_cache_write_lands_only_while_its_attempts_claim_holds_whatever_the_fences_say(stores: Stores) -> None:
+    first, second, other = Writer("job-1", 10), Writer("job-1", 20), Writer("job-2", 5)
+    assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=11, writer=first)  # never claimed: no entry
+    assert cache.claim_entry(ROOT, "org/ds", None, None, first)
+    with pytest.raises(CachedResponseNotFoundError):
+        cache.get_response(ROOT, "org/ds")  # a bare claim is no entry to readers
+    assert cache.get_dataset_responses("org/ds") == []
+    assert cache.upsert_response(ROOT, "org/ds", {"v": 1}, fence=11, writer=first)
+    assert cache.claim_entry(ROOT, "org/ds", None, None, second)  # the job's next attempt
+    assert not cache.claim_entry(ROOT, "org/ds", None, None, first)  # an older attempt's late claim
+    assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=99, writer=first)  # a newer fence, stale
+    cache.update_progress(ROOT, "org/ds", None, None, 0.5, first)
+    assert cache.get_response(ROOT, "org/ds").progress == 1.0  # not the stale attempt's
+    assert cache.update_progress(ROOT, "org/ds", None, None, 0.5, second)
     assert cache.get_response(ROOT, "org/ds").progress == 0.5
-    assert cache.upsert_response(ROOT, "org/ds", {"v": 2}, fence=11)
+    # Another job's attempt claims it with a smaller fence (a clock that went back): it is its entry now.
+    assert cache.claim_entry(ROOT, "org/ds", None, None, other)
+    assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=21, writer=second)
+    assert cache.upsert_response(ROOT, "org/ds", {"v": 2}, fence=6, writer=other)
+    entry = cache.get_response(ROOT, "org/ds")
+    assert (entry.content, entry.fence, entry.job_id) == ({"v": 2}, 6, "job-2")
+    cache.release_claims(["job-2"])  # cancelled: its attempt writes nothing more, its entry stays
+    assert not cache.upsert_response(ROOT, "org/ds", {"v": 3}, fence=7, writer=other)
     assert cache.get_response(ROOT, "org/ds").content == {"v": 2}
-    assert not cache.upsert_response(ROOT, "org/new", {"v": 0}, fence=0) or True
+    assert cache.claim_entry(ROOT, "org/other", None, None, other)
+    cache.release_claims(["job-2"])  # its bare claim is removed
+    assert cache.cache_collection().count_documents({"dataset": "org/other"}) == 0
 
 
 # --- a cancelled started job killed by a revoke (SIGTERM or SIGKILL) ends at once, not after its lease
@@ -406,15 +422,20 @@ def test_journal_entries_written_late_twice_or_out_of_order_never_move_the_ledge
     assert q.end(current, Outcome.success(CONTENT))
     ended = q.job(job.job_id)  # written in order, as the writer does
     # Some were written twice; the children of its success are in the same journal.
-    entries = sorted({entry for entry in written if entry.payload.job_id == job.job_id}, key=lambda e: e.fence)
+    entries = sorted(
+        {entry for entry in written if entry.payload.job_id == job.job_id},
+        key=lambda e: (e.fence, e.status is None),
+    )
     waiting, queued, started, success = JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SUCCESS
-    assert [entry.status for entry in entries] == [waiting, queued, started, waiting, queued, started, success]
-    assert [entry.created for entry in entries] == [True] + [False] * 6
+    applied = None  # the end's effects (its next steps) are applied
+    assert [entry.status for entry in entries] == [waiting, queued, started, waiting, queued, started, success, applied]
+    assert [entry.created for entry in entries] == [True] + [False] * 7
     assert ended is not None and ended.status == JobStatus.SUCCESS and ended.attempts == 2
     assert ended.worker == "w2" and ended.created_at == entries[0].at
     q.ledger.write(entries[::-1])  # late, twice, newest first
     q.ledger.write(entries[3:] + entries[:3])
     assert q.ledger.get(job.job_id) == ended
+    assert q.ledger.effects_pending() == []
 
 
 # --- one reaper pass over many namespaces requeues and dispatches in all of them --------------------

@@ -67,7 +67,7 @@ def seeded(stores: Stores, clean_env: pytest.MonkeyPatch) -> Seeded:
         created_at=datetime.now(UTC) - timedelta(seconds=OLD_WAIT),
     )
     # As a rebuild from the ledger does: the job is parked at its creation time's place in line.
-    assert queue.limiter.restore(old.payload(), None, 0, age_of(old))
+    assert queue.limiter.resync([(old, age_of(old))]) == 1
     queue.set_limit("idle", 5)
     return Seeded(queue, dispatcher)
 

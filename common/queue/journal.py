@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from common.queue.epoch import Generation
 from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import NamespaceLimiter
 
@@ -35,10 +36,14 @@ _STARTING = threading.Lock()
 class Journal:
     """Writes the journals of the namespaces this process journaled in, within the lag, in bulk."""
 
-    def __init__(self, limiter: NamespaceLimiter, ledger: Ledger, lag_seconds: float) -> None:
+    def __init__(self, limiter: NamespaceLimiter, ledger: Ledger, lag_seconds: float, generation: Generation) -> None:
         self.limiter = limiter
         self.ledger = ledger
         self.lag_seconds = lag_seconds
+        # Every write advances Redis' generation (common/queue/epoch.py); one that finds Redis rolled back
+        # calls on_rollback once the flush is over (the queue's: repair).
+        self.generation = generation
+        self.on_rollback: Callable[[], None] = lambda: None
         # The keys whose values change when Redis lost its data and was repaired (the queue's epoch
         # markers), and what to do about entries written across such a repair (the queue's).
         self.markers: Callable[[], list[str]] = list
@@ -51,8 +56,9 @@ class Journal:
     def _reset(self) -> None:
         """The process's own locks and notes (a forked child's are not its parent's)."""
         self._noted: set[str] = set()
+        self._rolled_back = False
         self._lock = threading.Lock()
-        self._flushing = threading.Lock()
+        self._flushing = threading.RLock()  # a repair run from inside a write flushes too
         self._wake = threading.Event()
 
     def _take_noted(self) -> list[str]:
@@ -79,8 +85,22 @@ class Journal:
             return []
         with self._flushing:
             idle = self._flush(namespaces, keep_alive)
+            rolled_back, self._rolled_back = self._rolled_back, False
         self.limiter.unlist_if_idle(idle)
+        if rolled_back:
+            self.on_rollback()
         return idle
+
+    def flush_for_repair(self, keep_alive: Callable[[], object]) -> None:
+        """Every journal, as a repair reads them first (what Redis, or the snapshot it came back from,
+        decided goes to the ledger before the ledger is compared with Redis): without the write's own
+        checks, which would call for this very repair."""
+        with self._flushing:
+            self._repairing = True
+            try:
+                self._flush(self.limiter.namespaces(), keep_alive)
+            finally:
+                self._repairing = False
 
     def _flush(self, namespaces: Sequence[str], keep_alive: Callable[[], object] = lambda: None) -> list[str]:
         idle: list[str] = []
@@ -115,6 +135,8 @@ class Journal:
                 logger.error("dropping a journal entry that does not parse: %r", raw)
         self.ledger.write(entries)
         idle, after = self.limiter.journaled(read, markers)
+        if not self._repairing and not self.generation.advance():
+            self._rolled_back = True
         if (None in before or after != before) and not self._repairing:
             # Redis lost its data meanwhile: a repair may have read the ledger before this write.
             self._repairing = True

@@ -5,6 +5,11 @@ lag behind (common/queue/journal.py), and is what survives Redis losing its data
 (waiting -> queued -> started -> success | error | cancelled, and back to waiting when a lease expires) is
 a journal entry of the limiter's, with its fence: it is written only if the job has not ended and no newer
 decision was recorded, so a late, repeated or stale writer never moves a job back.
+
+A success or an error leaves its effects pending (`effects_pending`: its next steps, its events) until
+the journal says they are applied; the entries of the children it enqueued come before that one in the
+journal, so a job whose effects the ledger calls applied has its children in the ledger too. A repair
+gives Redis back the ends whose effects are still pending (common/queue/queue.py).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from common.resilience import retry_transient
 
 DUPLICATE_KEY = 11000
 CREATED = "created"  # a journal entry's status when it admits the job (scripts/admit.lua)
+APPLIED = "applied"  # a journal entry's status when the effects of its end are applied (scripts/applied.lua)
 
 
 def jobs_collection() -> Collection[dict[str, Any]]:
@@ -40,13 +46,15 @@ def _create_indexes(collection: Collection[dict[str, Any]]) -> None:
     collection.create_index([("dataset", ASCENDING), ("status", ASCENDING)], name="dataset")
     collection.create_index([("status", ASCENDING), ("namespace", ASCENDING)], name="status")
     collection.create_index([("status", ASCENDING), ("created_at", ASCENDING)], name="created")
+    collection.create_index([("effects_pending", ASCENDING)], name="effects_pending")
 
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """One transition of a job, as a limiter script decided it (at: the Redis clock)."""
+    """One transition of a job, as a limiter script decided it (at: the Redis clock); status None: the
+    effects of its end are applied."""
 
-    status: JobStatus
+    status: JobStatus | None
     fence: int
     at: datetime
     payload: JobPayload
@@ -61,7 +69,7 @@ class JournalEntry:
     def parse(cls, raw: bytes | str) -> JournalEntry:
         status, fence, at, job_id, attempt, token, worker, code, revision, payload = json.loads(raw)
         return cls(
-            JobStatus.WAITING if status == CREATED else JobStatus(status),
+            None if status == APPLIED else JobStatus.WAITING if status == CREATED else JobStatus(status),
             int(fence),
             datetime.fromtimestamp(int(at) / 1000, UTC),
             JobPayload.from_compact(job_id, payload),
@@ -80,6 +88,8 @@ def _now() -> datetime:
 
 def _fields(entry: JournalEntry) -> dict[str, Any]:
     """What a transition sets."""
+    if entry.status is None:
+        return {"effects_pending": False}
     fields: dict[str, Any] = {"status": entry.status, "fence": entry.fence}
     if entry.status == JobStatus.QUEUED:
         fields["queued_at"] = entry.at
@@ -88,6 +98,7 @@ def _fields(entry: JournalEntry) -> dict[str, Any]:
         fields |= {"attempts": entry.attempt, "worker": entry.worker}
     elif entry.status.is_terminal:
         fields |= {"finished_at": entry.at, "error_code": entry.error_code}
+        fields["effects_pending"] = entry.status != JobStatus.CANCELLED
     return fields
 
 
@@ -96,9 +107,10 @@ class _JobWrite:
     applying them one by one would leave them), under the newest fence."""
 
     def __init__(self, entries: list[JournalEntry]) -> None:
-        entries = sorted(entries, key=lambda entry: entry.fence)
+        entries = sorted(entries, key=lambda entry: (entry.fence, entry.status is None))  # an end, then "applied"
         self.job_id = entries[0].payload.job_id
         self.fence = entries[-1].fence
+        self.effects_only = all(entry.status is None for entry in entries)
         self.fields: dict[str, Any] = {}
         for entry in entries:
             self.fields |= _fields(entry)
@@ -124,7 +136,10 @@ class _JobWrite:
 
     def update(self) -> UpdateOne:
         """Only if the job has not ended and no newer decision was recorded; created if not there yet
-        (an upsert that finds its _id taken means "older": refused)."""
+        (an upsert that finds its _id taken means "older": refused). Only "applied": on the end it follows
+        (its fence), whatever the status."""
+        if self.effects_only:
+            return UpdateOne({"_id": self.job_id, "fence": self.fence}, {"$set": self.fields})
         return UpdateOne(
             {"_id": self.job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": self.fence}},
             {"$set": self.fields, "$setOnInsert": self.job},
@@ -194,6 +209,11 @@ class Ledger:
         if statuses is not None:
             query["status"] = {"$in": list(statuses)}
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
+
+    @retry_transient
+    def effects_pending(self) -> list[Job]:
+        """Ended jobs whose effects (next steps, events) the journal has not called applied yet."""
+        return [_job(document) for document in self.collection.find({"effects_pending": True})]
 
     def unfinished(self) -> list[Job]:
         """Jobs not ended yet, the started ones first."""

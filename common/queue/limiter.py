@@ -30,7 +30,7 @@ from importlib.resources import files
 from typing import Any
 
 from common.constants import REDIS_PREFIX
-from common.queue.jobs import Dispatch, JobPayload, Priority
+from common.queue.jobs import Dispatch, Job, JobPayload, JobStatus, Priority
 from common.redis_cluster import ScriptBatch, add_time, is_cluster, node_of
 from common.redis_connection import RedisClient, as_text
 from common.resilience import retry_transient
@@ -66,7 +66,7 @@ _SCRIPTS = (
     "cancel",
     "set_limit",
     "promote",
-    "restore",
+    "resync",
     "restore_end",
     "unlease",
     "applied",
@@ -75,7 +75,9 @@ _SCRIPTS = (
 
 
 # The scripts that may journal a ledger transition (their namespaces are noted for the journal's writer).
-_JOURNALING = frozenset({"admit", "confirm", "end", "reap", "cancel", "set_limit", "promote", "unlease", "restore_end"})
+_JOURNALING = frozenset(
+    {"admit", "confirm", "end", "reap", "cancel", "set_limit", "promote", "unlease", "restore_end", "applied"}
+)
 
 
 def namespace_key(namespace: str, name: str) -> str:
@@ -174,6 +176,7 @@ class LeaseState(StrEnum):
 class Renewal:
     state: LeaseState
     fence: int = 0  # asked for: the fence of the outcome this attempt is about to write
+    start: int = 0  # the start fence of the attempt holding the lease (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -307,17 +310,20 @@ class NamespaceLimiter:
             return Confirmation(ConfirmDecision.DROP)
         return Confirmation(ConfirmDecision.RUN, int(result[1]), int(as_text(result[2])), as_text(result[3]))
 
-    def renew(self, namespace: str, job_id: str, token: str, fence: bool = False) -> Renewal:
-        """Extend a started attempt's lease; with `fence`, also hand out the fence of its outcome."""
-        result = self._run("renew", namespace, job_id, token, self.started_ttl_ms, "1" if fence else "")
+    def renew(self, namespace: str, job_id: str, token: str, fence: bool = False, start: int = 0) -> Renewal:
+        """Extend a started attempt's lease (the attempt that started at fence `start`; 0: any attempt of
+        the token); with `fence`, also hand out the fence of its outcome."""
+        result = self._run("renew", namespace, job_id, token, self.started_ttl_ms, "1" if fence else "", start)
         state = LeaseState(as_text(result[0]))
-        return Renewal(state, int(as_text(result[1])) if state != LeaseState.LOST and fence else 0)
+        if state == LeaseState.LOST:
+            return Renewal(state)
+        return Renewal(state, int(as_text(result[1])) if fence else 0, int(as_text(result[2])))
 
     def end(
-        self, payload: JobPayload, token: str, fence: int, ending: Ending, error_code: str | None
+        self, payload: JobPayload, token: str, fence: int, ending: Ending, error_code: str | None, start: int = 0
     ) -> tuple[Record | None, list[Record]]:
-        """End the attempt holding this token: its end record and the jobs dispatched to the freed slot;
-        (None, []) when the attempt is stale."""
+        """End the attempt holding this token (the one that started at fence `start`; 0: any): its end
+        record and the jobs dispatched to the freed slot; (None, []) when the attempt is stale."""
         result = self._run(
             "end",
             payload.namespace,
@@ -327,6 +333,7 @@ class NamespaceLimiter:
             ending.value,
             error_code or "",
             *self._promote_args(),
+            start,
         )
         if as_text(result[0]) != "ended":
             return None, []
@@ -417,20 +424,35 @@ class NamespaceLimiter:
         idle = [namespace for namespace, reply in zip(read, replies, strict=False) if reply]
         return idle, replies[len(read) :]
 
-    def restore(self, payload: JobPayload, lease_token: str | None, attempts: int, age: int) -> bool:
-        """Rebuild one job from the ledger unless Redis knows it: a started job gets its lease back."""
-        return bool(
-            self._run_active(
-                "restore",
-                payload.namespace,
-                payload.job_id,
-                payload.compact(),
-                lease_token or "",
-                attempts,
-                self.started_ttl_ms,
-                age,
+    def resync(self, jobs: Sequence[tuple[Job, int]]) -> int:
+        """Make Redis agree with the ledger about these jobs (each with its age), the newer side winning
+        (see resync.lua); one pipelined round trip, each namespace listed as active before and after.
+        How many took the ledger's state."""
+        if not jobs:
+            return 0
+        calls = [
+            (
+                "resync",
+                job.namespace,
+                [
+                    job.job_id,
+                    job.payload().compact(),
+                    job.status.value,
+                    job.fence,
+                    job.lease_token or "" if job.status == JobStatus.STARTED else "",
+                    job.attempts,
+                    self.started_ttl_ms,
+                    age,
+                ],
             )
-        )
+            for job, age in jobs
+        ]
+        namespaces = list(dict.fromkeys(job.namespace for job, _ in jobs))
+        return sum(int(reply) for reply in self._run_listed(namespaces, calls))
+
+    def job_ids(self, namespace: str) -> list[str]:
+        """The jobs Redis knows in this namespace (waiting, blocked or leased)."""
+        return [as_text(job) for job in self.redis.hkeys(namespace_key(namespace, "jobs"))]
 
     def restore_end(
         self, payload: JobPayload, lease_token: str, attempts: int, ending: Ending, fence: int, error_code: str | None

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Protocol
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from common import cache
 from common.config import get_config
 from common.event_bus import EventBus
 from common.events import (
@@ -41,6 +42,7 @@ from common.exceptions import (
 )
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
+from common.queue.epoch import Generation, epoch_keys, epoch_markers, kept_its_data
 from common.queue.jobs import (
     PENDING_STATUSES,
     Dispatch,
@@ -53,17 +55,16 @@ from common.queue.jobs import (
 from common.queue.journal import Journal
 from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import FENCE_EPOCH_MS, Ending, NamespaceCounts, NamespaceLimiter, Record, RecordKind
-from common.redis_cluster import ScriptBatch, all_exist, node_hash_tags
-from common.redis_connection import RedisClient, get_redis
+from common.redis_cluster import ScriptBatch, all_exist
+from common.redis_connection import get_redis
 
 logger = logging.getLogger(__name__)
 ENQUEUE_BATCH = 10_000  # jobs per Redis round trip of enqueue_many
-# Set after a repair; its absence means Redis lost (or never had) our data. One hash tag: one cluster slot.
-EPOCH_KEY = "{stepcache}:epoch"
-REPAIRING_KEY = "{stepcache}:repairing"  # the repair in progress: a flush during it removes it too
 REPAIR_LOCK_KEY = "stepcache:repair"
 REPAIR_LOCK_SECONDS = 60
 REPAIR_ATTEMPTS = 3
+RESYNC_BATCH = 1_000  # jobs per round trip of a repair
+CRASHED_ERROR_CODE = "JobManagerCrashedError"
 # Set the marker only if the repair's own key survived it.
 MARK_EPOCH = """if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[2], ARGV[2])
@@ -71,17 +72,6 @@ MARK_EPOCH = """if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0"""
-
-
-def epoch_markers(client: RedisClient) -> list[str]:
-    """The epoch marker of every master: all there, Redis kept its data since the last repair."""
-    return [epoch for _, epoch in epoch_keys(client)]
-
-
-def epoch_keys(client: RedisClient) -> list[tuple[str, str]]:
-    """(repairing, epoch) keys of every master: REPAIRING_KEY and EPOCH_KEY on one Redis; on a cluster, a
-    pair on each master, since each of them fails over, and may lose its data, on its own."""
-    return [(f"{{{tag}}}:repairing", f"{{{tag}}}:epoch") for tag in node_hash_tags(client, "stepcache")]
 
 
 class Dispatcher(Protocol):
@@ -122,13 +112,13 @@ class JobInput(NamedTuple):
     split: str | None = None
 
 
-def new_job(item: JobInput, priority: Priority, revision: str | None) -> Job:
+def new_job(item: JobInput, priority: Priority, revision: str | None, job_id: str | None = None) -> Job:
     """A waiting job for this input, validated (a typed InvalidInputError otherwise)."""
     processing_step = get_processing_graph().get_step(item.step)
     dataset, config, split = validate_key(item.dataset, item.config, item.split)
     check_step_input(processing_step, config, split)
     return Job(
-        job_id=str(uuid.uuid4()),
+        job_id=job_id or str(uuid.uuid4()),
         step=item.step,
         dataset=dataset,
         config=config,
@@ -170,9 +160,11 @@ class Queue:
         self.limiter = limiter
         self.events = events if events is not None else EventBus(limiter.redis)
         lag = ledger_lag_seconds if ledger_lag_seconds is not None else get_config().queue.ledger_lag_seconds
-        self.journal = Journal(limiter, ledger, lag)
+        self.generation = Generation(limiter.redis)
+        self.journal = Journal(limiter, ledger, lag, self.generation)
         self.journal.markers = lambda: epoch_markers(limiter.redis)
         self.journal.on_repair = self._restore_written
+        self.journal.on_rollback = self._rolled_back
         # The end of a started job that Redis lost with its data, if what it wrote elsewhere tells it (the
         # lifecycle's: its cache entry): (ending, fence, error code). The repair gives it its end back.
         self.ended_elsewhere: Callable[[Job], tuple[Ending, int, str | None] | None] = lambda job: None
@@ -219,13 +211,35 @@ class Queue:
         return self.enqueue_many([JobInput(step, dataset, config, split)], priority, revision)[0]
 
     def enqueue_many(
-        self, inputs: Sequence[JobInput], priority: object = Priority.NORMAL, revision: str | None = None
+        self,
+        inputs: Sequence[JobInput],
+        priority: object = Priority.NORMAL,
+        revision: str | None = None,
+        job_ids: Sequence[str] | None = None,
+        once: bool = False,
     ) -> list[Job]:
         """Validate every input (a typed error for the first bad one, and nothing written), admit them in
         one Redis round trip per ENQUEUE_BATCH (the ledger follows within QUEUE_LEDGER_LAG_SECONDS), then
         publish the jobs that got a slot; returns each input's job (the identical pending job's id
-        instead, when there is one)."""
-        jobs = [new_job(JobInput(*item), parse_priority(priority), revision) for item in inputs]
+        instead, when there is one). With `job_ids`, the jobs have these ids (admit.lua refuses one Redis
+        knows); `once`: those the ledger has, once their namespaces' journals are written, are not admitted
+        again (they are returned as the ledger has them)."""
+        ids: Sequence[str | None] = job_ids if job_ids is not None else [None] * len(inputs)
+        jobs = [
+            new_job(JobInput(*item), parse_priority(priority), revision, job_id)
+            for item, job_id in zip(inputs, ids, strict=True)
+        ]
+        if once and jobs:
+            self.journal.flush(sorted({job.namespace for job in jobs}))
+            existing = {job.job_id: job for job in self.ledger.jobs_by_id(job.job_id for job in jobs)}
+            if existing:
+                logger.info("%s of %s jobs were enqueued already: not again", len(existing), len(jobs))
+            return list(existing.values()) + self.enqueue_many(
+                [JobInput(job.step, job.dataset, job.config, job.split) for job in jobs if job.job_id not in existing],
+                priority,
+                revision,
+                [job.job_id for job in jobs if job.job_id not in existing],
+            )
         recorded: list[Job] = []
         for start in range(0, len(jobs), ENQUEUE_BATCH):
             batch = jobs[start : start + ENQUEUE_BATCH]
@@ -295,6 +309,8 @@ class Queue:
         cancelled, started, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
         self.apply([*cancelled, *dispatched])
         if started:
+            # From now on their attempts write nothing, even one that got its fence before the cancel.
+            cache.release_claims(started)
             self.dispatcher.revoke(started)
         return jobs
 
@@ -324,44 +340,70 @@ class Queue:
         return self.limiter.get_limit(namespace_of(namespace))
 
     def reconcile(self) -> int:
-        """Rebuild waiting rooms and leases from the ledger after Redis lost its data, then lease free
-        slots; returns how many jobs Redis did not know. A started job gets its lease back under its own
-        token: its attempt goes on."""
+        """Make Redis agree with the ledger (see `repair`), then lease free slots; how many jobs took the
+        ledger's state. An operator's command: the repair runs by itself whenever Redis lost its data or
+        rolled back."""
         self.journal.flush_all()  # the ledger says what Redis decided: nothing ended comes back
-        restored = self._restore_all()
+        resynced = self._resync_all()
+        self._restore_pending_effects()
         self._promote_all()
-        return restored
+        return resynced
 
-    def _restore_all(self, keep_alive: Callable[[], object] | None = None) -> int:
-        return self._restore(self.ledger.unfinished(), keep_alive)
+    def _resync_all(self, keep_alive: Callable[[], object] = lambda: None) -> int:
+        """Every job the ledger says is unfinished, and every job Redis knows, made to agree (resync.lua):
+        what the ledger says ended is forgotten, what it says is unfinished is known to Redis again, at the
+        state of the newer side. Started jobs first: a started job owns its cache entry before its blocked
+        twin is parked. Cost follows active work: the ledger's unfinished jobs and Redis' live ones."""
+        unfinished = self.ledger.unfinished()
+        known = {job.job_id for job in unfinished}
+        in_redis = [job_id for namespace in self.limiter.namespaces() for job_id in self.limiter.job_ids(namespace)]
+        others = [job_id for job_id in in_redis if job_id not in known]
+        jobs = unfinished + [job for job in self.ledger.jobs_by_id(others) if job.status.is_terminal]
+        return self._resync(jobs, keep_alive)
 
-    def _restore(self, jobs: Sequence[Job], keep_alive: Callable[[], object] | None = None) -> int:
-        """Give Redis back these unfinished jobs of the ledger (started ones first) unless it knows them."""
-        restored = 0
-        for job in sorted(jobs, key=lambda job: job.status != JobStatus.STARTED):
-            if keep_alive is not None:
-                keep_alive()
-            ended = self.ended_elsewhere(job) if job.status == JobStatus.STARTED else None
-            if ended is not None:
+    def _resync(self, jobs: Sequence[Job], keep_alive: Callable[[], object] = lambda: None) -> int:
+        resynced = 0
+        ordered = sorted(jobs, key=lambda job: job.status != JobStatus.STARTED)
+        for start in range(0, len(ordered), RESYNC_BATCH):
+            keep_alive()
+            batch = []
+            for job in ordered[start : start + RESYNC_BATCH]:
+                ended = self.ended_elsewhere(job) if job.status == JobStatus.STARTED else None
+                if ended is None:
+                    batch.append((job, age_of(job)))
+                    continue
                 logger.warning("job %s had ended (%s): its end is recorded again, not its lease", job.job_id, ended[0])
                 self.limiter.restore_end(job.payload(), job.lease_token or "", job.attempts, *ended)
-                continue
-            token = job.lease_token if job.status == JobStatus.STARTED else None
-            restored += self.limiter.restore(job.payload(), token, job.attempts, age_of(job))
-        return restored
+            resynced += self.limiter.resync(batch)
+        return resynced
+
+    def _restore_pending_effects(self) -> None:
+        """Ends whose effects (next steps, events) the ledger does not call applied, and which Redis has no
+        record of: recorded again, for the reaper to apply (idempotently: their children have ids of their
+        own, and those the ledger has are not enqueued again)."""
+        for job in self.ledger.effects_pending():
+            ending = (
+                Ending.CRASHED
+                if job.error_code == CRASHED_ERROR_CODE
+                else Ending.SUCCESS
+                if job.status == JobStatus.SUCCESS
+                else Ending.ERROR
+            )
+            args = (job.lease_token or "", job.attempts, ending, job.fence, job.error_code)
+            if self.limiter.restore_end(job.payload(), *args):
+                logger.warning("job %s ended; its effects are applied again (Redis forgot them)", job.job_id)
 
     def _restore_written(self, entries: Sequence[JournalEntry]) -> None:
         """Journal entries were written while Redis lost its data: the repair may have read the ledger
         before them. Once a repair ran (if one still runs elsewhere, it reads the ledger after this write),
-        what Redis decided since is written too, then the jobs still unfinished are given back to Redis,
-        as the repair would have (a job Redis decided about since is not: restore.lua)."""
+        what Redis decided since is written too, then these jobs are made to agree again, as the repair
+        would have (a job Redis decided about since keeps Redis' state: resync.lua)."""
         redis = self.limiter.redis
-        if not self.check_epoch() and not all_exist(redis, epoch_markers(redis)):
+        if not self.check_epoch() and not kept_its_data(redis):
             return
         namespaces = sorted({entry.payload.namespace for entry in entries})
         self.journal.write_now(namespaces)
-        jobs = self.ledger.jobs_by_id({entry.payload.job_id for entry in entries})
-        self._restore([job for job in jobs if not job.status.is_terminal])
+        self._resync(self.ledger.jobs_by_id({entry.payload.job_id for entry in entries}))
         for namespace in namespaces:
             self.apply(self.limiter.promote(namespace))
 
@@ -376,31 +418,51 @@ class Queue:
         for namespace_records in by_namespace.values():
             self.apply(namespace_records)
 
-    def check_epoch(self) -> bool:
-        """Whether Redis kept its data; if it lost it (a flush, a restart without persistence, a failover)
-        or is new, repair it from the ledger first (one process at a time), then mark it again. Returns
-        False when Redis had no marker. Slots are leased, and the marker set, only once a whole repair ran
-        without Redis losing its data again (otherwise it repairs again)."""
-        redis = self.limiter.redis
-        if all_exist(redis, epoch_markers(redis)):
+    def check_epoch(self, deep: bool = False) -> bool:
+        """Whether Redis is as the ledger left it: every master has its epoch marker (one round trip) and,
+        when `deep` (the reaper's pass, an attempt that lost its lease), no master's generation is behind
+        the ledger's (common/queue/epoch.py). Otherwise it lost its data (a flush, a restart without
+        persistence, a failover), rolled back (a restart from a snapshot, a replica promoted behind its
+        master) or is new: it is repaired first, and False is returned."""
+        if kept_its_data(self.limiter.redis) and not (deep and self.generation.behind()):
             return True
+        self.repair()
+        return False
+
+    def _rolled_back(self) -> None:
+        """A write to the ledger found Redis rolled back: every process learns it (the markers go), and
+        this one repairs it now."""
+        redis = self.limiter.redis
+        redis.delete(*epoch_markers(redis))
+        self.check_epoch()
+
+    def repair(self) -> None:
+        """Make Redis agree with the ledger, one process at a time: its journals written to the ledger first
+        (what Redis, or the snapshot it came back from, decided), then every job resynced (see
+        `_resync_all`), the ends whose effects are pending recorded again, the markers and the generation
+        set, and free slots leased. Slots are leased, and the markers set, only once a whole repair ran
+        without Redis losing its data again (otherwise it repairs again); a repair another process finished
+        meanwhile is not run twice."""
+        redis = self.limiter.redis
         lock = redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS)
         keep_alive = _keeper(lock)
         with contextlib.suppress(LockError), lock:  # a lock lost to a flush: the repair still completes
             for _ in range(REPAIR_ATTEMPTS):
                 markers = epoch_keys(redis)
-                if all_exist(redis, [epoch for _, epoch in markers]):
+                if all_exist(redis, [epoch for _, epoch in markers]) and not self.generation.behind():
                     break
                 repair = uuid.uuid4().hex
                 for repairing, _ in markers:
                     redis.set(repairing, repair)
-                restored = self._restore_all(keep_alive)
+                self.journal.flush_for_repair(keep_alive)
+                resynced = self._resync_all(keep_alive)
+                self._restore_pending_effects()
                 now = datetime.now(UTC).isoformat()
                 if all([self._mark_epoch(keys=[repairing, epoch], args=[repair, now]) for repairing, epoch in markers]):
+                    self.generation.catch_up()
                     self._promote_all()
-                    logger.warning("Redis had no epoch marker (new, or lost its data): restored %s jobs", restored)
+                    logger.warning("Redis lost its data or rolled back: %s jobs took the ledger's state", resynced)
                     break
-        return False
 
 
 def _keeper(lock: Lock) -> Callable[[], None]:

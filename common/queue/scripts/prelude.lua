@@ -23,6 +23,10 @@ local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED,
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local PENDING, JOURNAL = KEYS[13], KEYS[14]
 local RANK_WEIGHT = 1e15
+-- Low priorities age: a waiting job goes before jobs of the next priority up once it has waited this long
+-- more than they have (one hour per rank, in fence microseconds), so steady traffic never starves it.
+local AGING_PER_RANK = 3600e6
+local RANKS = 3
 local FENCE_EPOCH_MS = 1700000000000
 -- An idle namespace's sequence outlives its other keys this long: fences handed out in a burst may run
 -- a little ahead of the clock, and the next fence must still be larger.
@@ -87,6 +91,19 @@ local function journaled(job)
   return false
 end
 
+-- The start fence of the job's started attempt ('0' when unknown), from its runner "delivery|fence|attempt".
+local function start_fence(job)
+  local runner = redis.call('HGET', RUNNERS, job)
+  if not runner then return '0' end
+  local _, _, fence = string.find(runner, '|(%d+)|%d+$')
+  return fence or '0'
+end
+
+-- Whether the attempt that started at this fence is the job's started attempt ('0': any attempt).
+local function runs(job, fence)
+  return fence == '0' or fence == '' or start_fence(job) == fence
+end
+
 -- The job computes its cache entry next, unless an identical pending job already does (dedupe).
 local function pend(job, payload)
   redis.call('HSETNX', PENDING, decode(payload)['unicity_id'], job)
@@ -147,15 +164,30 @@ local function tidy()
   return 0
 end
 
+-- The waiting job to run next, taken out of the waiting room: of the oldest job of each priority, the one
+-- whose age, less AGING_PER_RANK per rank above the highest, is the oldest (within a priority: the oldest).
+local function next_waiting()
+  local best, best_score
+  for rank = 0, RANKS - 1 do
+    local low, high = rank * RANK_WEIGHT, (rank + 1) * RANK_WEIGHT
+    local head = redis.call('ZRANGEBYSCORE', WAITING, fmt(low), '(' .. fmt(high), 'WITHSCORES', 'LIMIT', 0, 1)
+    if #head > 0 then
+      local score = tonumber(head[2]) - low + rank * AGING_PER_RANK
+      if not best_score or score < best_score then best, best_score = head[1], score end
+    end
+  end
+  if best then redis.call('ZREM', WAITING, best) end
+  return best
+end
+
 -- Lease free slots to the best waiting jobs, each under a new fence that is its message's token, and
 -- record each dispatch; returns {job, token, payload, ...}, which the caller publishes to Celery.
 local function promote(default_limit, queued_ttl_ms, now)
   local dispatched = {}
   local free = limit(default_limit) - redis.call('HLEN', LEASES)
   while free > 0 do
-    local head = redis.call('ZPOPMIN', WAITING)
-    if #head == 0 then break end
-    local job = head[1]
+    local job = next_waiting()
+    if not job then break end
     local token = fmt(next_fence(now))
     local payload = redis.call('HGET', JOBS, job)
     redis.call('HSET', LEASES, job, 'q:' .. token)

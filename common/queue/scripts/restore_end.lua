@@ -1,13 +1,17 @@
--- restore_end: a started job whose end Redis lost with its data (its cache entry, newer than its start,
--- says it ended) gets that end back, as end.lua recorded it, instead of its lease: the reaper applies the
--- record (next steps, events) and the journal tells the ledger. Nothing when Redis knows the job.
+-- restore_end: a job whose end Redis forgot (it lost its data, or rolled back to before the end) gets that
+-- end back, as end.lua recorded it, instead of whatever older state Redis has of it: the reaper applies the
+-- record (next steps, events: idempotently) and the journal tells the ledger. Two cases: a started job
+-- whose cache entry its own attempt wrote (it reached its end), and an ended job whose effects the ledger
+-- says are pending. Nothing when Redis decided about the job since (a journal entry, an end or a cancel).
 -- ARGV[1] job id, ARGV[2] payload, ARGV[3] lease token, ARGV[4] attempts, ARGV[5] the end's fence (its
--- cache entry's), ARGV[6] ending ('success' | 'error'), ARGV[7] error code
--- Returns 1 when recorded, 0 when Redis knew the job or its end.
+-- cache entry's), ARGV[6] ending ('success' | 'error' | 'crashed'), ARGV[7] error code
+-- Returns 1 when recorded, 0 when Redis knew the end or decided about the job since.
 local job, payload = ARGV[1], ARGV[2]
-if redis.call('HEXISTS', OUTBOX, job) == 1 or redis.call('HEXISTS', JOBS, job) == 1 or journaled(job) then
+local rec = redis.call('HGET', OUTBOX, job)
+if (rec and string.sub(rec, 1, 9) ~= 'dispatch|') or journaled(job) then
   return 0
 end
+forget(job)
 local now = now_ms()
 next_fence(now) -- the sequence may be gone: fences go on from the clock
 local fence, attempt = tonumber(ARGV[5]), tonumber(ARGV[4])
