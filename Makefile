@@ -4,7 +4,7 @@ PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast lint bench bench-scale bench-data bench-api clean
+.PHONY: install run test test-fast lint bench bench-scale bench-data bench-api bench-repair clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -51,3 +51,8 @@ bench-data: install
 # A cached /first-rows through the HTTP API against raw pymongo reads, 16 clients each (~1 minute).
 bench-api: install
 	$(BIN)/python -m bench.bench_api
+
+# Redis restarted from a snapshot or emptied with 1,000 and 10,000 unfinished jobs: the pass that repairs
+# it; and what a durable start costs against confirm alone (~1 minute).
+bench-repair: install
+	$(BIN)/python -m bench.bench_repair

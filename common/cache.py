@@ -25,7 +25,7 @@ from typing import Any
 
 import bson
 from pydantic import BaseModel, ConfigDict
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
@@ -225,13 +225,14 @@ def claim_entry(kind: str, dataset: str, config: str | None, split: str | None, 
     stage = {"$set": {"claim": {"$cond": [newer_of_same_job, "$claim", {"$literal": mine}]}}}
     for attempt in range(UPSERT_ATTEMPTS):
         try:
-            cache_collection().update_one(key, [stage], upsert=True)
-            break
+            document = cache_collection().find_one_and_update(
+                key, [stage], upsert=True, return_document=ReturnDocument.AFTER, projection={"claim": True}
+            )
+            return document is not None and document.get("claim") == mine
         except DuplicateKeyError:
             if attempt == UPSERT_ATTEMPTS - 1:
                 raise
-    document = cache_collection().find_one(key, projection={"claim": True})
-    return document is not None and document.get("claim") == mine
+    return False  # unreachable: the last attempt returns or raises
 
 
 @retry_transient
@@ -332,6 +333,12 @@ def get_dataset_responses(
         for document in cache_collection().find(query, projection=projection)
     ]
     return sorted(entries, key=lambda entry: (entry.kind, entry.config or "", entry.split or ""))
+
+
+@retry_transient
+def delete_response(kind: str, dataset: str, config: str | None = None, split: str | None = None) -> bool:
+    """Delete the entry of this key (a bare claim too); False when there was none."""
+    return cache_collection().delete_one(_key(kind, dataset, config, split)).deleted_count == 1
 
 
 @retry_transient

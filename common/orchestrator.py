@@ -24,6 +24,7 @@ from common import cache
 from common.config import get_config
 from common.exceptions import (
     CacheableError,
+    CachedResponseNotFoundError,
     InvalidInputError,
     InvalidStepSpecError,
     ParentStepFailedError,
@@ -283,7 +284,24 @@ def after_job(
         plan = plan_after_success(graph, key, content or {}, entries)
     else:
         plan = plan_after_failure(graph, key, error, entries)
-    return run_plan(plan, queue, priority, parent)
+    jobs = run_plan(plan, queue, priority, parent)
+    if not _has_entry(key):
+        # Deleted while the plan ran (a delete removes the entries, then cancels the jobs): what it
+        # enqueued is cancelled and what it cached removed, as the delete would have.
+        logger.info("%s %s %s %s: its entry went while its next steps were enqueued; cancelled", *key)
+        queue.cancel(key.dataset)
+        for child, _ in plan.errors:
+            cache.delete_response(child.step, child.dataset, child.config, child.split)
+        return []
+    return jobs
+
+
+def _has_entry(key: JobKey) -> bool:
+    try:
+        cache.get_response(key.step, key.dataset, key.config, key.split)
+    except CachedResponseNotFoundError:
+        return False
+    return True
 
 
 def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> list[Job]:

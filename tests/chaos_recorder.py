@@ -5,7 +5,8 @@ It wraps `StepTask._compute`, which a worker calls only once the job's lease is 
 `start|end <job_id> <namespace> <pid> <time.time()>` to `<CHAOS_RECORD_DIR>/<pid>.log`, one write per
 line. Files, not Redis: the chaos test restarts Redis. A SIGKILLed attempt leaves a start and no end.
 CHAOS_STEP_SECONDS (optional) makes every run last that much longer, inside the recorded interval, so
-faults land while jobs run.
+faults land while jobs run. CHAOS_APPLY_SECONDS (optional) makes applying an end (its cache, children and
+events) last that much longer, after an `applying` line, so that a fault can kill a process inside it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 RECORD_DIR_VARIABLE = "CHAOS_RECORD_DIR"
 STEP_SECONDS_VARIABLE = "CHAOS_STEP_SECONDS"
+APPLY_SECONDS_VARIABLE = "CHAOS_APPLY_SECONDS"
 
 
 @dataclass
@@ -69,6 +71,34 @@ def install() -> None:
 
     recorded.chaos_recorded = True  # type: ignore[attr-defined]
     StepTask._compute = recorded  # type: ignore[method-assign]
+    _pause_applies(directory, float(os.environ.get(APPLY_SECONDS_VARIABLE, "0")))
+
+
+def _pause_applies(directory: str, seconds: float) -> None:
+    """Applying an end (Lifecycle._apply_end) says so, then waits `seconds` before it does anything."""
+    if not seconds:
+        return
+    from common.lifecycle import Lifecycle
+
+    original = Lifecycle._apply_end
+
+    def paused(self: Lifecycle, record: Any, outcome: Any) -> Any:
+        _append(directory, "applying", record.payload.job_id, record.payload.namespace)
+        time.sleep(seconds)
+        return original(self, record, outcome)
+
+    Lifecycle._apply_end = paused  # type: ignore[method-assign]
+
+
+def applying(directory: Path, within: float) -> list[int]:
+    """The pids that said they began applying an end less than `within` seconds ago (still inside it)."""
+    now, pids = time.time(), []
+    for path in sorted(directory.glob("*.log")):
+        lines = path.read_text(errors="replace").splitlines()
+        parts = lines[-1].split() if lines else []
+        if len(parts) == 5 and parts[0] == "applying" and now - float(parts[4]) < within:
+            pids.append(int(parts[3]))
+    return pids
 
 
 def read_runs(directory: Path) -> list[Run]:

@@ -1,11 +1,13 @@
 """Chaos: ~300 jobs of 10 namespaces through real `celery -A tasks worker` processes while faults hit
 them, then the promises, checked from the ledger, the cache, Redis and what the workers recorded.
 
-The test runs its own redis-server (restarted once, without persistence, on the same port) and its own
-SecantusDB (SIGSTOPped for longer than a lease), not the session's servers. Workers reach Redis through a
-TCP proxy whose connections the test cuts; MongoDB directly. Faults: SIGKILL of pool processes (the
-busy ones first), SIGKILL of whole workers (each replaced), Mongo paused, Redis restarted empty, proxy
-connections cut. Every fault is counted and every invariant printed with its numbers (`pytest -s`).
+The test runs its own redis-server (restarted once empty, and once from a snapshot it saved earlier in the
+run, on the same port) and its own SecantusDB (SIGSTOPped for longer than a lease), not the session's
+servers. Workers reach Redis through a TCP proxy whose connections the test cuts; MongoDB directly.
+Faults: SIGKILL of pool processes (the busy ones first), SIGKILL of a pool process inside an end's apply,
+SIGKILL of whole workers (each replaced), Mongo paused, Redis restarted empty, Redis restarted from a
+snapshot taken mid-run, proxy connections cut, a dataset deleted (as the webhook does) while its jobs run.
+Every fault is counted and every invariant printed with its numbers (`pytest -s`).
 
 `.venv/bin/pytest tests/test_chaos.py -m slow -s`; CHAOS_SEED=N replays a fault schedule.
 """
@@ -32,13 +34,20 @@ import redis
 from common import cache, mongo, redis_connection
 from common.cache import cache_collection
 from common.orchestrator import expected_entries
-from common.processing_graph import DEFAULT_STEPS, get_processing_graph
+from common.processing_graph import DEFAULT_STEPS, LEVEL, get_processing_graph
 from common.queue import Job, JobStatus
 from common.queue.ledger import Ledger, jobs_collection
 from tasks import samples
 from tasks.embedded import EmbeddedServer, WorkerProcess, free_port, start_mongo, start_redis
 from tasks.queue import get_queue
-from tests.chaos_recorder import RECORD_DIR_VARIABLE, STEP_SECONDS_VARIABLE, Run, read_runs
+from tests.chaos_recorder import (
+    APPLY_SECONDS_VARIABLE,
+    RECORD_DIR_VARIABLE,
+    STEP_SECONDS_VARIABLE,
+    Run,
+    applying,
+    read_runs,
+)
 from tests.conftest import current_app_for, use_settings
 from tests.tcp_proxy import TcpProxy
 
@@ -58,7 +67,8 @@ STALL_SECONDS = 30.0  # > WORKER_QUEUED_LEASE_SECONDS + a lease TTL: a stuck run
 # README "After Redis lost its data": nothing to do, the reaper rebuilds Redis from the ledger. CHAOS_RECONCILE=1
 # also calls get_queue().reconcile() right after the restart, as an operator would with older code.
 RECONCILE_AFTER_REDIS_RESTART = os.environ.get("CHAOS_RECONCILE", "0") == "1"
-PLANNED_FAULTS = ["pool"] * 10 + ["worker"] * 2 + ["mongo"] * 2 + ["cut"] * 4 + ["redis"]
+PLANNED_FAULTS = ["pool"] * 8 + ["apply"] * 3 + ["worker"] * 2 + ["mongo"] * 2 + ["cut"] * 4 + ["redis", "delete"]
+APPLY_SECONDS = 0.3  # an end's apply lasts that much longer: the "apply" fault kills a process inside it
 DEFAULT_KINDS = frozenset(step.name for step in DEFAULT_STEPS)
 TERMINAL = frozenset({JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELLED})
 SHOWN = 15  # offenders printed per invariant
@@ -193,9 +203,19 @@ class Servers:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def restart_redis(self) -> None:
-        self.redis.stop()
+    def restart_redis(self, from_snapshot: bool = False) -> None:
+        """SIGKILL, then start again on the same port: empty, or from the snapshot saved in its working
+        directory (Redis' default persistence, `save`)."""
+        snapshot = Path.cwd() / "dump.rdb"
+        self.redis.process.kill()
+        self.redis.process.wait()
+        if not from_snapshot:
+            snapshot.unlink(missing_ok=True)
         self.redis = start_redis(port=self.redis_port)
+
+    def save_snapshot(self) -> None:
+        with redis.Redis(port=self.redis_port) as client:
+            client.save()
 
     def resume_mongo(self) -> None:
         signal_tree(self.mongo.process.pid, signal.SIGCONT)
@@ -231,10 +251,15 @@ class Faults:
         self.proxy = proxy
         self.record_dir = record_dir
         self.random = random.Random(seed)
-        self.plan = [kind for kind in PLANNED_FAULTS if kind != "redis"]
+        self.plan = [kind for kind in PLANNED_FAULTS if kind not in ("redis", "delete")]
         self.random.shuffle(self.plan)
-        # Redis restarts in the first half, while jobs run, not after the work is done.
-        self.plan.insert(self.random.randrange(len(self.plan) // 2), "redis")
+        # Redis restarts in the first half, while jobs run, not after the work is done: first from the
+        # snapshot saved at the start (a rollback), later empty; a dataset is deleted while its jobs run.
+        first_half = len(self.plan) // 2
+        self.plan.insert(self.random.randrange(1, first_half), "rollback")
+        self.plan.insert(self.random.randrange(first_half, len(self.plan)), "redis")
+        self.plan.insert(self.random.randrange(1, first_half), "delete")
+        self.deleted: list[str] = []
         self.skipped: list[str] = []
         self.counts: Counter[str] = Counter()
         self.errors: list[str] = []
@@ -260,7 +285,11 @@ class Faults:
             "mongo": self.pause_mongo,
             "cut": self.cut_connections,
             "redis": self.restart_redis,
+            "rollback": self.restart_redis_from_snapshot,
+            "apply": self.kill_inside_apply,
+            "delete": self.delete_dataset,
         }
+        self.servers.save_snapshot()  # mid-run: the jobs admitted so far, some of them started
         for index, kind in enumerate(self.plan):
             if self._stop.wait(self.random.uniform(*FAULT_GAP_SECONDS)) or time.monotonic() > deadline:
                 self.skipped = self.plan[index:]
@@ -309,6 +338,34 @@ class Faults:
         self.counts["proxy cuts"] += 1
         self.counts["connections cut"] += cut
         log(f"fault: cut {cut} Redis connections")
+
+    def kill_inside_apply(self) -> None:
+        deadline = time.monotonic() + 5
+        pools = set(self.fleet.pool_pids())
+        while time.monotonic() < deadline and not self._stop.is_set():
+            inside = [pid for pid in applying(self.record_dir, APPLY_SECONDS * 0.8) if pid in pools]
+            if inside:
+                self.fleet.kill_pid(inside[0])
+                self.counts["pool process SIGKILLed inside an end's apply"] += 1
+                log(f"fault: SIGKILL pool process {inside[0]} inside an end's apply")
+                return
+            time.sleep(0.01)
+
+    def delete_dataset(self) -> None:
+        busy = Counter(job.dataset for job in Ledger().unfinished())
+        if not busy:
+            return
+        dataset = busy.most_common(1)[0][0]
+        cache.delete_dataset_responses(dataset)  # as the webhook's delete: entries, then jobs
+        get_queue().cancel(dataset, revoke_started=True)
+        self.deleted.append(dataset)
+        self.counts["dataset deleted while its jobs ran"] += 1
+        log(f"fault: {dataset} deleted (entries removed, jobs cancelled)")
+
+    def restart_redis_from_snapshot(self) -> None:
+        self.servers.restart_redis(from_snapshot=True)
+        self.counts["redis restarted from a snapshot taken mid-run"] += 1
+        log("fault: redis-server SIGKILLed and restarted from its snapshot (a rollback)")
 
     def restart_redis(self) -> None:
         self.servers.restart_redis()
@@ -523,6 +580,44 @@ def check_expected_entries(datasets: list[str], jobs: list[Job]) -> Verdict:
     )
 
 
+def check_deleted(deleted: list[str]) -> Verdict:
+    left = {dataset: cache_collection().count_documents({"dataset": dataset}) for dataset in deleted}
+    offenders = [f"{dataset}: {count} entries" for dataset, count in left.items() if count]
+    return Verdict(
+        "deleted datasets stay deleted",
+        not offenders,
+        f"{len(deleted)} datasets deleted while their jobs ran; {len(offenders)} with entries again",
+        offenders,
+    )
+
+
+def check_children_once(jobs: list[Job]) -> Verdict:
+    """Each child key is enqueued once per ending of its parent. Every parent here ends once (crashes end it
+    as an error), so a key of a step that is not a fan-in (whose every parent is as fine or coarser) has one
+    job, but cancelled ones; a fan-in step is enqueued by each of its parents' endings, deduped or not."""
+    graph = get_processing_graph()
+    fan_in = {
+        step.name
+        for step in graph.steps
+        if any(LEVEL[graph.get_step(parent).input_type] > LEVEL[step.input_type] for parent in step.parents)
+    }
+    by_key: dict[tuple[str, str, str | None, str | None], list[Job]] = defaultdict(list)
+    for job in jobs:
+        if job.step not in fan_in and job.status != JobStatus.CANCELLED:
+            by_key[(job.step, job.dataset, job.config, job.split)].append(job)
+    offenders = [
+        f"{' '.join(str(part) for part in key)}: {[job.job_id for job in twins]}"
+        for key, twins in by_key.items()
+        if len(twins) > 1
+    ]
+    return Verdict(
+        "each child enqueued once per ending of its parent",
+        not offenders,
+        f"{len(by_key)} keys of steps that are not fan-ins, {len(offenders)} with more than one job",
+        offenders,
+    )
+
+
 def check_redis_keys(redis_url: str, jobs: list[Job]) -> Verdict:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -594,7 +689,12 @@ def test_chaos_keeps_every_promise(clean_env: pytest.MonkeyPatch, tmp_path: Path
         stack.callback(redis_connection.close_clients)
         stack.callback(mongo.close_clients)
         stack.enter_context(current_app_for(proxy_url))
-        fleet = Fleet({**env, RECORD_DIR_VARIABLE: str(record_dir), STEP_SECONDS_VARIABLE: str(STEP_SECONDS)}, tmp_path)
+        recording = {
+            RECORD_DIR_VARIABLE: str(record_dir),
+            STEP_SECONDS_VARIABLE: str(STEP_SECONDS),
+            APPLY_SECONDS_VARIABLE: str(APPLY_SECONDS),
+        }
+        fleet = Fleet({**env, **recording}, tmp_path)
         stack.callback(fleet.stop_all)
         fleet.start(WORKERS)
         log(f"{WORKERS} workers up; enqueuing the root step of {len(datasets)} datasets in {NAMESPACES} namespaces")
@@ -619,7 +719,9 @@ def test_chaos_keeps_every_promise(clean_env: pytest.MonkeyPatch, tmp_path: Path
         job_documents = list(jobs_collection().find({}))
         entry_documents = list(cache_collection().find({}, {"content": 0}))
         verdicts += check_fences(job_documents, entry_documents)
-        verdicts.append(check_expected_entries(datasets, jobs))
+        verdicts.append(check_expected_entries([d for d in datasets if d not in faults.deleted], jobs))
+        verdicts.append(check_deleted(faults.deleted))
+        verdicts.append(check_children_once(jobs))
         verdicts.append(check_redis_keys(servers.redis_url, jobs))
         fleet.stop_all()
         stopped_at = time.time()

@@ -64,6 +64,7 @@ REPAIR_LOCK_KEY = "stepcache:repair"
 REPAIR_LOCK_SECONDS = 60
 REPAIR_ATTEMPTS = 3
 RESYNC_BATCH = 1_000  # jobs per round trip of a repair
+RESYNC_READ_BATCH = 10_000  # ledger documents per read of a repair
 CRASHED_ERROR_CODE = "JobManagerCrashedError"
 # Set the marker only if the repair's own key survived it.
 MARK_EPOCH = """if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -358,7 +359,13 @@ class Queue:
         known = {job.job_id for job in unfinished}
         in_redis = [job_id for namespace in self.limiter.namespaces() for job_id in self.limiter.job_ids(namespace)]
         others = [job_id for job_id in in_redis if job_id not in known]
-        jobs = unfinished + [job for job in self.ledger.jobs_by_id(others) if job.status.is_terminal]
+        ended = [
+            job
+            for start in range(0, len(others), RESYNC_READ_BATCH)
+            for job in self.ledger.jobs_by_id(others[start : start + RESYNC_READ_BATCH])
+            if job.status.is_terminal
+        ]
+        jobs = unfinished + ended
         return self._resync(jobs, keep_alive)
 
     def _resync(self, jobs: Sequence[Job], keep_alive: Callable[[], object] = lambda: None) -> int:

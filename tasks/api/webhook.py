@@ -81,8 +81,11 @@ def forget(access: AccessCache, dataset: str) -> None:
 def delete(access: AccessCache, dataset: str) -> dict[str, Any]:
     from tasks.queue import get_queue
 
-    cancelled = get_queue().cancel(dataset, revoke_started=True)
+    # Entries first, then jobs: an ending that enqueued children before the cancel finds its own entry
+    # gone afterwards, and cancels them itself (orchestrator.after_job); a running attempt's write finds
+    # no entry (a fenced write never creates one).
     deleted = cache.delete_dataset_responses(dataset)
+    cancelled = get_queue().cancel(dataset, revoke_started=True)
     for directory in _directories(dataset):
         _remove(directory)
     forget(access, dataset)
