@@ -58,6 +58,7 @@ class Writer:
 
     job_id: str
     claim: int | None = None
+    take_over: int | None = None  # the claim's fence after the write (the reaper's crash: its own fence)
 
     def may_write(self) -> dict[str, Any]:
         """An aggregation expression: the entry's claim is this writer's."""
@@ -65,6 +66,13 @@ class Writer:
         if self.claim is None:
             return same_job
         return {"$and": [same_job, {"$eq": ["$claim.fence", self.claim]}]}
+
+    def fields(self) -> dict[str, Any]:
+        """What a write by it stamps on the entry besides the response."""
+        fields: dict[str, Any] = {"job_id": self.job_id, "job_fence": self.claim}
+        if self.take_over is not None:
+            fields["claim"] = {"job": self.job_id, "fence": self.take_over}
+        return fields
 
 
 class CachedResponse(BaseModel):
@@ -88,6 +96,7 @@ class CachedResponse(BaseModel):
     updated_at: datetime
     fence: int | None = None  # the limiter's fence of the attempt that wrote it; None: not written by a job
     job_id: str | None = None  # the job whose attempt wrote it; None: not written by a job
+    job_fence: int | None = None  # that attempt's start fence (None: the reaper wrote its crash)
 
     @property
     def is_success(self) -> bool:
@@ -181,7 +190,7 @@ def upsert_response(
         "duration": duration,
         "updated_at": datetime.now(UTC),
         **({"fence": fence} if fence is not None else {}),
-        **({"job_id": writer.job_id} if writer is not None else {}),
+        **(writer.fields() if writer is not None else {}),
     }
     # The revision is compared before it is overwritten: both $set stages run in order, atomically.
     same_revision = {"$eq": ["$dataset_git_revision", {"$literal": dataset_git_revision}]}
@@ -210,12 +219,14 @@ def upsert_response(
 
 
 @retry_transient
-def claim_entry(kind: str, dataset: str, config: str | None, split: str | None, writer: Writer) -> bool:
+def claim_entry(
+    kind: str, dataset: str, config: str | None, split: str | None, writer: Writer, create: bool = True
+) -> bool:
     """Before an attempt's step runs: make the entry's claim this attempt's (a placeholder when the entry
     is new), unless a newer attempt of the same job claimed it; True when the claim is the writer's. Safe
     to repeat. Another job's claim is replaced: only the attempt holding its lease gets this far (a stale
     one stops at its next check and never writes), and a claim taken away from a live attempt is taken
-    back by it before it writes (see `Lifecycle`)."""
+    back by it before it writes (see `Lifecycle`), `create=False`: only on an entry that is there."""
     assert writer.claim is not None
     key = _key(kind, dataset, config, split)
     mine = {"job": writer.job_id, "fence": writer.claim}
@@ -226,7 +237,7 @@ def claim_entry(kind: str, dataset: str, config: str | None, split: str | None, 
     for attempt in range(UPSERT_ATTEMPTS):
         try:
             document = cache_collection().find_one_and_update(
-                key, [stage], upsert=True, return_document=ReturnDocument.AFTER, projection={"claim": True}
+                key, [stage], upsert=create, return_document=ReturnDocument.AFTER, projection={"claim": True}
             )
             return document is not None and document.get("claim") == mine
         except DuplicateKeyError:

@@ -38,7 +38,7 @@ from common.events import CacheUpdated, Event, JobCancelled, JobFailed, JobProgr
 from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import Job, JobPayload, JobStatus, Queue
-from common.queue.limiter import Ending, LeaseState, Record, Renewal
+from common.queue.limiter import Ending, EndRecorded, LeaseState, Record, Renewal
 from common.queue.queue import job_events
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ class Lifecycle:
         attempt finds its lease gone."""
         payload = attempt.payload
         self.queue.journal.flush([payload.namespace])
+        recorded = self.ledger.get(payload.job_id)
+        if recorded is None or recorded.status != JobStatus.STARTED or recorded.fence != attempt.fence:
+            # The ledger did not take this start: the job ended, or another start of it is recorded (a
+            # Redis that rolled back confirmed its message again). It does not run.
+            return LeaseState.LOST
         if not cache.claim_entry(payload.step, payload.dataset, payload.config, payload.split, attempt.writer):
             return LeaseState.LOST  # a newer attempt of the job claimed it
         return self.renew(attempt)
@@ -212,13 +217,10 @@ class Lifecycle:
             outcome, written = self._write_response(attempt, outcome, fence)
             if written:
                 return outcome
-            if self.renew(attempt) != LeaseState.RUNNING or not cache.claim_entry(
-                attempt.payload.step,
-                attempt.payload.dataset,
-                attempt.payload.config,
-                attempt.payload.split,
-                attempt.writer,
-            ):
+            payload = attempt.payload
+            key = (payload.step, payload.dataset, payload.config, payload.split)
+            # Taken back only if the entry is there: a delete's removal is final (no placeholder again).
+            if self.renew(attempt) != LeaseState.RUNNING or not cache.claim_entry(*key, attempt.writer, create=False):
                 break
         logger.warning(
             "job %s: its entry was released or removed while it ran; it writes nothing", attempt.payload.job_id
@@ -270,19 +272,20 @@ class Lifecycle:
         payload, ending = record.payload, record.ending or Ending.ERROR
         content: Mapping[str, Any] | None = None
         error: CacheableError | None = None
-        if ending == Ending.CRASHED:
+        if ending == Ending.CANCELLED:
+            cache.release_claims([payload.job_id])  # a placeholder it claimed after it was cancelled
+        elif ending == Ending.CRASHED:
             crash = JobManagerCrashedError(f"the job's worker stopped sending heartbeats {record.attempt} times")
-            writer = cache.Writer(payload.job_id)
+            # The job's claim, taken over under the crash's fence: a paused attempt's write is refused.
+            writer = cache.Writer(payload.job_id, take_over=record.fence)
             if cache.upsert_error(
                 payload.step, payload.dataset, crash, payload.config, payload.split, fence=record.fence, writer=writer
             ):
                 error = crash  # (never claimed, or its entry deleted meanwhile: no entry, nothing follows)
         elif outcome is not None:
             content, error = outcome.content, outcome.error
-        elif ending != Ending.CANCELLED:
-            content, error = _outcome_in_cache(record)
         else:
-            cache.release_claims([payload.job_id])  # a placeholder it claimed after it was cancelled
+            content, error = _outcome_in_cache(record)
         error_code = error.error_code if error is not None else record.error_code
         if ending != Ending.CANCELLED and (content is not None or error is not None):
             self.enqueue_next(record, content, error, again=outcome is None)
@@ -311,7 +314,7 @@ class Lifecycle:
         refused by admit.lua, one that ended already is found in the ledger (its journal written first)."""
         payload = record.payload
         key = orchestrator.JobKey(payload.step, payload.dataset, payload.config, payload.split)
-        parent = orchestrator.Parent(payload.job_id, record.fence, again)
+        parent = orchestrator.Parent(payload.job_id, record.fence, again, record.at_ms)
         orchestrator.after_job(self.queue, key, content, error, payload.priority, parent)
 
     # --- the reaper ----------------------------------------------------------------------------------
@@ -333,7 +336,14 @@ class Lifecycle:
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
                 idle, left_behind = [], []
-                for namespace, reaped in self.limiter.reap(batch, grace_ms).items():
+                reaped_batch = self.limiter.reap(batch, grace_ms)
+                requeued = [job for reaped in reaped_batch.values() for job in reaped.requeued]
+                if requeued:  # their lapsed attempts write nothing from now on (the next one claims again)
+                    try:
+                        cache.release_claims(requeued)
+                    except Exception:
+                        logger.exception("could not release the claims of %s requeued jobs", len(requeued))
+                for namespace, reaped in reaped_batch.items():
                     report.requeued += reaped.requeued
                     report.crashed += reaped.crashed
                     report.applied += len(reaped.records)
@@ -366,18 +376,19 @@ def _extend(lock: Lock) -> None:
         lock.reacquire()
 
 
-def _ended_by_its_cache_entry(job: Job) -> tuple[Ending, int, str | None] | None:
+def _ended_by_its_cache_entry(job: Job) -> EndRecorded | None:
     """A started job whose cache entry its own attempt wrote reached its end (Redis forgot it: lost with its
     data, or rolled back). Its ending, the fence of its entry and its error code."""
     try:
         entry = cache.get_response(job.step, job.dataset, job.config, job.split)
     except CachedResponseNotFoundError:
         return None
-    if entry.job_id != job.job_id or entry.fence is None:
-        return None
+    if entry.job_id != job.job_id or entry.job_fence != job.fence or entry.fence is None:
+        return None  # not written, or written by an earlier attempt of the job (the ledger's is another)
+    at = int(entry.updated_at.timestamp() * 1000)
     if entry.is_success:
-        return Ending.SUCCESS, entry.fence, None
-    return Ending.ERROR, entry.fence, entry.error_code
+        return EndRecorded(Ending.SUCCESS, entry.fence, None, at)
+    return EndRecorded(Ending.ERROR, entry.fence, entry.error_code, at)
 
 
 def _outcome_in_cache(record: Record) -> tuple[Mapping[str, Any] | None, CacheableError | None]:

@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from common import cache
@@ -67,11 +68,13 @@ class JobKey(NamedTuple):
 
 class Parent(NamedTuple):
     """The ending whose plan is carried out: its job and fence name its children's job ids, so that carrying
-    it out again enqueues none twice (`again`: it may have been carried out before)."""
+    it out again enqueues none twice (`again`: it may have been carried out before; the ending's time
+    `at_ms`, the Redis clock's, tells the twins that computed a child since)."""
 
     job_id: str
     fence: int
     again: bool = False
+    at_ms: int = 0
 
     def child_id(self, key: JobKey) -> str:
         return str(uuid.uuid5(CHILDREN, f"{self.job_id}|{self.fence}|{unicity_id(*key)}"))
@@ -260,7 +263,8 @@ def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL, paren
     if parent is None:
         return queue.enqueue_many(valid, priority=priority)
     job_ids = [parent.child_id(JobKey(*item)) for item in valid]
-    return queue.enqueue_many(valid, priority=priority, job_ids=job_ids, once=parent.again)
+    since = datetime.fromtimestamp(parent.at_ms / 1000, UTC) if parent.again else None
+    return queue.enqueue_many(valid, priority=priority, job_ids=job_ids, once_since=since)
 
 
 def after_job(

@@ -155,12 +155,12 @@ def limits(action: str, namespace: str | None, value: int | None, out: TextIO) -
 
 
 def reconcile(out: TextIO) -> int:
-    """Rebuild Redis' waiting rooms and leases from the ledger (the reaper also does it by itself when
-    Redis lost its data); jobs Redis knows are left as they are."""
+    """Make Redis agree with the ledger, the newer side winning (the reaper also does it by itself when
+    Redis lost its data or rolled back)."""
     from tasks.queue import get_queue
 
     restored = get_queue().reconcile()
-    out.write(f"{restored} job(s) restored from the ledger\n")
+    out.write(f"{restored} job(s) took the ledger's state\n")
     return EXIT_OK
 
 
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits_parser.add_argument("value", nargs="?", type=int, default=None, help="the limit; 0 pauses")
     limits_parser.set_defaults(run=lambda args: limits(args.action, args.namespace, args.value, sys.stdout))
 
-    reconcile_parser = commands.add_parser("reconcile", help="rebuild Redis' limiter state from the ledger")
+    reconcile_parser = commands.add_parser("reconcile", help="make Redis' limiter state agree with the ledger")
     reconcile_parser.set_defaults(run=lambda args: reconcile(sys.stdout))
     workers_parser = commands.add_parser("workers", help="the workers that answer, their queues and running jobs")
     workers_parser.set_defaults(run=lambda args: workers(sys.stdout))

@@ -271,5 +271,5 @@ def test_8_reconcile_is_a_command(stores: Stores) -> None:
     redis.Redis.from_url(stores.redis_url).flushall()
     out = io.StringIO()
     assert cli.reconcile(out) == cli.EXIT_OK
-    assert out.getvalue() == "1 job(s) restored from the ledger\n"
+    assert out.getvalue() == "1 job(s) took the ledger's state\n"
     assert cli.main(["reconcile"]) == cli.EXIT_OK

@@ -49,7 +49,6 @@ class Journal:
         self.markers: Callable[[], list[str]] = list
         self.on_repair: Callable[[list[JournalEntry]], None] = lambda entries: None
         self._pid = 0
-        self._repairing = False
         self._reset()
         limiter.on_journal = self.note
 
@@ -57,8 +56,10 @@ class Journal:
         """The process's own locks and notes (a forked child's are not its parent's)."""
         self._noted: set[str] = set()
         self._rolled_back = False
+        self._across_repair: list[JournalEntry] = []  # written while Redis lost its data: for on_repair
+        self._repair = threading.local()  # .active: this thread repairs (its writes call for no repair)
         self._lock = threading.Lock()
-        self._flushing = threading.RLock()  # a repair run from inside a write flushes too
+        self._flushing = threading.RLock()
         self._wake = threading.Event()
 
     def _take_noted(self) -> list[str]:
@@ -86,9 +87,20 @@ class Journal:
         with self._flushing:
             idle = self._flush(namespaces, keep_alive)
             rolled_back, self._rolled_back = self._rolled_back, False
+            across, self._across_repair = self._across_repair, []
         self.limiter.unlist_if_idle(idle)
+        # What follows may repair Redis, which takes the repair lock and then this flush's: never while
+        # this thread holds the flush (another thread's repair would wait for it, and it for that one).
         if rolled_back:
             self.on_rollback()
+        if across:
+            self._repair.active = True
+            try:
+                self.on_repair(across)
+            except Exception:
+                logger.exception("could not give back to Redis %s job(s) written across a repair", len(across))
+            finally:
+                self._repair.active = False
         return idle
 
     def flush_for_repair(self, keep_alive: Callable[[], object]) -> None:
@@ -96,11 +108,11 @@ class Journal:
         decided goes to the ledger before the ledger is compared with Redis): without the write's own
         checks, which would call for this very repair."""
         with self._flushing:
-            self._repairing = True
+            self._repair.active = True
             try:
                 self._flush(self.limiter.namespaces(), keep_alive)
             finally:
-                self._repairing = False
+                self._repair.active = False
 
     def _flush(self, namespaces: Sequence[str], keep_alive: Callable[[], object] = lambda: None) -> list[str]:
         idle: list[str] = []
@@ -135,22 +147,13 @@ class Journal:
                 logger.error("dropping a journal entry that does not parse: %r", raw)
         self.ledger.write(entries)
         idle, after = self.limiter.journaled(read, markers)
-        if not self._repairing and not self.generation.advance():
+        repairing = getattr(self._repair, "active", False)
+        if not repairing and not self.generation.advance():
             self._rolled_back = True
-        if (None in before or after != before) and not self._repairing:
+        if (None in before or after != before) and not repairing:
             # Redis lost its data meanwhile: a repair may have read the ledger before this write.
-            self._repairing = True
-            try:
-                self.on_repair(entries)
-            except Exception:
-                logger.exception("could not give back to Redis %s job(s) written across a repair", len(entries))
-            finally:
-                self._repairing = False
+            self._across_repair += entries
         return idle
-
-    def write_now(self, namespaces: Sequence[str]) -> None:
-        """`flush`, from the writer itself (it holds the flush already): what on_repair needs written."""
-        self._flush(namespaces)
 
     def flush_all(self) -> None:
         """Write every journal: every namespace with work has its journal listed."""

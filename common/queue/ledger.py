@@ -27,11 +27,12 @@ from pymongo.errors import BulkWriteError
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
 from common.mongo import get_collection
-from common.queue.jobs import TERMINAL_STATUSES, Job, JobPayload, JobStatus
+from common.queue.jobs import PENDING_STATUSES, TERMINAL_STATUSES, Job, JobPayload, JobStatus
 from common.resilience import retry_transient
 
 DUPLICATE_KEY = 11000
 CREATED = "created"  # a journal entry's status when it admits the job (scripts/admit.lua)
+PENDING = frozenset(PENDING_STATUSES)
 APPLIED = "applied"  # a journal entry's status when the effects of its end are applied (scripts/applied.lua)
 
 
@@ -111,6 +112,14 @@ class _JobWrite:
         self.job_id = entries[0].payload.job_id
         self.fence = entries[-1].fence
         self.effects_only = all(entry.status is None for entry in entries)
+        # A start is taken over another start only after a requeue or a dispatch newer than the recorded
+        # one: a Redis that rolled back confirms again a message whose job started already, and that
+        # second start must not replace the first (common/lifecycle.py reads back which start it took).
+        starts = [entry.fence for entry in entries if entry.status == JobStatus.STARTED]
+        self.start = max(starts, default=0)
+        self.requeue = max(
+            (entry.fence for entry in entries if entry.status in PENDING and entry.fence < self.start), default=0
+        )
         self.fields: dict[str, Any] = {}
         for entry in entries:
             self.fields |= _fields(entry)
@@ -140,11 +149,18 @@ class _JobWrite:
         (its fence), whatever the status."""
         if self.effects_only:
             return UpdateOne({"_id": self.job_id, "fence": self.fence}, {"$set": self.fields})
-        return UpdateOne(
-            {"_id": self.job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": self.fence}},
-            {"$set": self.fields, "$setOnInsert": self.job},
-            upsert=True,
-        )
+        condition: dict[str, Any] = {
+            "_id": self.job_id,
+            "status": {"$nin": list(TERMINAL_STATUSES)},
+            "fence": {"$lt": self.fence},
+        }
+        if self.start:
+            condition["$or"] = [
+                {"status": {"$ne": JobStatus.STARTED}},
+                {"fence": {"$gte": self.start}},  # this start, recorded already
+                {"fence": {"$lt": self.requeue}},  # started before the requeue among these entries
+            ]
+        return UpdateOne(condition, {"$set": self.fields, "$setOnInsert": self.job}, upsert=True)
 
 
 def _job(document: dict[str, Any]) -> Job:
@@ -209,6 +225,15 @@ class Ledger:
         if statuses is not None:
             query["status"] = {"$in": list(statuses)}
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
+
+    @retry_transient
+    def served_since(self, unicity_ids: Sequence[str], since: datetime) -> set[str]:
+        """The unicity ids with a job waiting or queued now, or started at `since` or after."""
+        query = {
+            "unicity_id": {"$in": list(unicity_ids)},
+            "$or": [{"status": {"$in": list(PENDING)}}, {"started_at": {"$gte": since}}],
+        }
+        return {document["unicity_id"] for document in self.collection.find(query, {"unicity_id": True})}
 
     @retry_transient
     def effects_pending(self) -> list[Job]:

@@ -147,6 +147,17 @@ class Record:
         return Dispatch(self.payload, self.token)
 
 
+@dataclass(frozen=True)
+class EndRecorded:
+    """An end as something outside Redis recorded it (the ledger, a cache entry): how, its fence, its
+    error code, and when (ms, 0: unknown)."""
+
+    ending: Ending
+    fence: int
+    error_code: str | None = None
+    at_ms: int = 0
+
+
 class ConfirmDecision(StrEnum):
     RUN = "run"
     DROP = "drop"  # a redelivered, stale, cancelled or ended job's message
@@ -455,11 +466,15 @@ class NamespaceLimiter:
         return [as_text(job) for job in self.redis.hkeys(namespace_key(namespace, "jobs"))]
 
     def restore_end(
-        self, payload: JobPayload, lease_token: str, attempts: int, ending: Ending, fence: int, error_code: str | None
+        self,
+        payload: JobPayload,
+        lease_token: str,
+        attempts: int,
+        end: EndRecorded,
     ) -> bool:
-        """Record again the end of a started job that Redis lost with its data (see restore_end.lua)."""
-        args = [payload.job_id, payload.compact(), lease_token, attempts, fence, ending.value, error_code or ""]
-        return bool(self._run_active("restore_end", payload.namespace, *args))
+        """Record again the end of a job that Redis forgot (see restore_end.lua)."""
+        args = [payload.job_id, payload.compact(), lease_token, attempts, end.fence, end.ending.value]
+        return bool(self._run_active("restore_end", payload.namespace, *args, end.error_code or "", end.at_ms))
 
     def set_limit(self, namespace: str, limit: int | None) -> list[Record]:
         """Override the namespace's limit (0 pauses it), or clear the override with None."""

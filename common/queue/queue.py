@@ -54,7 +54,15 @@ from common.queue.jobs import (
 )
 from common.queue.journal import Journal
 from common.queue.ledger import JournalEntry, Ledger
-from common.queue.limiter import FENCE_EPOCH_MS, Ending, NamespaceCounts, NamespaceLimiter, Record, RecordKind
+from common.queue.limiter import (
+    FENCE_EPOCH_MS,
+    Ending,
+    EndRecorded,
+    NamespaceCounts,
+    NamespaceLimiter,
+    Record,
+    RecordKind,
+)
 from common.redis_cluster import ScriptBatch, all_exist
 from common.redis_connection import get_redis
 
@@ -167,8 +175,8 @@ class Queue:
         self.journal.on_repair = self._restore_written
         self.journal.on_rollback = self._rolled_back
         # The end of a started job that Redis lost with its data, if what it wrote elsewhere tells it (the
-        # lifecycle's: its cache entry): (ending, fence, error code). The repair gives it its end back.
-        self.ended_elsewhere: Callable[[Job], tuple[Ending, int, str | None] | None] = lambda job: None
+        # lifecycle's: its cache entry). The repair gives it its end back.
+        self.ended_elsewhere: Callable[[Job], EndRecorded | None] = lambda job: None
         self._mark_epoch = limiter.redis.register_script(MARK_EPOCH)
 
     def emit(self, kind: type[Event], payload: JobPayload, **fields: Any) -> None:
@@ -217,29 +225,32 @@ class Queue:
         priority: object = Priority.NORMAL,
         revision: str | None = None,
         job_ids: Sequence[str] | None = None,
-        once: bool = False,
+        once_since: datetime | None = None,
     ) -> list[Job]:
         """Validate every input (a typed error for the first bad one, and nothing written), admit them in
         one Redis round trip per ENQUEUE_BATCH (the ledger follows within QUEUE_LEDGER_LAG_SECONDS), then
         publish the jobs that got a slot; returns each input's job (the identical pending job's id
         instead, when there is one). With `job_ids`, the jobs have these ids (admit.lua refuses one Redis
-        knows); `once`: those the ledger has, once their namespaces' journals are written, are not admitted
-        again (they are returned as the ledger has them)."""
+        knows). `once_since` (an ending applied again): once their namespaces' journals are written, a job
+        the ledger has is not admitted again (it is returned as the ledger has it), nor one whose key had a
+        job waiting, queued, or started since then (the twin the first admission was deduped to)."""
         ids: Sequence[str | None] = job_ids if job_ids is not None else [None] * len(inputs)
         jobs = [
             new_job(JobInput(*item), parse_priority(priority), revision, job_id)
             for item, job_id in zip(inputs, ids, strict=True)
         ]
-        if once and jobs:
+        if once_since is not None and jobs:
             self.journal.flush(sorted({job.namespace for job in jobs}))
             existing = {job.job_id: job for job in self.ledger.jobs_by_id(job.job_id for job in jobs)}
-            if existing:
-                logger.info("%s of %s jobs were enqueued already: not again", len(existing), len(jobs))
+            served = self.ledger.served_since([job.unicity_id for job in jobs], once_since)
+            fresh = [job for job in jobs if job.job_id not in existing and job.unicity_id not in served]
+            if len(fresh) < len(jobs):
+                logger.info("%s of %s jobs were enqueued already: not again", len(jobs) - len(fresh), len(jobs))
             return list(existing.values()) + self.enqueue_many(
-                [JobInput(job.step, job.dataset, job.config, job.split) for job in jobs if job.job_id not in existing],
+                [JobInput(job.step, job.dataset, job.config, job.split) for job in fresh],
                 priority,
                 revision,
-                [job.job_id for job in jobs if job.job_id not in existing],
+                [job.job_id for job in fresh],
             )
         recorded: list[Job] = []
         for start in range(0, len(jobs), ENQUEUE_BATCH):
@@ -308,10 +319,11 @@ class Queue:
         if not jobs:
             return []
         cancelled, started, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
+        # From now on their attempts write nothing, even one that got its fence before the cancel (or a
+        # requeued job's earlier attempt, paused past its lease).
+        cache.release_claims([job.job_id for job in jobs])
         self.apply([*cancelled, *dispatched])
         if started:
-            # From now on their attempts write nothing, even one that got its fence before the cancel.
-            cache.release_claims(started)
             self.dispatcher.revoke(started)
         return jobs
 
@@ -379,8 +391,8 @@ class Queue:
                 if ended is None:
                     batch.append((job, age_of(job)))
                     continue
-                logger.warning("job %s had ended (%s): its end is recorded again, not its lease", job.job_id, ended[0])
-                self.limiter.restore_end(job.payload(), job.lease_token or "", job.attempts, *ended)
+                logger.warning("job %s had ended (%s): its end is recorded again, not its lease", job.job_id, ended)
+                self.limiter.restore_end(job.payload(), job.lease_token or "", job.attempts, ended)
             resynced += self.limiter.resync(batch)
         return resynced
 
@@ -396,8 +408,9 @@ class Queue:
                 if job.status == JobStatus.SUCCESS
                 else Ending.ERROR
             )
-            args = (job.lease_token or "", job.attempts, ending, job.fence, job.error_code)
-            if self.limiter.restore_end(job.payload(), *args):
+            at = int(job.finished_at.timestamp() * 1000) if job.finished_at is not None else 0
+            end = EndRecorded(ending, job.fence, job.error_code, at)
+            if self.limiter.restore_end(job.payload(), job.lease_token or "", job.attempts, end):
                 logger.warning("job %s ended; its effects are applied again (Redis forgot them)", job.job_id)
 
     def _restore_written(self, entries: Sequence[JournalEntry]) -> None:
@@ -409,7 +422,7 @@ class Queue:
         if not self.check_epoch() and not kept_its_data(redis):
             return
         namespaces = sorted({entry.payload.namespace for entry in entries})
-        self.journal.write_now(namespaces)
+        self.journal.flush(namespaces)
         self._resync(self.ledger.jobs_by_id({entry.payload.job_id for entry in entries}))
         for namespace in namespaces:
             self.apply(self.limiter.promote(namespace))

@@ -1,6 +1,6 @@
 -- resync: make Redis agree with the ledger about one job, after Redis lost its data or rolled back to an
--- older state (a snapshot, a replica behind its master). The newer side wins. Redis keeps what it decided
--- since the ledger's last word (a journal entry not written yet, an end or cancel to apply, a fence as new
+-- older state (a snapshot, a replica behind its master). An end in the ledger always wins: the job is
+-- forgotten. Otherwise the newer side wins. Redis keeps what it decided since the ledger's last word (a journal entry not written yet, an end or cancel to apply, a fence as new
 -- as the ledger's). Otherwise it takes the ledger's state: an ended job is forgotten (never run again), an
 -- unfinished one restored at its place in line, a started one with its lease under its own token, its
 -- attempt's start fence and its cache entry's ownership (restore started jobs first). Safe to repeat.
@@ -12,7 +12,16 @@ local job, payload, status, fence = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if tonumber(redis.call('GET', SEQUENCE) or '0') < fence then
   redis.call('SET', SEQUENCE, fmt(fence))
 end
+local ended = status == 'success' or status == 'error' or status == 'cancelled'
 local rec = redis.call('HGET', OUTBOX, job)
+if ended then
+  -- The ledger's end is final: whatever Redis decided since is an attempt that cannot be (a message of the
+  -- snapshot confirmed again). An end or cancel record still to apply stays (its apply is idempotent).
+  local known = redis.call('HEXISTS', JOBS, job) == 1 or (rec and string.sub(rec, 1, 9) == 'dispatch|')
+  forget(job)
+  if rec and string.sub(rec, 1, 9) == 'dispatch|' then redis.call('HDEL', OUTBOX, job) end
+  return known and 1 or 0
+end
 if journaled(job) or (rec and string.sub(rec, 1, 9) ~= 'dispatch|') then
   return 0
 end
@@ -21,18 +30,16 @@ local lease = redis.call('HGET', LEASES, job)
 if lease then newest = math.max(newest, tonumber(string.sub(lease, 3)) or 0) end
 newest = math.max(newest, tonumber(start_fence(job)))
 local known = redis.call('HEXISTS', JOBS, job) == 1
-if known and newest >= fence then
-  return 0
-end
-local ended = status == 'success' or status == 'error' or status == 'cancelled'
-if not known and ended then
+if status == 'started' then
+  -- Redis' started attempt is the ledger's, or the ledger's wins: a start it refused does not run.
+  if known and lease and string.sub(lease, 3) == ARGV[5] and start_fence(job) == ARGV[4] then
+    return 0
+  end
+elseif known and newest >= fence then
   return 0
 end
 forget(job)
 redis.call('HDEL', OUTBOX, job) -- a dispatch of an older state
-if ended then
-  return 1
-end
 next_fence(now_ms()) -- the sequence may be gone: fences go on from the clock
 redis.call('HSET', JOBS, job, payload)
 redis.call('HSET', ATTEMPTS, job, ARGV[6])
