@@ -518,10 +518,14 @@ def check_fences(job_documents: list[dict[str, Any]], entry_documents: list[dict
     by_fence: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     for doc in terminal:
         by_fence[(doc["dataset"], doc["fence"])].append(doc)
+    by_id = {doc["_id"]: doc for doc in terminal}
     orphans, wrong = [], []
     successes = 0
     for entry in entry_documents:
         writers = by_fence.get((entry["dataset"], entry["fence"]), [])
+        if entry.get("job_id") is not None:  # the job whose attempt wrote it: it ended, under this fence
+            writer = by_id.get(entry["job_id"])
+            writers = [writer] if writer is not None and writer["fence"] == entry["fence"] else []
         if not writers:
             orphans.append(f"{_entry_key(entry)} fence={entry['fence']}: no terminal job of its dataset has it")
             continue
@@ -717,7 +721,8 @@ def test_chaos_keeps_every_promise(clean_env: pytest.MonkeyPatch, tmp_path: Path
         jobs, waited = wait_until_terminal(ledger, SETTLE_SECONDS)
         verdicts.append(check_terminal(jobs, waited, began_wall))
         job_documents = list(jobs_collection().find({}))
-        entry_documents = list(cache_collection().find({}, {"content": 0}))
+        entry_documents = list(cache_collection().find({"http_status": {"$exists": True}}, {"content": 0}))
+        bare_claims = cache_collection().count_documents({"http_status": {"$exists": False}})
         verdicts += check_fences(job_documents, entry_documents)
         verdicts.append(check_expected_entries([d for d in datasets if d not in faults.deleted], jobs))
         verdicts.append(check_deleted(faults.deleted))
@@ -736,7 +741,8 @@ def test_chaos_keeps_every_promise(clean_env: pytest.MonkeyPatch, tmp_path: Path
         f"faults injected: {dict(fault_counts)}"
         + (f"; planned but skipped (work done): {dict(Counter(skipped))}" if skipped else "")
         + (f"; fault errors: {fault_errors}" if fault_errors else ""),
-        f"attempts per job: {dict(sorted(attempts.items()))}; error entries by code: {dict(errors)}",
+        f"attempts per job: {dict(sorted(attempts.items()))}; error entries by code: {dict(errors)}; "
+        f"bare claims left (attempts that wrote nothing): {bare_claims}",
         *(verdict.text() for verdict in verdicts),
     ]
     print("\n" + "\n".join(report), flush=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,27 @@ def run(q: Jobs, dispatcher: RecordingDispatcher, outcome: Outcome = SUCCESS) ->
 
 def keys_of(q: Jobs, dataset: str) -> list[tuple[str, str | None, str | None]]:
     return sorted((job.step, job.config or "", job.split or "") for job in q.jobs(dataset))  # type: ignore[misc]
+
+
+def before_the_write(monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object]) -> None:
+    """The next cache write runs `meanwhile` first: what happens while its attempt is paused between its
+    fence and its write (a GC pause, SIGSTOP)."""
+    real_upsert = cache.upsert_response
+
+    def paused(*args: Any, **kwargs: Any) -> bool:
+        monkeypatch.setattr(cache, "upsert_response", real_upsert)
+        meanwhile()
+        return real_upsert(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "upsert_response", paused)
+
+
+def lapse(q: Jobs, attempt: Attempt) -> None:
+    """The attempt's lease lapses and the reaper's pass takes it back."""
+    q.limiter.started_ttl_ms = 0
+    q.renew(attempt)
+    q.reap()
+    q.limiter.started_ttl_ms = 60_000
 
 
 # --- 1. Redis restarts from its RDB snapshot -------------------------------------------------------
@@ -204,23 +225,16 @@ def test_4_an_attempt_paused_past_its_lease_after_its_fence_writes_nothing(
     (first,) = dispatcher.take()
     stale = q.start(first.payload, first.token, "w1")
     assert stale is not None
-    real_upsert = cache.upsert_response
     current: list[Attempt] = []
 
-    def paused(*args: Any, **kwargs: Any) -> bool:
-        # SIGSTOP after its fence: its lease lapses, attempt 2 starts, then it goes on and writes.
-        monkeypatch.setattr(cache, "upsert_response", real_upsert)
-        q.limiter.started_ttl_ms = 0
-        q.renew(stale)
-        q.reap()
-        q.limiter.started_ttl_ms = 60_000
+    def second_attempt_starts() -> None:
+        lapse(q, stale)
         (second,) = dispatcher.take()
         attempt = q.start(second.payload, second.token, "w2")
         assert attempt is not None
         current.append(attempt)
-        return real_upsert(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "upsert_response", paused)
+    before_the_write(monkeypatch, second_attempt_starts)
     assert not q.end(stale, Outcome.success(content("org/ds", "stale")))
     with pytest.raises(CachedResponseNotFoundError):
         cache.get_response(ROOT, "org/ds")  # refused where it lands
@@ -242,15 +256,12 @@ def test_5_a_delete_between_an_attempts_fence_and_its_write_leaves_the_dataset_d
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_upsert = cache.upsert_response
 
-    def deleted_first(*args: Any, **kwargs: Any) -> bool:
-        monkeypatch.setattr(cache, "upsert_response", real_upsert)
-        q.cancel("org/ds", revoke_started=True)  # the webhook's delete: cancel, then remove the entries
+    def deleted() -> None:
+        q.cancel("org/ds", revoke_started=True)  # cancelled and removed, in either order
         cache.delete_dataset_responses("org/ds")
-        return real_upsert(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "upsert_response", deleted_first)
+    before_the_write(monkeypatch, deleted)
     q.end(attempt, Outcome.success(content("org/ds", "a", "b")))
     past_grace()
     q.reap()
@@ -493,17 +504,7 @@ def test_d_a_stale_attempts_write_after_the_reaper_crashed_its_job_is_refused(
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_upsert = cache.upsert_response
-
-    def paused(*args: Any, **kwargs: Any) -> bool:
-        monkeypatch.setattr(cache, "upsert_response", real_upsert)
-        q.limiter.started_ttl_ms = 0
-        q.renew(attempt)
-        q.reap()  # crashed: the crash error is cached
-        q.limiter.started_ttl_ms = 60_000
-        return real_upsert(*args, **kwargs)
-
-    monkeypatch.setattr(cache, "upsert_response", paused)
+    before_the_write(monkeypatch, lambda: lapse(q, attempt))  # crashed: the crash error is cached
     assert not q.end(attempt, Outcome.success(content("org/ds", "stale")))
     job = q.jobs("org/ds")[0]
     entry = cache.get_response(ROOT, "org/ds")
@@ -524,18 +525,12 @@ def test_d_a_stale_attempts_write_after_its_requeued_job_was_cancelled_is_refuse
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_upsert = cache.upsert_response
 
-    def paused(*args: Any, **kwargs: Any) -> bool:
-        monkeypatch.setattr(cache, "upsert_response", real_upsert)
-        q.limiter.started_ttl_ms = 0
-        q.renew(attempt)
-        q.reap()  # requeued and dispatched again
-        q.limiter.started_ttl_ms = 60_000
+    def requeued_then_cancelled() -> None:
+        lapse(q, attempt)  # requeued and dispatched again
         q.cancel("org/ds", revoke_started=True)  # before attempt 2 starts
-        return real_upsert(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "upsert_response", paused)
+    before_the_write(monkeypatch, requeued_then_cancelled)
     assert not q.end(attempt, Outcome.success(content("org/ds", "stale")))
     assert q.jobs("org/ds")[0].status == JobStatus.CANCELLED
     with pytest.raises(CachedResponseNotFoundError):
@@ -554,14 +549,7 @@ def test_d_the_webhooks_delete_then_cancel_leaves_the_dataset_deleted(
     (dispatch,) = dispatcher.take()
     attempt = q.start(dispatch.payload, dispatch.token, "w1")
     assert attempt is not None
-    real_upsert = cache.upsert_response
-
-    def webhook_deletes_entries_first(*args: Any, **kwargs: Any) -> bool:
-        monkeypatch.setattr(cache, "upsert_response", real_upsert)
-        cache.delete_dataset_responses("org/ds")  # webhook.delete, first line
-        return real_upsert(*args, **kwargs)
-
-    monkeypatch.setattr(cache, "upsert_response", webhook_deletes_entries_first)
+    before_the_write(monkeypatch, lambda: cache.delete_dataset_responses("org/ds"))  # webhook.delete, first line
     q.end(attempt, Outcome.success(content("org/ds", "a")))
     q.cancel("org/ds", revoke_started=True)  # webhook.delete, second line
     past_grace()
