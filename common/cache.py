@@ -61,10 +61,12 @@ class Writer:
     take_over: int | None = None  # the claim's fence after the write (the reaper's crash: its own fence)
 
     def may_write(self) -> dict[str, Any]:
-        """An aggregation expression: the entry's claim is this writer's."""
+        """An aggregation expression: the entry's claim is this writer's; for a writer of no attempt (the
+        reaper's crash), also: the job did not write the entry itself (a job ends once: its own entry is
+        its end, and a crash recorded for it later is a ghost's)."""
         same_job = {"$eq": ["$claim.job", self.job_id]}
         if self.claim is None:
-            return same_job
+            return {"$and": [same_job, {"$ne": [{"$ifNull": ["$job_id", None]}, self.job_id]}]}
         return {"$and": [same_job, {"$eq": ["$claim.fence", self.claim]}]}
 
     def fields(self) -> dict[str, Any]:
@@ -247,15 +249,19 @@ def claim_entry(
 
 
 @retry_transient
-def release_claims(job_ids: Iterable[str]) -> None:
-    """Cancelled jobs' attempts write nothing from now on: their claims are released, their placeholders
+def release_claims(job_ids: Iterable[str], before: int | None = None) -> None:
+    """The attempts of these jobs (those that started before the fence `before`, when given: a later
+    attempt keeps its claim) write nothing from now on: their claims are released, their placeholders
     removed (an entry with a response keeps it)."""
     ids = list(job_ids)
     if not ids:
         return
+    claimed: dict[str, Any] = {"claim.job": {"$in": ids}}
+    if before is not None:
+        claimed["claim.fence"] = {"$lt": before}
     collection = cache_collection()
-    collection.delete_many({"claim.job": {"$in": ids}, "http_status": {"$exists": False}})
-    collection.update_many({"claim.job": {"$in": ids}}, {"$unset": {"claim": ""}})
+    collection.delete_many({**claimed, "http_status": {"$exists": False}})
+    collection.update_many(claimed, {"$unset": {"claim": ""}})
 
 
 def upsert_error(

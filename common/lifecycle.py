@@ -38,7 +38,7 @@ from common.events import CacheUpdated, Event, JobCancelled, JobFailed, JobProgr
 from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import Job, JobPayload, JobStatus, Queue
-from common.queue.limiter import Ending, EndRecorded, LeaseState, Record, Renewal
+from common.queue.limiter import Ending, EndRecorded, LeaseState, Reaped, Record, Renewal
 from common.queue.queue import job_events
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,9 @@ class Lifecycle:
         try:
             state = self._make_durable(attempt)
         except Exception:
-            logger.exception("could not make the start of job %s durable; it does not run", payload.job_id)
+            logger.exception("could not make the start of job %s durable; it waits again", payload.job_id)
+            with contextlib.suppress(Exception):  # (or its lease lapses, and the reaper requeues it)
+                self.limiter.unstart(payload.namespace, payload.job_id, token, attempt.fence)
             return None
         if state == LeaseState.CANCELLED:
             self.end(attempt, CANCELLED)
@@ -336,14 +338,8 @@ class Lifecycle:
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
                 idle, left_behind = [], []
-                reaped_batch = self.limiter.reap(batch, grace_ms)
-                requeued = [job for reaped in reaped_batch.values() for job in reaped.requeued]
-                if requeued:  # their lapsed attempts write nothing from now on (the next one claims again)
-                    try:
-                        cache.release_claims(requeued)
-                    except Exception:
-                        logger.exception("could not release the claims of %s requeued jobs", len(requeued))
-                for namespace, reaped in reaped_batch.items():
+                for namespace, reaped in self.limiter.reap(batch, grace_ms).items():
+                    _release(reaped)
                     report.requeued += reaped.requeued
                     report.crashed += reaped.crashed
                     report.applied += len(reaped.records)
@@ -368,6 +364,18 @@ class Lifecycle:
         """True when Redis is as the ledger left it (markers and generation). Otherwise it lost its data,
         rolled back or is new: it is repaired from the ledger first, and False is returned."""
         return self.queue.check_epoch(deep=True)
+
+
+def _release(reaped: Reaped) -> None:
+    """The lapsed attempts of the requeued jobs write nothing from now on (the next attempt claims again).
+    Not retried beyond the store's retries: until it lands, a lapsed attempt's write may still land, and
+    the next attempt's claim then refuses it and replaces its entry."""
+    if not reaped.requeued:
+        return
+    try:
+        cache.release_claims(reaped.requeued, before=reaped.fence)
+    except Exception:
+        logger.exception("could not release the claims of %s requeued jobs", len(reaped.requeued))
 
 
 def _extend(lock: Lock) -> None:

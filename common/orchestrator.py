@@ -31,7 +31,7 @@ from common.exceptions import (
     ParentStepFailedError,
     StepcacheError,
 )
-from common.names import validate_key
+from common.names import namespace_of, validate_key
 from common.processing_graph import (
     LEVEL,
     CacheKey,
@@ -280,8 +280,9 @@ def after_job(
     if not graph.children(key.step):
         return []  # nothing to plan: no need to read the dataset's entries
     entries = cache.get_dataset_responses(key.dataset)
-    if not any((entry.kind, entry.config, entry.split) == (key.step, key.config, key.split) for entry in entries):
-        # The job's own entry is gone: the dataset was deleted or moved meanwhile. Nothing follows it.
+    if not any(_is_own(entry, key, parent) for entry in entries):
+        # The job's own entry is gone: the dataset was deleted or moved meanwhile (or a newer job of the
+        # key replaced it, and plans what follows). Nothing follows it.
         logger.info("nothing enqueued after %s %s %s %s: its cache entry is gone", *key)
         return []
     if error is None:
@@ -289,23 +290,32 @@ def after_job(
     else:
         plan = plan_after_failure(graph, key, error, entries)
     jobs = run_plan(plan, queue, priority, parent)
-    if not _has_entry(key):
-        # Deleted while the plan ran (a delete removes the entries, then cancels the jobs): what it
-        # enqueued is cancelled and what it cached removed, as the delete would have.
+    if parent is not None and not _has_own_entry(key, parent):
+        # Deleted while the plan ran (a delete removes the entries, then cancels the jobs): the children it
+        # enqueued are cancelled (only those: not the jobs of a dataset created again meanwhile) and what it
+        # cached removed, as the delete would have.
         logger.info("%s %s %s %s: its entry went while its next steps were enqueued; cancelled", *key)
-        queue.cancel(key.dataset)
+        ours = {parent.child_id(child) for child in plan.jobs}
+        queue.cancel_jobs(namespace_of(key.dataset), [job.job_id for job in jobs if job.job_id in ours])
         for child, _ in plan.errors:
             cache.delete_response(child.step, child.dataset, child.config, child.split)
         return []
     return jobs
 
 
-def _has_entry(key: JobKey) -> bool:
+def _is_own(entry: cache.CachedResponse, key: JobKey, parent: Parent | None) -> bool:
+    """The entry of the job's key, written by the job whose ending this is (or by a version that did not
+    say which job wrote it)."""
+    if (entry.kind, entry.config, entry.split) != (key.step, key.config, key.split):
+        return False
+    return parent is None or entry.job_id in (None, parent.job_id)
+
+
+def _has_own_entry(key: JobKey, parent: Parent) -> bool:
     try:
-        cache.get_response(key.step, key.dataset, key.config, key.split)
+        return _is_own(cache.get_response(key.step, key.dataset, key.config, key.split), key, parent)
     except CachedResponseNotFoundError:
         return False
-    return True
 
 
 def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> list[Job]:

@@ -161,9 +161,10 @@ def test_4_every_script_answers_a_repeated_call_as_the_first(stores: Stores) -> 
     first = q.limiter.confirm("org", job.job_id, dispatch.token, "delivery-1")
     assert q.limiter.confirm("org", job.job_id, dispatch.token, "delivery-1") == first  # its answer was lost
     assert not q.limiter.confirm("org", job.job_id, dispatch.token, "delivery-2").run  # a redelivery
-    records, started, _ = q.limiter.cancel("org", [job.job_id])
+    cancellation = q.limiter.cancel("org", [job.job_id])
+    records, started = cancellation.records, cancellation.started
     assert started == [job.job_id] and records == []
-    assert q.limiter.cancel("org", [job.job_id])[1] == [job.job_id]
+    assert q.limiter.cancel("org", [job.job_id]).started == [job.job_id]
 
 
 @pytest.mark.slow

@@ -337,7 +337,7 @@ def test_a_cancelled_and_terminated_job_ends_at_once_not_after_its_lease(
         if signal == "SIGTERM":
             queue.cancel("org/ds", revoke_started=True)  # CeleryDispatcher.revoke: terminate, SIGTERM
         else:  # an operator's `celery control revoke --terminate --signal SIGKILL` after the cancel
-            assert queue.limiter.cancel("org", [result.id])[1] == [result.id]
+            assert queue.limiter.cancel("org", [result.id]).started == [result.id]
             celery_app.control.revoke([result.id], terminate=True, signal="SIGKILL")
         cancelled_at = time.monotonic()
         eventually(

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import redis
+from pymongo.errors import AutoReconnect
 
-from common import cache
+from common import cache, orchestrator
 from common.exceptions import CachedResponseNotFoundError
 from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.queue import JobStatus
@@ -737,3 +738,184 @@ def test_b_a_job_that_ended_after_the_snapshot_is_not_promoted_again_by_an_end_o
         if attempt is not None:
             ran.append((dispatch.payload.dataset, q.renew(attempt)))
     assert ran == [], f"jobs the ledger says ended ran again: {ran}"
+
+
+# --- found in the second adversarial review ----------------------------------------------------------
+
+
+def expire(stores: Stores, namespace: str, job_id: str) -> None:
+    """The job's lease lapses now (its worker stopped heartbeating)."""
+    stores.redis().zadd(namespace_key(namespace, "expiry"), {job_id: 0})
+
+
+# --- 1. a resync racing a live end brings an ended job back ------------------------------------------
+
+
+def resync_while_j_runs_and_ends(q: Any, dispatcher: Any) -> str:
+    """limit 1: B runs, J waits (the ledger says so). `_resync_all` reads the ledger's unfinished jobs,
+    then resyncs them batch by batch; in between (a big repair's seconds, or an operator's `reconcile`
+    under live traffic) B ends, J is promoted, starts, succeeds, its END is applied and dropped and the
+    writer thread writes its journal. J is unknown to Redis and no longer in its journal: resync.lua
+    restores it from the stale read, as waiting. Returns J's id."""
+    q.redis_kept_its_data()
+    q.enqueue(ROOT, "org/b")
+    (b,) = dispatcher.take()
+    b1 = q.start(b.payload, b.token, "w1")
+    assert b1 is not None
+    j = q.enqueue(ROOT, "org/j")
+    q.journal.flush_all()
+    real_unfinished = q.ledger.unfinished
+
+    def j_runs_and_ends_meanwhile() -> list[Any]:
+        jobs = real_unfinished()  # B started, J waiting
+        assert q.end(b1, Outcome.success(content("org/b")))
+        (j_dispatch,) = dispatcher.take()
+        j1 = q.start(j_dispatch.payload, j_dispatch.token, "w2")
+        assert j1 is not None and q.end(j1, Outcome.success(content("org/j")))
+        q.journal.flush_all()  # the writer thread, within QUEUE_LEDGER_LAG_SECONDS
+        return jobs
+
+    q.ledger.unfinished = j_runs_and_ends_meanwhile
+    q.reconcile()  # the same resync a repair runs
+    q.ledger.unfinished = real_unfinished
+    assert q.job(j.job_id).status == JobStatus.SUCCESS
+    return j.job_id
+
+
+def test_1_a_job_that_ends_while_a_resync_runs_is_not_brought_back(fast: Stores) -> None:
+    """The ghost holds a slot and is dispatched again (its start is refused: the ledger says success), its
+    lease lapses, it is requeued, dispatched... until WORKER_MAX_ATTEMPTS; meanwhile an enqueue of its key
+    (a webhook's new revision) is deduped to the ghost's id and never runs."""
+    q, dispatcher = make_queue(limit=1, max_attempts=3)
+    j = resync_while_j_runs_and_ends(q, dispatcher)
+    ghost = fast.redis().hexists(namespace_key("org", "jobs"), j)
+    again = q.enqueue(ROOT, "org/j")  # a new revision of org/j
+    assert not ghost and again.job_id != j, (
+        f"the ended job {j} is back in Redis (dispatched again: {[d.payload.job_id for d in dispatcher.take()]}); "
+        f"a new enqueue of its key got the ghost's id: {again.job_id == j}"
+    )
+
+
+def test_1_its_crash_overwrites_its_own_success(fast: Stores) -> None:
+    """The same ghost with WORKER_MAX_ATTEMPTS=1: its lapsed lease is crashed at once, and the crash write
+    takes the job's claim over (its success never released it): the job's successful entry becomes a
+    JobManagerCrashedError while the ledger says success."""
+    q, dispatcher = make_queue(limit=1, max_attempts=1)
+    j = resync_while_j_runs_and_ends(q, dispatcher)
+    for dispatch in dispatcher.take():
+        assert q.start(dispatch.payload, dispatch.token, "w3") is None  # refused: the ledger says success
+    expire(fast, "org", j)
+    q.reap()
+    entry = cache.get_response(ROOT, "org/j")
+    assert entry.is_success, f"J's entry is now {entry.http_status} {entry.error_code}; the ledger says success"
+
+
+# --- 2. the reaper's release of a requeued job's claims lands after its next attempt claimed -----------
+
+
+def test_2_the_reapers_late_release_does_not_cancel_the_requeued_jobs_next_attempt(
+    fast: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """limit 2: X and Z run, W (high) waits. X's lease lapses: the reaper requeues X (W gets the slot)
+    and then, one MongoDB round trip later, releases X's claims. In between, Z ends in another process:
+    end.lua gives X the freed slot, X's attempt 2 starts and claims the (new) entry. The release then
+    removes attempt 2's placeholder (`claim.job` is X): attempt 2 finishes, finds no entry, and a healthy
+    job ends as cancelled: its result dropped, its children never enqueued."""
+    q, dispatcher = make_queue(limit=2, max_attempts=3)
+    q.enqueue(ROOT, "org/x")
+    q.enqueue(ROOT, "org/z")
+    x, z = dispatcher.take()
+    x1 = q.start(x.payload, x.token, "w1")
+    z1 = q.start(z.payload, z.token, "w2")
+    assert x1 is not None and z1 is not None
+    q.enqueue(ROOT, "org/w", priority=Priority.HIGH)  # waits
+    expire(fast, "org", x.payload.job_id)
+    real_release = cache.release_claims
+    second: list[Any] = []
+
+    def z_ends_first(job_ids: Any, before: int | None = None) -> None:
+        monkeypatch.setattr(cache, "release_claims", real_release)
+        if x.payload.job_id in list(job_ids):
+            assert q.end(z1, Outcome.success(content("org/z")))  # another worker: X gets Z's slot
+            (x2,) = [d for d in dispatcher.take() if d.payload.job_id == x.payload.job_id]
+            attempt = q.start(x2.payload, x2.token, "w3")
+            assert attempt is not None
+            second.append(attempt)
+        real_release(job_ids, before)
+
+    monkeypatch.setattr(cache, "release_claims", z_ends_first)
+    q.reap()
+    assert second, "X was not requeued"
+    ended = q.end(second[0], Outcome.success(content("org/x", "a")))
+    job = q.job(x.payload.job_id)
+    assert job is not None
+    assert ended and job.status == JobStatus.SUCCESS, f"X's healthy attempt 2 ended {job.status}"
+    assert cache.get_response(ROOT, "org/x").content == content("org/x", "a")
+
+
+# --- 3. an ending whose dataset was deleted and re-created cancels the re-created dataset's jobs -------
+
+
+def test_3_an_ending_of_a_deleted_dataset_does_not_cancel_the_jobs_of_its_re_creation(
+    fast: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """orchestrator.after_job: when the ending's entry is gone after its plan ran, it cancels *every*
+    pending job of the dataset. The dataset was deleted (webhook: entries, then cancel) and created again
+    (webhook update: its root job enqueued) while the ending's plan ran: the re-created dataset's job is
+    cancelled, and nothing computes the new dataset until someone backfills it."""
+    q, dispatcher = make_queue(limit=4)
+    q.enqueue(ROOT, "org/ds")
+    (root,) = dispatcher.take()
+    attempt = q.start(root.payload, root.token, "w1")
+    assert attempt is not None
+    real_run_plan = orchestrator.run_plan
+    recreated: list[Any] = []
+
+    def deleted_and_recreated_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(orchestrator, "run_plan", real_run_plan)
+        jobs = real_run_plan(*args, **kwargs)
+        cache.delete_dataset_responses("org/ds")  # webhook delete
+        q.cancel("org/ds", revoke_started=True)
+        recreated.append(q.enqueue(ROOT, "org/ds"))  # webhook update: the dataset exists again
+        return jobs
+
+    monkeypatch.setattr(orchestrator, "run_plan", deleted_and_recreated_meanwhile)
+    assert q.end(attempt, Outcome.success(content("org/ds", "a")))
+    job = q.job(recreated[0].job_id)
+    assert job is not None
+    assert job.status in (JobStatus.WAITING, JobStatus.QUEUED), (
+        f"the re-created dataset's root job is {job.status}: cancelled by the old ending"
+    )
+
+
+# --- 4. a MongoDB outage burns every attempt of jobs that never ran ---------------------------------
+
+
+def test_4_a_start_that_cannot_be_made_durable_does_not_count_as_an_attempt(
+    fast: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start is durable before its step runs; while MongoDB is unreachable it is not, and the message is
+    dropped, but confirm.lua counted the attempt. The reaper requeues the lapsed lease, the next start
+    fails the same way, and at WORKER_MAX_ATTEMPTS the job ends as crashed (JobManagerCrashedError)
+    though no worker crashed and its step never ran: a MongoDB outage of a few lease TTLs (40 s each by
+    default) fails every job dispatched during it."""
+    q, dispatcher = make_queue(limit=1, max_attempts=3)
+    q.enqueue(ROOT, "org/ds")
+    real_get = q.ledger.get
+
+    def unreachable(job_id: str) -> Any:
+        raise AutoReconnect("MongoDB is unreachable")
+
+    monkeypatch.setattr(q.ledger, "get", unreachable)
+    for _ in range(3):
+        dispatches = dispatcher.take()
+        if not dispatches:
+            break
+        (dispatch,) = dispatches
+        assert q.start(dispatch.payload, dispatch.token, "w") is None  # not durable: it does not run
+        expire(fast, "org", dispatch.payload.job_id)
+        q.reap()
+    monkeypatch.setattr(q.ledger, "get", real_get)
+    run_what_runs(q, dispatcher)
+    (job,) = q.jobs("org/ds")
+    assert job.status == JobStatus.SUCCESS, f"a job that never ran ended {job.status} {job.error_code}"

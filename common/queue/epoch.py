@@ -99,6 +99,7 @@ class Generation:
             pipe.get(_generation_key(tag))
         return [_parse(value) for value in pipe.execute()]
 
+    @retry_transient
     def advance(self) -> bool:
         """After a write to the ledger: advance every master's generation and record it in MongoDB; False
         when a master is found behind MongoDB's record (it rolled back: repair it)."""

@@ -69,6 +69,7 @@ _SCRIPTS = (
     "resync",
     "restore_end",
     "unlease",
+    "unstart",
     "applied",
     "journaled",
 )
@@ -76,7 +77,19 @@ _SCRIPTS = (
 
 # The scripts that may journal a ledger transition (their namespaces are noted for the journal's writer).
 _JOURNALING = frozenset(
-    {"admit", "confirm", "end", "reap", "cancel", "set_limit", "promote", "unlease", "restore_end", "applied"}
+    {
+        "admit",
+        "confirm",
+        "end",
+        "reap",
+        "cancel",
+        "set_limit",
+        "promote",
+        "unlease",
+        "unstart",
+        "restore_end",
+        "applied",
+    }
 )
 
 
@@ -199,6 +212,19 @@ class Reaped:
     crashed: list[str]
     journaled: int  # entries in its journal, not written to the ledger yet
     left_behind: bool  # the oldest of them is older than the grace: the process that made it is gone
+    fence: int  # the pass's: the requeued jobs' attempts that started before it have smaller start fences
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What `cancel` did: the records of the jobs cancelled now, the started ones (they keep their slot
+    until they end), the jobs dispatched to freed slots, and its fence (every attempt of these jobs that
+    started before it has a smaller start fence)."""
+
+    records: list[Record]
+    started: list[str]
+    dispatched: list[Record]
+    fence: int
 
 
 @dataclass(frozen=True)
@@ -363,7 +389,7 @@ class NamespaceLimiter:
             )
         reaped = {}
         for namespace, reply in zip(namespaces, batch.execute(), strict=True):
-            records, dispatched, idle, requeued, crashed, journaled, left_behind = reply
+            records, dispatched, idle, requeued, crashed, journaled, left_behind, fence = reply
             reaped[namespace] = Reaped(
                 [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
@@ -372,17 +398,25 @@ class NamespaceLimiter:
                 [as_text(job) for job in crashed],
                 int(journaled),
                 bool(left_behind),
+                int(as_text(fence)),
             )
         # What the scripts journaled (a requeue, a crash) is written by this process's writer.
         self.on_journal([namespace for namespace, reaped_one in reaped.items() if reaped_one.journaled])
         return reaped
 
-    def cancel(self, namespace: str, job_ids: Sequence[str]) -> tuple[list[Record], list[str], list[Record]]:
-        """Cancel these jobs: the records of those cancelled now, the started ones (they keep their slot
-        until they end), and the jobs dispatched to freed slots."""
-        records, started, dispatched = self._run("cancel", namespace, *self._promote_args(), *job_ids)
-        cancelled = [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)]
-        return cancelled, [as_text(job) for job in started], self._dispatched(dispatched)
+    def cancel(self, namespace: str, job_ids: Sequence[str]) -> Cancellation:
+        """Cancel these jobs (see `Cancellation`)."""
+        records, started, dispatched, fence = self._run("cancel", namespace, *self._promote_args(), *job_ids)
+        return Cancellation(
+            [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
+            [as_text(job) for job in started],
+            self._dispatched(dispatched),
+            int(as_text(fence)),
+        )
+
+    def unstart(self, namespace: str, job_id: str, token: str, start: int) -> bool:
+        """Give back, unstarted, the job of an attempt whose start could not be made durable (unstart.lua)."""
+        return bool(self._run("unstart", namespace, job_id, token, start))
 
     def promote(self, namespace: str) -> list[Record]:
         return self._dispatched(self._run("promote", namespace, *self._promote_args()))

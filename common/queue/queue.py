@@ -316,16 +316,20 @@ class Queue:
         dataset, _, _ = validate_key(dataset, None, None)
         statuses = [*PENDING_STATUSES, *([JobStatus.STARTED] if revoke_started else [])]
         jobs = self.jobs(dataset, statuses)
-        if not jobs:
-            return []
-        cancelled, started, dispatched = self.limiter.cancel(namespace_of(dataset), [job.job_id for job in jobs])
+        self.cancel_jobs(namespace_of(dataset), [job.job_id for job in jobs])
+        return jobs
+
+    def cancel_jobs(self, namespace: str, job_ids: Sequence[str]) -> None:
+        """Cancel these jobs of one namespace (waiting, queued, or started: those are revoked)."""
+        if not job_ids:
+            return
+        cancellation = self.limiter.cancel(namespace, job_ids)
         # From now on their attempts write nothing, even one that got its fence before the cancel (or a
         # requeued job's earlier attempt, paused past its lease).
-        cache.release_claims([job.job_id for job in jobs])
-        self.apply([*cancelled, *dispatched])
-        if started:
-            self.dispatcher.revoke(started)
-        return jobs
+        cache.release_claims(job_ids, before=cancellation.fence)
+        self.apply([*cancellation.records, *cancellation.dispatched])
+        if cancellation.started:
+            self.dispatcher.revoke(cancellation.started)
 
     def jobs(self, dataset: str | None = None, statuses: Sequence[JobStatus] | None = None) -> list[Job]:
         """Jobs in the ledger, once the journals of their namespace (of every namespace, without a
@@ -394,6 +398,11 @@ class Queue:
                 logger.warning("job %s had ended (%s): its end is recorded again, not its lease", job.job_id, ended)
                 self.limiter.restore_end(job.payload(), job.lease_token or "", job.attempts, ended)
             resynced += self.limiter.resync(batch)
+            # Those that ended since the ledger was read, their journal written and gone already (a live
+            # end): the ledger says so now, and the end wins (resync.lua), before a slot goes to them.
+            read = {job.job_id: job.status for job, _ in batch if not job.status.is_terminal}
+            since = [job for job in self.ledger.jobs_by_id(read) if job.status.is_terminal]
+            self.limiter.resync([(job, age_of(job)) for job in since])
         return resynced
 
     def _restore_pending_effects(self) -> None:

@@ -2,7 +2,8 @@
 -- A started job keeps its slot as 'c:<token>' until its attempt ends or its lease expires: its process
 -- may still be running (or dying from a revoke), and the limit holds until it is gone.
 -- ARGV[1] default limit, ARGV[2] queued lease TTL (ms), ARGV[3..] job ids
--- Returns {records {job, record, ...} of the jobs cancelled now, started {job, ...}, dispatched}.
+-- Returns {records {job, record, ...} of the jobs cancelled now, started {job, ...}, dispatched, a fence of
+-- this cancel (every attempt of these jobs started before it has a smaller one)}.
 local now = now_ms()
 local records, started = {}, {}
 for i = 3, #ARGV do
@@ -21,4 +22,5 @@ for i = 3, #ARGV do
     records[#records + 1] = redis.call('HGET', OUTBOX, job)
   end
 end
-return {records, started, promote(ARGV[1], ARGV[2], now)}
+local dispatched = promote(ARGV[1], ARGV[2], now)
+return {records, started, dispatched, fmt(next_fence(now))}

@@ -5,7 +5,8 @@
 -- ARGV[5] grace (ms): records older than this were left behind by their caller
 -- Returns {records {job, record, ...}, dispatched, idle (1 when the namespace has nothing left),
 --          requeued {job, ...}, crashed {job, ...}, journal entries not written to the ledger yet, 1 when
---          the oldest of them is older than the grace (its writer is gone)}.
+--          the oldest of them is older than the grace (its writer is gone), a fence of this pass (every
+--          attempt of a requeued job that started before it has a smaller one; any later, a larger one)}.
 local now = now_ms()
 local fresh, requeued, crashed = {}, {}, {}
 for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
@@ -59,4 +60,5 @@ if head then
   local at = decoded and type(entry) == 'table' and tonumber(entry[3])
   if not at or at <= now - tonumber(ARGV[5]) then stale = 1 end
 end
-return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL), stale}
+local pass = #requeued > 0 and fmt(next_fence(now)) or '0'
+return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL), stale, pass}
