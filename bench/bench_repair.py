@@ -17,12 +17,16 @@ It prints a table and writes bench/results/repair.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +98,44 @@ def _lifecycle() -> Any:
     return Lifecycle(Queue.from_config(dispatcher)), dispatcher, JobInput
 
 
-def _repair(server: SnapshotRedis, jobs: int, rollback: bool) -> dict[str, Any]:
-    lifecycle, dispatcher, job_input = _lifecycle()
-    queue = lifecycle.queue
+@contextmanager
+def _fresh_stores() -> Iterator[SnapshotRedis]:
+    """A redis-server, a ledger and a cache of the measure's own (stopped and dropped after): what an
+    earlier measure left, its journal writer threads included, stays out."""
+    from common import mongo
+    from common.config import get_config
+
+    server = SnapshotRedis()
+    run = uuid.uuid4().hex[:8]
+    names = {
+        "QUEUE_REDIS_URL": server.url,
+        "QUEUE_MONGO_DATABASE": f"stepcache_bench_{run}_queue",
+        "CACHE_MONGO_DATABASE": f"stepcache_bench_{run}_cache",
+    }
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    get_config.cache_clear()
+    try:
+        yield server
+    finally:
+        client = mongo.get_database(get_config().queue.mongo_url, names["QUEUE_MONGO_DATABASE"]).client
+        client.drop_database(names["QUEUE_MONGO_DATABASE"])
+        client.drop_database(names["CACHE_MONGO_DATABASE"])
+        os.environ.update({name: value for name, value in before.items() if value is not None})
+        get_config.cache_clear()
+        server.stop()
+
+
+def _repair(jobs: int, rollback: bool) -> dict[str, Any]:
+    with _fresh_stores() as server:
+        return _measure_repair(server, jobs, rollback)
+
+
+def _measure_repair(server: SnapshotRedis, jobs: int, rollback: bool) -> dict[str, Any]:
     client = redis.Redis.from_url(server.url)
     client.flushall()
-    queue.ledger.collection.delete_many({})
+    lifecycle, dispatcher, job_input = _lifecycle()
+    queue = lifecycle.queue
     lifecycle.reap()  # marked, generation recorded
     server.save()
     inputs = [job_input(STEP, f"ns{i % NAMESPACES}/ds{i}") for i in range(jobs)]
@@ -115,11 +151,16 @@ def _repair(server: SnapshotRedis, jobs: int, rollback: bool) -> dict[str, Any]:
     lifecycle.reap()
     took = time.perf_counter() - started
     known = sum(int(client.hlen(f"stepcache:{{ns{i}}}:jobs")) for i in range(NAMESPACES))
-    assert known == jobs, (known, jobs)
+    assert known == jobs == len(queue.ledger.unfinished()), (known, jobs, rollback)
     return {"jobs": jobs, "fault": "rollback" if rollback else "loss", "seconds": round(took, 3)}
 
 
 def _starts(samples: int) -> dict[str, float]:
+    with _fresh_stores():
+        return _measure_starts(samples)
+
+
+def _measure_starts(samples: int) -> dict[str, float]:
     lifecycle, dispatcher, job_input = _lifecycle()
     queue = lifecycle.queue
     queue.limiter.redis.flushall()
@@ -143,14 +184,12 @@ def _starts(samples: int) -> dict[str, float]:
 
 
 def main() -> None:
-    server = SnapshotRedis()
-    os.environ["BENCH_REDIS_URL"] = server.url
-    try:
-        with bench_servers():
-            repairs = [_repair(server, jobs, rollback) for jobs in (1_000, 10_000) for rollback in (True, False)]
-            starts = _starts(200)
-    finally:
-        server.stop()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", default="1000,10000", help="unfinished jobs per measure, comma-separated")
+    sizes = [int(size) for size in parser.parse_args().jobs.split(",")]
+    with bench_servers():
+        repairs = [_repair(jobs, rollback) for jobs in sizes for rollback in (True, False)]
+        starts = _starts(200)
     print("| fault | unfinished jobs | one reaper pass: found and resynced (s) |\n|---|---|---|")
     for row in repairs:
         print(f"| {row['fault']} | {row['jobs']:,} | {row['seconds']} |")
