@@ -114,8 +114,8 @@ class Lifecycle:
     def start(self, payload: JobPayload, token: str, delivery: str, worker: str = "") -> Attempt | None:
         """Whether this delivery of the job's message may run: only while its token holds a lease not
         started by another delivery, once its start is durable (`_make_durable`). None: drop the message
-        (a stale or cancelled one, or a start that could not be made durable: its lease lapses and the
-        reaper requeues it), and run nothing."""
+        (a stale or cancelled one, or a start that could not be made durable: its job is given back
+        unstarted, for the reaper's next promotion), and run nothing."""
         confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token, delivery, worker)
         if not confirmation.run:
             return None
@@ -133,9 +133,9 @@ class Lifecycle:
 
     def _make_durable(self, attempt: Attempt) -> LeaseState:
         """Before the step runs: the start in the ledger (its namespace's journal written now, which also
-        finds a Redis that rolled back), the cache entry claimed for this attempt, then the lease asked
-        again: a repair that read the ledger before the start restored the job as not started, and this
-        attempt finds its lease gone."""
+        finds a Redis that rolled back) and read back (the ledger takes no start over another one), the
+        cache entry claimed for this attempt, then the lease asked again: a repair that read the ledger
+        before the start restored the job as not started, and this attempt finds its lease gone."""
         payload = attempt.payload
         self.queue.journal.flush([payload.namespace])
         recorded = self.ledger.get(payload.job_id)
