@@ -38,6 +38,7 @@ from common.events import CacheUpdated, Event, JobCancelled, JobFailed, JobProgr
 from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
 from common.progress import ProgressMeta
 from common.queue import Job, JobPayload, JobStatus, Queue
+from common.queue.ledger import JournalEntry
 from common.queue.limiter import Ending, EndRecorded, LeaseState, Reaped, Record, Renewal
 from common.queue.queue import job_events
 
@@ -64,6 +65,7 @@ class Attempt:
     token: str
     number: int = 0
     fence: int = 0  # its start fence (0: unknown, as a worker's main process knows it): its claim on the entry
+    started: str = field(default="", compare=False)  # its start's journal entry ("" when confirmed again)
 
     @property
     def writer(self) -> cache.Writer:
@@ -119,7 +121,7 @@ class Lifecycle:
         confirmation = self.limiter.confirm(payload.namespace, payload.job_id, token, delivery, worker)
         if not confirmation.run:
             return None
-        attempt = Attempt(payload, token, confirmation.attempt, confirmation.fence)
+        attempt = Attempt(payload, token, confirmation.attempt, confirmation.fence, confirmation.started)
         try:
             state = self._make_durable(attempt)
         except Exception:
@@ -132,17 +134,21 @@ class Lifecycle:
         return attempt if state == LeaseState.RUNNING else None
 
     def _make_durable(self, attempt: Attempt) -> LeaseState:
-        """Before the step runs: the start in the ledger (its namespace's journal written now, which also
-        finds a Redis that rolled back) and read back (the ledger takes no start over another one), the
-        cache entry claimed for this attempt, then the lease asked again: a repair that read the ledger
-        before the start restored the job as not started, and this attempt finds its lease gone."""
+        """Before the step runs: the start in the ledger (written at once; if refused, the namespace's
+        journal is written, which also finds a Redis that rolled back, and the ledger read back: it takes
+        no start over another one), the cache entry claimed for this attempt, then the lease asked again:
+        a repair that read the ledger before the start restored the job as not started, and this attempt
+        finds its lease gone."""
         payload = attempt.payload
-        self.queue.journal.flush([payload.namespace])
-        recorded = self.ledger.get(payload.job_id)
-        if recorded is None or recorded.status != JobStatus.STARTED or recorded.fence != attempt.fence:
-            # The ledger did not take this start: the job ended, or another start of it is recorded (a
-            # Redis that rolled back confirmed its message again). It does not run.
-            return LeaseState.LOST
+        if not (attempt.started and self.ledger.record_start(JournalEntry.parse(attempt.started))):
+            # Refused, or a repeated confirm: the journal before it may hold a requeue the ledger has not
+            # seen, or Redis rolled back (the journal's write finds it); then the ledger says.
+            self.queue.journal.flush([payload.namespace])
+            recorded = self.ledger.get(payload.job_id)
+            if recorded is None or recorded.status != JobStatus.STARTED or recorded.fence != attempt.fence:
+                # The ledger did not take this start: the job ended, or another start of it is recorded (a
+                # Redis that rolled back confirmed its message again). It does not run.
+                return LeaseState.LOST
         if not cache.claim_entry(payload.step, payload.dataset, payload.config, payload.split, attempt.writer):
             return LeaseState.LOST  # a newer attempt of the job claimed it
         return self.renew(attempt)

@@ -146,28 +146,53 @@ def test_1_a_rollback_on_a_redis_where_nothing_happens_is_found_by_the_reapers_p
 # --- 2. Redis restarts empty between a worker's confirm and its start's ledger write ----------------
 
 
-def test_2_a_start_redis_forgot_before_it_was_durable_does_not_run_beside_its_redispatch(
+def test_2_a_start_redis_forgot_and_another_process_repaired_before_its_write_does_not_run_beside_its_redispatch(
+    fast: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, dispatcher = make_queue(limit=1)
+    other, elsewhere = make_queue(limit=1)  # another process, whose reaper repairs first
+    q.redis_kept_its_data()
+    q.enqueue(ROOT, "org/ds")
+    (first,) = dispatcher.take()
+    q.journal.flush_all()  # the ledger says queued
+    real_record_start = q.ledger.record_start
+
+    def restart_empty_and_repair_first(*args: Any) -> bool:
+        monkeypatch.setattr(q.ledger, "record_start", real_record_start)
+        fast.redis().flushall()  # between confirm and the start's write
+        other.reap()  # the repair reads the ledger (queued) and dispatches the job anew
+        return real_record_start(*args)
+
+    monkeypatch.setattr(q.ledger, "record_start", restart_empty_and_repair_first)
+    assert q.start(first.payload, first.token, "w1") is None  # it does not run: its lease went to another
+    (second,) = elsewhere.take()  # dispatched again, once
+    current = q.start(second.payload, second.token, "w2")
+    assert current is not None and q.counts()["org"].started == 1
+    assert q.end(current, SUCCESS)
+    assert q.jobs("org/ds")[0].attempts == 1
+
+
+def test_2_a_start_redis_forgot_before_its_write_keeps_its_lease_once_written(
     fast: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     q, dispatcher = make_queue(limit=1)
     q.redis_kept_its_data()
     q.enqueue(ROOT, "org/ds")
     (first,) = dispatcher.take()
-    q.journal.flush_all()  # the ledger says queued
-    real_flush = q.queue.journal.flush
+    q.journal.flush_all()
+    real_record_start = q.ledger.record_start
 
-    def restart_empty_first(*args: Any, **kwargs: Any) -> list[str]:
-        monkeypatch.setattr(q.queue.journal, "flush", real_flush)
-        fast.redis().flushall()  # between confirm and the start's write
-        return real_flush(*args, **kwargs)
+    def restart_empty_first(*args: Any) -> bool:
+        monkeypatch.setattr(q.ledger, "record_start", real_record_start)
+        fast.redis().flushall()  # between confirm and the start's write, which lands before any repair
+        return real_record_start(*args)
 
-    monkeypatch.setattr(q.queue.journal, "flush", restart_empty_first)
-    assert q.start(first.payload, first.token, "w1") is None  # it does not run: the ledger says queued
-    q.reap()  # the repair (the reaper's next pass, or the next admission)
-    (second,) = dispatcher.take()  # dispatched again
-    current = q.start(second.payload, second.token, "w2")
-    assert current is not None and q.counts()["org"].started == 1
-    assert q.end(current, SUCCESS)
+    monkeypatch.setattr(q.ledger, "record_start", restart_empty_first)
+    attempt = q.start(first.payload, first.token, "w1")
+    assert attempt is not None  # its lease asked again after the write: the repair gave it back
+    q.reap()
+    assert dispatcher.take() == [] and q.counts()["org"].started == 1  # nothing beside it
+    assert q.end(attempt, SUCCESS)
 
 
 def test_2_a_durable_start_keeps_its_lease_when_redis_restarts_empty_and_is_not_dispatched_again(
@@ -901,12 +926,12 @@ def test_4_a_start_that_cannot_be_made_durable_does_not_count_as_an_attempt(
     default) fails every job dispatched during it."""
     q, dispatcher = make_queue(limit=1, max_attempts=3)
     q.enqueue(ROOT, "org/ds")
-    real_get = q.ledger.get
 
-    def unreachable(job_id: str) -> Any:
+    def unreachable(*args: Any) -> Any:
         raise AutoReconnect("MongoDB is unreachable")
 
     monkeypatch.setattr(q.ledger, "get", unreachable)
+    monkeypatch.setattr(q.ledger, "record_start", unreachable)
     for _ in range(3):
         dispatches = dispatcher.take()
         if not dispatches:
@@ -915,7 +940,8 @@ def test_4_a_start_that_cannot_be_made_durable_does_not_count_as_an_attempt(
         assert q.start(dispatch.payload, dispatch.token, "w") is None  # not durable: it does not run
         expire(fast, "org", dispatch.payload.job_id)
         q.reap()
-    monkeypatch.setattr(q.ledger, "get", real_get)
+    monkeypatch.undo()
+    use_settings(monkeypatch, fast.env() | {"WORKER_HEARTBEAT_INTERVAL_SECONDS": "0.2"})
     run_what_runs(q, dispatcher)
     (job,) = q.jobs("org/ds")
     assert job.status == JobStatus.SUCCESS, f"a job that never ran ended {job.status} {job.error_code}"

@@ -22,7 +22,7 @@ from typing import Any
 
 from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
@@ -149,6 +149,9 @@ class _JobWrite:
         (its fence), whatever the status."""
         if self.effects_only:
             return UpdateOne({"_id": self.job_id, "fence": self.fence}, {"$set": self.fields})
+        return UpdateOne(self.condition(), self.changes(), upsert=True)
+
+    def condition(self) -> dict[str, Any]:
         condition: dict[str, Any] = {
             "_id": self.job_id,
             "status": {"$nin": list(TERMINAL_STATUSES)},
@@ -160,7 +163,10 @@ class _JobWrite:
                 {"fence": {"$gte": self.start}},  # this start, recorded already
                 {"fence": {"$lt": self.requeue}},  # started before the requeue among these entries
             ]
-        return UpdateOne(condition, {"$set": self.fields, "$setOnInsert": self.job}, upsert=True)
+        return condition
+
+    def changes(self) -> dict[str, Any]:
+        return {"$set": self.fields, "$setOnInsert": self.job}
 
 
 def _job(document: dict[str, Any]) -> Job:
@@ -191,6 +197,18 @@ class Ledger:
         refused = self._bulk([write.insert() if write.created else write.update() for write in writes])
         again = [writes[index] for index in refused if writes[index].created]
         self._bulk([operation for write in again for operation in (write.update(), write.creation())])
+
+    @retry_transient
+    def record_start(self, entry: JournalEntry) -> bool:
+        """Write one start at once (before its step runs), as `write` would; True when the ledger took it,
+        False when it refused it (the job ended, this start is recorded already, or another start is and no
+        requeue came between them: the journal's entries before it say, see `_JobWrite`)."""
+        write = _JobWrite([entry])
+        try:
+            result = self.collection.update_one(write.condition(), write.changes(), upsert=True)
+        except DuplicateKeyError:
+            return False  # no document matched the condition: refused
+        return result.upserted_id is not None or result.modified_count == 1
 
     def _bulk(self, operations: Sequence[InsertOne[dict[str, Any]] | UpdateOne]) -> list[int]:
         """One unordered bulk write; the indexes of the operations refused for a duplicate _id."""
