@@ -25,7 +25,7 @@ from typing import Any
 
 import bson
 from pydantic import BaseModel, ConfigDict
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
@@ -236,16 +236,16 @@ def claim_entry(
         "$and": [{"$eq": ["$claim.job", writer.job_id]}, {"$gt": [{"$ifNull": ["$claim.fence", -1]}, writer.claim]}]
     }
     stage = {"$set": {"claim": {"$cond": [newer_of_same_job, "$claim", {"$literal": mine}]}}}
+    # An update, then a read (find_one_and_update makes SecantusDB scan the collection).
     for attempt in range(UPSERT_ATTEMPTS):
         try:
-            document = cache_collection().find_one_and_update(
-                key, [stage], upsert=create, return_document=ReturnDocument.AFTER, projection={"claim": True}
-            )
-            return document is not None and document.get("claim") == mine
+            cache_collection().update_one(key, [stage], upsert=create)
+            break
         except DuplicateKeyError:
             if attempt == UPSERT_ATTEMPTS - 1:
                 raise
-    return False  # unreachable: the last attempt returns or raises
+    document = cache_collection().find_one(key, projection={"claim": True})
+    return document is not None and document.get("claim") == mine
 
 
 @retry_transient

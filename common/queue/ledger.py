@@ -22,7 +22,7 @@ from typing import Any
 
 from pymongo import ASCENDING, InsertOne, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from common.config import get_config
 from common.constants import JOBS_COLLECTION
@@ -33,6 +33,7 @@ from common.resilience import retry_transient
 DUPLICATE_KEY = 11000
 CREATED = "created"  # a journal entry's status when it admits the job (scripts/admit.lua)
 PENDING = frozenset(PENDING_STATUSES)
+MAY_WRITE = "_stepcache_write"  # set and unset within one update: whether it may apply
 APPLIED = "applied"  # a journal entry's status when the effects of its end are applied (scripts/applied.lua)
 
 
@@ -146,27 +147,37 @@ class _JobWrite:
     def update(self) -> UpdateOne:
         """Only if the job has not ended and no newer decision was recorded; created if not there yet
         (an upsert that finds its _id taken means "older": refused). Only "applied": on the end it follows
-        (its fence), whatever the status."""
+        (its fence), whatever the status. With a start among the entries, the condition is checked inside
+        the document (a pipeline): a query with `$or` makes SecantusDB scan the collection."""
         if self.effects_only:
             return UpdateOne({"_id": self.job_id, "fence": self.fence}, {"$set": self.fields})
-        return UpdateOne(self.condition(), self.changes(), upsert=True)
-
-    def condition(self) -> dict[str, Any]:
-        condition: dict[str, Any] = {
-            "_id": self.job_id,
-            "status": {"$nin": list(TERMINAL_STATUSES)},
-            "fence": {"$lt": self.fence},
-        }
         if self.start:
-            condition["$or"] = [
-                {"status": {"$ne": JobStatus.STARTED}},
-                {"fence": {"$gte": self.start}},  # this start, recorded already
-                {"fence": {"$lt": self.requeue}},  # started before the requeue among these entries
-            ]
-        return condition
+            return UpdateOne({"_id": self.job_id}, self.pipeline(), upsert=True)
+        condition = {"_id": self.job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": self.fence}}
+        return UpdateOne(condition, {"$set": self.fields, "$setOnInsert": self.job}, upsert=True)
 
-    def changes(self) -> dict[str, Any]:
-        return {"$set": self.fields, "$setOnInsert": self.job}
+    def pipeline(self) -> list[dict[str, Any]]:
+        """The update as stages: whether it may apply (not ended, older, and not a start over another start
+        without a requeue between them), then each field set only if so; the creation's facts if absent."""
+        status, fence = {"$ifNull": ["$status", None]}, {"$ifNull": ["$fence", -1]}
+        may = {
+            "$and": [
+                *({"$ne": [status, ended.value]} for ended in TERMINAL_STATUSES),
+                {"$lt": [fence, self.fence]},
+                {
+                    "$or": [
+                        {"$ne": [status, JobStatus.STARTED.value]},
+                        {"$gte": [fence, self.start]},  # this start, recorded already
+                        {"$lt": [fence, self.requeue]},  # started before the requeue among these entries
+                    ]
+                },
+            ]
+        }
+        fields = {
+            name: {"$cond": [f"${MAY_WRITE}", {"$literal": value}, f"${name}"]} for name, value in self.fields.items()
+        }
+        facts = {name: {"$ifNull": [f"${name}", {"$literal": value}]} for name, value in self.job.items()}
+        return [{"$set": {MAY_WRITE: may}}, {"$set": {**fields, **facts}}, {"$unset": MAY_WRITE}]
 
 
 def _job(document: dict[str, Any]) -> Job:
@@ -200,15 +211,13 @@ class Ledger:
 
     @retry_transient
     def record_start(self, entry: JournalEntry) -> bool:
-        """Write one start at once (before its step runs), as `write` would; True when the ledger took it,
-        False when it refused it (the job ended, this start is recorded already, or another start is and no
-        requeue came between them: the journal's entries before it say, see `_JobWrite`)."""
+        """Write one start at once (before its step runs), as `write` would; True when the ledger took it
+        (read back), False when it refused it (the job ended, or another start is recorded and no requeue
+        came between them: the journal's entries before it say, see `_JobWrite`)."""
         write = _JobWrite([entry])
-        try:
-            result = self.collection.update_one(write.condition(), write.changes(), upsert=True)
-        except DuplicateKeyError:
-            return False  # no document matched the condition: refused
-        return result.upserted_id is not None or result.modified_count == 1
+        self.collection.update_one({"_id": write.job_id}, write.pipeline(), upsert=True)
+        recorded = self.get(write.job_id)
+        return recorded is not None and recorded.status == JobStatus.STARTED and recorded.fence == entry.fence
 
     def _bulk(self, operations: Sequence[InsertOne[dict[str, Any]] | UpdateOne]) -> list[int]:
         """One unordered bulk write; the indexes of the operations refused for a duplicate _id."""
