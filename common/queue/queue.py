@@ -294,6 +294,8 @@ class Queue:
     def _apply(self, record: Record) -> list[Event]:
         payload = record.payload
         if record.kind == RecordKind.DISPATCH:
+            # Safe to repeat: a second message of the same lease token is dropped by confirm.lua (one
+            # delivery per token starts), and its JobQueued event is delivered at least once anyway.
             try:
                 self.dispatcher.publish(record.dispatch)
             except Exception:
