@@ -11,7 +11,7 @@ far along another history, forgot writes the ledger depends on, and is repaired 
 
 Who finds out, and how soon: the write that advances a rolled-back generation finds MongoDB's as new or
 newer (at most QUEUE_LEDGER_LAG_SECONDS after the first decision on the rolled-back Redis, or at once for
-an attempt's start, which is written before its step runs); the reaper compares both on every pass (one
+a start the ledger refuses, which writes its journal then); the reaper compares both on every pass (one
 WORKER_HEARTBEAT_INTERVAL_SECONDS, for a Redis on which nothing happens); an attempt that finds its lease
 gone compares them before it gives up.
 """
