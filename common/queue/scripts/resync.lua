@@ -9,9 +9,6 @@
 -- token ('' unless started), ARGV[6] attempts, ARGV[7] started lease TTL (ms), ARGV[8] age
 -- Returns 1 when Redis took the ledger's state, 0 when it kept its own.
 local job, payload, status, fence = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-if tonumber(redis.call('GET', SEQUENCE) or '0') < fence then
-  redis.call('SET', SEQUENCE, fmt(fence))
-end
 local ended = status == 'success' or status == 'error' or status == 'cancelled'
 local rec = redis.call('HGET', OUTBOX, job)
 if ended then
@@ -20,7 +17,11 @@ if ended then
   local known = redis.call('HEXISTS', JOBS, job) == 1 or (rec and string.sub(rec, 1, 9) == 'dispatch|')
   forget(job)
   if rec and string.sub(rec, 1, 9) == 'dispatch|' then redis.call('HDEL', OUTBOX, job) end
+  tidy() -- a namespace left with nothing keeps no key
   return known and 1 or 0
+end
+if tonumber(redis.call('GET', SEQUENCE) or '0') < fence then
+  redis.call('SET', SEQUENCE, fmt(fence))
 end
 if journaled(job) or (rec and string.sub(rec, 1, 9) ~= 'dispatch|') then
   return 0
