@@ -60,6 +60,7 @@ WORKER_MAX_JOB_DURATION_SECONDS = 20 * 60
 WORKER_CONTENT_MAX_BYTES = 10_000_000
 WORKER_MAX_ATTEMPTS = 3
 WORKER_METRICS_PORT = 9808
+WORKER_METRICS_HOST = "127.0.0.1"
 WORKER_PARQUET_DIRECTORY = ""
 WORKER_FIRST_ROWS_MAX_BYTES = 1_000_000
 WORKER_FIRST_ROWS_MAX_COLUMNS = 1_000
@@ -194,6 +195,7 @@ class WorkerConfig(_Settings):
     content_max_bytes: Annotated[int, Field(ge=1, le=15_000_000)] = WORKER_CONTENT_MAX_BYTES
     max_attempts: Annotated[int, Field(ge=1)] = WORKER_MAX_ATTEMPTS
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = WORKER_METRICS_PORT
+    metrics_host: Annotated[str, Field(min_length=1)] = WORKER_METRICS_HOST  # "0.0.0.0": every interface
     hard_limit_grace_seconds: Annotated[float, Field(gt=0)] = WORKER_HARD_LIMIT_GRACE_SECONDS
     parquet_directory: str = WORKER_PARQUET_DIRECTORY
     first_rows_max_bytes: Annotated[int, Field(ge=1000)] = WORKER_FIRST_ROWS_MAX_BYTES
@@ -249,6 +251,20 @@ class ApiConfig(_Settings):
     cors_origins: str = ""  # comma-separated origins, or "*"; empty: no CORS headers
     max_body_bytes: Annotated[int, Field(ge=1_000, le=100_000_000)] = 1_000_000
     request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Connections (tasks.api.protocol): a request's line and headers arrive within header_timeout_seconds
+    # of its first byte (of the connection's opening, for the first) and weigh at most max_header_bytes;
+    # past max_connections open connections, a request is answered 503; an idle keep-alive connection
+    # closes after keep_alive_seconds.
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    max_header_bytes: Annotated[int, Field(ge=1_024, le=1_048_576)] = 16_384
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1_000
+    keep_alive_seconds: Annotated[int, Field(ge=1, le=600)] = 5
+    # Event streams (tasks.api.jobs): at most events_max_streams open per API process and
+    # events_max_streams_per_client per client address (past them: 429 with Retry-After); a stream with no
+    # event of its job for events_idle_seconds closes with the job's state, resumable with Last-Event-ID.
+    events_max_streams: Annotated[int, Field(ge=1, le=100_000)] = 100
+    events_max_streams_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
+    events_idle_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     cache_max_age_seconds: Annotated[int, Field(ge=0, le=365 * 86400)] = 60
     retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
     backfill_interval_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 60.0

@@ -8,6 +8,11 @@ Anycast
     acknowledged only after its handlers returned, reclaimed (XAUTOCLAIM) from a consumer that died or
     failed after `claim_idle_ms`, and moved to the dead-letter stream once delivered `max_deliveries`
     times, or when no handler of the group takes its type: an event is never silently dropped.
+A job's own events
+    Every event of a job (its `job.*`, `cache.updated` and `task.*` events) also goes to the job's own
+    stream (:meth:`EventBus.job_stream`, in the same round trip): following one job reads only its events
+    (:meth:`EventBus.read_job`), whatever else happens. It keeps the job's last JOB_STREAM_MAX_LENGTH
+    events or so, and expires JOB_STREAM_TTL_SECONDS after its last one: its cost follows active jobs.
 Length
     The stream is trimmed to about `max_length` entries, but never past an entry that a live consumer
     group has not acknowledged or not read yet: a lagging group makes the stream longer, not lossy. A
@@ -38,6 +43,8 @@ DEAD_LETTER_SUFFIX = ":dead"
 DEFAULT_MAX_LENGTH = 100_000
 DEFAULT_GROUP_IDLE_MS = 3_600_000  # above claim_idle_ms and any handler's run, when a live consumer reads nothing
 TRIM_EVERY = 100
+JOB_STREAM_MAX_LENGTH = 1_000
+JOB_STREAM_TTL_SECONDS = 3_600
 Handler = Callable[[Event], None]
 
 
@@ -71,16 +78,42 @@ class EventBus:
     def publish_many(self, events: Sequence[Event]) -> list[str]:
         """Append the events, in order, in one round trip; returns their stream ids."""
         pipe = self.redis.pipeline(transaction=False)
-        self.add(pipe, events)
-        return [as_text(stream_id) for stream_id in pipe.execute()]
+        positions = self.add(pipe, events)
+        results = pipe.execute()
+        return [as_text(results[position]) for position in positions]
 
-    def add(self, pipe: Any, events: Sequence[Event]) -> None:
-        """Append the events to a pipeline the caller sends (with its own commands: one round trip)."""
+    def add(self, pipe: Any, events: Sequence[Event]) -> list[int]:
+        """Append the events to a pipeline the caller sends (with its own commands: one round trip), and to
+        their jobs' streams; returns the positions in the pipeline of the commands that add them to the
+        stream."""
+        positions = []
         for event in events:
-            pipe.xadd(self.stream, {"event": event.model_dump_json()})
+            data = {"event": event.model_dump_json()}
+            positions.append(len(pipe))
+            pipe.xadd(self.stream, data)
+            if event.job_id is not None and event.namespace is not None:
+                job_stream = self.job_stream(event.job_id, event.namespace)
+                pipe.xadd(job_stream, data, maxlen=JOB_STREAM_MAX_LENGTH, approximate=True)
+                pipe.expire(job_stream, JOB_STREAM_TTL_SECONDS)
         before, self._published = self._published, self._published + len(events)
         if before // TRIM_EVERY != self._published // TRIM_EVERY:
             self.trim()
+        return positions
+
+    def job_stream(self, job_id: str, namespace: str) -> str:
+        """The key of the job's own stream (on its namespace's slot)."""
+        return f"{self.stream}:job:{{{namespace}}}:{job_id}"
+
+    def read_job(
+        self, job_id: str, namespace: str, after: str = "0-0", count: int = 100, block_ms: int | None = None
+    ) -> list[tuple[str, Event]]:
+        """The job's events after the stream id `after` (of its own stream), waiting up to `block_ms` for one."""
+        return self._parsed(self.redis.xread({self.job_stream(job_id, namespace): after}, count=count, block=block_ms))
+
+    def last_job_id(self, job_id: str, namespace: str) -> str:
+        """The id of the job's newest event ('0-0' when it has none): read after it for what comes next."""
+        newest = self.redis.xrevrange(self.job_stream(job_id, namespace), count=1)
+        return as_text(newest[0][0]) if newest else "0-0"
 
     def last_id(self) -> str:
         """The id of the newest entry ('0-0' for an empty stream): read after it to get what comes next."""
@@ -89,7 +122,10 @@ class EventBus:
 
     def read(self, after: str = "$", count: int = 100, block_ms: int | None = None) -> list[tuple[str, Event]]:
         """Events after the stream id `after` ('$': only new ones), waiting up to `block_ms` for one."""
-        answer = self.redis.xread({self.stream: after}, count=count, block=block_ms)
+        return self._parsed(self.redis.xread({self.stream: after}, count=count, block=block_ms))
+
+    @staticmethod
+    def _parsed(answer: Any) -> list[tuple[str, Event]]:
         entries = answer[0][1] if answer else []
         events = []
         for stream_id, fields in entries:

@@ -17,10 +17,11 @@ read), kept for a second so that the steps of one job do not walk the tree again
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -36,6 +37,8 @@ R = TypeVar("R")
 MANIFEST_TTL_SECONDS = 1.0
 Access = Literal["public", "gated", "private"]
 ACCESS_MARKED: tuple[Access, ...] = ("private", "gated")  # a mirror's marker files, the strictest first
+MARKER_FILES: dict[str, Access] = {f".{level}": level for level in ACCESS_MARKED}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,41 +103,68 @@ def _typed(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
 
 
 class LocalMirror:
-    """Datasets in folders under `root`, laid out like Hub dataset repositories; read offline."""
+    """Datasets in folders under `root`, laid out like Hub dataset repositories; read offline.
+
+    A dataset is exactly one folder and the files under it, with one access decision:
+
+    - `org/name` is the folder `<root>/org/name`, and `<root>/org` holds only folders (datasets); a
+      canonical `name` is the folder `<root>/name` holding files of its own (a README, data files). So a
+      folder is never a dataset and also inside or around another: `acme` (the folder of `acme/secret`) and
+      `vault/data` (a folder inside the canonical `vault`) are not datasets;
+    - neither folder is a symbolic link, and no link under the dataset's folder points out of it (such a
+      dataset is refused: `datasets` would read the files it points to);
+    - its access is the strictest marker file (`.private`, then `.gated`) in the root, the namespace's
+      folder, the dataset's folder or any folder under it.
+
+    Whatever breaks these rules is DatasetNotFoundError, whose message names no directory.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         _set_offline(True)  # a process reads one source: a mirror's never reaches for the network
-        self._manifests: dict[str, tuple[float, str]] = {}
+        self._scans: dict[str, tuple[float, _Scan]] = {}
         self._lock = threading.Lock()
 
     def directory(self, dataset: str) -> Path:
-        path = self.root / parse_dataset(dataset).full
-        if not path.is_dir():
-            raise DatasetNotFoundError(f"dataset {dataset!r} is not in the mirror at {self.root}")
+        """The dataset's folder, when it is one (see the class)."""
+        name = parse_dataset(dataset)
+        namespace, path = self.root / name.namespace, self.root / name.full
+        canonical = name.full == name.namespace
+        if not (_real_folder(namespace) and _real_folder(path)) or _holds_files(namespace) != canonical:
+            raise DatasetNotFoundError(f"dataset {dataset!r} is not in the mirror")
         return path
 
-    def revision(self, dataset: str) -> str:
+    def _scan(self, dataset: str) -> _Scan:
+        """The dataset's files and markers, walked at most once per MANIFEST_TTL_SECONDS."""
         directory = self.directory(dataset)
         with self._lock:
-            at, digest = self._manifests.get(dataset, (0.0, ""))
-        if time.monotonic() - at < MANIFEST_TTL_SECONDS:
-            return digest
-        manifest = hashlib.sha1()
-        for relative, size, mtime_ns in sorted(_manifest(directory)):
-            manifest.update(f"{relative}\0{size}\0{mtime_ns}\n".encode(errors="surrogateescape"))
-        digest = manifest.hexdigest()
+            at, known = self._scans.get(dataset, (0.0, None))
+        if known is not None and time.monotonic() - at < MANIFEST_TTL_SECONDS:
+            return known
+        scan = _walk(directory)
+        if scan.escapes:
+            logger.warning("mirror dataset %r refused: links out of its folder: %s", dataset, scan.escapes[:5])
+            raise DatasetNotFoundError(
+                f"dataset {dataset!r} is not served: links in its folder point out of it (a mirror dataset reads "
+                "only its own files)"
+            )
         with self._lock:
-            self._manifests[dataset] = (time.monotonic(), digest)
-        return digest
+            self._scans[dataset] = (time.monotonic(), scan)
+        return scan
+
+    def revision(self, dataset: str) -> str:
+        return self._scan(dataset).digest
 
     def locate(self, dataset: str, revision: str) -> Location:
         return Location(dataset, str(self.directory(dataset)), revision)
 
     def access(self, dataset: str) -> Access:
-        """ "private" or "gated" when the dataset's folder holds a file `.private` or `.gated`."""
-        directory = self.directory(dataset)
-        return next((level for level in ACCESS_MARKED if (directory / f".{level}").exists()), "public")
+        """The strictest marker in the root, the namespace's folder, the dataset's folder and under it."""
+        name = parse_dataset(dataset)
+        markers = set(self._scan(dataset).markers)
+        for folder in {self.root, self.root / name.namespace}:
+            markers.update(level for level in ACCESS_MARKED if (folder / f".{level}").exists())
+        return next((level for level in ACCESS_MARKED if level in markers), "public")
 
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
         try:
@@ -143,19 +173,49 @@ class LocalMirror:
             _trim_cache()
 
 
-def _manifest(directory: Path) -> Iterator[tuple[str, int, int]]:
-    """(relative path, size, mtime) of every file, leaving out hidden files and folders (.git, .cache...)."""
+@dataclass(frozen=True)
+class _Scan:
+    digest: str  # the revision: a hash of every file's relative path, size and modification time
+    markers: tuple[Access, ...]  # the access markers found in the folder or under it
+    escapes: tuple[str, ...]  # links pointing out of the folder (relative paths)
+
+
+def _real_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether the folder holds anything but folders (or links to folders) and hidden entries: a dataset's
+    own files."""
+    with os.scandir(folder) as entries:
+        return any(not entry.name.startswith(".") and not entry.is_dir() for entry in entries)
+
+
+def _walk(directory: Path) -> _Scan:
+    """One walk of the dataset's folder: the manifest of its files (leaving out hidden files and folders:
+    .git, .cache...), the access markers in it, and the links that point out of it."""
+    root = directory.resolve()
+    manifest, markers, escapes = hashlib.sha1(), set(), []
+    files: list[tuple[str, int, int]] = []
     stack = [directory]
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
+                if entry.name in MARKER_FILES:
+                    markers.add(MARKER_FILES[entry.name])
+                if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(root):
+                    escapes.append(os.path.relpath(entry.path, directory))
+                    continue
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
                 elif entry.is_file():
                     stat = entry.stat()
-                    yield os.path.relpath(entry.path, directory), stat.st_size, stat.st_mtime_ns
+                    files.append((os.path.relpath(entry.path, directory), stat.st_size, stat.st_mtime_ns))
+    for relative, size, mtime_ns in sorted(files):
+        manifest.update(f"{relative}\0{size}\0{mtime_ns}\n".encode(errors="surrogateescape"))
+    return _Scan(manifest.hexdigest(), tuple(markers), tuple(escapes))
 
 
 class HubSource:

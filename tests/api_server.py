@@ -13,6 +13,7 @@ import uvicorn
 
 from common.config import get_config
 from tasks.api import create_api
+from tasks.api.protocol import uvicorn_options
 from tasks.embedded import free_port
 
 
@@ -20,7 +21,8 @@ from tasks.embedded import free_port
 def api_server() -> Iterator[str]:
     """Serve the API (built from the current settings) until the block ends; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(create_api(get_config()), host="127.0.0.1", port=port, log_config=None, access_log=False)
+    settings = get_config()
+    config = uvicorn.Config(create_api(settings), host="127.0.0.1", port=port, **uvicorn_options(settings.api))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

@@ -151,16 +151,16 @@ def test_a_mirrors_revision_is_its_manifest_not_its_bytes(tmp_path: Path) -> Non
     stat = path.stat()
     path.write_bytes(path.read_bytes().replace(b"row", b"ROW"))  # same size...
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...same time: same manifest
-    mirror._manifests.clear()
+    mirror._scans.clear()
     assert mirror.revision(dataset) == first
     path.touch()
     assert mirror.revision(dataset) == first  # kept for MANIFEST_TTL_SECONDS
-    mirror._manifests.clear()
+    mirror._scans.clear()
     assert mirror.revision(dataset) != first
     (tmp_path / dataset / ".git").mkdir()
     (tmp_path / dataset / ".git" / "x").write_text("hidden files are not part of the dataset")
     second = mirror.revision(dataset)
-    mirror._manifests.clear()
+    mirror._scans.clear()
     assert mirror.revision(dataset) == second
 
 

@@ -23,7 +23,8 @@ from common.exceptions import StepcacheError
 from tasks.api.assets import router as assets_routes
 from tasks.api.auth import AccessCache
 from tasks.api.cached import router as cached_routes
-from tasks.api.errors import PayloadTooLargeError, answer_error, error_response
+from tasks.api.errors import PayloadTooLargeError, ServiceUnavailableError, answer_error, error_response
+from tasks.api.jobs import StreamSlots
 from tasks.api.jobs import router as jobs_routes
 from tasks.api.middleware import RequestMiddleware
 from tasks.api.operator import router as operator_routes
@@ -53,6 +54,7 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.access_cache = AccessCache()  # the app's: an API process forgets what a webhook says
+    app.state.event_streams = StreamSlots()  # this process's open event streams
     for router in (cached_routes(), jobs_routes(), assets_routes(settings), operator_routes(), webhook_routes()):
         app.include_router(router)
     app.add_api_route("/healthcheck", healthcheck, methods=["GET"], tags=["health"])
@@ -78,13 +80,23 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
 
 
 def healthcheck() -> dict[str, str]:
-    """Redis and MongoDB answer."""
+    """Redis and MongoDB answer (within API_REQUEST_TIMEOUT_SECONDS: 504 past it, 503 when one fails)."""
+    import pymongo
+    from pymongo.errors import PyMongoError
+    from redis.exceptions import RedisError
+
     from common.cache import cache_collection
     from common.config import get_config
     from common.redis_connection import get_redis
 
-    get_redis(get_config().queue.redis_url).ping()
-    cache_collection().database.command("ping")
+    settings = get_config()
+    try:
+        get_redis(settings.queue.redis_url).ping()
+        with pymongo.timeout(settings.api.request_timeout_seconds):
+            cache_collection().database.command("ping")
+    except (RedisError, PyMongoError) as error:
+        store = "Redis" if isinstance(error, RedisError) else "MongoDB"
+        raise ServiceUnavailableError(f"{store} does not answer") from None
     return {"status": "ok"}
 
 

@@ -75,6 +75,14 @@ class RequestTimeoutError(ApiError):
     http_status = HTTPStatus.GATEWAY_TIMEOUT
 
 
+class ServiceUnavailableError(ApiError):
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class TooManyStreamsError(ApiError):
+    http_status = HTTPStatus.TOO_MANY_REQUESTS
+
+
 class InvalidParameterError(ApiError):
     http_status = HTTPStatus.UNPROCESSABLE_ENTITY
 

@@ -1,44 +1,88 @@
 """Jobs, as the ledger records them, and their events as they happen.
 
 `GET /jobs/{job_id}`: the job's ledger state (its lease token left out).
-`GET /jobs/{job_id}/events`: Server-Sent Events, one per event of the job on the event stream (job.*,
-task.*: queued, started, progress, heartbeat, cache updated, succeeded or failed), each with its stream id
-as `id` and its type as `event`; the stream ends with the job's end. Without `Last-Event-ID` it starts at
-the job's creation; with one (what an EventSource sends when it reconnects), right after it. When the end
-is no longer on the stream (trimmed, or the job ended before), a last `job.state` event gives the ledger's
-state; a connection replays at most SCAN_BUDGET entries of other jobs' events in a row. The stream is
-read every 0.5 s without holding a thread while waiting (each watcher reads every event: the cost grows
-with watchers times events); a comment line is sent every 15 s to keep proxies from closing an idle
-stream.
+`GET /jobs/{job_id}/events`: Server-Sent Events, one per event of the job (job.*, task.*: queued, started,
+progress, heartbeat, cache updated, succeeded or failed), each with its id on the job's own stream
+(common.event_bus) as `id` and its type as `event`; the stream ends with the job's end. Without
+`Last-Event-ID` it starts at the job's first event; with one (what an EventSource sends when it
+reconnects), right after it. A connection reads only its job's events: its cost follows the job, never
+the traffic of others. When the end is no longer on the job's stream (it expired, or the job ended long
+before), a last `job.state` event gives the ledger's state.
+
+Streams are bounded: at most API_EVENTS_MAX_STREAMS per API process and API_EVENTS_MAX_STREAMS_PER_CLIENT
+per client address (past them: 429 with Retry-After); a stream with no event of its job for
+API_EVENTS_IDLE_SECONDS (a job that waits, or is paused) closes with a `job.state` event whose id resumes
+it. The job's stream is read every 0.5 s without holding a thread while waiting; a comment line is sent
+every 15 s to keep proxies from closing an idle stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Header, Path, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from common.config import get_config
+from common.config import ApiConfig, get_config
 from common.events import EventType, JobState
 from common.queue import Job
 from tasks.api.auth import check_dataset_access
-from tasks.api.errors import InvalidParameterError, NotFoundError
+from tasks.api.errors import InvalidParameterError, NotFoundError, TooManyStreamsError
 
 JOB_ID = r"^[A-Za-z0-9-]{1,64}$"
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 POLL_SECONDS = 0.5
 LEDGER_CHECK_EVERY = 4  # polls without news between two looks at the ledger
 READ_COUNT = 200
-SCAN_BUDGET = 20_000  # others' events one connection reads in a row before it stops replaying
 ENDS = frozenset(str(kind) for kind in EventType if kind.ends_job)
 PING_SECONDS = 15
 MAX_LEDGER_WAIT_SECONDS = 1.0
-START_MARGIN_MS = 10_000  # the job was created by a clock other than Redis': read from a little before
+
+
+class StreamSlots:
+    """The event streams open in this process, in total and per client address (asyncio: one thread)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_client: Counter[str] = Counter()
+
+    @contextmanager
+    def taken(self, client: str, settings: ApiConfig) -> Iterator[Callable[[], None]]:
+        """Take a slot for `client` (429 TooManyStreamsError past a cap); yields its release, which may be
+        called more than once."""
+        per_client = settings.events_max_streams_per_client
+        if self.total >= settings.events_max_streams or self.by_client[client] >= per_client:
+            raise TooManyStreamsError(
+                f"too many event streams open (at most {per_client} per client, "
+                f"{settings.events_max_streams} in all): close one, or poll /jobs/{{job_id}}",
+                headers={"Retry-After": str(settings.retry_after_seconds)},
+            )
+        self.total += 1
+        self.by_client[client] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.total -= 1
+                self.by_client[client] -= 1
+                if not self.by_client[client]:
+                    del self.by_client[client]
+
+        try:
+            yield release
+        except BaseException:
+            release()
+            raise
 
 
 async def find_job(job_id: str) -> Job:
@@ -71,42 +115,38 @@ def job_document(job: Job) -> dict[str, Any]:
     return job.model_dump(mode="json", exclude={"lease_token"})
 
 
-async def job_events(job: Job, after: str) -> AsyncIterator[ServerSentEvent]:
-    """The job's events after stream id `after`, until its end. One connection reads at most SCAN_BUDGET
-    entries of others' events in a row: past that (a job long finished, its events trimmed), a terminal
-    job's state closes the stream, and a running one's state is sent and the reading jumps to now."""
+async def job_events(
+    job: Job, after: str, idle_seconds: float, release: Callable[[], None]
+) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after the id `after` of its own stream, until its end, or until `idle_seconds`
+    pass without one (then the job's state, at the position reached); `release` frees the stream's slot."""
     from tasks.queue import get_queue
 
     bus = get_queue().events
-    position, quiet, scanned = after, 0, 0
-    while True:
-        entries = await run_in_threadpool(bus.read, position, READ_COUNT, None)
-        for stream_id, event in entries:
-            position, scanned = stream_id, scanned + 1
-            if event.job_id != job.job_id:
+    position, quiet, quiet_since = after, 0, time.monotonic()
+    try:
+        while True:
+            entries = await run_in_threadpool(bus.read_job, job.job_id, job.namespace, position, READ_COUNT)
+            for stream_id, event in entries:
+                position = stream_id
+                yield ServerSentEvent(event.model_dump_json(), event=event.type, id=stream_id)
+                if event.type in ENDS:
+                    return
+            if entries:
+                quiet, quiet_since = 0, time.monotonic()
                 continue
-            scanned = 0
-            yield ServerSentEvent(event.model_dump_json(), event=event.type, id=stream_id)
-            if event.type in ENDS:
-                return
-        if scanned > SCAN_BUDGET:
-            current = await find_job(job.job_id)
-            if not current.status.is_terminal:
-                position, scanned = await run_in_threadpool(bus.last_id), 0
-            yield _state(current, position)
-            if current.status.is_terminal:
-                return
-            continue
-        if entries:
-            quiet = 0
-            continue
-        quiet += 1
-        if quiet % LEDGER_CHECK_EVERY == 0:
-            current = await find_job(job.job_id)
-            if current.status.is_terminal and not await run_in_threadpool(_has_news, bus, position):
-                yield _state(current, position)
-                return
-        await asyncio.sleep(POLL_SECONDS)
+            if quiet % LEDGER_CHECK_EVERY == 0:  # the first quiet poll, then every few
+                current = await find_job(job.job_id)
+                ended = current.status.is_terminal and not await run_in_threadpool(
+                    bus.read_job, job.job_id, job.namespace, position, 1
+                )
+                if ended or time.monotonic() - quiet_since >= idle_seconds:
+                    yield _state(current, position)
+                    return
+            quiet += 1
+            await asyncio.sleep(POLL_SECONDS)
+    finally:
+        release()
 
 
 def _state(job: Job, position: str) -> ServerSentEvent:
@@ -114,10 +154,6 @@ def _state(job: Job, position: str) -> ServerSentEvent:
     key = job.model_dump(include={"job_id", "step", "dataset", "config", "split", "namespace"})
     state = JobState(**key, status=job.status.value, attempts=job.attempts)
     return ServerSentEvent(state.model_dump_json(), event=state.type, id=position)
-
-
-def _has_news(bus: Any, position: str) -> bool:
-    return bool(bus.read(position, 1, None))
 
 
 def router() -> APIRouter:
@@ -141,8 +177,11 @@ def router() -> APIRouter:
         """The job's events as Server-Sent Events, until it ends."""
         if last_event_id is not None and not _is_stream_id(last_event_id):
             raise InvalidParameterError(f"Last-Event-ID is a stream id (<ms>-<n>), not {last_event_id[:64]!r}")
-        found = await readable_job(request, job_id)
-        start = last_event_id or f"{max(0, int(found.created_at.timestamp() * 1000) - START_MARGIN_MS)}-0"
-        return EventSourceResponse(job_events(found, start), ping=PING_SECONDS)
+        settings = get_config().api
+        slots: StreamSlots = request.app.state.event_streams
+        with slots.taken(request.client.host if request.client else "-", settings) as release:
+            found = await readable_job(request, job_id)
+            stream = job_events(found, last_event_id or "0-0", settings.events_idle_seconds, release)
+            return EventSourceResponse(stream, ping=PING_SECONDS, background=BackgroundTask(release))
 
     return jobs

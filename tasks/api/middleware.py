@@ -8,8 +8,9 @@
 - Prometheus metrics by route template and known method (never by raw path: the series stay bounded):
   `stepcache_api_requests_total{method,route,status}` and `stepcache_api_request_duration_seconds`;
 - bounded requests: a body over API_MAX_BODY_BYTES is refused (413) from its Content-Length or as it
-  streams in, and a request not answered within API_REQUEST_TIMEOUT_SECONDS gets 504 (the event streams
-  excepted: they last as long as their job).
+  streams in, and a request not answered within API_REQUEST_TIMEOUT_SECONDS gets 504 then, even when it
+  is stuck in a thread on a stalled MongoDB or Redis (the event streams excepted: tasks.api.jobs bounds
+  them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -77,9 +79,11 @@ class RequestMiddleware:
         method = scope["method"] if scope["method"] in METHODS else "other"
         too_big = f"the request body is over {self.max_body_bytes} bytes"
         started = time.perf_counter()
-        status: dict[str, Any] = {"code": 500, "sent": False}
+        status: dict[str, Any] = {"code": 500, "sent": False, "timed_out": False}
 
         async def send_with_id(message: Message) -> None:
+            if status["timed_out"]:  # a request left running past its timeout: its late answer goes nowhere
+                return
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
@@ -104,11 +108,12 @@ class RequestMiddleware:
                 elif scope["path"].endswith(STREAMING_SUFFIX):
                     await self.app(scope, bounded_receive, send_with_id)
                 else:
-                    await asyncio.wait_for(self.app(scope, bounded_receive, send_with_id), self.timeout_seconds)
+                    await self._within_timeout(self.app(scope, bounded_receive, send_with_id))
             except TimeoutError:
                 if not status["sent"]:
                     timeout = RequestTimeoutError(f"the request was not answered within {self.timeout_seconds} s")
                     await answer_error(timeout)(scope, receive, send_with_id)
+                status["timed_out"] = True
             except Exception as error:
                 # Here, not in Starlette's outermost handler: the line and the answer keep the request id.
                 logger.exception("unexpected error on %s %s", scope["method"], _target(scope))
@@ -119,6 +124,24 @@ class RequestMiddleware:
                 REQUESTS.labels(method, _route(scope), str(status["code"])).inc()
                 client = scope.get("client") or ("-", 0)
                 access_log.info('%s "%s %s" %s %.1fms', client[0], method, _target(scope), status["code"], elapsed_ms)
+
+    async def _within_timeout(self, answering: Awaitable[None]) -> None:
+        """Await the answer for up to the timeout, then raise TimeoutError without waiting for it to stop: a
+        request blocked in a thread (a call to a stalled MongoDB) cannot be interrupted, and is left to end
+        on its own, its answer dropped."""
+        task = asyncio.ensure_future(answering)
+        done, _ = await asyncio.wait({task}, timeout=self.timeout_seconds)
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        task.add_done_callback(_forget)
+        raise TimeoutError
+
+
+def _forget(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("a request that timed out failed later: %r", task.exception())
 
 
 def _target(scope: Scope) -> str:

@@ -14,7 +14,6 @@ from common.config import get_config_or_exit
 from common.logging import configure_logging
 from common.metrics import prepare_multiprocess, serve
 
-KEEP_ALIVE_SECONDS = 5
 logger = logging.getLogger(__name__)
 
 
@@ -33,15 +32,14 @@ def serve_api(host: str | None = None, port: int | None = None, workers: int | N
             logger.warning("no metrics: port %s: %s", settings.api.metrics_port, error)
     import uvicorn
 
+    from tasks.api.protocol import uvicorn_options
+
     uvicorn.run(
         "tasks.api.app:create_api",
         factory=True,
         host=host,
         port=settings.api.port if port is None else port,
         workers=workers,
-        log_config=None,
-        access_log=False,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        server_header=False,
+        **uvicorn_options(settings.api),
     )
     return 0

@@ -1,0 +1,265 @@
+"""Safe to expose, over real HTTP against real servers: one dataset is one set of files with one access
+decision, event streams are bounded, connections are bounded, and no answer leaks what is inside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from common.event_bus import EventBus
+from common.events import JobQueued
+from common.exceptions import DatasetNotFoundError
+from common.sources import LocalMirror
+from tasks import samples, steps
+from tasks.embedded import start_mongo, start_redis
+from tasks.queue import get_queue
+from tests.api_server import api_client, api_server
+from tests.conftest import Stores, use_settings
+from tests.test_api import events_of, get_until_ready
+from tests.test_api_auth import mirror, token  # noqa: F401  (the fixture)
+from tests.waiting import eventually
+
+CACHED_PATHS = ("/first-rows", "/statistics", "/parquet", "/info", "/size", "/splits", "/is-valid")
+
+
+@pytest.fixture
+def client(mirror: Path) -> Iterator[httpx.Client]:  # noqa: F811
+    with api_client() as client:
+        yield client
+
+
+def _params(path: str, dataset: str) -> dict[str, str]:
+    split = {"config": "default", "split": "train"}
+    return {"dataset": dataset} | (split if path in ("/first-rows", "/statistics") else {})
+
+
+def nested_mirror(root: Path) -> None:
+    """A gated `acme/secret`; a gated canonical `vault` with a data folder; a public `org/leak` with a link
+    to the gated file; a namespace `closed` gated as a whole; a public-looking `org/deep` gated inside."""
+    samples.csv_dataset(root, "acme/secret")
+    (root / "acme/secret/.gated").write_text("")
+    samples.write(root / "vault/README.md", "# vault\n")
+    samples.write(root / "vault/data/train.csv", "id,text\n1,secret\n")
+    (root / "vault/.gated").write_text("")
+    samples.csv_dataset(root, "org/leak")
+    os.symlink(root / "acme/secret/train.csv", root / "org/leak/other.csv")
+    os.symlink(root / "acme/secret", root / "org/linked")
+    samples.csv_dataset(root, "closed/data")
+    (root / "closed/.private").write_text("")
+    samples.csv_dataset(root, "org/deep")
+    samples.write(root / "org/deep/sub/more.csv", "id,text\n9,inner\n")
+    (root / "org/deep/sub/.gated").write_text("")
+
+
+def test_a_mirror_dataset_is_one_folder_with_one_access_decision(tmp_path: Path) -> None:
+    nested_mirror(tmp_path)
+    source = LocalMirror(tmp_path)
+    for name in ("acme", "vault/data", "org/leak", "org/linked", "closed", "nowhere", "org/nowhere"):
+        with pytest.raises(DatasetNotFoundError) as refused:
+            source.access(name)
+        assert str(tmp_path) not in refused.value.message
+    assert source.access("acme/secret") == "gated"
+    assert source.access("vault") == "gated"
+    assert source.access("closed/data") == "private"  # the namespace's marker
+    assert source.access("org/deep") == "gated"  # a marker under the dataset's folder
+    samples.csv_dataset(tmp_path, "org/open")
+    os.symlink(tmp_path / "org/open/train.csv", tmp_path / "org/open/same.csv")  # a link inside: fine
+    assert source.access("org/open") == "public"
+
+
+def test_a_gated_datasets_rows_are_not_served_under_another_name(client: httpx.Client, mirror: Path) -> None:  # noqa: F811
+    nested_mirror(mirror)
+    for dataset in ("acme", "vault/data", "org/leak", "org/linked", "closed"):
+        for path in CACHED_PATHS:
+            answer = client.get(path, params=_params(path, dataset))
+            assert (answer.status_code, answer.json()["error_code"]) == (404, "DatasetNotFoundError"), (path, dataset)
+            assert str(mirror) not in answer.text and "secret" not in answer.text.replace(dataset, "")
+        assert get_queue().jobs(dataset) == []  # nothing converted on an anonymous GET
+    for dataset in ("acme/secret", "vault", "closed/data", "org/deep"):
+        assert client.get("/first-rows", params=_params("/first-rows", dataset)).status_code == 401
+
+
+def test_the_dataset_under_a_gated_namespace_is_served_with_a_token(
+    client: httpx.Client,
+    mirror: Path,  # noqa: F811
+    worker: object,
+) -> None:
+    nested_mirror(mirror)
+    headers = {"Authorization": f"Bearer {token('closed/data')}"}
+    answers = get_until_ready(client, "/first-rows", headers=headers, **_params("/first-rows", "closed/data"))
+    assert answers[-1].status_code == 200 and answers[-1].json()["rows"]
+
+
+def test_a_replay_reads_only_its_jobs_events(
+    client: httpx.Client,
+    mirror: Path,  # noqa: F811
+    worker: object,
+    stores: Stores,
+) -> None:
+    dataset = samples.csv_dataset(mirror)
+    job_id = steps.dataset_config_names.delay(dataset).id
+    story = events_of(client, job_id)
+    bus, others = EventBus(stores.redis()), JobQueued(job_id="other", step="x", dataset="org/other", namespace="org")
+    for _ in range(20):
+        bus.publish_many([others] * 1_000)  # 20,000 events of another job after this one's
+    with monitored(stores.redis()) as commands:
+        replayed = events_of(client, job_id, last_event_id="0-0")
+    assert [event[:2] for event in replayed] == [event[:2] for event in story]
+    reads = [command for command in commands if command.split()[0].upper() in {"XREAD", "XRANGE", "XREVRANGE"}]
+    assert reads and all(bus.job_stream(job_id, "org") in command for command in reads), reads[:5]
+
+
+@contextmanager
+def monitored(redis: Any) -> Iterator[list[str]]:
+    """The commands Redis runs while the block runs (Redis' MONITOR), each as one line of text."""
+    commands: list[str] = []
+    stop = f"stop-monitor-{time.monotonic_ns()}"
+    ready = threading.Event()
+
+    def listen() -> None:
+        with redis.monitor() as monitor:
+            ready.set()
+            for command in monitor.listen():
+                if stop in command["command"]:
+                    return
+                commands.append(command["command"])
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.1)
+    try:
+        yield commands
+    finally:
+        redis.echo(stop)
+        thread.join(10)
+
+
+def open_stream(url: str, job_id: str, address: str = "127.0.0.1", **headers: str) -> tuple[httpx.Client, Any]:
+    """An event stream held open (from a client at `address`, any 127.x.y.z): its client and response."""
+    client = httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address=address), timeout=30)
+    response = client.send(client.build_request("GET", f"/jobs/{job_id}/events", headers=headers), stream=True)
+    return client, response
+
+
+def test_event_streams_are_capped_per_client_and_in_all(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    use_settings(monkeypatch, {"API_EVENTS_MAX_STREAMS_PER_CLIENT": "2", "API_EVENTS_MAX_STREAMS": "3"})
+    dataset = samples.csv_dataset(mirror)
+    job_id = steps.dataset_config_names.delay(dataset).id  # no worker: it waits
+    opened: list[tuple[httpx.Client, Any]] = []
+    with api_server() as url:
+        try:
+            opened += [open_stream(url, job_id), open_stream(url, job_id)]
+            assert [response.status_code for _, response in opened] == [200, 200]
+            third = open_stream(url, job_id)
+            opened.append(third)
+            assert third[1].status_code == 429 and third[1].headers["Retry-After"] == "5"
+            third[1].read()
+            assert third[1].json()["error_code"] == "TooManyStreamsError"
+            opened.append(open_stream(url, job_id, "127.0.0.2"))  # another client: the third of 3 in all
+            assert opened[-1][1].status_code == 200
+            assert open_stream(url, job_id, "127.0.0.3")[1].status_code == 429  # none left in all
+            opened[0][1].close()
+            eventually(lambda: open_stream(url, job_id)[1].status_code == 200, "a closed stream frees its slot")
+        finally:
+            for client, response in opened:
+                response.close()
+                client.close()
+
+
+def test_a_stream_of_a_waiting_job_closes_with_a_state_it_resumes_from(
+    mirror: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_settings(monkeypatch, {"API_EVENTS_IDLE_SECONDS": "1"})
+    dataset = samples.csv_dataset(mirror)
+    job_id = steps.dataset_config_names.delay(dataset).id  # no worker: it waits
+    with api_client() as client:
+        started = time.monotonic()
+        first = events_of(client, job_id)
+        assert [kind for _, kind, _ in first] == ["job.queued", "job.state"] and time.monotonic() - started < 10
+        assert first[-1][2]["status"] in ("waiting", "queued") and first[-1][0] == first[0][0]
+        resumed = events_of(client, job_id, last_event_id=first[-1][0])
+        assert [kind for _, kind, _ in resumed] == ["job.state"]  # nothing replayed twice
+
+
+def slow_connections(url: str, count: int) -> list[socket.socket]:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    connections = [socket.create_connection((host, port)) for _ in range(count)]
+    for connection in connections:
+        connection.sendall(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n")
+    return connections
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    """Whether the server closed the connection (a read gets the end, or a reset)."""
+    connection.settimeout(0.01)
+    try:
+        return connection.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_slow_or_silent_or_huge_headers_and_too_many_connections_are_bounded(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_settings(monkeypatch, {"API_HEADER_TIMEOUT_SECONDS": "4", "API_MAX_CONNECTIONS": "60"})
+    with api_server() as url, httpx.Client(base_url=url, timeout=10) as client:
+        dripping = slow_connections(url, 50)
+        silent = [socket.create_connection((httpx.URL(url).host, httpx.URL(url).port)) for _ in range(5)]
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # one header byte at a time: still open while it lasts
+            for connection in dripping:
+                connection.sendall(b"X")
+            time.sleep(0.3)
+        assert not any(closed_by_server(connection) for connection in dripping)
+        assert client.get("/healthcheck").status_code == 200  # 56 of 60 connections: still served
+        eventually(
+            lambda: all(closed_by_server(connection) for connection in dripping + silent),
+            "every connection whose headers did not arrive in time is closed",
+            timeout=8,
+        )
+        huge = client.get("/healthcheck", headers={"X-Big": "x" * 1_000_000})
+        assert huge.status_code == 400
+        crowd = slow_connections(url, 60)
+        assert client.get("/healthcheck").status_code == 503  # past API_MAX_CONNECTIONS
+        for connection in dripping + silent + crowd:
+            connection.close()
+        eventually(lambda: client.get("/healthcheck").status_code == 200, "served again once they left")
+
+
+@pytest.mark.parametrize("store", ["redis", "mongo"])
+def test_the_healthcheck_answers_within_the_timeout_when_a_store_stalls(
+    store: str, stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    server = start_redis(tmp_path) if store == "redis" else start_mongo(tmp_path)
+    variable = "QUEUE_REDIS_URL" if store == "redis" else "CACHE_MONGO_URL"
+    use_settings(monkeypatch, {variable: server.url, "API_REQUEST_TIMEOUT_SECONDS": "2"})
+    try:
+        with api_client() as client:
+            assert client.get("/healthcheck").status_code == 200
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                answer = client.get("/healthcheck")
+                elapsed = time.monotonic() - started
+                answer_again = client.get("/healthcheck")  # the stalled first one still holds a thread
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert (answer.status_code, answer.json()["error_code"]) == (504, "RequestTimeoutError")
+            assert elapsed < 4 and answer_again.status_code in (503, 504)
+            eventually(lambda: client.get("/healthcheck").status_code == 200, "healthy once the store answers")
+    finally:
+        server.stop()
