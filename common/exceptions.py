@@ -32,6 +32,7 @@
           ├── SplitNotFoundError                 404  no such split in the config
           ├── EmptyDatasetError                  500  the dataset has no data files
           ├── DatasetGenerationError             500  a data file cannot be read (corrupted, wrong format)
+          ├── DataFilesOutsideDatasetError       403  a config names data files that are not the dataset's own
           ├── TooManyColumnsError                501  more columns than WORKER_FIRST_ROWS_MAX_COLUMNS
           ├── PreviousStepMissingError           500  a parent step's response is not in the cache
           └── ParentStepFailedError              (the parent's status)  a parent step's response is an error
@@ -215,6 +216,13 @@ class EmptyDatasetError(CacheableError):
 
 class DatasetGenerationError(CacheableError):
     """A data file cannot be read: corrupted, or not in the format its name says."""
+
+
+class DataFilesOutsideDatasetError(CacheableError):
+    """A config names data files outside the dataset's own files (`..` or an absolute path in its README's
+    `data_files` or `data_dir`): refused, never read."""
+
+    http_status = HTTPStatus.FORBIDDEN
 
 
 class TooManyColumnsError(CacheableError):

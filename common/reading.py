@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from common.dataset_modules import kept_at
-from common.exceptions import ConfigNotFoundError, SplitNotFoundError
+from common.exceptions import ConfigNotFoundError, DataFilesOutsideDatasetError, SplitNotFoundError
+from common.redaction import redact
 from common.sources import DatasetSource, Location
 
 if TYPE_CHECKING:
@@ -64,6 +65,13 @@ def _builder(source: DatasetSource, location: Location, config: str) -> Any:
             builder = source.call(load_dataset_builder, **location.load_arguments(), name=config)
     except ValueError as error:
         raise _config_not_found(error, location, config) from error
+    data_files = (builder.config.data_files or {}).values()
+    outside = [file for files in data_files for file in files if not location.owns(file)]
+    if outside:
+        raise DataFilesOutsideDatasetError(
+            f"config {config!r} of {location.dataset!r} names {len(outside)} data files outside the dataset's own "
+            "files (a '..' or an absolute path in its README's data_files or data_dir): they are not read"
+        )
     if isinstance(builder.config, ParquetConfig) and builder.config.batch_size is None:
         # It would read a whole row group at a time (a million rows, as pandas and pyarrow write them),
         # and fail on a file with no rows (a batch of 0).
@@ -93,14 +101,41 @@ class Split:
 
         if not self.has_media:
             return table
+        self._check_media_paths(table)
         embedded: pa.Table = self.source.call(
             embed_table_storage, table, token_per_repo_id=self.location.token_per_repo_id
         )
         return embedded
 
+    def _check_media_paths(self, table: pa.Table) -> None:
+        """Refuse to embed a media file that is not one of the dataset's own (a cell's path can name any
+        file of the worker's disk, or any URL: `datasets` would read it)."""
+        from datasets.features.features import require_storage_embed
+
+        for name, feature in self.features.items():
+            if name in table.column_names and require_storage_embed(feature):
+                outside = [path for path in _unembedded(table.column(name).to_pylist()) if not self.location.owns(path)]
+                if outside:
+                    raise DataFilesOutsideDatasetError(
+                        f"column {name!r} of {self.location.dataset!r} names {len(outside)} media files outside the "
+                        "dataset's own files: they are not read"
+                    )
+
     @property
     def has_media(self) -> bool:
         return any(feature_type(feature) in MEDIA_TYPES for feature in self.features.values())
+
+
+def _unembedded(value: Any) -> Iterator[str]:
+    """The paths of the media cells in `value` whose bytes are not there yet (what embedding would read)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str) and value.get("bytes") is None:
+            yield value["path"]
+        for item in value.values():
+            yield from _unembedded(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _unembedded(item)
 
 
 def open_split(source: DatasetSource, location: Location, config: str, split: str) -> Split:
@@ -133,7 +168,7 @@ def _resolved_once(location: Location) -> contextlib.AbstractContextManager[None
 
 def _config_not_found(error: ValueError, location: Location, config: str) -> Exception:
     if "BuilderConfig" in str(error) and "not found" in str(error):
-        return ConfigNotFoundError(f"dataset {location.dataset!r} has no config {config!r}: {error}", error)
+        return ConfigNotFoundError(redact(f"dataset {location.dataset!r} has no config {config!r}: {error}"), error)
     return error
 
 

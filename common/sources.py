@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,15 @@ class Location:
         if self.revision is not None:
             arguments |= {"revision": self.revision, "token": self.token}
         return arguments
+
+    def owns(self, file: str) -> bool:
+        """Whether a data file `datasets` resolved for this location is one of the dataset's own files: in
+        its folder once links are followed (a mirror), or in its repo at its revision (the Hub)."""
+        if self.revision is None:
+            return Path(file).resolve().is_relative_to(Path(self.path).resolve())
+        prefix = f"hf://datasets/{self.path}@{self.revision}/"
+        inside = posixpath.normpath(file.removeprefix(prefix))
+        return file.startswith(prefix) and not inside.startswith(("../", "/")) and inside != ".."
 
     @property
     def token_per_repo_id(self) -> dict[str, str | None]:

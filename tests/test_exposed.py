@@ -263,3 +263,59 @@ def test_the_healthcheck_answers_within_the_timeout_when_a_store_stalls(
             eventually(lambda: client.get("/healthcheck").status_code == 200, "healthy once the store answers")
     finally:
         server.stop()
+
+
+README_OUTSIDE = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "../../acme/secret/*.csv"
+- config_name: datadir
+  data_dir: "../../acme/secret"
+- config_name: host
+  data_files:
+  - split: train
+    path: "{host_file}"
+---
+"""
+README_MEDIA = """---
+dataset_info:
+  features:
+  - name: image
+    dtype: image
+---
+"""
+
+
+@pytest.mark.parametrize("config", ["default", "datadir", "host"])
+def test_a_readme_cannot_make_a_dataset_read_files_that_are_not_its_own(
+    client: httpx.Client,
+    mirror: Path,  # noqa: F811
+    worker: object,
+    config: str,
+) -> None:
+    nested_mirror(mirror)
+    host_file = samples.write(mirror.parent / "credentials.csv", "id,text\n1,host secret\n")
+    samples.write(mirror / "org/pub/README.md", README_OUTSIDE.format(host_file=host_file))
+    samples.write(mirror / "org/pub/train.csv", "id,text\n1,public\n")
+    answer = get_until_ready(client, "/first-rows", dataset="org/pub", config=config, split="train")[-1]
+    assert (answer.status_code, answer.json()["error_code"]) == (403, "DataFilesOutsideDatasetError"), answer.text
+    assert "secret" not in answer.text.replace("acme/secret", "") and str(mirror) not in answer.text
+
+
+def test_a_media_cell_cannot_name_a_file_that_is_not_the_datasets_own(tmp_path: Path) -> None:
+    from common.exceptions import DataFilesOutsideDatasetError
+    from common.reading import open_split
+
+    outside = samples.write(tmp_path / "host.png", b"\x89PNG not the dataset's")
+    root = tmp_path / "mirror"
+    samples.write(root / "org/pub/README.md", README_MEDIA)
+    samples.write(root / "org/pub/train.csv", f"image\n{outside}\n")
+    samples.image_dataset(root, "org/images")
+    source = LocalMirror(root)
+    split = open_split(source, source.locate("org/pub", source.revision("org/pub")), "default", "train")
+    with pytest.raises(DataFilesOutsideDatasetError):
+        split.embed(next(split.batches(10)))
+    own = open_split(source, source.locate("org/images", source.revision("org/images")), "default", "train")
+    assert all(cell["bytes"] for cell in own.embed(next(own.batches(10))).column("image").to_pylist())
