@@ -8,7 +8,8 @@
 - a missing or private dataset, or a revision that is gone: :class:`DatasetNotFoundError` (404);
 - no data files: :class:`EmptyDatasetError`; a file that cannot be read: :class:`DatasetGenerationError`.
 
-Messages are the libraries' own, which name URLs but never the token (a test checks it).
+Messages are the libraries' own, which name URLs but never the token (a test checks it), with local paths
+and the host name taken out (common.redaction): a cached error's message is served to anyone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.exceptions import (
     EmptyDatasetError,
     HubTransientError,
 )
+from common.redaction import redact
 
 TRANSIENT_STATUSES = frozenset({408, 429})
 
@@ -37,7 +39,7 @@ def typed_hub_error(error: BaseException) -> CacheableError | None:
     import yaml  # (PyYAML: what `datasets` reads READMEs with)
     from huggingface_hub import errors
 
-    message = f"{type(error).__name__}: {error}"
+    message = redact(f"{type(error).__name__}: {error}")
     if isinstance(error, errors.GatedRepoError):
         return DatasetGatedError(f"the dataset is gated and the token has no access to it ({message})", error)
     if isinstance(error, errors.RepositoryNotFoundError | errors.RevisionNotFoundError | errors.DisabledRepoError):

@@ -299,4 +299,6 @@ def _as_cacheable(error: BaseException) -> CacheableError:
         return error
     if isinstance(error, SoftTimeLimitExceeded):
         return JobManagerExceededMaximumDurationError("the job exceeded its maximum duration", cause=error)
-    return UnexpectedError(f"unexpected error: {type(error).__name__}: {error}", cause=error)
+    # Its type only: its text may name anything of the machine (paths, hosts, URLs of the stores); the cause
+    # keeps it, in the entry's details (never served).
+    return UnexpectedError(f"unexpected error: {type(error).__name__}", cause=error)

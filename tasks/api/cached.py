@@ -16,6 +16,10 @@ Without an entry:
 
 At the dataset level, `/splits`, `/parquet` and `/info` gather their configs' entries, with the configs
 still `pending` and those `failed`, and `partial` when any is either or was cut.
+
+Nothing names the machine: an error's message is served without local paths or the host name
+(common.redaction; its cause stays in the entry's `details`, never served), and a Parquet file's `path` is
+relative to WORKER_PARQUET_DIRECTORY (an entry written before held an absolute path: cut when served).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import orjson
@@ -37,6 +42,7 @@ from common.exceptions import CachedResponseNotFoundError
 from common.names import validate_key
 from common.processing_graph import InputType, get_processing_graph
 from common.queue import JobStatus
+from common.redaction import redact
 from common.redis_connection import get_redis
 from common.sources import Access
 from tasks.api.assets import expiry, key_id, map_media_sources, media_columns, url_signer
@@ -51,6 +57,7 @@ from tasks.api.errors import (
 
 ROOT_STEP = "dataset-config-names"
 FIRST_ROWS = "split-first-rows"
+PARQUET = "config-parquet"
 BUSY = [JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED]
 
 
@@ -69,7 +76,7 @@ ENDPOINTS = (
         "/splits", "The splits of a config, or of every config", {InputType.CONFIG: "config-split-names"}, "splits"
     ),
     Endpoint("/first-rows", "The first rows of a split", {InputType.SPLIT: FIRST_ROWS}),
-    Endpoint("/parquet", "The Parquet files", {InputType.CONFIG: "config-parquet"}, "parquet_files"),
+    Endpoint("/parquet", "The Parquet files", {InputType.CONFIG: PARQUET}, "parquet_files"),
     Endpoint("/info", "Features and splits", {InputType.CONFIG: "config-info"}, "dataset_info", gather_by_config=True),
     Endpoint("/size", "Sizes in rows and bytes", {InputType.DATASET: "dataset-size", InputType.CONFIG: "config-size"}),
     Endpoint("/statistics", "Descriptive statistics of a split", {InputType.SPLIT: "split-descriptive-statistics"}),
@@ -123,10 +130,35 @@ def answer(
     return ContentResponse(content, status, headers=headers)
 
 
+def error_message(entry: cache.CachedResponse) -> str | None:
+    message = entry.content.get("error")
+    return redact(message) if isinstance(message, str) else None
+
+
+def relative_parquet_files(content: dict[str, Any]) -> dict[str, Any]:
+    """A config-parquet content whose files' paths are relative to WORKER_PARQUET_DIRECTORY: an entry
+    written before they were holds absolute ones, cut at the storage or else at the dataset's folder."""
+    files = content.get("parquet_files") or []
+    storage = f"{str(get_config().worker.parquet_path).rstrip('/')}/"
+
+    def relative(file: dict[str, Any]) -> dict[str, Any]:
+        path = file.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            return file
+        if path.startswith(storage):
+            return {**file, "path": path.removeprefix(storage)}
+        folder = path.find(f"/{file.get('dataset')}/--/")
+        return {**file, "path": path[folder + 1 :] if folder >= 0 else PurePosixPath(path).name}
+
+    return {**content, "parquet_files": [relative(file) for file in files]} if files else content
+
+
 def answer_entry(request: Request, entry: cache.CachedResponse, access: Access) -> Response:
     if not entry.is_success:
-        body = error_body(entry.content.get("error"), entry.error_code)
+        body = error_body(error_message(entry), entry.error_code)
         return answer(request, [entry], body, entry.http_status, entry.error_code, access)
+    if entry.kind == PARQUET:
+        return answer(request, [entry], relative_parquet_files(entry.content), entry.http_status, None, access)
     if entry.kind != FIRST_ROWS or not media_columns(entry.content):
         return answer(request, [entry], entry.content, entry.http_status, None, access)
     settings = get_config()
@@ -214,10 +246,10 @@ def gathered(endpoint: Endpoint, request: Request, dataset: str, access: Access)
             continue
         used.append(entry)
         if not entry.is_success:
-            failed.append({"config": config, "error_code": entry.error_code, "error": entry.content.get("error")})
+            failed.append({"config": config, "error_code": entry.error_code, "error": error_message(entry)})
             continue
         partial = partial or bool(entry.content.get("partial", False))
-        value = entry.content.get(endpoint.gather)
+        value = (relative_parquet_files(entry.content) if kind == PARQUET else entry.content).get(endpoint.gather)
         if isinstance(values, dict):
             values[config] = value
         else:

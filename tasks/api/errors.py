@@ -12,6 +12,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from common.exceptions import CacheableError, InvalidInputError, StepcacheError, UnknownJobError
+from common.redaction import redact
 
 ERROR_CODE_HEADER = "X-Error-Code"
 
@@ -100,7 +101,8 @@ def error_response(
 
 
 def answer_error(error: Exception) -> JSONResponse:
-    """The JSON answer of an error raised while serving a request (never a traceback)."""
+    """The JSON answer of an error raised while serving a request (never a traceback, nor a local path or
+    the host name from a typed error's message)."""
     if isinstance(error, ApiError):
         return error_response(error.http_status, error.message, error.code, error.headers, **error.fields)
     if isinstance(error, UnknownJobError):
@@ -108,5 +110,5 @@ def answer_error(error: Exception) -> JSONResponse:
     if isinstance(error, InvalidInputError):
         return error_response(HTTPStatus.UNPROCESSABLE_ENTITY, str(error), type(error).__name__)
     if isinstance(error, CacheableError):
-        return error_response(error.http_status, error.message, error.error_code)
+        return error_response(error.http_status, redact(error.message), error.error_code)
     return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error occurred", "UnexpectedError")

@@ -1,6 +1,6 @@
 """Jobs, as the ledger records them, and their events as they happen.
 
-`GET /jobs/{job_id}`: the job's ledger state (its lease token left out).
+`GET /jobs/{job_id}`: the job's ledger state (its lease token and worker left out).
 `GET /jobs/{job_id}/events`: Server-Sent Events, one per event of the job (job.*, task.*: queued, started,
 progress, heartbeat, cache updated, succeeded or failed), each with its id on the job's own stream
 (common.event_bus) as `id` and its type as `event`; the stream ends with the job's end. Without
@@ -45,6 +45,10 @@ READ_COUNT = 200
 ENDS = frozenset(str(kind) for kind in EventType if kind.ends_job)
 PING_SECONDS = 15
 MAX_LEDGER_WAIT_SECONDS = 1.0
+UNANSWERED = {"lease_token", "worker"}  # a secret, and the worker's host name: never answered
+# A task's failure is told by its exception's type; its text may name the stores' hosts (job.failed has
+# the cached error's message, redacted).
+UNANSWERED_TASK_FAILED = UNANSWERED | {"message"}
 
 
 class StreamSlots:
@@ -112,7 +116,7 @@ def _is_stream_id(text: str) -> bool:
 
 
 def job_document(job: Job) -> dict[str, Any]:
-    return job.model_dump(mode="json", exclude={"lease_token"})
+    return job.model_dump(mode="json", exclude=UNANSWERED)
 
 
 async def job_events(
@@ -129,7 +133,8 @@ async def job_events(
             entries = await run_in_threadpool(bus.read_job, job.job_id, job.namespace, position, READ_COUNT)
             for stream_id, event in entries:
                 position = stream_id
-                yield ServerSentEvent(event.model_dump_json(), event=event.type, id=stream_id)
+                hidden = UNANSWERED_TASK_FAILED if event.type == EventType.TASK_FAILED else UNANSWERED
+                yield ServerSentEvent(event.model_dump_json(exclude=hidden), event=event.type, id=stream_id)
                 if event.type in ENDS:
                     return
             if entries:

@@ -7,6 +7,10 @@ in the `X-Webhook-Secret` header.
   the new name (the names and URLs inside the entries rewritten), then a backfill of the new name.
 
 Events about models or spaces, and other actions, are acknowledged and ignored.
+
+The secret is checked before a byte of the body is read (the endpoint declares no body: FastAPI reads none
+before its dependencies run), then at most WEBHOOK_MAX_BODY_BYTES are read (413 past it, declared or
+streamed) and validated (422).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common import cache, orchestrator
 from common.config import get_config
@@ -30,9 +35,10 @@ from common.names import validate_dataset
 from common.redis_connection import get_redis
 from tasks.api.assets import map_media_sources
 from tasks.api.auth import AccessCache
-from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError
+from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError, PayloadTooLargeError
 
 SECRET_HEADER = "X-Webhook-Secret"
+WEBHOOK_MAX_BODY_BYTES = 64 * 1024  # a payload of the Hub is a few KB
 
 
 class WebhookEvent(BaseModel):
@@ -97,12 +103,16 @@ def renamer(old: str, new: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     the `src` of first rows' image and audio cells; the rows' data stays as it is."""
     settings = get_config()
     base = settings.assets.base_url.rstrip("/")
-    assets = (f"{base}/{quote(old, safe='/')}/--/", f"{base}/{quote(new, safe='/')}/--/")
-    parquet = (f"{settings.worker.parquet_path / old}/--/", f"{settings.worker.parquet_path / new}/--/")
+    assets = [(f"{base}/{quote(old, safe='/')}/--/", f"{base}/{quote(new, safe='/')}/--/")]
+    storage = settings.worker.parquet_path
+    # Relative to the Parquet storage; an entry written before paths were relative holds absolute ones.
+    parquet = [(f"{old}/--/", f"{new}/--/"), (f"{storage / old}/--/", f"{storage / new}/--/")]
 
-    def moved(value: str, prefixes: tuple[str, str]) -> str:
-        before, after = prefixes
-        return after + value.removeprefix(before) if value.startswith(before) else value
+    def moved(value: str, prefixes: list[tuple[str, str]]) -> str:
+        for before, after in prefixes:
+            if value.startswith(before):
+                return after + value.removeprefix(before)
+        return value
 
     def rename(value: Any) -> Any:
         if isinstance(value, dict):
@@ -150,11 +160,51 @@ def move(access: AccessCache, old: str, new: str) -> dict[str, Any]:
 
 
 def check_secret(x_webhook_secret: str | None = Header(None, description="API_WEBHOOK_SECRET")) -> None:
-    """The shared secret, checked before the body is validated (a body that is not JSON at all is refused
-    first: FastAPI parses it before it runs dependencies; API_MAX_BODY_BYTES bounds it)."""
+    """The shared secret, compared in constant time."""
     secret = get_config().api.webhook_secret.get_secret_value()
     if not secret or not hmac.compare_digest((x_webhook_secret or "").encode(), secret.encode()):
         raise AuthenticationRequiredError(f"a webhook needs the shared secret in {SECRET_HEADER}")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, refused (413) when its Content-Length says it is over `max_bytes` or as soon as
+    more than that has streamed in."""
+    too_big = PayloadTooLargeError(f"a webhook's body is at most {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_big
+    return bytes(body)
+
+
+async def read_payload(request: Request, _: Annotated[None, Depends(check_secret)]) -> WebhookPayload:
+    """The payload, read and validated once the secret is checked (a dependency of this one: it runs first)."""
+    body = await read_body(request, WEBHOOK_MAX_BODY_BYTES)
+    try:
+        return WebhookPayload.model_validate_json(body)
+    except ValidationError as error:  # answered 422 InvalidParameterError, as FastAPI's own validation
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+
+
+def _inlined(schema: Any, definitions: dict[str, Any]) -> Any:
+    """A JSON schema with its `$defs` references replaced by the definitions: an OpenAPI document resolves
+    `$ref` from its own root."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined(definitions[schema["$ref"].rsplit("/", 1)[-1]], definitions)
+        return {key: _inlined(value, definitions) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    return schema
+
+
+def _payload_schema() -> dict[str, Any]:
+    schema = WebhookPayload.model_json_schema()
+    return {"required": True, "content": {"application/json": {"schema": _inlined(schema, schema.get("$defs", {}))}}}
 
 
 def router() -> APIRouter:
@@ -162,10 +212,13 @@ def router() -> APIRouter:
 
     @hooks.post(
         "/webhook",
-        dependencies=[Depends(check_secret)],
-        responses={401: {"description": "a missing or wrong X-Webhook-Secret"}},
+        responses={
+            401: {"description": "a missing or wrong X-Webhook-Secret"},
+            413: {"description": f"a body over {WEBHOOK_MAX_BODY_BYTES} bytes"},
+        },
+        openapi_extra={"requestBody": _payload_schema()},
     )
-    def webhook(payload: WebhookPayload, request: Request) -> dict[str, Any]:
+    def webhook(request: Request, payload: Annotated[WebhookPayload, Depends(read_payload)]) -> dict[str, Any]:
         """A repository event of the Hub."""
         from tasks.queue import get_queue
 

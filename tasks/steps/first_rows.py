@@ -18,6 +18,7 @@ from PIL import Image
 from common.assets import CellLocation, store_audio, store_image
 from common.config import get_config
 from common.exceptions import DatasetGenerationError, TooManyColumnsError
+from common.redaction import redact
 from common.tables import column_kind, features
 from tasks.step_task import StepJob
 from tasks.steps.configs import open_job_split
@@ -40,7 +41,7 @@ def _cell(value: Any, kind: str, location: CellLocation) -> Any:
             return store_image(location, data)
         except (OSError, ValueError, Image.DecompressionBombError) as error:  # not an image, truncated, a bomb
             raise DatasetGenerationError(
-                f"row {location.row}, column {location.column!r}: not a readable image ({error})", error
+                redact(f"row {location.row}, column {location.column!r}: not a readable image ({error})"), error
             ) from error
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"

@@ -5,7 +5,9 @@ config-parquet-and-info streams each split of the config into a Parquet file und
 WORKER_PARQUET_DIRECTORY, at `<dataset>/--/<revision>/--/<config>/<split>/0000.parquet`, in batches (memory
 stays bounded whatever the split's size), image and audio bytes inside. It stops a split once
 WORKER_PARQUET_MAX_BYTES of Arrow data are converted: the split's file then holds its first rows, the
-response says `partial: true`, and each split says how many rows and bytes were read.
+response says `partial: true`, and each split says how many rows and bytes were read. A file's `path` in
+the response is relative to WORKER_PARQUET_DIRECTORY (`parquet_file` finds it): no answer names a directory
+of a worker's disk.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ MEDIA_BATCH_ROWS = 100  # a batch of images or audio files holds their bytes
 def parquet_path(dataset: str, revision: str, config: str, split: str) -> Path:
     dataset, config, split = validate_key(dataset, config, split)  # type: ignore[assignment]
     return get_config().worker.parquet_path / dataset / "--" / revision / "--" / config / split / "0000.parquet"
+
+
+def stored_path(path: Path) -> str:
+    """The path a response holds: relative to WORKER_PARQUET_DIRECTORY."""
+    return path.relative_to(get_config().worker.parquet_path).as_posix()
+
+
+def parquet_file(path: str) -> Path:
+    """The file a response's `path` names (an entry written before paths were relative holds an absolute
+    one: it stays as it is)."""
+    return get_config().worker.parquet_path / path
 
 
 def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
@@ -83,7 +96,7 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
                 "config": job.config,
                 "split": name,
                 "filename": path.name,
-                "path": str(path),
+                "path": stored_path(path),
                 "size": size,
             }
         )

@@ -27,6 +27,7 @@ from common.exceptions import SplitNotFoundError
 from common.progress import Progress
 from common.tables import column_kind, features_of
 from tasks.step_task import StepJob
+from tasks.steps.parquet import parquet_file
 
 HISTOGRAM_BINS = 10
 BATCH_ROWS = 65_536
@@ -215,7 +216,7 @@ def split_descriptive_statistics(job: StepJob) -> dict[str, Any]:
     files = [f for f in parent["parquet_files"] if f["split"] == job.split]
     if not files:
         raise SplitNotFoundError(f"config {job.config!r} has no Parquet file for split {job.split!r}")
-    return describe(files[0]["path"], job.progress) | {"partial": bool(parent.get("partial", False))}
+    return describe(str(parquet_file(files[0]["path"])), job.progress) | {"partial": bool(parent.get("partial", False))}
 
 
 def describe(path: str, progress: Progress, only: list[str] | None = None) -> dict[str, Any]:
