@@ -1,6 +1,6 @@
 """`python -m tasks COMMAND`: stepcache from the command line.
 
-Commands: run, enqueue, status, follow, backfill, cancel, limits, top, reconcile, workers
+Commands: run, enqueue, status, follow, backfill, cancel, limits, top, reconcile, cache-counts, workers
 (`python -m tasks COMMAND -h`). Tables and progress bars are drawn by tasks/display.py (rich): plain text
 without escape codes when the output is not a terminal.
 Exit codes: 0 done (a followed job succeeded), 1 a followed job failed or was cancelled (or `run --once`
@@ -164,6 +164,29 @@ def reconcile(out: TextIO) -> int:
     return EXIT_OK
 
 
+def cache_counts(recount: bool, out: TextIO) -> int:
+    """The cache entries per kind, status and error code, as kept (the metrics' figures), or counted again
+    and kept (`--recount`: the repair of counts a crash left off, as each worker does when it starts)."""
+    from common import cache
+    from common.cache_counts import kept_counts
+
+    counts = cache.recount_entries() if recount else kept_counts()
+    console = make_console(out)
+    rows = [[c.kind, c.http_status, c.error_code or "", c.count] for c in counts]
+    print_table(console, make_table(["kind", "status", "error", "entries"], rows, console, right={"entries"}))
+    return EXIT_OK
+
+
+def prune(dry_run: bool, out: TextIO) -> int:
+    from common.sources import get_source
+    from tasks import removal
+
+    gone = removal.prune(get_source(), dry_run)
+    verb = "would remove" if dry_run else "removed"
+    out.write("".join(f"{verb} {dataset}\n" for dataset in gone) or "every dataset of the cache is in the source\n")
+    return EXIT_OK
+
+
 def workers(out: TextIO) -> int:
     from tasks import app
 
@@ -234,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconcile_parser = commands.add_parser("reconcile", help="make Redis' limiter state agree with the ledger")
     reconcile_parser.set_defaults(run=lambda args: reconcile(sys.stdout))
+    counts_parser = commands.add_parser("cache-counts", help="the cache entries per kind, status and error code")
+    counts_parser.add_argument("--recount", action="store_true", help="count the whole cache again and keep that")
+    counts_parser.set_defaults(run=lambda args: cache_counts(args.recount, sys.stdout))
+    prune_parser = commands.add_parser(
+        "prune", help="remove the entries, jobs and files of datasets the source no longer has"
+    )
+    prune_parser.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    prune_parser.set_defaults(run=lambda args: prune(args.dry_run, sys.stdout))
     workers_parser = commands.add_parser("workers", help="the workers that answer, their queues and running jobs")
     workers_parser.set_defaults(run=lambda args: workers(sys.stdout))
 

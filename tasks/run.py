@@ -114,6 +114,11 @@ def run(
             create_app(get_config())
 
             datasets = samples.write_demo_mirror(Path(get_config().common.hf_endpoint.removeprefix("file://")))
+            from common.sources import get_source
+            from tasks.removal import prune
+
+            for dataset in prune(get_source()):  # the mirror may have changed since the last run
+                out.write(f"removed {dataset}: no longer a dataset of the mirror\n")
             stack.enter_context(WorkerProcess("stepcache", env, home / "worker.log", concurrency=2))
             stack.enter_context(flower({**env}, flower_port, home / "flower.log"))
             stack.enter_context(api({**env}, api_port, home / "api.log"))

@@ -3,6 +3,7 @@ decision, event streams are bounded, connections are bounded, and no answer leak
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from common.event_bus import EventBus
 from common.events import JobQueued
 from common.exceptions import DatasetNotFoundError
 from common.sources import LocalMirror
-from tasks import samples, steps
+from tasks import cli, samples, steps
 from tasks.embedded import start_mongo, start_redis
 from tasks.queue import get_queue
 from tests.api_server import api_client, api_server
@@ -319,3 +320,20 @@ def test_a_media_cell_cannot_name_a_file_that_is_not_the_datasets_own(tmp_path: 
         split.embed(next(split.batches(10)))
     own = open_split(source, source.locate("org/images", source.revision("org/images")), "default", "train")
     assert all(cell["bytes"] for cell in own.embed(next(own.batches(10))).column("image").to_pylist())
+
+
+def test_entries_of_names_that_are_no_longer_datasets_are_pruned(mirror: Path) -> None:  # noqa: F811
+    from common import cache
+    from tasks.removal import prune
+
+    nested_mirror(mirror)
+    for dataset in ("acme", "vault/data", "acme/secret", "vault"):
+        cache.upsert_response("dataset-size", dataset, {"size": {}})
+    source = LocalMirror(mirror)
+    assert prune(source, dry_run=True) == ["acme", "vault/data"]
+    assert len(cache.get_dataset_responses("acme")) == 1
+    out = io.StringIO()
+    assert cli.prune(True, out) == 0 and out.getvalue() == "would remove acme\nwould remove vault/data\n"
+    assert prune(source) == ["acme", "vault/data"]
+    assert cache.dataset_names() == ["acme/secret", "vault"]
+    assert prune(source) == []

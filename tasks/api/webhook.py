@@ -16,11 +16,8 @@ streamed) and validated (422).
 from __future__ import annotations
 
 import hmac
-import shutil
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -36,6 +33,7 @@ from common.redis_connection import get_redis
 from tasks.api.assets import map_media_sources
 from tasks.api.auth import AccessCache
 from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError, PayloadTooLargeError
+from tasks.removal import dataset_directories, remove_dataset, remove_directory
 
 SECRET_HEADER = "X-Webhook-Secret"
 WEBHOOK_MAX_BODY_BYTES = 64 * 1024  # a payload of the Hub is a few KB
@@ -66,36 +64,15 @@ class WebhookPayload(BaseModel):
     moved_to: MovedTo | None = Field(None, alias="movedTo")
 
 
-def _directories(dataset: str) -> list[Path]:
-    """Where the dataset's files are, and only its files: `<dataset>/--/...` (a canonical name's folder also
-    holds its namespace's datasets)."""
-    settings = get_config()
-    return [settings.assets.storage_path / dataset / "--", settings.worker.parquet_path / dataset / "--"]
-
-
-def _remove(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
-    with suppress(OSError):
-        directory.parent.rmdir()  # the dataset's folder, once nothing else is in it
-
-
 def forget(access: AccessCache, dataset: str) -> None:
     access.forget(dataset)  # here at once, in the other API processes within a second
     get_redis(get_config().queue.redis_url).delete(f"{REDIS_PREFIX}:api:backfill:{dataset}")
 
 
 def delete(access: AccessCache, dataset: str) -> dict[str, Any]:
-    from tasks.queue import get_queue
-
-    # Entries first, then jobs: an ending that enqueued children before the cancel finds its own entry
-    # gone afterwards, and cancels them itself (orchestrator.after_job); a running attempt's write finds
-    # no entry (a fenced write never creates one).
-    deleted = cache.delete_dataset_responses(dataset)
-    cancelled = get_queue().cancel(dataset, revoke_started=True)
-    for directory in _directories(dataset):
-        _remove(directory)
+    removed = remove_dataset(dataset)
     forget(access, dataset)
-    return {"cancelled": len(cancelled), "deleted": deleted}
+    return removed
 
 
 def renamer(old: str, new: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -143,14 +120,14 @@ def move(access: AccessCache, old: str, new: str) -> dict[str, Any]:
     queue = get_queue()
     cancelled = queue.cancel(old, revoke_started=True) + queue.cancel(new, revoke_started=True)
     moved = cache.move_dataset_responses(old, new, renamer(old, new))
-    for source, target in zip(_directories(old), _directories(new), strict=True):
+    for source, target in zip(dataset_directories(old), dataset_directories(new), strict=True):
         if not source.exists():
             continue
         # Through a staging name: on a case-insensitive file system, `Org/A` and `org/a` are one folder.
         staging = source.parent.parent / f".moving-{uuid.uuid4().hex}"
         source.rename(staging)
-        _remove(source)  # the old dataset's folder, now empty
-        _remove(target)
+        remove_directory(source)  # the old dataset's folder, now empty
+        remove_directory(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(target)
     forget(access, old)
