@@ -11,6 +11,10 @@ no reader sees). Its response is written only while that claim is still its own 
 attempt of the job, another job of the same entry, a cancel (`release_claims`) or a delete (the document
 is gone, and a fenced write never creates one) refuses it, whatever the fences' clocks say.
 
+How many entries share a kind, a status and an error code is kept as they change (common/cache_counts.py):
+each write here that changes an entry's status, or deletes it, happens only while the entry still has the
+status it read, then adds the change to the counts.
+
 Readers use :func:`get_response`; steps never call this module, the worker stores what they return.
 """
 
@@ -29,6 +33,17 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
+from common.cache_counts import (
+    STATUS_PROJECTION,
+    CacheCount,
+    EntryStatus,
+    delete_counted,
+    has_status,
+    record_change,
+    replace_counted,
+    replace_counts,
+    status_query,
+)
 from common.config import get_config
 from common.constants import CACHE_COLLECTION
 from common.exceptions import (
@@ -103,15 +118,6 @@ class CachedResponse(BaseModel):
     @property
     def is_success(self) -> bool:
         return self.http_status == HTTPStatus.OK
-
-
-class CacheCount(BaseModel):
-    """How many entries share a kind, an http_status and an error_code."""
-
-    kind: str
-    http_status: int
-    error_code: str | None
-    count: int
 
 
 def cache_collection() -> Collection[dict[str, Any]]:
@@ -202,22 +208,37 @@ def upsert_response(
         "failed_runs": runs,
         "dataset_git_revision": {"$literal": dataset_git_revision},
     }
-    # The claim is compared inside the document, not in the query: the query stays an exact match on the
-    # key index (a condition on `fence` there made SecantusDB scan the collection: 37 ms at 2,000 entries).
-    pipeline: list[dict[str, Any]] = [
-        {"$set": {WRITE_FLAG: True if writer is None else writer.may_write()}},
-        {"$set": {name: {"$cond": [f"${WRITE_FLAG}", value, f"${name}"]} for name, value in values.items()}},
-        {"$unset": WRITE_FLAG},
-    ]
+    after = EntryStatus(kind, int(http_status), error_code)
+    collection = cache_collection()
     for attempt in range(UPSERT_ATTEMPTS):
+        before = EntryStatus.of(collection.find_one(key, projection=STATUS_PROJECTION))
+        # The claim and the status read are compared inside the document, not in the query: the query stays
+        # an exact match on the key index (a condition on `fence` there made SecantusDB scan the collection:
+        # 37 ms at 2,000 entries). The status read is the one whose count the write moves.
+        may_write = has_status(before) if writer is None else {"$and": [writer.may_write(), has_status(before)]}
+        pipeline: list[dict[str, Any]] = [
+            {"$set": {WRITE_FLAG: may_write}},
+            {"$set": {name: {"$cond": [f"${WRITE_FLAG}", value, f"${name}"]} for name, value in values.items()}},
+            {"$unset": WRITE_FLAG},
+        ]
         try:
-            result = cache_collection().update_one(key, pipeline, upsert=writer is None)
-            return result.upserted_id is not None or result.modified_count == 1
+            # Created only when none was read (an entry deleted since it was read is read again).
+            result = collection.update_one(key, pipeline, upsert=writer is None and before is None)
         except DuplicateKeyError:
             # Two first writers of one key raced: the loser retries as an update of the winner's entry.
             if attempt == UPSERT_ATTEMPTS - 1:
                 raise
-    return False  # unreachable: the last attempt returns or raises
+            continue
+        if result.upserted_id is not None or result.modified_count == 1:
+            record_change(before, after)
+            return True
+        if writer is not None and (
+            result.matched_count == 0
+            or EntryStatus.of(collection.find_one(key, projection=STATUS_PROJECTION)) == before
+        ):
+            return False  # no entry, or its claim is not the writer's
+        # Another write changed or deleted the entry since it was read: read it again.
+    return False  # it changed under each attempt: taken as refused
 
 
 @retry_transient
@@ -355,19 +376,37 @@ def get_dataset_responses(
 @retry_transient
 def delete_response(kind: str, dataset: str, config: str | None = None, split: str | None = None) -> bool:
     """Delete the entry of this key (a bare claim too); False when there was none."""
-    return cache_collection().delete_one(_key(kind, dataset, config, split)).deleted_count == 1
+    key = _key(kind, dataset, config, split)
+    collection = cache_collection()
+    for _ in range(UPSERT_ATTEMPTS):
+        document = collection.find_one(key, projection=STATUS_PROJECTION)
+        if document is None:
+            return False
+        status = EntryStatus.of(document)
+        # Only while it has the status read (else read it again): the count of that status loses one.
+        if collection.delete_one({"_id": document["_id"], **status_query(status)}).deleted_count == 1:
+            record_change(status, None)
+            return True
+    return False  # its status changed under each attempt: left to the writer
 
 
 @retry_transient
 def delete_dataset_responses(dataset: str) -> int:
     """Delete every entry of the dataset (and only its entries); returns how many were deleted."""
     dataset, _, _ = validate_key(dataset, None, None)
-    return cache_collection().delete_many({"dataset": dataset}).deleted_count
+    return delete_counted(cache_collection(), {"dataset": dataset})
+
+
+@retry_transient
+def dataset_names() -> list[str]:
+    """Every dataset that has an entry (one pass over the cache: for an operator's command)."""
+    return sorted(str(name) for name in cache_collection().distinct("dataset"))
 
 
 @retry_transient
 def count_by_status(kind: str | None = None) -> list[CacheCount]:
-    """How many entries per (kind, http_status, error_code), optionally for one kind."""
+    """How many entries per (kind, http_status, error_code), optionally for one kind, counted now: one pass
+    over the cache (the kept counts, common.cache_counts.kept_counts, cost one read of a small collection)."""
     match: dict[str, Any] = dict(RESPONSE) if kind is None else {"kind": kind, **RESPONSE}
     pipeline: list[dict[str, Any]] = [
         {"$match": match},
@@ -380,6 +419,14 @@ def count_by_status(kind: str | None = None) -> list[CacheCount]:
     ]
     counts = [CacheCount(**row["_id"], count=row["count"]) for row in cache_collection().aggregate(pipeline)]
     return sorted(counts, key=lambda c: (c.kind, c.http_status, c.error_code or ""))
+
+
+def recount_entries() -> list[CacheCount]:
+    """Count the cache again and keep what was found (common/cache_counts.py: the repair of counts a crash
+    left off); returns the counts. One pass over the cache: each worker runs it once when it starts."""
+    counts = count_by_status()
+    replace_counts(counts)
+    return counts
 
 
 def move_dataset_responses(old: str, new: str, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
@@ -396,8 +443,8 @@ def move_dataset_responses(old: str, new: str, rewrite: Callable[[dict[str, Any]
     ]
     if not documents:
         return 0
-    collection.delete_many({"dataset": new})
+    delete_counted(collection, {"dataset": new})
     for document in documents:
-        collection.replace_one({field: document[field] for field in KEY_FIELDS}, document, upsert=True)
-    collection.delete_many({"dataset": old})
+        replace_counted(collection, {field: document[field] for field in KEY_FIELDS}, document)
+    delete_counted(collection, {"dataset": old})
     return len(documents)

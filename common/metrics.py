@@ -3,7 +3,9 @@
 Counters and histograms are written by whichever process runs a job, into files under
 PROMETHEUS_MULTIPROC_DIR; the worker's main process serves their sum, plus gauges it reads live from
 Redis and MongoDB at scrape time (waiting and running jobs, oldest waits and limits of the top
-TOP_NAMESPACES namespaces plus their totals over all namespaces, leases, cache entries). prometheus_client is
+TOP_NAMESPACES namespaces plus their totals over all namespaces, leases, cache entries). A scrape costs a
+fixed number of round trips: the limiter's overview (two pipelines) and the kept cache counts (one read
+of a small collection, common/cache_counts.py), never a pass over the cache. prometheus_client is
 imported lazily, only after :func:`prepare_multiprocess` set the directory: it picks its storage when
 first imported.
 """
@@ -20,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from common.cache import CacheCount
+from common.cache_counts import CacheCount
 from common.queue.limiter import NamespaceOverview
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -98,7 +100,8 @@ def top_namespaces(overview: Mapping[str, NamespaceOverview], top: int) -> list[
 
 class LiveCollector:
     """Gauges read at scrape time: per namespace for the `top` namespaces only (by waiting jobs), totals over
-    all namespaces, leases in use, cache entries. `namespaces` is the limiter's `overview`."""
+    all namespaces, leases in use, cache entries. `namespaces` is the limiter's `overview`, `cache_counts`
+    the kept counts (common.cache_counts.kept_counts)."""
 
     def __init__(
         self,
@@ -170,8 +173,10 @@ class LiveCollector:
         yield entries
 
 
-def serve(port: int, address: str = "0.0.0.0", live: LiveCollector | None = None) -> Any:
-    """Serve every process's metrics (and the live gauges) over HTTP on `address`:`port`; returns the server."""
+def serve(port: int, address: str, live: LiveCollector | None = None) -> Any:
+    """Serve every process's metrics (and the live gauges) over HTTP on `address`:`port`, without
+    authentication: `address` is the operator's choice (WORKER_METRICS_HOST, the API's host); returns the
+    server."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 

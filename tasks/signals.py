@@ -10,8 +10,8 @@ not a job's business, happens here too:
 
 - setup_logging: stepcache's logging (level and format from COMMON_LOG_*), instead of Celery's;
 - worker_init, worker_ready, worker_shutdown (main process): the metrics directory for the pool and the
-  libraries that read datasets (imported before the pool forks), the reaper thread and the metrics HTTP
-  server;
+  libraries that read datasets (imported before the pool forks), the reaper thread, a recount of the
+  cache entries (common/cache_counts.py) and the metrics HTTP server;
 - worker_process_shutdown: a pool process's metrics bookkeeping;
 - task_revoked of a terminated job (main process): its attempt ends as cancelled, through the one way
   out, under the killed message's own token (the hard time limit does the same from the step's
@@ -46,7 +46,7 @@ from celery.signals import (
 )
 from pydantic import SecretStr
 
-from common import cache, metrics
+from common import cache, cache_counts, metrics
 from common.config import get_config
 from common.event_bus import EventBus
 from common.events import (
@@ -211,14 +211,23 @@ def _start_worker_services(**_: Any) -> None:
     reaper = Reaper()
     reaper.start()
     _running["reaper"] = reaper
-    port = get_config().worker.metrics_port
-    if port:
+    # The kept cache counts repaired once per worker start (off by the writes a crash interrupted).
+    threading.Thread(target=_recount_cache_entries, name="stepcache-recount", daemon=True).start()
+    settings = get_config().worker
+    if settings.metrics_port:
         queue = get_queue()
-        live = metrics.LiveCollector(queue.limiter.overview, cache.count_by_status)
+        live = metrics.LiveCollector(queue.limiter.overview, cache_counts.kept_counts)
         try:
-            _running["metrics"] = metrics.serve(port, live=live)
+            _running["metrics"] = metrics.serve(settings.metrics_port, settings.metrics_host, live=live)
         except OSError as error:
-            logger.warning("metrics not served on port %s: %s", port, error)
+            logger.warning("metrics not served on %s:%s: %s", settings.metrics_host, settings.metrics_port, error)
+
+
+def _recount_cache_entries() -> None:
+    try:
+        cache.recount_entries()
+    except Exception:
+        logger.exception("the cache entries could not be counted again")
 
 
 def _stop_worker_services(**_: Any) -> None:

@@ -8,6 +8,7 @@ import pytest
 from pymongo import MongoClient
 
 from common import cache
+from common.cache_counts import CacheCount, kept_counts
 from common.config import get_config
 from common.exceptions import (
     CachedResponseNotFoundError,
@@ -170,3 +171,8 @@ def test_concurrent_upserts_of_one_key_from_four_processes_leave_one_document(st
     client.close()
     assert os.getpid()  # the parent's client still works after its children used theirs
     assert cache.get_response("split-first-rows", "org/ds", "c", "s").content["i"] == 24
+    assert (
+        kept_counts()
+        == cache.count_by_status()
+        == [CacheCount(kind="split-first-rows", http_status=200, error_code=None, count=1)]
+    )

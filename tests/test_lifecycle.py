@@ -28,6 +28,7 @@ from tasks.embedded import ROOT, free_port
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores, use_settings
+from tests.test_metrics import connects, non_loopback_address
 from tests.waiting import eventually
 from tests.workers import sample_worker
 
@@ -216,6 +217,8 @@ def test_a_worker_serves_metrics_of_all_its_processes(env: dict[str, str], celer
             sample_steps.test_fail.delay("org/bad").get(timeout=TIMEOUT)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
             text = answer.read().decode()
+        elsewhere = non_loopback_address()
+        assert elsewhere is None or not connects(elsewhere, port)  # WORKER_METRICS_HOST: loopback by default
     assert 'stepcache_jobs_finished_total{status="success",step="test-noop"} 3.0' in text
     assert 'stepcache_jobs_finished_total{status="error",step="test-fail"} 1.0' in text
     assert 'stepcache_job_duration_seconds_count{step="test-noop"} 3.0' in text

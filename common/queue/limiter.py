@@ -38,7 +38,6 @@ from common.resilience import retry_transient
 ACTIVE_KEY = f"{REDIS_PREFIX}:active"  # namespaces with jobs or records
 LIMITS_KEY = f"{REDIS_PREFIX}:limits"  # namespaces with a limit override
 REAP_BATCH = 100
-OVERVIEW_BATCH = 500  # namespaces read per round trip by `overview`
 RANK_WEIGHT = 10**15  # as in scripts/prelude.lua: a waiting job's score is rank * RANK_WEIGHT + age
 FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua: fences are microseconds since then
 _KEY_NAMES = (
@@ -560,9 +559,10 @@ class NamespaceLimiter:
 
     def overview(self, namespaces: Iterable[str] | None = None) -> dict[str, NamespaceOverview]:
         """Limit, counts and oldest wait of these namespaces (by default every namespace with work or a
-        limit override); read-only, one pipelined round trip per OVERVIEW_BATCH namespaces (on a cluster,
-        one per node, all at once). A waiting job's age is the fence of its admission (kept when requeued),
-        so its wait is measured on the clock of the Redis that holds the namespace."""
+        limit override); read-only, in two round trips whatever their number (the names, then one pipeline
+        of reads; on a cluster, one per node, all at once): a scrape's cost in round trips stays fixed. A
+        waiting job's age is the fence of its admission (kept when requeued), so its wait is measured on
+        the clock of the Redis that holds the namespace."""
         if namespaces is None:
             pipe = self.redis.pipeline(transaction=False)
             pipe.smembers(ACTIVE_KEY)
@@ -570,27 +570,28 @@ class NamespaceLimiter:
             active, overridden = pipe.execute()
             namespaces = (as_text(ns) for ns in (*active, *overridden))
         names = sorted(set(namespaces))
+        if not names:
+            return {}
         ranks = sorted({priority.rank for priority in Priority})
-        result = {}
         per_namespace = 3 + len(ranks)
-        for start in range(0, len(names), OVERVIEW_BATCH):
-            # Per node (one on a single Redis), its clock, then its namespaces' keys.
-            by_node: dict[str, list[str]] = {}
-            for namespace in names[start : start + OVERVIEW_BATCH]:
-                by_node.setdefault(node_of(self.redis, namespace_key(namespace, "waiting")), []).append(namespace)
-            pipe = self.redis.pipeline(transaction=False)
-            for batch in by_node.values():
-                add_time(pipe, namespace_key(batch[0], "waiting"))
-                for namespace in batch:
-                    self._read_overview(pipe, namespace, ranks)
-            replies = pipe.execute()
-            for batch in by_node.values():
-                seconds, microseconds = replies[0]
-                now = (int(seconds) * 1_000_000 + int(microseconds)) - FENCE_EPOCH_MS * 1000
-                for i, namespace in enumerate(batch):
-                    reply = replies[1 + i * per_namespace : 1 + (i + 1) * per_namespace]
-                    result[namespace] = self._overview_of(reply, ranks, now)
-                replies = replies[1 + len(batch) * per_namespace :]
+        # Per node (one on a single Redis), its clock, then its namespaces' keys.
+        by_node: dict[str, list[str]] = {}
+        for namespace in names:
+            by_node.setdefault(node_of(self.redis, namespace_key(namespace, "waiting")), []).append(namespace)
+        pipe = self.redis.pipeline(transaction=False)
+        for batch in by_node.values():
+            add_time(pipe, namespace_key(batch[0], "waiting"))
+            for namespace in batch:
+                self._read_overview(pipe, namespace, ranks)
+        replies = pipe.execute()
+        result = {}
+        for batch in by_node.values():
+            seconds, microseconds = replies[0]
+            now = (int(seconds) * 1_000_000 + int(microseconds)) - FENCE_EPOCH_MS * 1000
+            for i, namespace in enumerate(batch):
+                reply = replies[1 + i * per_namespace : 1 + (i + 1) * per_namespace]
+                result[namespace] = self._overview_of(reply, ranks, now)
+            replies = replies[1 + len(batch) * per_namespace :]
         return result
 
     @staticmethod
