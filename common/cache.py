@@ -331,8 +331,9 @@ def update_progress(
 def get_response(kind: str, dataset: str, config: str | None = None, split: str | None = None) -> CachedResponse:
     """The entry of this key, or CachedResponseNotFoundError."""
     key = _key(kind, dataset, config, split)
-    document = cache_collection().find_one({**key, **RESPONSE}, projection={"_id": False, "claim": False})
-    if document is None:
+    # By key alone, the response checked here: SecantusDB scans the collection for an `$exists` filter.
+    document = cache_collection().find_one(key, projection={"_id": False, "claim": False})
+    if document is None or "http_status" not in document:
         raise CachedResponseNotFoundError(
             f"no cache entry for kind={kind!r} dataset={dataset!r} config={config!r} split={split!r}"
         )
