@@ -253,11 +253,14 @@ class ApiConfig(_Settings):
     request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Connections (tasks.api.protocol): a request's line and headers arrive within header_timeout_seconds
     # of its first byte (of the connection's opening, for the first) and weigh at most max_header_bytes;
-    # past max_connections open connections, a request is answered 503; an idle keep-alive connection
-    # closes after keep_alive_seconds.
+    # past max_connections open connections, a request is answered 503, and a client's connection past
+    # max_connections_per_client is closed at once; an idle keep-alive connection closes after
+    # keep_alive_seconds. Only behind trusted_proxies is X-Forwarded-For the client's address.
     header_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     max_header_bytes: Annotated[int, Field(ge=1_024, le=1_048_576)] = 16_384
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1_000
+    max_connections_per_client: Annotated[int, Field(ge=1, le=100_000)] = 50  # an IPv6 client: its /64
+    trusted_proxies: str = ""  # comma-separated addresses or networks whose X-Forwarded-For is believed
     keep_alive_seconds: Annotated[int, Field(ge=1, le=600)] = 5
     # Event streams (tasks.api.jobs): at most events_max_streams open per API process and
     # events_max_streams_per_client per client address (past them: 429 with Retry-After); a stream with no

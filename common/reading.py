@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -60,23 +61,63 @@ def _builder(source: DatasetSource, location: Location, config: str) -> Any:
     from datasets import load_dataset_builder
     from datasets.packaged_modules.parquet.parquet import ParquetConfig
 
+    if location.revision is None:  # a mirror's README: its patterns checked before any is resolved
+        _check_readme_patterns(location, config)
     try:
         with _resolved_once(location):
             builder = source.call(load_dataset_builder, **location.load_arguments(), name=config)
     except ValueError as error:
         raise _config_not_found(error, location, config) from error
     data_files = (builder.config.data_files or {}).values()
-    outside = [file for files in data_files for file in files if not location.owns(file)]
-    if outside:
-        raise DataFilesOutsideDatasetError(
-            f"config {config!r} of {location.dataset!r} names {len(outside)} data files outside the dataset's own "
-            "files (a '..' or an absolute path in its README's data_files or data_dir): they are not read"
-        )
+    if any(not location.owns(file) for files in data_files for file in files):
+        raise _outside(location, config)
     if isinstance(builder.config, ParquetConfig) and builder.config.batch_size is None:
         # It would read a whole row group at a time (a million rows, as pandas and pyarrow write them),
         # and fail on a file with no rows (a batch of 0).
         builder.config.batch_size = PARQUET_BATCH_ROWS
     return builder
+
+
+def _outside(location: Location, config: str) -> DataFilesOutsideDatasetError:
+    return DataFilesOutsideDatasetError(
+        f"config {config!r} of {location.dataset!r} names data files outside the dataset's own files (a '..', "
+        "an absolute path or a URL in its README's data_files or data_dir): they are not read"
+    )
+
+
+def _check_readme_patterns(location: Location, config: str) -> None:
+    """Refuse a README whose `configs` name data files by an absolute path, a `..` or a URL: `datasets`
+    would search the worker's disk for them (a glob such as `/usr/**/*.txt`) before anything checks them."""
+    import yaml
+
+    readme = Path(location.path) / "README.md"
+    try:
+        text = readme.read_text(errors="replace")
+        front = yaml.safe_load(text.split("---", 2)[1]) if text.startswith("---") and text.count("---") >= 2 else {}
+    except (OSError, yaml.YAMLError):
+        return  # no README, or one `datasets` itself will refuse
+    configs = front.get("configs") if isinstance(front, dict) else None
+    for entry in configs if isinstance(configs, list) else []:
+        if isinstance(entry, dict) and any(_escapes(pattern) for pattern in _patterns(entry)):
+            raise _outside(location, config)
+
+
+def _patterns(entry: dict[str, Any]) -> Iterator[str]:
+    """Every path or pattern a README config names: its `data_dir`, and its `data_files` in any of their forms
+    (a string, a list of strings, a list of {split, path}, a {split: path} mapping)."""
+    values = [entry.get("data_dir"), entry.get("data_files")]
+    while values:
+        value = values.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            values += value
+        elif isinstance(value, dict):
+            values += [value.get("path")] if "path" in value else list(value.values())
+
+
+def _escapes(pattern: str) -> bool:
+    return pattern.startswith(("/", "\\", "~")) or ".." in pattern.replace("\\", "/").split("/") or ":" in pattern
 
 
 @dataclass

@@ -39,6 +39,7 @@ MANIFEST_TTL_SECONDS = 1.0
 Access = Literal["public", "gated", "private"]
 ACCESS_MARKED: tuple[Access, ...] = ("private", "gated")  # a mirror's marker files, the strictest first
 MARKER_FILES: dict[str, Access] = {f".{level}": level for level in ACCESS_MARKED}
+UNREAD_FOLDERS = frozenset({".git", ".cache", ".huggingface"})  # left out of a mirror dataset's manifest
 logger = logging.getLogger(__name__)
 
 
@@ -69,7 +70,7 @@ class Location:
         """Whether a data file `datasets` resolved for this location is one of the dataset's own files: in
         its folder once links are followed (a mirror), or in its repo at its revision (the Hub)."""
         if self.revision is None:
-            return Path(file).resolve().is_relative_to(Path(self.path).resolve())
+            return _inside(Path(file), Path(self.path).resolve())
         prefix = f"hf://datasets/{self.path}@{self.revision}/"
         inside = posixpath.normpath(file.removeprefix(prefix))
         return file.startswith(prefix) and not inside.startswith(("../", "/")) and inside != ".."
@@ -201,9 +202,17 @@ def _holds_files(folder: Path) -> bool:
         return any(not entry.name.startswith(".") and not entry.is_dir() for entry in entries)
 
 
+def _inside(path: Path, root: Path) -> bool:
+    """Whether the path, its links followed, is under `root` (a loop of links is not)."""
+    try:
+        return path.resolve(strict=False).is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
 def _walk(directory: Path) -> _Scan:
-    """One walk of the dataset's folder: the manifest of its files (leaving out hidden files and folders:
-    .git, .cache...), the access markers in it, and the links that point out of it."""
+    """One walk of the dataset's folder: the manifest of its files (leaving out the folders of git and of
+    caches, which `datasets` never reads), the access markers in it, and the links that point out of it."""
     root = directory.resolve()
     manifest, markers, escapes = hashlib.sha1(), set(), []
     files: list[tuple[str, int, int]] = []
@@ -213,10 +222,10 @@ def _walk(directory: Path) -> _Scan:
             for entry in entries:
                 if entry.name in MARKER_FILES:
                     markers.add(MARKER_FILES[entry.name])
-                if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(root):
+                if entry.is_symlink() and not _inside(Path(entry.path), root):
                     escapes.append(os.path.relpath(entry.path, directory))
                     continue
-                if entry.name.startswith("."):
+                if entry.name in UNREAD_FOLDERS:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))

@@ -73,6 +73,14 @@ def test_a_mirror_dataset_is_one_folder_with_one_access_decision(tmp_path: Path)
     assert source.access("vault") == "gated"
     assert source.access("closed/data") == "private"  # the namespace's marker
     assert source.access("org/deep") == "gated"  # a marker under the dataset's folder
+    samples.csv_dataset(tmp_path, "org/loop")
+    os.symlink(tmp_path / "org/loop/a", tmp_path / "org/loop/b")
+    os.symlink(tmp_path / "org/loop/b", tmp_path / "org/loop/a")  # a loop: refused, not a 500
+    samples.csv_dataset(tmp_path, "org/hidden")
+    samples.write(tmp_path / "org/hidden/.h/.gated", "")  # a marker in a hidden folder counts too
+    with pytest.raises(DatasetNotFoundError):
+        source.access("org/loop")
+    assert source.access("org/hidden") == "gated"
     samples.csv_dataset(tmp_path, "org/open")
     os.symlink(tmp_path / "org/open/train.csv", tmp_path / "org/open/same.csv")  # a link inside: fine
     assert source.access("org/open") == "public"
@@ -216,7 +224,10 @@ def closed_by_server(connection: socket.socket) -> bool:
 def test_slow_or_silent_or_huge_headers_and_too_many_connections_are_bounded(
     stores: Stores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_settings(monkeypatch, {"API_HEADER_TIMEOUT_SECONDS": "4", "API_MAX_CONNECTIONS": "60"})
+    use_settings(
+        monkeypatch,
+        {"API_HEADER_TIMEOUT_SECONDS": "4", "API_MAX_CONNECTIONS": "60", "API_MAX_CONNECTIONS_PER_CLIENT": "200"},
+    )
     with api_server() as url, httpx.Client(base_url=url, timeout=10) as client:
         dripping = slow_connections(url, 50)
         silent = [socket.create_connection((httpx.URL(url).host, httpx.URL(url).port)) for _ in range(5)]
@@ -239,6 +250,59 @@ def test_slow_or_silent_or_huge_headers_and_too_many_connections_are_bounded(
         for connection in dripping + silent + crowd:
             connection.close()
         eventually(lambda: client.get("/healthcheck").status_code == 200, "served again once they left")
+
+
+def test_one_client_cannot_take_every_connection_nor_pass_for_others(
+    mirror: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_settings(monkeypatch, {"API_MAX_CONNECTIONS_PER_CLIENT": "5", "API_EVENTS_MAX_STREAMS_PER_CLIENT": "1"})
+    job_id = steps.dataset_config_names.delay(samples.csv_dataset(mirror)).id  # no worker: it waits
+    with api_server() as url:
+        hogging = slow_connections(url, 5)
+        extra = slow_connections(url, 1)
+        eventually(lambda: closed_by_server(extra[0]), "a sixth connection of one client is closed at once")
+        other = httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=10)
+        assert other.get("/healthcheck").status_code == 200  # another client is served meanwhile
+        for connection in hogging + extra:
+            connection.close()
+        opened = [open_stream(url, job_id, "127.0.0.3", **{"X-Forwarded-For": f"10.0.0.{i}"}) for i in range(3)]
+        try:  # X-Forwarded-For is believed only from API_TRUSTED_PROXIES (none): one client, one stream
+            assert [response.status_code for _, response in opened] == [200, 429, 429]
+        finally:
+            for client, response in opened:
+                response.close()
+                client.close()
+            other.close()
+
+
+def test_every_answer_but_a_begun_stream_is_bounded_by_the_request_timeout(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    server = start_mongo(tmp_path)
+    use_settings(monkeypatch, {"QUEUE_MONGO_URL": server.url, "API_REQUEST_TIMEOUT_SECONDS": "2"})
+    os.kill(server.process.pid, signal.SIGSTOP)  # the ledger stalls before the API ever reached it
+    try:
+        with api_client() as client:
+            answers: dict[str, tuple[int, float]] = {}
+
+            def timed(path: str) -> None:
+                started = time.monotonic()
+                answers[path] = (client.get(path).status_code, time.monotonic() - started)
+
+            threads = [threading.Thread(target=timed, args=(path,)) for path in ("/jobs/abc", "/jobs/events")]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.3)
+            timed("/nowhere")  # meanwhile, the API answers what needs no store at once
+            for thread in threads:
+                thread.join()
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
+    assert answers["/nowhere"][0] == 404 and answers["/nowhere"][1] < 1, answers
+    for path in ("/jobs/abc", "/jobs/events"):
+        assert answers[path][0] in (503, 504) and answers[path][1] < 4, answers
 
 
 @pytest.mark.parametrize("store", ["redis", "mongo"])
@@ -337,3 +401,24 @@ def test_entries_of_names_that_are_no_longer_datasets_are_pruned(mirror: Path) -
     assert prune(source) == ["acme", "vault/data"]
     assert cache.dataset_names() == ["acme/secret", "vault"]
     assert prune(source) == []
+
+
+def test_an_operator_request_is_refused_before_its_body_is_read(mirror: Path) -> None:  # noqa: F811
+    with api_server() as url:
+        host, port = httpx.URL(url).host, httpx.URL(url).port
+        for signature in ("f" * 63, "not hex"):
+            connection = socket.create_connection((host, port))
+            connection.settimeout(5)
+            stamp = str(int(time.time()))
+            connection.sendall(
+                b"POST /admin/refresh?dataset=org/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n"
+                + f"X-Stepcache-Timestamp: {stamp}\r\nX-Stepcache-Signature: {signature}\r\n\r\n".encode()
+            )  # and no body at all
+            assert connection.recv(1024).startswith(b"HTTP/1.1 401")
+            connection.close()
+        too_big = httpx.post(
+            f"{url}/admin/refresh?dataset=org/x",
+            content=b"x" * 5000,
+            headers={"X-Stepcache-Timestamp": str(int(time.time())), "X-Stepcache-Signature": "f" * 64},
+        )
+        assert too_big.status_code == 413

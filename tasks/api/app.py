@@ -8,6 +8,7 @@ the request id (tasks.api.middleware), never sent. `GET /healthcheck` answers wh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -15,10 +16,12 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from common.config import AppConfig, get_config_or_exit
+from common.config import AppConfig, get_config, get_config_or_exit
 from common.exceptions import StepcacheError
 from tasks.api.assets import router as assets_routes
 from tasks.api.auth import AccessCache
@@ -30,6 +33,7 @@ from tasks.api.middleware import RequestMiddleware
 from tasks.api.operator import router as operator_routes
 from tasks.api.webhook import router as webhook_routes
 
+logger = logging.getLogger(__name__)
 EXPOSED_HEADERS = ["ETag", "Retry-After", "Location", "X-Error-Code", "X-Request-Id"]
 HTTP_ERROR_CODES = {
     HTTPStatus.NOT_FOUND: "NotFoundError",
@@ -61,6 +65,8 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
     app.add_exception_handler(StepcacheError, _stepcache_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(PyMongoError, _store_error)
+    app.add_exception_handler(RedisError, _store_error)
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.api.max_body_bytes,
@@ -82,26 +88,27 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
 def healthcheck() -> dict[str, str]:
     """Redis and MongoDB answer (within API_REQUEST_TIMEOUT_SECONDS: 504 past it, 503 when one fails)."""
     import pymongo
-    from pymongo.errors import PyMongoError
-    from redis.exceptions import RedisError
 
     from common.cache import cache_collection
-    from common.config import get_config
     from common.redis_connection import get_redis
 
     settings = get_config()
-    try:
-        get_redis(settings.queue.redis_url).ping()
-        with pymongo.timeout(settings.api.request_timeout_seconds):
-            cache_collection().database.command("ping")
-    except (RedisError, PyMongoError) as error:
-        store = "Redis" if isinstance(error, RedisError) else "MongoDB"
-        raise ServiceUnavailableError(f"{store} does not answer") from None
+    get_redis(settings.queue.redis_url).ping()  # a failure is 503 (_store_error)
+    with pymongo.timeout(settings.api.request_timeout_seconds):
+        cache_collection().database.command("ping")
     return {"status": "ok"}
 
 
 async def _stepcache_error(request: Request, error: Exception) -> JSONResponse:
     return answer_error(error)
+
+
+async def _store_error(request: Request, error: Exception) -> JSONResponse:
+    """MongoDB or Redis failed or timed out: 503, to be tried again (the error, with its hosts, is logged)."""
+    store = "Redis" if isinstance(error, RedisError) else "MongoDB"
+    logger.warning("%s failed on %s: %r", store, request.url.path, error)
+    retry = str(get_config().api.retry_after_seconds)
+    return answer_error(ServiceUnavailableError(f"{store} does not answer: try again", headers={"Retry-After": retry}))
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:

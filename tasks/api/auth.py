@@ -37,7 +37,7 @@ from common.constants import REDIS_PREFIX
 from common.exceptions import DatasetNotFoundError, HubTransientError, HubUnavailableError
 from common.redis_connection import as_text, get_redis
 from common.sources import Access
-from tasks.api.errors import AuthenticationRequiredError, ForbiddenError
+from tasks.api.errors import AuthenticationRequiredError, ForbiddenError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 TIMESTAMP_HEADER = "X-Stepcache-Timestamp"
@@ -45,6 +45,8 @@ SIGNATURE_HEADER = "X-Stepcache-Signature"
 NONCE_HEADER = "X-Stepcache-Nonce"
 TIMESTAMP = re.compile(r"\d{1,12}")
 NONCE = re.compile(r"[A-Za-z0-9_-]{0,64}")
+SIGNATURE = re.compile(r"[0-9a-f]{64}")
+OPERATOR_MAX_BODY_BYTES = 4096
 ACCESS_CACHE_SIZE = 10_000
 STALE_SECONDS = 3600.0  # how long a dataset's last known access is used while the Hub is down
 FORGOTTEN_KEY = f"{REDIS_PREFIX}:api:forgotten"  # datasets a webhook made an API process forget, by time
@@ -179,6 +181,21 @@ def sign_request(secret: str, method: str, target: str, body: bytes = b"", now: 
     return {TIMESTAMP_HEADER: timestamp, NONCE_HEADER: nonce, SIGNATURE_HEADER: digest}
 
 
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, refused (413) when its Content-Length says it is over `max_bytes` or as soon as
+    more than that has streamed in."""
+    too_big = PayloadTooLargeError(f"the body of {request.url.path} is at most {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_big
+    return bytes(body)
+
+
 async def require_operator(request: Request) -> None:
     """A FastAPI dependency: the operator's key, or a fresh signature seen for the first time."""
     from starlette.concurrency import run_in_threadpool
@@ -198,14 +215,19 @@ async def require_operator(request: Request) -> None:
             "operator endpoints need Authorization: Bearer <API_OPERATOR_KEY> or a request signed with "
             f"API_OPERATOR_SECRET ({TIMESTAMP_HEADER}, {SIGNATURE_HEADER})"
         )
-    if not TIMESTAMP.fullmatch(timestamp) or not NONCE.fullmatch(nonce):
-        raise AuthenticationRequiredError(f"{TIMESTAMP_HEADER} is unix seconds, {NONCE_HEADER} up to 64 [A-Za-z0-9_-]")
+    if not TIMESTAMP.fullmatch(timestamp) or not NONCE.fullmatch(nonce) or not SIGNATURE.fullmatch(signature):
+        raise AuthenticationRequiredError(
+            f"{TIMESTAMP_HEADER} is unix seconds, {NONCE_HEADER} up to 64 [A-Za-z0-9_-], "
+            f"{SIGNATURE_HEADER} 64 hex digits"
+        )
     age = abs(time.time() - int(timestamp))
     if age > settings.signature_window_seconds:
         raise AuthenticationRequiredError(f"stale signature: its timestamp is {age:.0f} s away from now")
     query = request.url.query
     target = request.url.path + (f"?{query}" if query else "")
-    expected = request_digest(secret, timestamp, nonce, request.method, target, await request.body())
+    # Only now, the headers checked, the body (small: an operator's request carries a few numbers at most).
+    body = await read_body(request, OPERATOR_MAX_BODY_BYTES)
+    expected = request_digest(secret, timestamp, nonce, request.method, target, body)
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise AuthenticationRequiredError("the request's signature does not match it")
     window = math.ceil(2 * settings.signature_window_seconds)

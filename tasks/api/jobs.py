@@ -36,6 +36,7 @@ from common.events import EventType, JobState
 from common.queue import Job
 from tasks.api.auth import check_dataset_access
 from tasks.api.errors import InvalidParameterError, NotFoundError, TooManyStreamsError
+from tasks.api.protocol import client_key
 
 JOB_ID = r"^[A-Za-z0-9-]{1,64}$"
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -95,7 +96,7 @@ async def find_job(job_id: str) -> Job:
     for an unknown id: asking costs two reads)."""
     from tasks.queue import get_queue
 
-    ledger = get_queue().ledger
+    ledger = (await run_in_threadpool(get_queue)).ledger  # built in a thread: it may wait on MongoDB
     for wait in (0.0, min(MAX_LEDGER_WAIT_SECONDS, 2 * get_config().queue.ledger_lag_seconds)):
         await asyncio.sleep(wait)
         job = await run_in_threadpool(ledger.get, job_id)
@@ -126,7 +127,7 @@ async def job_events(
     pass without one (then the job's state, at the position reached); `release` frees the stream's slot."""
     from tasks.queue import get_queue
 
-    bus = get_queue().events
+    bus = (await run_in_threadpool(get_queue)).events
     position, quiet, quiet_since = after, 0, time.monotonic()
     try:
         while True:
@@ -184,7 +185,7 @@ def router() -> APIRouter:
             raise InvalidParameterError(f"Last-Event-ID is a stream id (<ms>-<n>), not {last_event_id[:64]!r}")
         settings = get_config().api
         slots: StreamSlots = request.app.state.event_streams
-        with slots.taken(request.client.host if request.client else "-", settings) as release:
+        with slots.taken(client_key(request.client.host) if request.client else "-", settings) as release:
             found = await readable_job(request, job_id)
             stream = job_events(found, last_event_id or "0-0", settings.events_idle_seconds, release)
             return EventSourceResponse(stream, ping=PING_SECONDS, background=BackgroundTask(release))

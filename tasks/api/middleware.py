@@ -8,9 +8,9 @@
 - Prometheus metrics by route template and known method (never by raw path: the series stay bounded):
   `stepcache_api_requests_total{method,route,status}` and `stepcache_api_request_duration_seconds`;
 - bounded requests: a body over API_MAX_BODY_BYTES is refused (413) from its Content-Length or as it
-  streams in, and a request not answered within API_REQUEST_TIMEOUT_SECONDS gets 504 then, even when it
-  is stuck in a thread on a stalled MongoDB or Redis (the event streams excepted: tasks.api.jobs bounds
-  them).
+  streams in, and a request whose answer has not begun within API_REQUEST_TIMEOUT_SECONDS gets 504 then,
+  even when it is stuck in a thread on a stalled MongoDB or Redis (an answer that has begun, an event
+  stream, runs to its end: tasks.api.jobs bounds it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from tasks.api.errors import PayloadTooLargeError, RequestTimeoutError, answer_e
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SIGNATURE = re.compile(r"(signature=)[^&]*", re.IGNORECASE)
-STREAMING_SUFFIX = "/events"  # Server-Sent Events: no timeout
 access_log = logging.getLogger("stepcache.api.access")
 logger = logging.getLogger(__name__)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})  # any other: "other"
@@ -80,12 +79,14 @@ class RequestMiddleware:
         too_big = f"the request body is over {self.max_body_bytes} bytes"
         started = time.perf_counter()
         status: dict[str, Any] = {"code": 500, "sent": False, "timed_out": False}
+        answering = asyncio.Event()  # the answer has begun: the timeout no longer applies (an event stream)
 
         async def send_with_id(message: Message) -> None:
             if status["timed_out"]:  # a request left running past its timeout: its late answer goes nowhere
                 return
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
+                answering.set()
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
                 DURATION.labels(method, _route(scope)).observe(time.perf_counter() - started)
             await send(message)
@@ -105,10 +106,8 @@ class RequestMiddleware:
                 length = _content_length(scope)
                 if length is not None and length > self.max_body_bytes:
                     await answer_error(PayloadTooLargeError(too_big))(scope, receive, send_with_id)
-                elif scope["path"].endswith(STREAMING_SUFFIX):
-                    await self.app(scope, bounded_receive, send_with_id)
                 else:
-                    await self._within_timeout(self.app(scope, bounded_receive, send_with_id))
+                    await self._within_timeout(self.app(scope, bounded_receive, send_with_id), answering)
             except TimeoutError:
                 if not status["sent"]:
                     timeout = RequestTimeoutError(f"the request was not answered within {self.timeout_seconds} s")
@@ -125,14 +124,17 @@ class RequestMiddleware:
                 client = scope.get("client") or ("-", 0)
                 access_log.info('%s "%s %s" %s %.1fms', client[0], method, _target(scope), status["code"], elapsed_ms)
 
-    async def _within_timeout(self, answering: Awaitable[None]) -> None:
-        """Await the answer for up to the timeout, then raise TimeoutError without waiting for it to stop: a
-        request blocked in a thread (a call to a stalled MongoDB) cannot be interrupted, and is left to end
-        on its own, its answer dropped."""
-        task = asyncio.ensure_future(answering)
-        done, _ = await asyncio.wait({task}, timeout=self.timeout_seconds)
-        if task in done:
-            task.result()
+    async def _within_timeout(self, answer: Awaitable[None], answering: asyncio.Event) -> None:
+        """Await the answer; raise TimeoutError when it has not begun within the timeout, without waiting
+        for it to stop: a request blocked in a thread (a call to a stalled MongoDB) cannot be interrupted,
+        and is left to end on its own, its answer dropped. Once begun, it runs to its end (an event stream
+        bounds itself)."""
+        task = asyncio.ensure_future(answer)
+        begun = asyncio.ensure_future(answering.wait())
+        await asyncio.wait({task, begun}, timeout=self.timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
+        begun.cancel()
+        if task.done() or answering.is_set():
+            await task
             return
         task.cancel()
         task.add_done_callback(_forget)

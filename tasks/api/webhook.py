@@ -31,8 +31,8 @@ from common.constants import REDIS_PREFIX
 from common.names import validate_dataset
 from common.redis_connection import get_redis
 from tasks.api.assets import map_media_sources
-from tasks.api.auth import AccessCache
-from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError, PayloadTooLargeError
+from tasks.api.auth import AccessCache, read_body
+from tasks.api.errors import AuthenticationRequiredError, InvalidParameterError
 from tasks.removal import dataset_directories, remove_dataset, remove_directory
 
 SECRET_HEADER = "X-Webhook-Secret"
@@ -141,21 +141,6 @@ def check_secret(x_webhook_secret: str | None = Header(None, description="API_WE
     secret = get_config().api.webhook_secret.get_secret_value()
     if not secret or not hmac.compare_digest((x_webhook_secret or "").encode(), secret.encode()):
         raise AuthenticationRequiredError(f"a webhook needs the shared secret in {SECRET_HEADER}")
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request's body, refused (413) when its Content-Length says it is over `max_bytes` or as soon as
-    more than that has streamed in."""
-    too_big = PayloadTooLargeError(f"a webhook's body is at most {max_bytes} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_big
-    return bytes(body)
 
 
 async def read_payload(request: Request, _: Annotated[None, Depends(check_secret)]) -> WebhookPayload:
