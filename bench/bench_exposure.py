@@ -8,10 +8,10 @@ replay used to read), and starts `python -m tasks api` (loopback only). Then:
 
 (1) the baseline: --requests sequential `GET /healthcheck` on one keep-alive connection, spread evenly
     over --seconds, nothing else open;
-(2) the load: --slow connections that send their headers one byte every half second (reconnecting when
-    the API closes them at API_HEADER_TIMEOUT_SECONDS), and API_EVENTS_MAX_STREAMS event streams of the
-    waiting job (API_EVENTS_MAX_STREAMS_PER_CLIENT from each of several 127.0.0.x addresses), each a
-    replay from the job's first event; one more stream is checked to be refused (429);
+(2) the load: --slow connections from one client that send their headers one byte every half second
+    (reconnecting when the API closes them at API_HEADER_TIMEOUT_SECONDS), and API_EVENTS_MAX_STREAMS
+    event streams of the waiting job (API_EVENTS_MAX_STREAMS_PER_CLIENT from each of several 127.0.0.x
+    addresses), each a replay from the job's first event; one more stream is checked to be refused (429);
 (3) the same --requests `GET /healthcheck` under that load: p50, p99 and max, the ratio to the
     baseline, and the API process's CPU over the window.
 
@@ -70,8 +70,8 @@ def dripping(port: int, count: int) -> Iterator[dict[str, int]]:
     """`count` connections sending their headers a byte at a time, reopened when the API closes them."""
     stop, counts = threading.Event(), {"closed_by_api": 0}
 
-    def connect() -> socket.socket:
-        connection = socket.create_connection(("127.0.0.1", port))
+    def connect() -> socket.socket:  # from one client, not the measuring one: under the per-client cap
+        connection = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
         connection.sendall(b"GET /healthcheck HTTP/1.1\r\nHost: bench\r\nX-Slow: ")
         return connection
 
