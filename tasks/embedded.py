@@ -220,7 +220,7 @@ class WorkerProcess:
         """Whether the worker answers a Celery control ping (it does once it consumes)."""
         from celery import Celery
 
-        from tasks.factory import kombu_url
+        from celeryconfig import kombu_url
 
         url = self.env.get("CELERY_BROKER_URL") or self.env.get("QUEUE_REDIS_URL") or "redis://localhost:6379/0"
         broker, options = kombu_url(url)

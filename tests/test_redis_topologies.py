@@ -27,7 +27,7 @@ from common.queue.queue import epoch_keys, epoch_markers
 from common.redis_connection import Topology, parse_redis_url
 from tasks import samples, steps
 from tasks.embedded import ROOT
-from tasks.factory import celery_settings
+from celeryconfig import celery_settings
 from tasks.queue import get_queue
 from tests.conftest import CLUSTER, SENTINEL, Stores, current_app_for, use_settings
 from tests.test_pipeline import wait_until_settled
