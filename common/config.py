@@ -2,11 +2,14 @@
 
 The names and defaults of the ASSETS_, COMMON_, CACHE_ and QUEUE_ variables are those of the
 dataset-viewer's libcommon; QUEUE_REDIS_URL and the WORKER_ and API_ prefixes are stepcache's own.
-Values come from the environment (and an optional `.env` file in the working directory).
+Values come from the environment (and an optional `.env` file in the working directory), then from the
+TOML or YAML file STEPCACHE_CONFIG names, a section per prefix (common.config_file), then the defaults.
 
 A bad value stops the process at start: :func:`get_config` raises :class:`ConfigError` whose message is
-one line naming the variable and what it accepts, and :func:`get_config_or_exit` prints that line and
-exits with status 2. Passwords inside URLs and the Hub token are secrets: their repr and str are masked.
+one line naming the variable (or the file and its `section.key`) and what it accepts, and
+:func:`get_config_or_exit` prints that line and exits with status 2. Passwords inside URLs, the Hub token
+and the API's keys and secrets are secrets, wherever they come from: their repr and str are masked, and
+the error line never shows them.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from common.config_file import file_source, section_name, value_in_file
 from common.exceptions import ConfigError
 from common.redis_connection import parse_redis_url
 
@@ -47,6 +51,8 @@ COMMON_HF_CACHE_DIRECTORY = ""
 COMMON_HF_CACHE_MAX_BYTES = 10_000_000_000
 COMMON_LOG_LEVEL: LogLevel = "INFO"
 COMMON_LOG_FORMAT: LogFormat = "plain"
+COMMON_REGISTRY_TTL_SECONDS = 30.0
+COMMON_REGISTRY_ADVERTISE_HOST = ""
 CACHE_MONGO_DATABASE = "datasets_server_cache"
 CACHE_MONGO_URL = "mongodb://localhost:27017"
 QUEUE_LEDGER_LAG_SECONDS = 0.1
@@ -135,6 +141,20 @@ HfEndpoint = Annotated[str, AfterValidator(_check_hf_endpoint)]
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then `.env`, then the class's section of the STEPCACHE_CONFIG
+        file: the first that has a value gives it."""
+        in_file = file_source(settings_cls, AppConfig.PREFIXES)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, *([in_file] if in_file else [])
+
 
 class AssetsConfig(_Settings):
     model_config = SettingsConfigDict(env_prefix="ASSETS_")
@@ -160,6 +180,10 @@ class CommonConfig(_Settings):
     hf_cache_max_bytes: Annotated[int, Field(ge=0)] = COMMON_HF_CACHE_MAX_BYTES
     log_level: LogLevel = COMMON_LOG_LEVEL
     log_format: LogFormat = COMMON_LOG_FORMAT
+    # The process registry (common/registry.py): a record lives TTL seconds unless renewed (every TTL/3);
+    # metrics URLs name advertise_host, or else the metrics' listen host (this host's name for 0.0.0.0 or ::).
+    registry_ttl_seconds: Annotated[float, Field(gt=0, le=3600)] = COMMON_REGISTRY_TTL_SECONDS
+    registry_advertise_host: str = COMMON_REGISTRY_ADVERTISE_HOST
 
     @property
     def hf_cache_path(self) -> Path:
@@ -331,7 +355,8 @@ class AppConfig(BaseModel):
 
     @classmethod
     def from_env(cls) -> AppConfig:
-        """Read every prefix from the environment; the first bad value raises a one-line ConfigError."""
+        """Read every prefix from the environment and the STEPCACHE_CONFIG file; the first bad value raises
+        a one-line ConfigError."""
         sections: dict[str, Any] = {}
         for field, settings_class in cls.PREFIXES.items():
             try:
@@ -342,22 +367,33 @@ class AppConfig(BaseModel):
 
 
 def _one_line(settings_class: type[_Settings], error: ValidationError) -> str:
-    first = error.errors(include_url=False, include_input=False)[0]
+    first = error.errors(include_url=False)[0]  # its input is only compared, never shown: it may be a secret
     if not first["loc"]:  # a rule between variables: its message names them
         return f"invalid configuration: {first['msg'].removeprefix('Value error, ')}"
-    prefix = str(settings_class.model_config.get("env_prefix", ""))
-    variable = prefix + "_".join(str(part) for part in first["loc"]).upper()
-    raw = os.environ.get(variable)
-    shown = ""
-    if raw is not None and not any(word in variable for word in ("TOKEN", "SECRET", "KEY")):
-        shown = f"={mask_url(raw) if 'URL' in variable else raw!r}"
+    field = "_".join(str(part) for part in first["loc"])
+    variable = str(settings_class.model_config.get("env_prefix", "")) + field.upper()
     message = first["msg"].removeprefix("Value error, ")
-    return f"invalid configuration: {variable}{shown}: {message}"
+    info = settings_class.model_fields.get(field)
+    secret = info is None or info.annotation is SecretStr  # a URL's is shown with its password masked
+    raw = os.environ.get(variable)
+    in_file = value_in_file(settings_class, field, AppConfig.PREFIXES) if raw is None else None
+    if in_file is not None and in_file[1] == first.get("input"):  # else `.env`'s, which beats the file
+        path, value = in_file
+        key = f"{section_name(settings_class)}.{field}"
+        return f"invalid configuration: {path}: {key}{_shown(variable, value, secret)}: {message}"
+    return f"invalid configuration: {variable}{_shown(variable, raw, secret)}: {message}"
+
+
+def _shown(variable: str, raw: object, secret: bool) -> str:
+    """`=value` for the error line: nothing for a secret (or an unknown value), a URL's password masked."""
+    if raw is None or (secret and "URL" not in variable) or any(w in variable for w in ("TOKEN", "SECRET", "KEY")):
+        return ""
+    return f"={mask_url(str(raw)) if 'URL' in variable else raw!r}"
 
 
 @lru_cache(maxsize=1)
 def get_config() -> AppConfig:
-    """The process's settings, read once; `get_config.cache_clear()` re-reads the environment."""
+    """The process's settings, read once; `get_config.cache_clear()` re-reads the environment and file."""
     return AppConfig.from_env()
 
 
