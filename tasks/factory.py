@@ -8,6 +8,7 @@ Celery's settings for those. Either way it has a task per step of the processing
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any, NoReturn
@@ -16,7 +17,7 @@ from celery import Celery
 
 import tasks.signals  # noqa: F401  (connects the signal handlers, once per process)
 from celeryconfig import PROTECTED, celery_settings
-from common.config import AppConfig
+from common.config import AppConfig, get_config_or_exit
 from common.processing_graph import get_processing_graph
 from tasks.steps import register_tasks
 
@@ -32,6 +33,11 @@ def create_app(settings: AppConfig | None = None) -> Celery:
     stepcache's signal handlers: Celery's settings for `settings`, or else from CELERY_CONFIG_MODULE
     (default `celeryconfig`); a bad value exits with one line."""
     app = Celery("stepcache")
+    for name in (settings or get_config_or_exit()).common.import_modules:  # the user's steps (COMMON_IMPORTS)
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            _exit(f"COMMON_IMPORTS names {name}, which cannot be imported: {error}")
     if settings is not None:
         app.conf.update(celery_settings(settings))
     else:

@@ -5,17 +5,21 @@ ships) unless QUEUE_REDIS_URL is set, SecantusDB unless CACHE_MONGO_URL / QUEUE_
 (their data under `.stepcache/`), a worker for both queues, Flower and the HTTP API; it writes a local mirror of
 sample datasets in two namespaces, enqueues their pipelines, shows progress, prints the cache, and
 serves until Ctrl-C (or exits once the pipelines are done with --once). Every child process is stopped
-on the way out.
+on the way out. The servers and settings it chose are printed and written to `<home>/env`, which every
+stepcache process started in this checkout reads while the run lives (common.config); `--import MODULE`
+loads a module of your own steps into every process (COMMON_IMPORTS). A port already taken stops it
+with one line before it starts anything.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -84,13 +88,54 @@ def environment(home: Path, stack: ExitStack, out: TextIO) -> dict[str, str]:
     return env
 
 
+# What `run` chose, written to <home>/env for the other processes of this checkout (common.config reads it
+# while the run lives).
+CHOSEN = (
+    "QUEUE_REDIS_URL",
+    "CACHE_MONGO_URL",
+    "QUEUE_MONGO_URL",
+    "COMMON_HF_ENDPOINT",
+    "COMMON_IMPORTS",
+    "ASSETS_STORAGE_DIRECTORY",
+    "WORKER_PARQUET_DIRECTORY",
+    "QUEUE_MAX_JOBS_PER_NAMESPACE",
+)
+
+
+def taken_port(ports: dict[str, int]) -> str | None:
+    """The first of these ports that something already listens on, said in one line; None when all are free."""
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return f"port {port} ({name}) is taken: stop what uses it, or choose another (run --help)"
+    return None
+
+
+def write_environment(home: Path, env: dict[str, str], out: TextIO) -> Path:
+    """The settings this run chose, in a dotenv file that names this process, and on screen."""
+    chosen = {name: env[name] for name in CHOSEN if env.get(name)}
+    path = home / "env"
+    lines = [f"# pid {os.getpid()}: written by python -m tasks run; read while it runs (common.config)"]
+    path.write_text("\n".join([*lines, *(f"{name}={value}" for name, value in chosen.items())]) + "\n")
+    out.write(f"settings (in {path}, read by the CLI, python and workers of this checkout while this runs):\n")
+    out.write("".join(f"  {name}={value}\n" for name, value in chosen.items()))
+    return path
+
+
 def run(
     home: Path = DEFAULT_HOME,
     once: bool = False,
     flower_port: int = FLOWER_PORT,
     api_port: int = API_PORT,
+    imports: Sequence[str] = (),
     out: TextIO = sys.stdout,
 ) -> int:
+    taken = taken_port({"Flower": flower_port, "the HTTP API": api_port})
+    if taken is not None:
+        print(f"stepcache: {taken}", file=sys.stderr)
+        return 2
     home.mkdir(parents=True, exist_ok=True)
 
     def stop(signum: int, frame: object) -> None:
@@ -103,7 +148,11 @@ def run(
     try:
         with ExitStack() as stack:
             env = environment(home, stack, out)
+            if imports:  # the user's steps, in every process this run starts and the CLI
+                env["COMMON_IMPORTS"] = ",".join(filter(None, [env.get("COMMON_IMPORTS", ""), *imports]))
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH", "")]))
             os.environ.update(env)
+            stack.callback(write_environment(home, env, out).unlink, missing_ok=True)
             from common.config import get_config
 
             get_config.cache_clear()

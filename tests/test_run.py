@@ -33,7 +33,7 @@ def unconfigured_env() -> dict[str, str]:
 
 def test_the_makefile_runs_the_cli_command() -> None:
     makefile = (ROOT / "Makefile").read_text()
-    assert "$(BIN)/python -m tasks run $(if $(ONCE),--once)" in makefile
+    assert "$(BIN)/python -m tasks run $(if $(ONCE),--once) $(ARGS)" in makefile
 
 
 def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(tmp_path: Path) -> None:
@@ -69,13 +69,41 @@ def test_run_once_ends_with_every_sample_entry_successful_and_prints_the_cache(t
     assert (home / "mongo").is_dir() and (home / "mirror" / "demo" / "csv" / "train.csv").is_file()
 
 
+def readme_own_step(directory: Path) -> str:
+    """The README's own-step module, written as `mysteps.py` in `directory`: its step's name."""
+    module = re.search(r"## Your own step\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert module is not None
+    (directory / "mysteps.py").write_text(module.group(1))
+    found = re.search(r'@step\("([a-z-]+)"', module.group(1))
+    assert found is not None
+    return found.group(1)
+
+
+def test_a_taken_port_stops_run_with_one_line_before_it_starts_anything(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = subprocess.run(
+            [sys.executable, "-m", "tasks", "run", "--home", str(tmp_path / "home"), "--flower-port", str(port)],
+            cwd=ROOT,
+            env=unconfigured_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert process.returncode == 2 and process.stderr.count("\n") == 1, process
+    assert f"port {port} (Flower) is taken" in process.stderr and not (tmp_path / "home").exists()
+
+
 def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     port, api_port = free_port(), free_port()
-    env = unconfigured_env()
+    env = {**unconfigured_env(), "PYTHONPATH": str(ROOT)}
     ports = ["--flower-port", str(port), "--api-port", str(api_port)]
+    own_step = readme_own_step(tmp_path)  # the README's own step, loaded by every process run starts
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks", "run", "--home", str(tmp_path), *ports],
-        cwd=ROOT,
+        [sys.executable, "-m", "tasks", "run", "--home", str(tmp_path), *ports, "--import", "mysteps"],
+        cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -86,20 +114,18 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
     reader.start()
     try:
         eventually(lambda: any("serving" in line for line in output), "the samples' pipelines", timeout=240)
-        # A reader of the README enqueues a step of their own while it serves, with the servers it printed.
-        servers = dict(re.findall(r"^(redis-server|SecantusDB): (\S+)", "".join(output), re.MULTILINE))
-        client_env = {
-            **env,
-            "QUEUE_REDIS_URL": servers["redis-server"],
-            "CACHE_MONGO_URL": servers["SecantusDB"],
-            "QUEUE_MONGO_URL": servers["SecantusDB"],
-            "COMMON_HF_ENDPOINT": f"file://{tmp_path / 'mirror'}",
-        }
+        # A reader of the README enqueues a step while it serves: the CLI finds run's servers and settings
+        # in the file it wrote, without any export.
+        client_env = {**env, "STEPCACHE_RUN_ENV": str(tmp_path / "env")}
+        limits = subprocess.run(
+            [sys.executable, "-m", "tasks", "limits"], cwd=tmp_path, env=client_env, capture_output=True, text=True
+        )
+        assert limits.returncode == 0 and "QUEUE_MAX_JOBS_PER_NAMESPACE): 2" in limits.stdout, limits
         (tmp_path / "mirror" / "me" / "pets").mkdir(parents=True)
         (tmp_path / "mirror" / "me" / "pets" / "train.csv").write_text("name,legs\ncat,4\nbird,2\n")
         enqueued = subprocess.run(
             [sys.executable, "-m", "tasks", "enqueue", "dataset-config-names", "me/pets"],
-            cwd=ROOT,
+            cwd=tmp_path,
             env=client_env,
             capture_output=True,
             text=True,
@@ -123,13 +149,21 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
         assert "'split': 'train'" in first_rows["kwargs"]
         status = subprocess.run(
             [sys.executable, "-m", "tasks", "status", "me/pets"],
-            cwd=ROOT,
+            cwd=tmp_path,
             env=client_env,
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert "split-first-rows" in status.stdout and "200" in status.stdout
+        own = subprocess.run(
+            [sys.executable, "-m", "tasks", "status", "demo/csv"],
+            cwd=tmp_path,
+            env=client_env,
+            capture_output=True,
+            text=True,
+        )
+        assert own_step in own.stdout, own.stdout  # the README's own step ran in run's worker
         # The API it printed serves the same entry.
         assert f"API: http://localhost:{api_port}/docs" in "".join(output)
         query = "dataset=me/pets&config=default&split=train"
@@ -140,7 +174,7 @@ def test_flower_shows_the_steps_while_run_works_and_ctrl_c_stops_everything(tmp_
         process.wait(timeout=120)
         reader.join(timeout=10)
     assert process.returncode == 0, "".join(output)[-3000:]
-    assert "stopped" in "".join(output)
+    assert "stopped" in "".join(output) and not (tmp_path / "env").exists()
     for gone in (port, api_port):  # Flower and the API are gone with it
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", gone)) != 0
