@@ -7,9 +7,14 @@ content lists them (`ProcessingStep.fan_out`).
 
 After a success, a step's children are enqueued: one per config or split its content lists (fan-out), the
 same key for a child of the same level, and a coarser child (fan-in) once every entry of its ancestors
-that the dataset should have is in the cache. After an error, the children of the same level, and finer
-ones the cache knows the keys of, get a cached ParentStepFailedError that names the failing step, instead
-of running; coarser children are still enqueued when ready, and report what is missing or failed.
+that the dataset should have is in the cache and current (the ending's revision, its step's version).
+After an error, the children of the same level, and finer ones the cache knows the keys of, get a cached
+ParentStepFailedError that names the failing step, instead of running; coarser children are still
+enqueued when ready, and report what is missing or failed.
+
+A backfill enqueues only the topmost of what is to compute again: an entry below one that is stale,
+missing or in process is left to that one's end, so that a changed dataset is computed once, each step
+after its parents, on their new output.
 """
 
 from __future__ import annotations
@@ -88,7 +93,8 @@ class Plan:
     errors: list[tuple[JobKey, CacheableError]] = field(default_factory=list)
 
 
-Present = set[tuple[str, str | None, str | None]]
+EntryKey = tuple[str, str | None, str | None]  # kind, config, split: an entry of the dataset at hand
+Present = set[EntryKey]
 
 
 def _present(entries: Iterable[cache.CachedResponse]) -> Present:
@@ -119,6 +125,13 @@ def expected_entries(graph: ProcessingGraph, dataset: str, entries: Iterable[cac
     return graph.expected_entries(dataset, listing(entries))
 
 
+def _is_current(graph: ProcessingGraph, entry: cache.CachedResponse, revision: str | None) -> bool:
+    """Whether the entry is of its step's job_runner_version and, when both are known, of this revision."""
+    if entry.kind in graph and (entry.job_runner_version or 0) < graph.get_step(entry.kind).job_runner_version:
+        return False
+    return revision is None or entry.dataset_git_revision in (None, revision)
+
+
 def _fan_in_ready(
     graph: ProcessingGraph,
     child: ProcessingStep,
@@ -126,15 +139,23 @@ def _fan_in_ready(
     config: str | None,
     entries: Sequence[cache.CachedResponse],
     present: Present,
+    revision: str | None,
 ) -> bool:
-    """Whether every entry of the child's ancestors that the dataset should have is in the cache."""
+    """Whether every entry of the child's ancestors that the dataset should have is in the cache, current
+    (at the ending's revision, of its step's version): while one is still to be computed again, the end
+    that writes it enqueues the child, which then runs once, on its inputs' new output."""
     ancestors = {step.name for step in graph.ancestors(child.name)}
     expected = [
         key
         for key in expected_entries(graph, dataset, entries)
         if key.kind in ancestors and (config is None or key.config == config)
     ]
-    return bool(expected) and all((key.kind, key.config, key.split) in present for key in expected)
+    by_key = {(entry.kind, entry.config, entry.split): entry for entry in entries}
+    return bool(expected) and all(
+        (key.kind, key.config, key.split) in present
+        and ((entry := by_key.get((key.kind, key.config, key.split))) is None or _is_current(graph, entry, revision))
+        for key in expected
+    )
 
 
 def _children(
@@ -143,6 +164,7 @@ def _children(
     content: Mapping[str, Any] | None,
     entries: Sequence[cache.CachedResponse],
     present: Present,
+    revision: str | None,
 ) -> list[JobKey]:
     parent = graph.get_step(key.step)
     jobs = []
@@ -166,17 +188,23 @@ def _children(
                 jobs += [JobKey(child.name, key.dataset, key.config, name) for name in names]
         elif finer < 0:
             config = key.config if child.input_type is InputType.CONFIG else None
-            if _fan_in_ready(graph, child, key.dataset, config, entries, present):
+            if _fan_in_ready(graph, child, key.dataset, config, entries, present, revision):
                 jobs.append(JobKey(child.name, key.dataset, config, None))
         # two levels finer, or no fan_out: the child's other parents enqueue it
     return jobs
+
+
+def _revision_of(key: JobKey, entries: Iterable[cache.CachedResponse]) -> str | None:
+    """The revision the job's own entry was computed at (None: unknown, or no entry)."""
+    own = (entry for entry in entries if (entry.kind, entry.config, entry.split) == (key.step, key.config, key.split))
+    return next((entry.dataset_git_revision for entry in own), None)
 
 
 def plan_after_success(
     graph: ProcessingGraph, key: JobKey, content: Mapping[str, Any], entries: Sequence[cache.CachedResponse]
 ) -> Plan:
     """The jobs to enqueue now that this one succeeded (its entry is among `entries`)."""
-    return Plan(jobs=_children(graph, key, content, entries, _present(entries)))
+    return Plan(jobs=_children(graph, key, content, entries, _present(entries), _revision_of(key, entries)))
 
 
 def plan_after_failure(
@@ -185,11 +213,11 @@ def plan_after_failure(
     """The errors to cache for the same-level and finer descendants (recursively), and the coarser jobs to
     enqueue. When a dataset-level step fails, what the dataset holds is unknown: every dataset-level
     descendant gets the error too."""
-    plan, present = Plan(), _present(entries)
+    plan, present, revision = Plan(), _present(entries), _revision_of(key, entries)
 
     def fail(key: JobKey, error: CacheableError) -> None:
         step = graph.get_step(key.step)
-        children = _children(graph, key, None, entries, present)
+        children = _children(graph, key, None, entries, present, revision)
         if step.input_type is InputType.DATASET:
             listed = {child.step for child in children}
             children = [
@@ -211,36 +239,71 @@ def plan_after_failure(
     return plan
 
 
+class _EntrySet:
+    """Cache keys, indexed to answer "is one of them an input, direct or not, of this entry?"."""
+
+    def __init__(self, keys: Iterable[EntryKey]) -> None:
+        self.keys: set[EntryKey] = set()
+        self.kinds: set[str] = set()
+        self.configs: set[tuple[str, str | None]] = set()
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: EntryKey) -> None:
+        self.keys.add(key)
+        self.kinds.add(key[0])
+        self.configs.add(key[:2])
+
+    def above(self, graph: ProcessingGraph, key: CacheKey) -> bool:
+        """Whether one of the keys is of an ancestor step of the entry's, and of its config and split or
+        coarser (a dataset-level entry takes in every config, a config-level one every split of it)."""
+        for ancestor in graph.ancestors(key.kind):
+            name = ancestor.name
+            if key.config is None:
+                found = name in self.kinds
+            elif key.split is None:
+                found = (name, key.config) in self.configs or (name, None, None) in self.keys
+            else:
+                coarser = {(name, None, None), (name, key.config, None), (name, key.config, key.split)}
+                found = not self.keys.isdisjoint(coarser)
+            if found:
+                return True
+        return False
+
+
 def plan_backfill(
     graph: ProcessingGraph,
     dataset: str,
     entries: Sequence[cache.CachedResponse],
     revision: str | None,
     max_failed_runs: int,
+    in_process: Iterable[EntryKey] = (),
 ) -> Plan:
     """The entries to compute again: missing (with their parents done), obsolete (older job_runner_version),
-    stale (another revision), or a retryable error that failed fewer than `max_failed_runs` times."""
+    stale (another revision), or a retryable error that failed fewer than `max_failed_runs` times; but only
+    those not `in_process` (a job of theirs waits, runs, or ended and has its next steps still to enqueue)
+    and none of whose ancestors is in process, to compute again or missing. Those descendants come after
+    their parents' ends (`after_job`): each runs once, on its parents' new output, never on the old one."""
     by_key = {(entry.kind, entry.config, entry.split): entry for entry in entries}
     done_kinds = {kind for kind, _, _ in by_key}
-    plan = Plan()
+    busy = set(in_process)
+    changing = _EntrySet(busy)  # what will still change: its descendants wait for it
+    due: list[CacheKey] = []
     for key in expected_entries(graph, dataset, entries):
         step = graph.get_step(key.kind)
         entry = by_key.get((key.kind, key.config, key.split))
         if entry is None:
             needed = all(parent in done_kinds for parent in step.parents)
         else:
-            needed = (
-                (entry.job_runner_version or 0) < step.job_runner_version
-                or (revision is not None and entry.dataset_git_revision not in (None, revision))
-                or (
-                    not entry.is_success
-                    and entry.error_code in RETRYABLE_ERRORS
-                    and entry.failed_runs < max_failed_runs
-                )
+            needed = not _is_current(graph, entry, revision) or (
+                not entry.is_success and entry.error_code in RETRYABLE_ERRORS and entry.failed_runs < max_failed_runs
             )
+        if entry is None or needed:
+            changing.add((key.kind, key.config, key.split))
         if needed:
-            plan.jobs.append(JobKey(key.kind, key.dataset, key.config, key.split))
-    return plan
+            due.append(key)
+    topmost = [key for key in due if (key.kind, key.config, key.split) not in busy and not changing.above(graph, key)]
+    return Plan(jobs=[JobKey(*key) for key in topmost])
 
 
 # --- carrying plans out ------------------------------------------------------------------------------
@@ -320,7 +383,8 @@ def _has_own_entry(key: JobKey, parent: Parent) -> bool:
 
 def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> list[Job]:
     """Enqueue what the graph expects of the dataset and the cache lacks: missing, obsolete (older
-    job_runner_version), stale (another revision) or retryable errors; returns the jobs enqueued."""
+    job_runner_version), stale (another revision) or retryable errors, the topmost only (`plan_backfill`);
+    returns the jobs enqueued. The CLI's, the API's and the webhook's backfills are this one."""
     from common.sources import get_source
 
     dataset, _, _ = validate_key(dataset, None, None)
@@ -328,6 +392,8 @@ def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> lis
         revision: str | None = get_source().revision(dataset)
     except StepcacheError:
         revision = None  # the root step will cache why
+    # Read before the entries: a job that ends in between has its entry read, and its next steps in process.
+    in_process = [(job.step, job.config, job.split) for job in queue.in_process(dataset)]
     entries = cache.get_dataset_responses(dataset)
-    plan = plan_backfill(get_processing_graph(), dataset, entries, revision, get_config().worker.max_failed_runs)
-    return run_plan(plan, queue, priority)
+    graph, max_failed_runs = get_processing_graph(), get_config().worker.max_failed_runs
+    return run_plan(plan_backfill(graph, dataset, entries, revision, max_failed_runs, in_process), queue, priority)

@@ -192,8 +192,11 @@ def test_backfill_plans_missing_obsolete_stale_and_retryable_entries() -> None:
     assert JobKey("config-parquet-and-info", DATASET, "a", None) in planned
     assert JobKey("config-parquet-and-info", DATASET, "b", None) not in planned
     assert JobKey("dataset-config-names", DATASET, None, None) not in planned
-    # Missing split-level entries are planned once their parents are done.
-    assert JobKey("split-first-rows", DATASET, "a", "train") in planned
+    # Nothing below what is planned: config-split-names of a lists the splits anew, then its end enqueues them.
+    assert JobKey("split-first-rows", DATASET, "a", "train") not in planned
+    # Missing split-level entries are planned once their parents are done, and current.
+    current = [entries[0], entry("config-split-names", SPLITS_A.content, "a", dataset_git_revision="r1")]
+    assert JobKey("split-first-rows", DATASET, "a", "train") in plan_backfill(DEFAULT, DATASET, current, "r1", 3).jobs
     exhausted = [
         *entries[:2],
         failed("config-split-names", "b", code="JobManagerCrashedError").model_copy(update={"failed_runs": 3}),
@@ -201,6 +204,82 @@ def test_backfill_plans_missing_obsolete_stale_and_retryable_entries() -> None:
     assert (
         JobKey("config-split-names", DATASET, "b", None) not in plan_backfill(DEFAULT, DATASET, exhausted, "r1", 3).jobs
     )
+
+
+def computed(revision: str) -> list[CachedResponse]:
+    """Every entry the default graph expects of a dataset with config a (splits train and test), at `revision`."""
+    splits = [{"split": "train"}, {"split": "test"}]
+    contents = {
+        "dataset-config-names": {"config_names": [{"config": "a"}]},
+        "config-split-names": {"splits": splits},
+        "config-parquet": {"parquet_files": splits},
+    }
+    return [
+        entry(key.kind, contents.get(key.kind, {}), key.config, key.split, dataset_git_revision=revision)
+        for key in DEFAULT.expected_entries(DATASET, {"a": ["train", "test"]})
+    ]
+
+
+def replaced(entries: list[CachedResponse], kind: str, config: str | None, split: str | None, **fields: Any) -> None:
+    index = next(i for i, e in enumerate(entries) if (e.kind, e.config, e.split) == (kind, config, split))
+    entries[index] = entries[index].model_copy(update=fields)
+
+
+def test_a_backfill_of_a_changed_dataset_plans_its_root_only() -> None:
+    """Every entry is stale: each of its descendants would run on its parents' old output, then again on
+    their new one. The root's end enqueues them, once each."""
+    entries = computed("r1")
+    assert len(entries) == 12
+    assert plan_backfill(DEFAULT, DATASET, entries, "r2", 3).jobs == [
+        JobKey("dataset-config-names", DATASET, None, None)
+    ]
+
+
+def test_a_backfill_plans_the_topmost_stale_entries_and_nothing_below_them() -> None:
+    entries = computed("r1")
+    replaced(entries, "config-parquet-and-info", "a", None, job_runner_version=0)  # obsolete
+    replaced(entries, "split-first-rows", "a", "test", job_runner_version=0)  # obsolete, not below the other
+    replaced(entries, "config-size", "a", None, job_runner_version=0)  # below config-parquet-and-info
+    planned = plan_backfill(DEFAULT, DATASET, entries, "r1", 3).jobs
+    assert planned == [
+        JobKey("split-first-rows", DATASET, "a", "test"),
+        JobKey("config-parquet-and-info", DATASET, "a", None),
+    ]
+
+
+def test_a_backfill_plans_nothing_in_process_nor_below_it() -> None:
+    """A job of the entry, or of an entry above it, waits, runs, or ended and has its next steps still to
+    enqueue: that end enqueues them."""
+    entries = computed("r1")
+    replaced(entries, "config-parquet", "a", None, job_runner_version=0)
+    replaced(entries, "split-first-rows", "a", "train", dataset_git_revision="r0")
+    obsolete = [JobKey("config-parquet", DATASET, "a", None), JobKey("split-first-rows", DATASET, "a", "train")]
+    assert plan_backfill(DEFAULT, DATASET, entries, "r1", 3).jobs == obsolete[::-1]
+    for in_process in (
+        ("config-parquet", "a", None),
+        ("config-parquet-and-info", "a", None),
+        ("dataset-config-names", None, None),
+    ):
+        planned = plan_backfill(DEFAULT, DATASET, entries, "r1", 3, [in_process]).jobs
+        assert JobKey("config-parquet", DATASET, "a", None) not in planned, in_process
+    # Another split's job is not an input of this split's entry; the config's is.
+    other_split = plan_backfill(DEFAULT, DATASET, entries, "r1", 3, [("split-first-rows", "a", "test")]).jobs
+    assert JobKey("split-first-rows", DATASET, "a", "train") in other_split
+    config = plan_backfill(DEFAULT, DATASET, entries, "r1", 3, [("config-split-names", "a", None)]).jobs
+    assert config == [JobKey("config-parquet", DATASET, "a", None)]
+
+
+def test_a_fan_in_child_waits_until_every_input_is_at_the_endings_revision_and_version() -> None:
+    """dataset-is-valid's inputs are recomputed after a change: only the end of the last one enqueues it."""
+    entries = computed("r2")
+    replaced(entries, "config-parquet", "a", None, dataset_git_revision="r1")
+    key = JobKey("split-first-rows", DATASET, "a", "test")
+    valid = JobKey("dataset-is-valid", DATASET, None, None)
+    assert valid not in plan_after_success(DEFAULT, key, {}, entries).jobs  # config-parquet is of r1 still
+    replaced(entries, "config-parquet", "a", None, dataset_git_revision="r2", job_runner_version=0)
+    assert valid not in plan_after_success(DEFAULT, key, {}, entries).jobs  # ... or of an older version
+    replaced(entries, "config-parquet", "a", None, job_runner_version=1)
+    assert valid in plan_after_success(DEFAULT, key, {}, entries).jobs
 
 
 def test_planning_needs_no_server() -> None:

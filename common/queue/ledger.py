@@ -254,6 +254,22 @@ class Ledger:
         return sorted((_job(d) for d in self.collection.find(query)), key=lambda job: job.created_at)
 
     @retry_transient
+    def in_process(self, dataset: str) -> list[Job]:
+        """Jobs of the dataset waiting, queued or started, or ended with the effects of their end (their next
+        steps) not applied yet, oldest first: what is still to change the dataset's cache entries. One query,
+        so that a job passing from one to the other (its end, then its children) is seen in either; without
+        `$or`, which makes SecantusDB scan the collection (200 ms at 20,000 jobs, 1 ms without): an unfinished
+        job has no `effects_pending` yet (an end written before the field existed has none either: left out
+        here)."""
+        documents = self.collection.find({"dataset": dataset, "effects_pending": {"$ne": False}})
+        jobs = [
+            _job(document)
+            for document in documents
+            if document.get("effects_pending") is True or document["status"] not in TERMINAL_STATUSES
+        ]
+        return sorted(jobs, key=lambda job: job.created_at)
+
+    @retry_transient
     def served_since(self, unicity_ids: Sequence[str], since: datetime) -> set[str]:
         """The unicity ids with a job waiting or queued now, or started at `since` or after."""
         query = {

@@ -342,6 +342,13 @@ class Queue:
             self.journal.flush([namespace_of(dataset)])
         return self.ledger.jobs(dataset, statuses)
 
+    def in_process(self, dataset: str) -> list[Job]:
+        """The dataset's jobs waiting, queued or started, or ended with their next steps still to enqueue,
+        once its namespace's journal is written (see `Ledger.in_process`)."""
+        dataset, _, _ = validate_key(dataset, None, None)
+        self.journal.flush([namespace_of(dataset)])
+        return self.ledger.in_process(dataset)
+
     def job(self, job_id: str) -> Job | None:
         """A job in the ledger, once every journal is written (reads the ledger itself for no wait)."""
         self.journal.flush_all()
@@ -478,6 +485,8 @@ class Queue:
         lock = redis.lock(REPAIR_LOCK_KEY, timeout=REPAIR_LOCK_SECONDS, blocking_timeout=REPAIR_LOCK_SECONDS)
         keep_alive = _keeper(lock)
         with contextlib.suppress(LockError), lock:  # a lock lost to a flush: the repair still completes
+            # MongoDB recorded a generation of this Redis: it had data (a new Redis is only initialized).
+            known = bool(self.generation.recorded())
             for _ in range(REPAIR_ATTEMPTS):
                 markers = epoch_keys(redis)
                 if all_exist(redis, [epoch for _, epoch in markers]) and not self.generation.behind():
@@ -492,7 +501,10 @@ class Queue:
                 if all([self._mark_epoch(keys=[repairing, epoch], args=[repair, now]) for repairing, epoch in markers]):
                     self.generation.catch_up()
                     self._promote_all()
-                    logger.warning("Redis lost its data or rolled back: %s jobs took the ledger's state", resynced)
+                    if known or resynced:
+                        logger.warning("Redis lost its data or rolled back: %s jobs took the ledger's state", resynced)
+                    else:
+                        logger.info("Redis initialized: a new Redis (the ledger has no job for it)")
                     break
 
 

@@ -7,8 +7,9 @@ expiry of the asset URLs they hold), `Cache-Control` is `public` or, for a gated
 `private`, with `max-age` API_CACHE_MAX_AGE_SECONDS; `If-None-Match` with the same ETag gets 304.
 
 Without an entry:
-- when a job of the dataset is waiting, queued or running: 202 `ResponseNotReadyError`, `Retry-After`
-  API_RETRY_AFTER_SECONDS, `Location: /jobs/<id>`, and `job_id` in the body;
+- when a job of the dataset is waiting, queued or running (or ended, its next steps being enqueued): 202
+  `ResponseNotReadyError`, `Retry-After` API_RETRY_AFTER_SECONDS, `Location: /jobs/<id>`, and `job_id`
+  in the body;
 - when a step it depends on failed: that step's cached error;
 - otherwise a backfill of the dataset is enqueued, once per API_BACKFILL_INTERVAL_SECONDS per dataset
   (Redis remembers it), and the answer is 202 `ResponseNotReadyError` with `backfill: true`, or 404
@@ -41,7 +42,6 @@ from common.constants import REDIS_PREFIX
 from common.exceptions import CachedResponseNotFoundError
 from common.names import validate_key
 from common.processing_graph import InputType, get_processing_graph
-from common.queue import JobStatus
 from common.redaction import redact
 from common.redis_connection import get_redis
 from common.sources import Access
@@ -58,7 +58,6 @@ from tasks.api.errors import (
 ROOT_STEP = "dataset-config-names"
 FIRST_ROWS = "split-first-rows"
 PARQUET = "config-parquet"
-BUSY = [JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED]
 
 
 @dataclass(frozen=True)
@@ -200,10 +199,11 @@ def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> 
     settings = get_config()
     queue = get_queue()
     retry = {"Retry-After": str(settings.api.retry_after_seconds)}
-    busy = queue.jobs(dataset, BUSY)
+    busy = queue.in_process(dataset)  # an ended job among them is enqueueing its next steps
     if busy:
         job = next((job for job in busy if (job.step, job.config, job.split) == (kind, config, split)), busy[0])
-        message = f"the response is not ready yet: {job.step} is {job.status}"
+        doing = "enqueueing its next steps" if job.status.is_terminal else job.status
+        message = f"the response is not ready yet: {job.step} is {doing}"
         raise ResponseNotReadyError(message, {**retry, "Location": f"/jobs/{job.job_id}"}, job_id=job.job_id)
     ancestors = [step.name for step in get_processing_graph().ancestors(kind)]
     for entry in cache.get_dataset_responses(dataset, ancestors, with_content=False):  # metadata only
