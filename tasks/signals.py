@@ -11,7 +11,8 @@ not a job's business, happens here too:
 - setup_logging: stepcache's logging (level and format from COMMON_LOG_*), instead of Celery's;
 - worker_init, worker_ready, worker_shutdown (main process): the metrics directory for the pool and the
   libraries that read datasets (imported before the pool forks), the reaper thread, a recount of the
-  cache entries (common/cache_counts.py) and the metrics HTTP server;
+  cache entries (common/cache_counts.py), the metrics HTTP server and the worker's record in the
+  registry (common/registry.py: node name, queues, concurrency, metrics URL), renewed until shutdown;
 - worker_process_shutdown: a pool process's metrics bookkeeping;
 - task_revoked of a terminated job (main process): its attempt ends as cancelled, through the one way
   out, under the killed message's own token (the hard time limit does the same from the step's
@@ -27,6 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, states
@@ -46,7 +48,7 @@ from celery.signals import (
 )
 from pydantic import SecretStr
 
-from common import cache, cache_counts, metrics
+from common import cache, cache_counts, metrics, registry
 from common.config import get_config
 from common.event_bus import EventBus
 from common.events import (
@@ -207,20 +209,37 @@ def _prepare_pool(**_: Any) -> None:
     preload_reading()  # once, before the pool forks: no job pays for importing `datasets` (about 2 s)
 
 
-def _start_worker_services(**_: Any) -> None:
+def _start_worker_services(sender: Any = None, **_: Any) -> None:
     reaper = Reaper()
     reaper.start()
     _running["reaper"] = reaper
     # The kept cache counts repaired once per worker start (off by the writes a crash interrupted).
     threading.Thread(target=_recount_cache_entries, name="stepcache-recount", daemon=True).start()
     settings = get_config().worker
+    metrics_url = None
     if settings.metrics_port:
         queue = get_queue()
         live = metrics.LiveCollector(queue.limiter.overview, cache_counts.kept_counts)
         try:
             _running["metrics"] = metrics.serve(settings.metrics_port, settings.metrics_host, live=live)
+            metrics_url = registry.metrics_url(settings.metrics_host, settings.metrics_port)
         except OSError as error:
             logger.warning("metrics not served on %s:%s: %s", settings.metrics_host, settings.metrics_port, error)
+    describe = functools.partial(_worker_record, sender, metrics_url, datetime.now(UTC))
+    _running["registration"] = registry.Registration(describe).start()
+
+
+def _worker_record(consumer: Any, metrics_url: str | None, started_at: datetime) -> registry.ProcessRecord:
+    """The worker's record, read from its consumer at each renewal (its queues may have changed)."""
+    queues = getattr(getattr(consumer, "task_consumer", None), "queues", None) or ()
+    return registry.this_process(
+        registry.Role.WORKER,
+        started_at,
+        node=getattr(consumer, "hostname", None),
+        queues=sorted({queue.name for queue in queues}),
+        concurrency=getattr(getattr(consumer, "controller", None), "concurrency", None),
+        metrics_url=metrics_url,
+    )
 
 
 def _recount_cache_entries() -> None:
@@ -231,6 +250,9 @@ def _recount_cache_entries() -> None:
 
 
 def _stop_worker_services(**_: Any) -> None:
+    registration = _running.pop("registration", None)
+    if registration is not None:
+        registration.stop()
     reaper = _running.pop("reaper", None)
     if reaper is not None:
         reaper.stop()

@@ -27,7 +27,7 @@ def compose() -> dict[str, Any]:
 
 def test_the_compose_file_parses_and_has_the_documented_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "mongo", "worker-light", "worker-heavy", "flower", "api"}
+    assert set(services) == {"redis", "mongo", "worker-light", "worker-heavy", "flower", "api", "prometheus"}
     assert services["redis"]["image"] == "redis:7" and services["mongo"]["image"] == "mongo:7"
     for name in ("redis", "mongo"):
         assert services[name]["healthcheck"]["test"] and services[name]["volumes"]
@@ -69,6 +69,28 @@ def test_flower_needs_basic_auth_from_the_environment() -> None:
 def test_the_dockerfile_installs_the_project_and_starts_a_worker() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
-    for copied in ("common", "tasks", "pyproject.toml"):
+    for copied in ("common", "tasks", "celeryconfig.py", "pyproject.toml", "constraints.txt"):
         assert copied in dockerfile and Path(ROOT / copied).exists()
+    assert "pip install -c constraints.txt ." in dockerfile  # the versions CI tested
     assert 'CMD ["celery", "-A", "tasks", "worker"]' in dockerfile  # every queue
+
+
+def test_prometheus_finds_the_fleet_through_the_apis_discovery_with_the_operators_key() -> None:
+    from tasks.api import create_api
+
+    loaded = compose()
+    prometheus, api = loaded["services"]["prometheus"], loaded["services"]["api"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert prometheus["secrets"] == ["api_operator_key"]
+    assert loaded["secrets"]["api_operator_key"] == {"environment": "API_OPERATOR_KEY"}
+    assert api["environment"]["API_OPERATOR_KEY"].startswith("${API_OPERATOR_KEY:?")  # no key, no discovery
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (sd,) = config["scrape_configs"][0]["http_sd_configs"]
+    assert sd["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/api_operator_key"}
+    assert (
+        sd["url"] == "http://api:8000/discovery/prometheus"
+        and "/discovery/prometheus" in create_api().openapi()["paths"]
+    )
+    assert "8000:8000" in api["ports"]
+    for name in ("worker-light", "worker-heavy"):  # scraped over the compose network
+        assert loaded["services"][name]["environment"]["WORKER_METRICS_HOST"] == "0.0.0.0"

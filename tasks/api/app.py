@@ -4,10 +4,12 @@ Every error is JSON `{"error": message, "error_code": code}` with the code in `X
 errors of stepcache with their status (a bad name: 422), FastAPI's validation errors as 422
 `InvalidParameterError`, and anything unexpected as 500 `UnexpectedError`, logged with its traceback and
 the request id (tasks.api.middleware), never sent. `GET /healthcheck` answers when the API can reach Redis and MongoDB.
+Each API process is in the registry (tasks.api.discovery) from its start to its stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +28,9 @@ from common.exceptions import StepcacheError
 from tasks.api.assets import router as assets_routes
 from tasks.api.auth import AccessCache
 from tasks.api.cached import router as cached_routes
+from tasks.api.discovery import api_registration
+from tasks.api.discovery import router as discovery_routes
+from tasks.api.docs_pages import include_docs_pages
 from tasks.api.errors import PayloadTooLargeError, ServiceUnavailableError, answer_error, error_response
 from tasks.api.jobs import StreamSlots
 from tasks.api.jobs import router as jobs_routes
@@ -49,19 +54,31 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import tasks  # noqa: F401  (the Celery app jobs are published through)
 
+        registration = api_registration().start()  # this process, in the registry until it stops
         yield
+        await asyncio.to_thread(registration.stop)
 
     app = FastAPI(
         title="stepcache",
         summary="Precomputed responses about datasets, their jobs and assets",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # include_docs_pages: /docs and /redoc with their files served here, not from a CDN
+        redoc_url=None,
     )
     app.state.access_cache = AccessCache()  # the app's: an API process forgets what a webhook says
     app.state.event_streams = StreamSlots()  # this process's open event streams
-    for router in (cached_routes(), jobs_routes(), assets_routes(settings), operator_routes(), webhook_routes()):
+    for router in (
+        cached_routes(),
+        jobs_routes(),
+        assets_routes(settings),
+        operator_routes(),
+        discovery_routes(),
+        webhook_routes(),
+    ):
         app.include_router(router)
     app.add_api_route("/healthcheck", healthcheck, methods=["GET"], tags=["health"])
+    include_docs_pages(app)
     app.add_exception_handler(StepcacheError, _stepcache_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
