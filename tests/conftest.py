@@ -3,7 +3,10 @@
 A session starts its own throwaway `redis-server` (from PATH) and an embedded SecantusDB (a MongoDB
 wire-protocol server) on free ports, unless TEST_REDIS_URL / TEST_MONGO_URL name external servers.
 The `stores` fixture gives a test fresh databases whose names contain `test` and a flushed Redis
-database, and points the process's settings (and any worker it starts) at them.
+database, and points the process's settings (and any worker it starts) at them. Celery's fixtures come from
+pytest-celery's plugin: `celery_app` is stepcache's app for the test's settings (its `celery_config` is
+celeryconfig's for them, so Celery's broker and results are on the test's Redis), `celery_worker` a
+thread-pool worker of it in this process.
 
 A test module marked `redis_topologies` runs each of its fast tests that use `stores` twice: on the
 single Redis (`[single]`), and with QUEUE_REDIS_URL at a three-master Redis Cluster the session starts
@@ -22,15 +25,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
 from celery import Celery
+
+# Celery's in-process `celery_worker`: pytest-celery 1.x's plugin also defines one, a Docker container
+# (pytest-celery issue 442), which this import shadows for the tests here.
+from celery.contrib.pytest import celery_worker  # noqa: F401
 from pymongo import MongoClient
 
 from common import mongo
 from common.config import AppConfig, QueueConfig, get_config
+from common.processing_graph import QueueName
 from common.redis_connection import RedisClient, connect
 from tasks.embedded import ServerUnavailableError, start_mongo, start_redis
 
@@ -228,36 +236,61 @@ def current_app_for(redis_url: str) -> Iterator[Celery]:
         app.close()
 
 
+# Celery's own fixtures, from pytest-celery's plugin (which loads Celery's `celery.contrib.pytest`):
+# `celery_app` and `celery_worker` are built from the fixtures below, so every test gets stepcache's app
+# for its own settings and stores, and a thread-pool worker of it.
+
+
+@pytest.fixture
+def celery_config(stores: Stores) -> dict[str, Any]:
+    """Celery's settings for this test's app (the plugin's `celery_app` is built from them): celeryconfig's,
+    for this test's settings, so its broker and result backend are the Redis of its stores."""
+    from celeryconfig import celery_settings
+
+    return celery_settings(get_config())
+
+
 @pytest.fixture(scope="session")
-def session_app(redis_url: str) -> Celery:
-    import tests.sample_steps  # noqa: F401  (registers the sample steps, as a user module would)
+def celery_parameters() -> dict[str, Any]:
+    return {"name": "stepcache"}
 
-    return app_for(redis_url)
+
+@pytest.fixture(scope="session")
+def celery_includes() -> tuple[str, ...]:
+    """The sample steps, registered as a user module would (`celery -A tasks worker -I tests.sample_steps`)."""
+    return ("tests.sample_steps",)
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool() -> str:
+    return "threads"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> dict[str, Any]:
+    """A thread pool of 4 consuming every queue of the graph; no ping task at start (Celery's `celery.ping`
+    would run stepcache's signal handlers and put its events on the test's stream)."""
+    return {
+        "concurrency": 4,
+        "queues": [name.value for name in QueueName],
+        "perform_ping_check": False,
+        "shutdown_timeout": 30,
+    }
 
 
 @pytest.fixture
-def celery_app(session_app: Celery) -> Celery:
-    """stepcache's app, pointed at the session's Redis, with the sample steps registered; the current app
-    (the one get_queue() publishes through) while the test runs."""
-    session_app.set_current()
-    session_app.set_default()
-    return session_app
+def celery_app(celery_app: Celery, celery_includes: tuple[str, ...]) -> Celery:
+    """The plugin's app made stepcache's: a task per step of the graph, the sample steps included, and the
+    process's current and default app while the test runs (the queue and `step.delay` publish through
+    it, as through `tasks.app` in a user's process); the plugin puts the previous ones back after."""
+    from tasks.steps import register_tasks
 
-
-@pytest.fixture
-def worker(stores: Stores, celery_app: Celery) -> Iterator[object]:
-    """Celery's in-process test worker (a thread pool of 4) consuming both queues."""
-    from celery.contrib.testing.worker import start_worker
-
-    with start_worker(
-        celery_app,
-        pool="threads",
-        concurrency=4,
-        perform_ping_check=False,
-        queues=["light", "heavy"],
-        shutdown_timeout=30,
-    ) as running:
-        yield running
+    for module in celery_includes:
+        celery_app.loader.import_task_module(module)
+    register_tasks(celery_app)
+    celery_app.set_current()
+    celery_app.set_default()
+    return celery_app
 
 
 @pytest.fixture

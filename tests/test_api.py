@@ -50,7 +50,7 @@ def get_until_ready(
 
 
 def test_a_dataset_goes_from_not_ready_to_200_through_the_api_alone(
-    client: httpx.Client, mirror: Path, worker: object
+    client: httpx.Client, mirror: Path, celery_worker: object
 ) -> None:
     dataset = samples.csv_dataset(mirror)
     answers = get_until_ready(client, "/first-rows", dataset=dataset, config="default", split="train")
@@ -110,7 +110,7 @@ def test_bad_input_gets_422_with_its_typed_error_and_writes_nothing(
 
 
 def test_a_cached_error_keeps_its_status_and_code_and_a_missing_dataset_is_not_found(
-    client: httpx.Client, mirror: Path, worker: object
+    client: httpx.Client, mirror: Path, celery_worker: object
 ) -> None:
     empty = samples.empty_dataset(mirror)
     answers = get_until_ready(client, "/splits", dataset=empty)
@@ -161,7 +161,7 @@ def events_of(
 
 
 def test_a_job_and_its_events_as_server_sent_events_resumable(
-    client: httpx.Client, mirror: Path, worker: object
+    client: httpx.Client, mirror: Path, celery_worker: object
 ) -> None:
     dataset = samples.csv_dataset(mirror)
     job_id = steps.dataset_config_names.delay(dataset).id
@@ -225,7 +225,7 @@ def test_what_bson_holds_and_json_lacks_is_served_as_json(client: httpx.Client, 
 
 
 def test_a_struct_with_a_field_named_type_is_not_taken_for_an_image(
-    client: httpx.Client, mirror: Path, worker: object
+    client: httpx.Client, mirror: Path, celery_worker: object
 ) -> None:
     dataset = "org/typefield"
     samples.write(mirror / dataset / "train.jsonl", json.dumps({"meta": {"_type": "Image", "src": "x"}}) + "\n")

@@ -85,7 +85,7 @@ def forged(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b
     return ".".join([_b64(json.dumps(header).encode()), _b64(json.dumps(payload).encode()), _b64(signature)])
 
 
-def test_a_gated_dataset_needs_a_valid_jwt_for_it(client: httpx.Client, mirror: Path, worker: object) -> None:
+def test_a_gated_dataset_needs_a_valid_jwt_for_it(client: httpx.Client, mirror: Path, celery_worker: object) -> None:
     dataset = samples.csv_dataset(mirror, "org/gated")
     (mirror / dataset / ".gated").write_text("")
     params = {"dataset": dataset, "config": "default", "split": "train"}
@@ -197,7 +197,7 @@ def test_force_refresh_and_cancel_by_the_operator(client: httpx.Client, mirror: 
 
 
 def test_asset_urls_are_signed_and_expire_and_no_path_leaves_the_storage(
-    client: httpx.Client, mirror: Path, worker: object, tmp_path: Path
+    client: httpx.Client, mirror: Path, celery_worker: object, tmp_path: Path
 ) -> None:
     dataset = samples.image_dataset(mirror)
     answer = get_until_ready(client, "/first-rows", dataset=dataset, config="default", split="train")[-1]
@@ -219,7 +219,7 @@ def test_asset_urls_are_signed_and_expire_and_no_path_leaves_the_storage(
     (storage / dataset / "link.jpg").symlink_to(outside)
     (storage / dataset / "linkdir").symlink_to(tmp_path, target_is_directory=True)
     refused = {
-        "no signature": ("/assets/" + path, {}, 422),
+        "no signature": ("/assets/" + path, {}, 403),
         "tampered signature": ("/assets/" + path, {**signed(path), "signature": "0" * 64}, 403),
         "another path's signature": ("/assets/" + path, signed(path + "x"), 403),
         "expired": ("/assets/" + path, signed(path, int(time.time()) - 1), 403),
@@ -269,7 +269,9 @@ def webhook(
     return client.post("/webhook", json=payload, headers={"X-Webhook-Secret": secret})
 
 
-def test_the_webhook_updates_deletes_and_moves_a_dataset(client: httpx.Client, mirror: Path, worker: object) -> None:
+def test_the_webhook_updates_deletes_and_moves_a_dataset(
+    client: httpx.Client, mirror: Path, celery_worker: object
+) -> None:
     dataset = samples.image_dataset(mirror)
     assert webhook(client, "update", dataset).json()["enqueued"] == 1  # the first step; the others follow
     before = wait_until_settled(dataset)

@@ -78,7 +78,11 @@ def test_the_webhook_reads_a_body_up_to_its_cap_and_validates_it(client: httpx.C
     assert accepted.status_code == 200 and accepted.json()["enqueued"] == 1
 
 
-def test_parquet_files_are_named_relative_to_their_storage(client: httpx.Client, mirror: Path, worker: object) -> None:  # noqa: F811
+def test_parquet_files_are_named_relative_to_their_storage(
+    client: httpx.Client,
+    mirror: Path,  # noqa: F811
+    celery_worker: object,
+) -> None:
     dataset = samples.csv_dataset(mirror)
     get_until_ready(client, "/splits", dataset=dataset)
     wait_until_settled(dataset)
@@ -112,7 +116,7 @@ def test_parquet_files_are_named_relative_to_their_storage(client: httpx.Client,
 def test_no_answer_names_a_local_path_or_the_host(
     client: httpx.Client,
     mirror: Path,  # noqa: F811
-    worker: object,
+    celery_worker: object,
     tmp_path: Path,
 ) -> None:
     host = socket.gethostname()

@@ -18,7 +18,7 @@ __all__ = ["hub"]  # a fixture: the local Hub, the pipeline's settings pointed a
 
 
 def test_a_gated_hub_dataset_and_a_hub_outage(
-    hub: HubServer, worker: object, default_graph: None, monkeypatch: pytest.MonkeyPatch
+    hub: HubServer, celery_worker: object, default_graph: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     use_settings(
         monkeypatch,

@@ -203,7 +203,7 @@ def test_5_a_stalled_mongodb_does_not_get_running_jobs_reaped(
 
 
 def test_6_a_stale_message_does_not_flip_a_finished_task_back_to_started(
-    stores: Stores, worker: object, celery_app: Celery
+    stores: Stores, celery_worker: object, celery_app: Celery
 ) -> None:
     result = sample_steps.test_fail.delay("org/ds")
     with pytest.raises(sample_steps.SampleStepError):
@@ -249,7 +249,9 @@ def test_7_a_requeued_job_keeps_its_place_in_line(stores: Stores) -> None:
     assert [d.payload.job_id for d in dispatcher.take()] == [first.job_id]
 
 
-def test_8_after_redis_lost_its_data_a_running_attempt_survives_and_ends_once(stores: Stores, worker: object) -> None:
+def test_8_after_redis_lost_its_data_a_running_attempt_survives_and_ends_once(
+    stores: Stores, celery_worker: object
+) -> None:
     client = redis.Redis.from_url(stores.redis_url)
     get_lifecycle().redis_kept_its_data()  # the system ran a while: Redis has its epoch marker
     os.environ["TEST_SLEEP_SECONDS"] = "1.5"

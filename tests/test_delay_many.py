@@ -67,7 +67,7 @@ def test_delay_many_dedupes_like_delay_and_refuses_bad_input_before_writing(stor
     assert len(queue.jobs()) == 3  # nothing of a refused batch was written
 
 
-def test_delay_many_jobs_run_through_workers(stores: Stores, worker: object) -> None:
+def test_delay_many_jobs_run_through_workers(stores: Stores, celery_worker: object) -> None:
     results = sample_steps.test_noop.delay_many([f"team{i % 2}/ds{i}" for i in range(6)], priority="high")
     assert [result.get(timeout=RESULT_TIMEOUT)["http_status"] for result in results] == [200] * 6
     assert {job.priority for job in get_queue().jobs()} == {"high"}

@@ -101,7 +101,7 @@ def test_a_gated_datasets_rows_are_not_served_under_another_name(client: httpx.C
 def test_the_dataset_under_a_gated_namespace_is_served_with_a_token(
     client: httpx.Client,
     mirror: Path,  # noqa: F811
-    worker: object,
+    celery_worker: object,
 ) -> None:
     nested_mirror(mirror)
     headers = {"Authorization": f"Bearer {token('closed/data')}"}
@@ -112,7 +112,7 @@ def test_the_dataset_under_a_gated_namespace_is_served_with_a_token(
 def test_a_replay_reads_only_its_jobs_events(
     client: httpx.Client,
     mirror: Path,  # noqa: F811
-    worker: object,
+    celery_worker: object,
     stores: Stores,
 ) -> None:
     dataset = samples.csv_dataset(mirror)
@@ -357,7 +357,7 @@ dataset_info:
 def test_a_readme_cannot_make_a_dataset_read_files_that_are_not_its_own(
     client: httpx.Client,
     mirror: Path,  # noqa: F811
-    worker: object,
+    celery_worker: object,
     config: str,
 ) -> None:
     nested_mirror(mirror)

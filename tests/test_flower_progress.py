@@ -115,7 +115,7 @@ BUILTIN_STEPS = {step.name for step in DEFAULT_STEPS}
 
 
 def test_every_builtin_step_reports_progress(
-    stores: Stores, worker: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    stores: Stores, celery_worker: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     root = tmp_path / "mirror"
     root.mkdir()

@@ -59,7 +59,7 @@ def root_error(dataset: str) -> tuple[int, str | None]:
     return entry.http_status, entry.error_code
 
 
-def test_the_whole_pipeline_runs_against_the_hub(hub: HubServer, worker: object) -> None:
+def test_the_whole_pipeline_runs_against_the_hub(hub: HubServer, celery_worker: object) -> None:
     dataset = formats.csv_repo(hub.root)
     entries = run_pipeline(dataset)
     assert all(e.is_success for e in entries.values()), [(k, e.error_code) for k, e in entries.items()]
@@ -71,7 +71,7 @@ def test_the_whole_pipeline_runs_against_the_hub(hub: HubServer, worker: object)
     assert (cell["width"], cell["height"]) == (8, 6)
 
 
-def test_a_missing_dataset_is_a_cached_404(hub: HubServer, worker: object) -> None:
+def test_a_missing_dataset_is_a_cached_404(hub: HubServer, celery_worker: object) -> None:
     hub.modes["fmt/csv"] = "missing"
     formats.csv_repo(hub.root)
     assert root_error("fmt/csv") == (404, "DatasetNotFoundError")
@@ -79,7 +79,7 @@ def test_a_missing_dataset_is_a_cached_404(hub: HubServer, worker: object) -> No
 
 
 def test_a_private_dataset_needs_the_token(
-    hub: HubServer, worker: object, monkeypatch: pytest.MonkeyPatch, default_graph: None
+    hub: HubServer, celery_worker: object, monkeypatch: pytest.MonkeyPatch, default_graph: None
 ) -> None:
     hub.modes["fmt/csv"] = "private"
     formats.csv_repo(hub.root)
@@ -93,7 +93,7 @@ def test_a_private_dataset_needs_the_token(
 
 
 def test_a_gated_dataset_without_access_is_a_cached_403(
-    hub: HubServer, worker: object, monkeypatch: pytest.MonkeyPatch
+    hub: HubServer, celery_worker: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub.modes["fmt/csv"] = "gated"
     formats.csv_repo(hub.root)
@@ -108,7 +108,7 @@ def test_a_gated_dataset_without_access_is_a_cached_403(
 
 @pytest.mark.parametrize("mode", ["error", "hang"])
 def test_a_failing_hub_is_retried_opens_the_breaker_and_a_backfill_retries_later(
-    mode: str, hub: HubServer, worker: object, stores: Stores, default_graph: None
+    mode: str, hub: HubServer, celery_worker: object, stores: Stores, default_graph: None
 ) -> None:
     hub.hang_seconds = 5
     formats.csv_repo(hub.root)
@@ -131,7 +131,11 @@ def test_a_failing_hub_is_retried_opens_the_breaker_and_a_backfill_retries_later
 
 
 def test_the_token_reaches_no_log_event_ledger_row_or_cache_entry(
-    hub: HubServer, worker: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stores: Stores
+    hub: HubServer,
+    celery_worker: object,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    stores: Stores,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     with_token(monkeypatch, SECRET)

@@ -134,7 +134,7 @@ def test_a_stale_attempt_that_catches_exception_broadly_still_stops(
 
 @pytest.mark.slow
 def test_the_interrupt_stops_a_silent_stale_attempt_in_a_prefork_worker(
-    stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    stores: Stores, celery_app: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from tasks.embedded import WorkerProcess
 

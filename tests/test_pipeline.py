@@ -87,7 +87,7 @@ def content(
     return entry.content
 
 
-def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, worker: object) -> None:
+def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, celery_worker: object) -> None:
     dataset = samples.csv_dataset(mirror)
     entries = run_pipeline(dataset)
     assert all(entry.is_success for entry in entries.values()), [
@@ -121,7 +121,7 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, worker: 
     )
 
 
-def test_json_lines_parquet_and_multi_config_datasets(mirror: Path, worker: object) -> None:
+def test_json_lines_parquet_and_multi_config_datasets(mirror: Path, celery_worker: object) -> None:
     jsonl = run_pipeline(samples.jsonl_dataset(mirror))
     assert content(jsonl, "config-size", "default")["size"]["config"]["num_rows"] == 8
     rows = content(jsonl, "split-first-rows", "default", "test")["rows"]
@@ -134,7 +134,7 @@ def test_json_lines_parquet_and_multi_config_datasets(mirror: Path, worker: obje
     assert content(multi, "dataset-size")["size"]["dataset"]["num_rows"] == 4
 
 
-def test_image_and_audio_cells_become_files_under_the_assets_directory(mirror: Path, worker: object) -> None:
+def test_image_and_audio_cells_become_files_under_the_assets_directory(mirror: Path, celery_worker: object) -> None:
     images = run_pipeline(samples.image_dataset(mirror))
     first_rows = content(images, "split-first-rows", "default", "train")
     assert [f["type"] for f in first_rows["features"]] == [
@@ -158,7 +158,7 @@ def test_image_and_audio_cells_become_files_under_the_assets_directory(mirror: P
     assert (Path(get_config().assets.storage_path) / audio_cell["src"].removeprefix("assets/")).is_file()
 
 
-def test_bad_datasets_get_typed_cached_errors(mirror: Path, worker: object) -> None:
+def test_bad_datasets_get_typed_cached_errors(mirror: Path, celery_worker: object) -> None:
     missing = run_pipeline("org/missing")
     assert missing[("dataset-config-names", None, None)].error_code == "DatasetNotFoundError"
     assert missing[("dataset-config-names", None, None)].http_status == 404
@@ -183,7 +183,7 @@ def test_bad_datasets_get_typed_cached_errors(mirror: Path, worker: object) -> N
     ) == (501, "TooManyColumnsError")
 
 
-def test_a_ten_megabyte_cell_is_truncated_to_fit(mirror: Path, worker: object) -> None:
+def test_a_ten_megabyte_cell_is_truncated_to_fit(mirror: Path, celery_worker: object) -> None:
     entries = run_pipeline(samples.big_cell_dataset(mirror))
     first_rows = content(entries, "split-first-rows", "default", "train")
     assert first_rows["rows"][0]["truncated_cells"] == ["text"]  # cut to WORKER_FIRST_ROWS_MAX_CELL_BYTES
@@ -192,7 +192,7 @@ def test_a_ten_megabyte_cell_is_truncated_to_fit(mirror: Path, worker: object) -
 
 
 def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
-    mirror: Path, worker: object, default_graph: None, monkeypatch: pytest.MonkeyPatch
+    mirror: Path, celery_worker: object, default_graph: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dataset = samples.csv_dataset(mirror)
     before = run_pipeline(dataset)
@@ -212,7 +212,7 @@ def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
 
 
 def test_backfill_enqueues_a_missing_root_and_retries_retryable_errors(
-    mirror: Path, worker: object, default_graph: None
+    mirror: Path, celery_worker: object, default_graph: None
 ) -> None:
     dataset = samples.jsonl_dataset(mirror)
     assert [job.step for job in orchestrator.backfill(get_queue(), dataset)] == ["dataset-config-names"]

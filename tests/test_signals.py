@@ -68,7 +68,7 @@ def test_a_plain_task_added_to_the_app_emits_started_heartbeat_and_completion_ev
     assert told == [EventType.TASK_STARTED, EventType.TASK_FAILED]
 
 
-def test_a_step_task_event_carries_its_jobs_key(stores: Stores, worker: Any) -> None:
+def test_a_step_task_event_carries_its_jobs_key(stores: Stores, celery_worker: Any) -> None:
     from tests import sample_steps
 
     bus = EventBus(get_redis(get_config().queue.redis_url))

@@ -36,7 +36,7 @@ def test_every_step_of_the_graph_is_a_task_named_after_it(celery_app: Celery) ->
     assert steps.get_step_task("test-noop", celery_app) is celery_app.tasks["test-noop"]
 
 
-def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Stores, worker: object) -> None:
+def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Stores, celery_worker: object) -> None:
     result = sample_steps.test_noop.delay("org/ds")
     assert isinstance(result, AsyncResult)
     assert result.get(timeout=RESULT_TIMEOUT)["http_status"] == 200
@@ -48,7 +48,7 @@ def test_a_user_step_runs_through_the_queue_and_lands_in_the_cache(stores: Store
     assert "org" not in counts or counts["org"].running == 0
 
 
-def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores, worker: object) -> None:
+def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores, celery_worker: object) -> None:
     result = sample_steps.test_fail.apply_async(["org/ds"], priority="high")
     with pytest.raises(sample_steps.SampleStepError):
         result.get(timeout=RESULT_TIMEOUT)
@@ -59,19 +59,19 @@ def test_a_typed_error_is_cached_with_its_code_and_the_task_fails(stores: Stores
     assert job is not None and job.status == JobStatus.ERROR and job.error_code == "SampleStepError"
 
 
-def test_a_step_without_a_function_caches_a_not_implemented_error(stores: Stores, worker: object) -> None:
+def test_a_step_without_a_function_caches_a_not_implemented_error(stores: Stores, celery_worker: object) -> None:
     result = sample_steps.test_unimplemented.delay("org/ds")
     with pytest.raises(Exception, match="has no function"):
         result.get(timeout=RESULT_TIMEOUT)
     assert cache.get_response("test-unimplemented", "org/ds").http_status == 501
 
 
-def test_a_config_step_gets_its_config(stores: Stores, worker: object) -> None:
+def test_a_config_step_gets_its_config(stores: Stores, celery_worker: object) -> None:
     sample_steps.test_config_echo.delay("org/ds", config="default").get(timeout=RESULT_TIMEOUT)
     assert cache.get_response("test-config-echo", "org/ds", "default").content == {"config": "default"}
 
 
-def test_the_same_message_delivered_twice_runs_once(stores: Stores, worker: object, celery_app: Celery) -> None:
+def test_the_same_message_delivered_twice_runs_once(stores: Stores, celery_worker: object, celery_app: Celery) -> None:
     queue = get_queue()
     queue.set_limit("org", 0)
     result = sample_steps.test_sleep.delay("org/ds")
@@ -152,7 +152,7 @@ def test_a_job_that_lost_its_lease_stops_and_writes_nothing_whether_it_reports_p
 
 @pytest.mark.parametrize("configs", ["[1, 2]", '["fine", "../escape"]', '["a/b"]'])
 def test_content_that_does_not_list_names_at_the_fan_out_is_a_typed_cached_error(
-    stores: Stores, worker: object, monkeypatch: pytest.MonkeyPatch, configs: str
+    stores: Stores, celery_worker: object, monkeypatch: pytest.MonkeyPatch, configs: str
 ) -> None:
     monkeypatch.setenv("TEST_CONFIGS", configs)
     result = sample_steps.test_bad_fan_out.delay("org/ds")
@@ -164,7 +164,7 @@ def test_content_that_does_not_list_names_at_the_fan_out_is_a_typed_cached_error
 
 
 def test_a_step_sent_from_another_thread_or_after_a_plain_celery_app_goes_through_stepcaches_app(
-    stores: Stores, worker: object, celery_app: Celery
+    stores: Stores, celery_worker: object, celery_app: Celery
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
