@@ -29,6 +29,7 @@ def _forget_clients_after_fork() -> None:
     # The parent's clients are unusable here; closing them would touch the parent's sockets.
     global _lock
     _clients.clear()
+    _indexing.clear()
     _lock = threading.Lock()
 
 
@@ -54,6 +55,7 @@ def get_database(url: SecretStr, database: str) -> Database[dict[str, Any]]:
 
 IndexMaker = Callable[[Collection[dict[str, Any]]], None]
 _indexed: set[tuple[str, str, str]] = set()
+_indexing: dict[tuple[str, str, str], threading.Lock] = {}
 
 
 def get_collection(url: SecretStr, database: str, name: str, create_indexes: IndexMaker) -> Collection[dict[str, Any]]:
@@ -62,6 +64,9 @@ def get_collection(url: SecretStr, database: str, name: str, create_indexes: Ind
     marker = (url.get_secret_value(), database, name)
     if marker not in _indexed:
         with _lock:
+            indexing = _indexing.setdefault(marker, threading.Lock())
+        # Its own lock: a stalled server holds up the callers of its collection, never of the others'.
+        with indexing:
             if marker not in _indexed:
                 create_indexes(collection)
                 _indexed.add(marker)

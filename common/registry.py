@@ -5,8 +5,8 @@ A record (:class:`ProcessRecord`) says a process's role, host, pid, Celery node 
 stepcache's version, metrics URL and start time. Every record lives in two keys under one hash tag (one
 slot of a cluster: each script below is atomic there too, its keys all in KEYS):
 
-    stepcache:{registry}:processes   hash: process id (role:host:pid) -> its record, as JSON
-    stepcache:{registry}:expiry      sorted set: process id, scored by when its record expires (ms, on
+    stepcache:{:registry}:processes   hash: process id (role:host:pid) -> its record, as JSON
+    stepcache:{:registry}:expiry      sorted set: process id, scored by when its record expires (ms, on
                                      Redis' clock, so the hosts' clocks do not matter)
 
 A :class:`Registration` thread writes its process's whole record every TTL/3 (one script call: the
@@ -35,8 +35,9 @@ from common.constants import REDIS_PREFIX
 from common.redis_connection import RedisClient, get_redis
 
 logger = logging.getLogger(__name__)
-PROCESSES_KEY = f"{REDIS_PREFIX}:{{registry}}:processes"
-EXPIRY_KEY = f"{REDIS_PREFIX}:{{registry}}:expiry"
+# ":" is in no namespace: the registry never shares a hash tag (and a slot, and a key) with a namespace
+PROCESSES_KEY = f"{REDIS_PREFIX}:{{:registry}}:processes"
+EXPIRY_KEY = f"{REDIS_PREFIX}:{{:registry}}:expiry"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # listening on every interface: no address to advertise
 RENEWALS_PER_TTL = 3  # a record survives two renewals lost in a row
 STOP_TIMEOUT_SECONDS = 5.0  # how long a stopping process waits for a renewal under way
