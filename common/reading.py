@@ -13,10 +13,10 @@ keeps (:meth:`Split.embed`), without decoding what it only stores.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
@@ -28,6 +28,7 @@ from common.sources import DatasetSource, Location
 if TYPE_CHECKING:
     from datasets import Features, IterableDataset
 
+R = TypeVar("R")
 MEDIA_TYPES = ("Image", "Audio")
 PARQUET_BATCH_ROWS = 1_000
 
@@ -128,12 +129,13 @@ class Split:
     location: Location
     stream: IterableDataset
     features: Features
+    builder: Any  # the stream's builder: see _reading
 
     def batches(self, rows: int) -> Iterator[pa.Table]:
         """The split's rows in Arrow tables of `rows` rows (the last one shorter), media not embedded.
         Each batch is read when asked for; a Hub error in the middle is typed and counted by the breaker."""
         iterator = iter(self.stream.with_format("arrow").iter(batch_size=rows))
-        while (table := self.source.call(next, iterator, None)) is not None:
+        while (table := self.source.call(_reading, self.builder, next, iterator, None)) is not None:
             yield table
 
     def embed(self, table: pa.Table) -> pa.Table:
@@ -192,14 +194,26 @@ def open_split(source: DatasetSource, location: Location, config: str, split: st
         raise SplitNotFoundError(f"config {config!r} of {location.dataset!r} has no split {split!r}", error) from error
     if stream.features is None:  # CSV, JSON...: the features are those of the first rows
         try:
-            stream = source.call(stream._resolve_features)
+            stream = source.call(_reading, builder, stream._resolve_features)
         except StopIteration:  # no rows: no features to tell
-            return Split(source, location, stream, datasets.Features({}))
+            return Split(source, location, stream, datasets.Features({}), builder)
     features = stream.features
     for name, feature in features.items():
         if feature_type(feature) in MEDIA_TYPES and getattr(feature, "decode", False):
             stream = stream.cast_column(name, type(feature)(decode=False))
-    return Split(source, location, stream, stream.features)
+    return Split(source, location, stream, stream.features, builder)
+
+
+def _reading(builder: Any, function: Callable[..., R], *args: Any) -> R:
+    """A read of the builder's stream, with the builder's own endpoint and token. `datasets` patches the
+    module of a builder (its `open`, `pandas.read_csv`...) once for streaming, with one download config
+    per module that every new builder of that module overwrites with its own storage options: without
+    this, a stream would open its next files with those of the last builder made in the process, whatever
+    its source."""
+    from datasets.streaming import extend_dataset_builder_for_streaming
+
+    extend_dataset_builder_for_streaming(builder)
+    return function(*args)
 
 
 def _resolved_once(location: Location) -> contextlib.AbstractContextManager[None]:

@@ -22,7 +22,8 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,6 +53,7 @@ class Location:
     fingerprint: str  # the revision the job reads (a mirror's too: its manifest)
     revision: str | None = None  # the Hub commit `datasets` reads; a mirror's directory has only its present
     token: str | None = None
+    endpoint: str | None = None  # the Hub's URL (None: a mirror's directory)
 
     @property
     def cache_dir(self) -> Path:
@@ -60,10 +62,15 @@ class Location:
         return _cache_path() / "datasets"
 
     def load_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `datasets.load_dataset` and its siblings for this location."""
+        """The keyword arguments of `datasets.load_dataset` and its siblings for this location. A Hub's
+        carry its endpoint: the builder keeps it in its storage options, and its streams read from it
+        whatever the libraries' process-wide endpoint says later (a new dict each time: `datasets` writes
+        in it)."""
         arguments: dict[str, Any] = {"path": self.path, "cache_dir": str(self.cache_dir)}
         if self.revision is not None:
             arguments |= {"revision": self.revision, "token": self.token}
+        if self.endpoint is not None:
+            arguments["storage_options"] = {"hf": {"endpoint": self.endpoint, "token": self.token}}
         return arguments
 
     def owns(self, file: str) -> bool:
@@ -94,11 +101,83 @@ class DatasetSource(Protocol):
         ...
 
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
-        """Run a call of `datasets` or `huggingface_hub` on this source: its errors come out typed, and a
-        failing Hub counts it. With `retries`, the Hub's transient errors are retried with backoff here (for
-        a call the libraries do not retry themselves: they retry their downloads and listings, and a stream
-        cannot be resumed)."""
+        """Run a call of `datasets` or `huggingface_hub` on this source: the libraries pointed at it while
+        it runs (:data:`LIBRARIES`), its errors typed, and a failing Hub counting it. With `retries`, the
+        Hub's transient errors are retried with backoff here (for a call the libraries do not retry
+        themselves: they retry their downloads and listings, and a stream cannot be resumed)."""
         ...
+
+
+@dataclass(frozen=True)
+class Pointing:
+    """What the libraries' process-wide settings must say while a source's call runs: the Hub's endpoint
+    and download cache, or offline (a mirror: `endpoint` None)."""
+
+    endpoint: str | None
+    hub_cache: Path | None = None
+
+    def apply(self) -> None:
+        import datasets.config
+        import huggingface_hub.constants as hub_constants
+
+        offline = self.endpoint is None
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = hub_constants.HF_HUB_OFFLINE = offline
+        if self.endpoint is not None:
+            hub_constants.ENDPOINT = datasets.config.HF_ENDPOINT = self.endpoint
+            hub_constants.HUGGINGFACE_CO_URL_TEMPLATE = self.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+            datasets.config.HUB_DATASETS_URL = self.endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+        if self.hub_cache is not None:
+            hub_constants.HF_HUB_CACHE = str(self.hub_cache)
+
+
+class LibrarySettings:
+    """The settings of `huggingface_hub` and `datasets` that name a source (the endpoint, offline mode, the
+    Hub's download cache) are module constants of theirs, read all through a call (and by their own
+    threads), whatever endpoint a call is given. So every call of a source sets them at its start
+    (:meth:`pointed`) and holds them until it returns: calls for the same source run together, a call for
+    another source waits until they are done. Nothing is left for a later call to inherit: a process
+    reads one source, but two meet in one process in the tests (and in their leftover threads), in any
+    order."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._pointing: Pointing | None = None
+        self._users = 0  # calls running with the current pointing
+        self._waiting = 0  # calls waiting for another: new calls of the current one queue behind them
+        self._held = threading.local()
+
+    @contextmanager
+    def pointed(self, pointing: Pointing) -> Iterator[None]:
+        held: Pointing | None = getattr(self._held, "pointing", None)
+        if held is not None:  # a call inside a call of the same thread
+            if held != pointing:
+                raise RuntimeError(f"a call for {pointing} inside a call for {held}: it would wait for itself")
+            yield
+            return
+        with self._condition:
+            if not (self._users == 0 or (self._pointing == pointing and self._waiting == 0)):
+                self._waiting += 1
+                try:
+                    self._condition.wait_for(lambda: self._users == 0 or self._pointing == pointing)
+                finally:
+                    self._waiting -= 1
+            if self._users == 0:
+                pointing.apply()  # again even when it is the last one: someone may have changed them since
+                self._pointing = pointing
+            self._users += 1
+        self._held.pointing = pointing
+        try:
+            yield
+        finally:
+            self._held.pointing = None
+            with self._condition:
+                self._users -= 1
+                if self._users == 0:
+                    self._condition.notify_all()
+
+
+LIBRARIES = LibrarySettings()
+OFFLINE = Pointing(None)
 
 
 def _typed(function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
@@ -132,7 +211,6 @@ class LocalMirror:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        _set_offline(True)  # a process reads one source: a mirror's never reaches for the network
         self._scans: dict[str, tuple[float, _Scan]] = {}
         self._lock = threading.Lock()
 
@@ -178,8 +256,10 @@ class LocalMirror:
         return next((level for level in ACCESS_MARKED if level in markers), "public")
 
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
+        """The call, offline: `datasets` never reaches for the network on a mirror's behalf."""
         try:
-            return _typed(function, *args, **kwargs)
+            with LIBRARIES.pointed(OFFLINE):
+                return _typed(function, *args, **kwargs)
         finally:
             _trim_cache()
 
@@ -243,13 +323,15 @@ class HubSource:
     Every call goes through the Hub's shared circuit breaker (common.resilience); the libraries retry their
     own listings and downloads, and the revision is retried here. Files the libraries download (READMEs,
     metadata) go to COMMON_HF_CACHE_DIRECTORY, trimmed to COMMON_HF_CACHE_MAX_BYTES.
+
+    The endpoint goes with every call: in the locations it gives (`datasets`'s storage options), in its own
+    HfApi, and in the libraries' process-wide settings while the call runs (:class:`LibrarySettings`).
     """
 
     def __init__(self, endpoint: str, token: str | None) -> None:
         self.endpoint = endpoint
         self.token = token or None
-        _set_offline(False)
-        configure_hub_libraries(endpoint, get_config().common.hf_timeout_seconds, _cache_path())
+        configure_hub_libraries(get_config().common.hf_timeout_seconds)
 
     def call(self, function: Callable[..., R], *args: Any, retries: bool = False, **kwargs: Any) -> R:
         from common.redis_connection import get_redis
@@ -258,7 +340,8 @@ class HubSource:
         breaker = hub_breaker(get_redis(get_config().queue.redis_url))
         try:
             call = call_hub if retries else call_hub_once
-            return cast(R, call(breaker, _typed, function, *args, **kwargs))
+            with LIBRARIES.pointed(Pointing(self.endpoint, _cache_path() / "hub")):
+                return cast(R, call(breaker, _typed, function, *args, **kwargs))
         finally:
             _trim_cache()
 
@@ -273,7 +356,7 @@ class HubSource:
         return self.call(api.dataset_info, parse_dataset(dataset).full, timeout=timeout, retries=True)
 
     def locate(self, dataset: str, revision: str) -> Location:
-        return Location(dataset, parse_dataset(dataset).full, revision, revision, self.token)
+        return Location(dataset, parse_dataset(dataset).full, revision, revision, self.token, self.endpoint)
 
     def access(self, dataset: str) -> Access:
         info = self._info(dataset)
@@ -290,13 +373,12 @@ def _trim_cache() -> None:
     trim_soon(_cache_path(), get_config().common.hf_cache_max_bytes)
 
 
-def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> None:
-    """Point `huggingface_hub` and `datasets` at `endpoint` (they read it at import), with `timeout` on
-    every HTTP request, their caches under `cache_dir`, and no telemetry or progress bars. (`datasets`
-    would also ask the Hub's dataset viewer for the features and splits it computed: we compute them.)"""
-    os.environ["HF_ENDPOINT"] = endpoint
+def configure_hub_libraries(timeout: float) -> None:
+    """The settings of `huggingface_hub` and `datasets` that are the same for every source: `timeout` on
+    every HTTP request, their retries, no telemetry or progress bars. (`datasets` would also ask the Hub's
+    dataset viewer for the features and splits it computed: we compute them.) What names a source (its
+    endpoint, offline mode, the download cache) is set per call: :class:`LibrarySettings`."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ["HF_HUB_CACHE"] = str(cache_dir / "hub")
     import datasets
     import datasets.config
     import httpx2
@@ -304,12 +386,7 @@ def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> N
     from huggingface_hub.utils import _http
     from huggingface_hub.utils.tqdm import disable_progress_bars
 
-    hub_constants.ENDPOINT = endpoint
-    hub_constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    hub_constants.HF_HUB_CACHE = str(cache_dir / "hub")
     hub_constants.HF_HUB_ETAG_TIMEOUT = hub_constants.HF_HUB_DOWNLOAD_TIMEOUT = int(max(1, timeout))
-    datasets.config.HF_ENDPOINT = endpoint
-    datasets.config.HUB_DATASETS_URL = endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
     datasets.config.USE_PARQUET_EXPORT = False  # we are the dataset viewer: never ask one for its answers
     bounded = httpx2.Timeout(timeout).as_dict()
 
@@ -327,15 +404,6 @@ def configure_hub_libraries(endpoint: str, timeout: float, cache_dir: Path) -> N
     datasets.config.STREAMING_READ_RETRY_INTERVAL = datasets.config.STREAMING_OPEN_RETRY_INTERVAL = 1
     disable_progress_bars()
     datasets.disable_progress_bars()
-
-
-def _set_offline(offline: bool) -> None:
-    """A mirror is read offline: `datasets` never reaches for the network on its behalf. A process reads
-    one source, whose creation sets it (both kinds only meet in one process in tests)."""
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-
-    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = offline
 
 
 def get_source() -> DatasetSource:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 from common.config import get_config
 from common.exceptions import ConfigNotFoundError, DatasetNotFoundError, EmptyDatasetError, SplitNotFoundError
 from common.reading import Split, config_names, open_split, split_names
-from common.sources import DatasetSource, LocalMirror, get_source
+from common.sources import DatasetSource, HubSource, LocalMirror, get_source
 from common.tables import column_kind, features, features_of
 from tasks import samples
 from tasks.steps.parquet import convert
@@ -112,6 +114,54 @@ def test_the_first_rows_of_a_big_file_read_only_its_beginning(
         assert bytes_read_by_this_process() - before < size / 10
     else:  # over HTTP ranges, which fsspec reads ahead in blocks of 5 MiB
         assert 0 < sum(sent for name, sent in server.bytes_sent.items() if "big/csv" in name) <= 2.2 * 2**20 * 5
+
+
+def first_rows(source: DatasetSource, dataset: str) -> list[dict[str, object]]:
+    split = opened(source, dataset, "default", "train")
+    return [row for table in itertools.islice(split.batches(7), 1) for row in table.to_pylist()]
+
+
+def test_sources_meet_in_one_process_in_any_order_and_at_once(
+    stores: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call reads from its own source, whatever other sources (a mirror, another Hub, the default one)
+    were created or read before it, are read at the same time, or left in the libraries' settings; a split
+    opened first still reads from its own source after builders of the same format were made for others."""
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("COMMON_HF_CACHE_DIRECTORY", str(tmp_path / "hf-cache"))
+    get_config.cache_clear()
+    formats.csv_repo(tmp_path / "mirror")
+    with HubServer(tmp_path / "a") as a, HubServer(tmp_path / "b") as b:
+        formats.csv_repo(a.root)
+        formats.jsonl_repo(b.root)
+        formats.csv_repo(b.root, "fmt/other")  # a CSV: a builder of the same module as Hub A's
+        hub_a = HubSource(a.url, None)
+        first_opened = opened(hub_a, "fmt/csv", "default", "train")
+        mirror = LocalMirror(tmp_path / "mirror")
+        HubSource("https://huggingface.co", None)  # creating a source points the libraries nowhere
+        hub_b = HubSource(b.url, None)
+        reads = [
+            (mirror, "fmt/csv"),
+            (hub_b, "fmt/jsonl"),
+            (hub_a, "fmt/csv"),
+            (mirror, "fmt/csv"),
+            (hub_a, "fmt/csv"),
+            (hub_b, "fmt/other"),
+        ]
+        assert [first_rows(source, dataset) for source, dataset in reads] == [formats.ROWS[:7]] * len(reads)
+        assert next(first_opened.batches(7)).to_pylist() == formats.ROWS[:7]
+        # What an earlier test, or a thread of one, may leave in the libraries' process-wide settings:
+        for module in (datasets.config, hub_constants):
+            monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "https://huggingface.co")
+        monkeypatch.setattr(hub_constants, "ENDPOINT", "https://huggingface.co")
+        assert first_rows(hub_b, "fmt/jsonl") == formats.ROWS[:7]
+        with ThreadPoolExecutor(len(reads)) as pool:
+            assert list(pool.map(lambda read: first_rows(*read), reads * 3)) == [formats.ROWS[:7]] * len(reads) * 3
+        assert a.requests and b.requests
+    get_config.cache_clear()
 
 
 def test_a_conversion_past_its_cap_is_partial_and_says_how_much_it_read(
