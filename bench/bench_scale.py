@@ -566,7 +566,7 @@ def main() -> None:
     parser.add_argument("--fair-sleep", type=float, default=0.02, help="seconds each fairness job sleeps")
     args = parser.parse_args()
 
-    logging.getLogger("common.queue.queue").setLevel(logging.ERROR)  # "Redis had no epoch marker" after each reset
+    logging.getLogger("common.queue.queue").setLevel(logging.ERROR)  # "Redis lost its data" after each reset
     with bench_servers(("BENCH_MONGO_URL", "TEST_MONGO_URL"), WORKER_METRICS_PORT="0") as run:
         results = measure(args, run)
     report(results)

@@ -18,6 +18,7 @@
      │    └── InvalidStepSpecError
      ├── CachedResponseNotFoundError        no cache entry for (kind, dataset, config, split)
      ├── JobLeaseLostError                  a running job lost its lease: it stops and writes nothing
+     ├── ServerUnreachableError             Redis, MongoDB or the broker did not answer in time (CLI: exit 3)
      └── CacheableError                     lands in the cache: error_code, http_status, cause
           ├── ContentTooBigError                 501  content over WORKER_CONTENT_MAX_BYTES
           ├── ContentNotStorableError            500  content that is not a JSON/BSON document
@@ -111,6 +112,10 @@ class CachedResponseNotFoundError(StepcacheError, LookupError):
 
 class JobLeaseLostError(StepcacheError):
     """The job's lease was taken back while it ran (missed heartbeats): another attempt may run now."""
+
+
+class ServerUnreachableError(StepcacheError):
+    """A server a command needs (Redis, MongoDB, the broker) refused it or did not answer in time."""
 
 
 class CacheableError(StepcacheError):

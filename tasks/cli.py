@@ -4,30 +4,52 @@ Commands: run, enqueue, status, follow, backfill, cancel, limits, top, reconcile
 (`python -m tasks COMMAND -h`). Tables and progress bars are drawn by tasks/display.py (rich): plain text
 without escape codes when the output is not a terminal.
 Exit codes: 0 done (a followed job succeeded), 1 a followed job failed or was cancelled (or `run --once`
-did not finish), 2 bad input or configuration (one line on stderr, no traceback), 3 a server could not be
-reached (or no worker answered).
+did not finish), 2 bad input or configuration, 3 a server could not be reached (or no worker answered);
+every error is one line on stderr, without a traceback. A command whose standard output is closed early
+(`status org/ds | head`) stops quietly with 141, as a program killed by SIGPIPE would (128 + 13). A
+command pings the servers it needs first (tasks/reachability.py): down, they cost it seconds, not minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
+from kombu.exceptions import OperationalError as BrokerError
 from pymongo.errors import PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import orchestrator
 from common.events import Event, EventType, JobFailed, JobProgress, JobState
-from common.exceptions import InvalidArgumentsError, StepcacheError
+from common.exceptions import InvalidArgumentsError, ServerUnreachableError, StepcacheError
 from common.follow import follow as follow_job
 from common.queue import JobStatus
 from tasks.display import ProgressBar, make_console, make_table, print_line, print_table
+from tasks.reachability import Server, check_reachable
 from tasks.top import SORT_COLUMNS
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a program a closed pipe stopped
+ALL_SERVERS = (Server.REDIS, Server.MONGODB, Server.BROKER)
+# What each command talks to, pinged before it runs (run starts its own servers; api answers 503 for a
+# server down; workers says by itself who did not answer).
+SERVERS_NEEDED: dict[str, tuple[Server, ...]] = {
+    "follow": (Server.REDIS, Server.MONGODB),
+    "status": (Server.REDIS, Server.MONGODB),
+    "top": (Server.REDIS, Server.MONGODB),
+    "cache-counts": (Server.MONGODB,),
+    "backfill": ALL_SERVERS,
+    "enqueue": ALL_SERVERS,
+    "cancel": ALL_SERVERS,
+    "limits": ALL_SERVERS,
+    "reconcile": ALL_SERVERS,
+    "prune": ALL_SERVERS,
+}
 
 
 def follow(job_id: str, out: TextIO = sys.stdout) -> int:
@@ -188,25 +210,70 @@ def prune(dry_run: bool, out: TextIO) -> int:
 
 
 def workers(out: TextIO) -> int:
+    """The workers in the registry (common/registry.py) beside those that answer Celery's ping, then the
+    registered API processes; exit 3 when no worker answers."""
+    from common.registry import Role, get_registry
     from tasks import app
 
-    inspector = app.control.inspect(timeout=2.0)
-    replies = inspector.ping() or {}
-    if not replies:
-        out.write("no worker answered\n")
-        return EXIT_UNREACHABLE
-    active = inspector.active() or {}
-    queues = inspector.active_queues() or {}
-    rows = [
-        [name, ",".join(q["name"] for q in queues.get(name, [])), len(active.get(name, []))] for name in sorted(replies)
-    ]
+    records = get_registry().live()
+    replies = app.control.inspect(timeout=2.0).ping() or {}
+    # Asked by name, the answers come as soon as every worker that answered the ping gave its own.
+    inspector = app.control.inspect(timeout=2.0, destination=sorted(replies)) if replies else None
+    active = (inspector.active() or {}) if inspector else {}
+    consumed = (inspector.active_queues() or {}) if inspector else {}
+    registered = {
+        record.node or f"{record.host}:{record.pid}": record for record in records if record.role == Role.WORKER
+    }
+    rows = []
+    for name in sorted(registered.keys() | replies.keys()):
+        record, answers = registered.get(name), name in replies
+        queues = record.queues if record else [queue["name"] for queue in consumed.get(name, [])]
+        running = len(active.get(name, [])) if answers else ""
+        seen = "registry+ping" if record and answers else "registry" if record else "ping"
+        if record is None:
+            rows.append([name, "", "", ",".join(queues), "", running, "", "", "", seen])
+            continue
+        started = record.started_at.strftime("%Y-%m-%d %H:%M:%S")
+        details = [record.host, record.pid, ",".join(queues), record.concurrency or "", running, record.version]
+        rows.append([name, *details, record.metrics_url or "", started, seen])
     console = make_console(out)
-    print_table(console, make_table(["worker", "queues", "running"], rows, console, right={"running"}))
+    if rows:
+        headers = [
+            "worker",
+            "host",
+            "pid",
+            "queues",
+            "concurrency",
+            "running",
+            "version",
+            "metrics",
+            "started",
+            "seen by",
+        ]
+        print_table(console, make_table(headers, rows, console, right={"pid", "concurrency", "running"}))
+    apis = [record for record in records if record.role == Role.API]
+    if apis:
+        api_rows = [
+            [r.host, r.pid, r.version, r.metrics_url or "", r.started_at.strftime("%Y-%m-%d %H:%M:%S")] for r in apis
+        ]
+        print_line(console, "")
+        headers = ["API host", "pid", "version", "metrics", "started"]
+        print_table(console, make_table(headers, api_rows, console, right={"pid"}))
+    if not replies:
+        print_line(console, "no worker answered a ping" + ("" if registered else ", and none is in the registry"))
+        return EXIT_UNREACHABLE
     return EXIT_OK
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors (its commands' too) as one line on stderr and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"stepcache: {self.prog}: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tasks", description="stepcache from the command line")
+    parser = OneLineParser(prog="python -m tasks", description="stepcache from the command line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     follow_parser = commands.add_parser("follow", help="show a job's progress until it ends")
     follow_parser.add_argument("job_id", metavar="JOB", help="the job id (what step.delay returned)")
@@ -220,13 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser("run", help="run everything locally on embedded defaults (make run)")
     run_parser.add_argument("--once", action="store_true", help="exit when the sample pipelines are done")
     run_parser.add_argument("--home", type=Path, default=None, help="where local data goes (default: .stepcache)")
-    run_parser.add_argument("--flower-port", type=int, default=5555, help="Flower's port (default: 5555)")
-    run_parser.add_argument("--api-port", type=int, default=8000, help="the HTTP API's port (default: 8000)")
+    run_parser.add_argument("--flower-port", type=_port, default=5555, help="Flower's port (default: 5555)")
+    run_parser.add_argument("--api-port", type=_port, default=8000, help="the HTTP API's port (default: 8000)")
+    run_parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own steps, loaded by every process it starts (repeat for more)",
+    )
     run_parser.set_defaults(run=_run)
 
     api_parser = commands.add_parser("api", help="serve the cache, jobs and assets over HTTP (uvicorn)")
     api_parser.add_argument("--host", default=None, help="the address to listen on (default: API_HOST)")
-    api_parser.add_argument("--port", type=int, default=None, help="the port (default: API_PORT)")
+    api_parser.add_argument("--port", type=_port, default=None, help="the port (default: API_PORT)")
     api_parser.add_argument("--workers", type=_positive, default=None, help="processes (default: API_WORKERS)")
     api_parser.set_defaults(run=_api)
 
@@ -252,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits_parser = commands.add_parser("limits", help="show, set or clear per-namespace limits")
     limits_parser.add_argument("action", nargs="?", choices=["show", "set", "clear"], default="show")
     limits_parser.add_argument("namespace", nargs="?", default=None)
-    limits_parser.add_argument("value", nargs="?", type=int, default=None, help="the limit; 0 pauses")
+    limits_parser.add_argument("value", nargs="?", type=_non_negative, default=None, help="the limit; 0 pauses")
     limits_parser.set_defaults(run=lambda args: limits(args.action, args.namespace, args.value, sys.stdout))
 
     reconcile_parser = commands.add_parser("reconcile", help="make Redis' limiter state agree with the ledger")
@@ -265,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune_parser.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
     prune_parser.set_defaults(run=lambda args: prune(args.dry_run, sys.stdout))
-    workers_parser = commands.add_parser("workers", help="the workers that answer, their queues and running jobs")
+    workers_parser = commands.add_parser(
+        "workers", help="the registered workers and API processes, and the workers that answer a ping"
+    )
     workers_parser.set_defaults(run=lambda args: workers(sys.stdout))
 
     top_parser = commands.add_parser(
@@ -288,17 +365,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, not {text}")
+def _whole_number(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        expected = f"from {low} to {high}" if high is not None else f"{low} or more"
+        raise argparse.ArgumentTypeError(f"expected a whole number {expected}, not {text!r}")
     return value
 
 
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _port(text: str) -> int:
+    return _whole_number(text, 1, 65535)
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected more than 0, not {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds more than 0, not {text!r}")
     return value
 
 
@@ -313,7 +409,13 @@ def _top(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tasks.run import DEFAULT_HOME, run
 
-    return run(home=args.home or DEFAULT_HOME, once=args.once, flower_port=args.flower_port, api_port=args.api_port)
+    return run(
+        home=args.home or DEFAULT_HOME,
+        once=args.once,
+        flower_port=args.flower_port,
+        api_port=args.api_port,
+        imports=args.imports,
+    )
 
 
 def _api(args: argparse.Namespace) -> int:
@@ -326,13 +428,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
-    except StepcacheError as error:
+        check_reachable(SERVERS_NEEDED.get(args.command, ()))
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, and not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
+    except ServerUnreachableError as error:
         print(f"stepcache: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except StepcacheError as error:
+        print(f"stepcache: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (RedisConnectionError, PyMongoError) as error:
-        reason = str(error).split(" (configured timeouts", 1)[0][:200]
+    except (RedisConnectionError, RedisTimeoutError, PyMongoError, BrokerError) as error:
+        reason = " ".join(str(error).split(" (configured timeouts", 1)[0].split())[:200]
         print(f"stepcache: a server could not be reached: {type(error).__name__}: {reason}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of the output went away (`| head`): what is left to print goes nowhere, quietly (Python's
+    advice: https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test's captured output): nothing to redirect
+        pass
+    return EXIT_STDOUT_CLOSED

@@ -30,11 +30,20 @@ def is_terminal(out: TextIO) -> bool:
         return False
 
 
+class CommandConsole(Console):
+    """rich's Console, except for a closed output: rich exits 1 then (the CLI's "a job failed"); this one
+    raises BrokenPipeError, for the CLI to exit as it says (tasks/cli.py)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError("the output was closed")
+
+
 def make_console(out: TextIO) -> Console:
     """A console writing to `out`: a terminal's gets styles and live drawing, any other plain text only
     (whatever FORCE_COLOR or TTY_COMPATIBLE say)."""
     terminal = is_terminal(out)
-    return Console(
+    return CommandConsole(
         file=out,
         force_terminal=terminal,
         force_interactive=None if terminal else False,

@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from redis.cluster import RedisCluster
 
+from celeryconfig import celery_settings
 from common.config import AppConfig, QueueConfig, get_config
 from common.event_bus import EventBus
 from common.exceptions import ConfigError
@@ -27,7 +28,6 @@ from common.queue.queue import epoch_keys, epoch_markers
 from common.redis_connection import Topology, parse_redis_url
 from tasks import samples, steps
 from tasks.embedded import ROOT
-from celeryconfig import celery_settings
 from tasks.queue import get_queue
 from tests.conftest import CLUSTER, SENTINEL, Stores, current_app_for, use_settings
 from tests.test_pipeline import wait_until_settled

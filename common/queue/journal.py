@@ -84,8 +84,17 @@ class Journal:
         process: its threads never write the same entries twice."""
         if not namespaces:
             return []
+        # Whatever these namespaces journaled before now is written here: noted, they would be flushed
+        # again for nothing (and at exit, with a server that may be gone). A failed flush notes them again.
+        with self._lock:
+            self._noted.difference_update(namespaces)
         with self._flushing:
-            idle = self._flush(namespaces, keep_alive)
+            try:
+                idle = self._flush(namespaces, keep_alive)
+            except BaseException:
+                with self._lock:
+                    self._noted.update(namespaces)
+                raise
             rolled_back, self._rolled_back = self._rolled_back, False
             across, self._across_repair = self._across_repair, []
         self.limiter.unlist_if_idle(idle)
@@ -181,16 +190,20 @@ class Journal:
 
     def _flush_at_exit(self) -> None:
         """What is noted and not written yet, if Redis still answers (without retrying: the process is
-        going; whatever stays in a journal is written by the reaper's pass)."""
+        going; whatever stays in a journal is written by the reaper's pass). Nothing noted: nothing asked
+        of a server that may be gone. Quiet: at exit, the log handlers may write to closed streams (a test
+        runner's), and a Redis Cluster client logs the servers it cannot reach."""
         noted = self._take_noted()
         if not noted:
             return
+        disabled = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
         try:
-            self.limiter.redis.ping()
-        except Exception:
-            return
-        with contextlib.suppress(Exception):
-            self._flush(noted)
+            with contextlib.suppress(Exception):
+                self.limiter.redis.ping()
+                self._flush(noted)
+        finally:
+            logging.disable(disabled)
 
     def _write_forever(self) -> None:
         while True:

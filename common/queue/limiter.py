@@ -30,6 +30,7 @@ from importlib.resources import files
 from typing import Any
 
 from common.constants import REDIS_PREFIX
+from common.exceptions import InvalidInputError
 from common.queue.jobs import Dispatch, Job, JobPayload, JobStatus, Priority
 from common.redis_cluster import ScriptBatch, add_time, is_cluster, node_of
 from common.redis_connection import RedisClient, as_text
@@ -512,7 +513,7 @@ class NamespaceLimiter:
     def set_limit(self, namespace: str, limit: int | None) -> list[Record]:
         """Override the namespace's limit (0 pauses it), or clear the override with None."""
         if limit is not None and limit < 0:
-            raise ValueError("a namespace limit is 0 (paused) or more")
+            raise InvalidInputError(f"a namespace limit is 0 (paused) or more, not {limit}")
         if limit is None:
             self.redis.srem(LIMITS_KEY, namespace)
         else:

@@ -5,9 +5,10 @@ A URL is valid until `expires` (unix seconds) and carries `signature`, the hex H
 `src` of the image and audio cells of the first rows it serves, when they point into that dataset's own
 files (a cell of another column is data: never signed). `expires` is rounded up to the next multiple
 of API_ASSETS_URL_TTL_SECONDS (plus one), so the same response is the same bytes for a while and its
-ETag (which names the key) holds. A path is refused, even signed, when a part of it is empty, `.` or
-`..`, or holds a backslash or NUL, or when it resolves through a symbolic link or outside
-ASSETS_STORAGE_DIRECTORY.
+ETag (which names the key) holds. A URL without `expires` and `signature`, or with a signature that
+does not match or has expired, is 403. A path is 404, signed or not, when a part of it is empty, `.` or
+`..`, or holds a backslash or NUL (checked before the signature), or when it resolves through a symbolic
+link or outside ASSETS_STORAGE_DIRECTORY.
 """
 
 from __future__ import annotations
@@ -116,16 +117,22 @@ def route_prefix(settings: AppConfig) -> str:
     return "/" + path.strip("/")
 
 
+def safe_parts(path: str) -> list[str]:
+    """The parts of `path`, or NotFoundError when one is empty, `.` or `..`, or holds a backslash or NUL
+    (whether the URL is signed or not: nothing about the storage is looked at)."""
+    parts = path.split("/")
+    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        raise NotFoundError("no such asset")
+    return parts
+
+
 def resolve(storage: Path, path: str) -> Path:
     """The file `path` names in the storage directory, or NotFoundError (same answer for every refusal)."""
-    parts = path.split("/")
-    refused = NotFoundError("no such asset")
-    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
-        raise refused
+    parts = safe_parts(path)
     root = os.path.realpath(storage)
     lexical = os.path.join(root, *parts)
     if os.path.realpath(lexical) != lexical or not os.path.isfile(lexical):  # a symlink, or not a file
-        raise refused
+        raise NotFoundError("no such asset")
     return Path(lexical)
 
 
@@ -142,10 +149,13 @@ def router(settings: AppConfig) -> APIRouter:
     )
     def asset(
         path: str,
-        expires: int = Query(description="unix seconds after which the URL is refused"),
-        signature_: str = Query(alias="signature", description="hex HMAC-SHA256 of the path and expiry"),
+        expires: int | None = Query(None, description="unix seconds after which the URL is refused"),
+        signature_: str | None = Query(None, alias="signature", description="hex HMAC-SHA256 of the path and expiry"),
     ) -> FileResponse:
         """An asset file, with the signature first-rows gave its URL."""
+        safe_parts(path)  # 404, signed or not
+        if expires is None or signature_ is None:  # a signed URL cut short: refused as a tampered one
+            raise ForbiddenError("the asset URL needs its expires and signature", error_code="MissingSignatureError")
         current = get_config()
         if not hmac.compare_digest(signature(signing_key(current), path, expires).encode(), signature_.encode()):
             raise ForbiddenError("the asset URL's signature does not match", error_code="InvalidSignatureError")

@@ -7,6 +7,7 @@ Gated and private datasets
     this dataset (`sub` is `datasets/<dataset>`). Whether a dataset is public is asked to the source
     (common.sources) and kept API_ACCESS_CACHE_SECONDS per dataset.
 Operator endpoints
+    Off (401, saying so) while neither API_OPERATOR_KEY nor API_OPERATOR_SECRET is set. Otherwise
     `Authorization: Bearer <API_OPERATOR_KEY>`, or a request signed with API_OPERATOR_SECRET:
     `X-Stepcache-Timestamp: <unix seconds>`, `X-Stepcache-Nonce: <up to 64 [A-Za-z0-9_-]>` (may be empty)
     and `X-Stepcache-Signature: <hex HMAC-SHA256>` over
@@ -202,12 +203,16 @@ async def require_operator(request: Request) -> None:
 
     settings = get_config().api
     key = settings.operator_key.get_secret_value()
+    secret = settings.operator_secret.get_secret_value()
+    if not key and not secret:
+        raise AuthenticationRequiredError(
+            "the operator endpoints are off: neither API_OPERATOR_KEY nor API_OPERATOR_SECRET is set"
+        )
     token = bearer(request)
     if key and token is not None:
         if hmac.compare_digest(token.encode(), key.encode()):
             return
         raise AuthenticationRequiredError("wrong operator key")
-    secret = settings.operator_secret.get_secret_value()
     timestamp, signature = request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER)
     nonce = request.headers.get(NONCE_HEADER, "")
     if not secret or timestamp is None or signature is None:
