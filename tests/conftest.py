@@ -42,7 +42,18 @@ from common.processing_graph import QueueName
 from common.redis_connection import RedisClient, connect
 from tasks.embedded import ServerUnavailableError, start_mongo, start_redis
 
-SETTINGS_PREFIXES = ("ASSETS_", "COMMON_", "CACHE_", "QUEUE_", "WORKER_", "API_", "CELERY_BROKER_URL")
+SETTINGS_PREFIXES = (
+    "ASSETS_",
+    "COMMON_",
+    "CACHE_",
+    "QUEUE_",
+    "WORKER_",
+    "API_",
+    "CELERY_BROKER_URL",
+    "STEPCACHE_CONFIG",
+)
+# A `make run` of this checkout left running: its settings file (common.config) is not the tests'.
+os.environ["STEPCACHE_RUN_ENV"] = ""
 SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
 T = TypeVar("T")
 
