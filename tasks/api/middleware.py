@@ -20,7 +20,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -79,14 +79,12 @@ class RequestMiddleware:
         too_big = f"the request body is over {self.max_body_bytes} bytes"
         started = time.perf_counter()
         status: dict[str, Any] = {"code": 500, "sent": False, "timed_out": False}
-        answering = asyncio.Event()  # the answer has begun: the timeout no longer applies (an event stream)
 
         async def send_with_id(message: Message) -> None:
             if status["timed_out"]:  # a request left running past its timeout: its late answer goes nowhere
                 return
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
-                answering.set()
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
                 DURATION.labels(method, _route(scope)).observe(time.perf_counter() - started)
             await send(message)
@@ -107,7 +105,7 @@ class RequestMiddleware:
                 if length is not None and length > self.max_body_bytes:
                     await answer_error(PayloadTooLargeError(too_big))(scope, receive, send_with_id)
                 else:
-                    await self._within_timeout(self.app(scope, bounded_receive, send_with_id), answering)
+                    await self._within_timeout(self.app(scope, bounded_receive, send_with_id), lambda: status["sent"])
             except TimeoutError:
                 if not status["sent"]:
                     timeout = RequestTimeoutError(f"the request was not answered within {self.timeout_seconds} s")
@@ -124,16 +122,14 @@ class RequestMiddleware:
                 client = scope.get("client") or ("-", 0)
                 access_log.info('%s "%s %s" %s %.1fms', client[0], method, _target(scope), status["code"], elapsed_ms)
 
-    async def _within_timeout(self, answer: Awaitable[None], answering: asyncio.Event) -> None:
-        """Await the answer; raise TimeoutError when it has not begun within the timeout, without waiting
+    async def _within_timeout(self, answer: Awaitable[None], begun: Callable[[], bool]) -> None:
+        """Await the answer; raise TimeoutError when it has not `begun` within the timeout, without waiting
         for it to stop: a request blocked in a thread (a call to a stalled MongoDB) cannot be interrupted,
         and is left to end on its own, its answer dropped. Once begun, it runs to its end (an event stream
         bounds itself)."""
         task = asyncio.ensure_future(answer)
-        begun = asyncio.ensure_future(answering.wait())
-        await asyncio.wait({task, begun}, timeout=self.timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
-        begun.cancel()
-        if task.done() or answering.is_set():
+        await asyncio.wait({task}, timeout=self.timeout_seconds)
+        if task.done() or begun():
             await task
             return
         task.cancel()
