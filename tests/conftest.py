@@ -308,5 +308,6 @@ def celery_app(celery_app: Celery, celery_includes: tuple[str, ...]) -> Celery:
 def default_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default graph only: the sample steps other tests register would be "missing" for every dataset."""
     import common.processing_graph as graph_module
+    import tests.sample_steps  # noqa: F401  (registered now, into the graph replaced here: not into this one)
 
     monkeypatch.setattr(graph_module, "processing_graph", graph_module.ProcessingGraph(graph_module.DEFAULT_STEPS))
