@@ -36,7 +36,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.bench_api import api_process
+from bench.bench_api import api_process, cpu_seconds
 from bench.harness import bench_servers, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,13 +108,6 @@ def open_stream(port: int, job_id: str, address: str) -> tuple[int, http.client.
     return response.status, connection
 
 
-def cpu_seconds(pid: int) -> float:
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="GET /healthcheck measured, per phase")
@@ -160,10 +153,10 @@ def main() -> None:
                     refused, connection = open_stream(port, job_id, "127.0.0.250")
                     connection.close()
                     time.sleep(1.0)  # the streams replay and settle into polling
-                    cpu_before, began = cpu_seconds(pid), time.monotonic()
+                    cpu_before, began = cpu_seconds(pid, children=False), time.monotonic()
                     loaded = healthcheck_latencies(port, args.requests, args.seconds)
                     window = time.monotonic() - began
-                    cpu_busy = (cpu_seconds(pid) - cpu_before) / window
+                    cpu_busy = (cpu_seconds(pid, children=False) - cpu_before) / window
                     closed = drips["closed_by_api"]
     results: dict[str, Any] = {
         "settings": {
