@@ -18,13 +18,12 @@ changed: a process whose configuration changes it stops at start with one line.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from kombu.entity import Queue as BrokerQueue
 
-from common.config import AppConfig, get_config_or_exit, mask_url
+from common.config import AppConfig, exit_with, get_config_or_exit, mask_url
 from common.exceptions import ConfigError
 from common.processing_graph import QueueName
 from common.redis_connection import CLUSTER_SCHEMES, Topology, parse_redis_url
@@ -103,8 +102,7 @@ def _environment_settings() -> dict[str, Any]:
     try:
         return celery_settings(get_config_or_exit())
     except ConfigError as error:
-        print(f"stepcache: {error}", file=sys.stderr)  # one line, as get_config_or_exit
-        raise SystemExit(2) from None
+        exit_with(str(error))
 
 
 _values = _environment_settings()

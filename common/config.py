@@ -19,7 +19,7 @@ import re
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
@@ -434,5 +434,10 @@ def get_config_or_exit() -> AppConfig:
     try:
         return get_config()
     except ConfigError as error:
-        print(f"stepcache: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(str(error))
+
+
+def exit_with(message: str) -> NoReturn:
+    """Stop the process as a bad setting does: one line on stderr, exit status 2."""
+    print(f"stepcache: {message}", file=sys.stderr)
+    raise SystemExit(2)

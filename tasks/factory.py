@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
 from celery import Celery
 
 import tasks.signals  # noqa: F401  (connects the signal handlers, once per process)
 from celeryconfig import PROTECTED, celery_settings
-from common.config import AppConfig, get_config_or_exit
+from common.config import AppConfig, exit_with, get_config_or_exit
 from common.processing_graph import get_processing_graph
 from tasks.steps import register_tasks
 
@@ -37,7 +36,7 @@ def create_app(settings: AppConfig | None = None) -> Celery:
         try:
             importlib.import_module(name)
         except ImportError as error:
-            _exit(f"COMMON_IMPORTS names {name}, which cannot be imported: {error}")
+            exit_with(f"COMMON_IMPORTS names {name}, which cannot be imported: {error}")
     if settings is not None:
         app.conf.update(celery_settings(settings))
     else:
@@ -46,16 +45,11 @@ def create_app(settings: AppConfig | None = None) -> Celery:
             app.config_from_object(module, force=True)
             changed = {name: app.conf[name] for name, value in PROTECTED.items() if app.conf[name] != value}
         except ImportError as error:
-            _exit(f"CELERY_CONFIG_MODULE={module} cannot be imported: {error}")
+            exit_with(f"CELERY_CONFIG_MODULE={module} cannot be imported: {error}")
         if changed:
             name, value = next(iter(changed.items()))
             needed = PROTECTED[name]
-            _exit(f"{module} sets {name}={value!r}: stepcache's limiter needs {needed!r} (celeryconfig.PROTECTED)")
+            exit_with(f"{module} sets {name}={value!r}: stepcache's limiter needs {needed!r} (celeryconfig.PROTECTED)")
     register_tasks(app)
     app.set_default()  # the app of this process's other threads too (Celery's current app is per thread)
     return app
-
-
-def _exit(message: str) -> NoReturn:
-    print(f"stepcache: {message}", file=sys.stderr)  # one line, as get_config_or_exit
-    raise SystemExit(2)
