@@ -25,6 +25,7 @@
           ├── JobManagerCrashedError             500  the worker died or stopped heart-beating
           ├── JobManagerExceededMaximumDurationError 500  the job hit its time limit
           ├── StepNotImplementedError            501  the step has no function yet
+          ├── StepNotKnownError                  501  no live worker knows the step (none imports its module)
           ├── HubUnavailableError                503  the Hub's circuit breaker is open
           ├── HubTransientError                  502  the Hub timed out, dropped the connection or answered 5xx
           ├── DatasetNotFoundError               404  no such dataset (or no access to it)
@@ -171,6 +172,13 @@ class JobManagerExceededMaximumDurationError(CacheableError):
 
 class StepNotImplementedError(CacheableError):
     """The step is declared in the graph but no function computes it."""
+
+    http_status = HTTPStatus.NOT_IMPLEMENTED
+
+
+class StepNotKnownError(CacheableError):
+    """The job's message reached a worker that does not know its step, and no live worker in the registry
+    knows it (none imports the module that defines it)."""
 
     http_status = HTTPStatus.NOT_IMPLEMENTED
 

@@ -35,6 +35,7 @@ from common.exceptions import (
     InvalidStepSpecError,
     ParentStepFailedError,
     StepcacheError,
+    StepNotKnownError,
 )
 from common.names import namespace_of, validate_key
 from common.processing_graph import (
@@ -338,8 +339,13 @@ def after_job(
     priority: object,
     parent: Parent | None = None,
 ) -> list[Job]:
-    """Carry out what the graph asks for after this job (its children inherit its priority)."""
+    """Carry out what the graph asks for after this job (its children inherit its priority). A step this
+    process's graph lacks (a user's step, applied by a worker that does not import its module) raises
+    UnknownStepError: its children are planned by a process that knows it (the reaper's record waits for
+    one), unless no worker knew the step (StepNotKnownError), hence none of its children."""
     graph = get_processing_graph()
+    if key.step not in graph and error is not None and error.error_code == StepNotKnownError.error_code:
+        return []
     if not graph.children(key.step):
         return []  # nothing to plan: no need to read the dataset's entries
     entries = cache.get_dataset_responses(key.dataset)

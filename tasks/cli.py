@@ -29,7 +29,7 @@ from common.events import Event, EventType, JobFailed, JobProgress, JobState
 from common.exceptions import InvalidArgumentsError, ServerUnreachableError, StepcacheError
 from common.follow import follow as follow_job
 from common.queue import JobStatus
-from tasks.display import ProgressBar, make_console, make_table, print_line, print_table
+from tasks.display import ProgressBar, make_console, make_table, print_line, print_table, steps_known
 from tasks.reachability import Server, check_reachable
 from tasks.top import SORT_COLUMNS
 
@@ -251,6 +251,8 @@ def workers(out: TextIO) -> int:
             "seen by",
         ]
         print_table(console, make_table(headers, rows, console, right={"pid", "concurrency", "running"}))
+        for line in steps_known(records):
+            print_line(console, line)
     apis = [record for record in records if record.role == Role.API]
     if apis:
         api_rows = [

@@ -17,6 +17,8 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 from rich.table import Table
 from rich.text import Text
 
+from common.registry import ProcessRecord, Role
+
 PLAIN_WIDTH = 4096  # a piped table is never wrapped or cut to fit a width
 # Lines under the headers and at the end of a section (before a total), and nothing else.
 PLAIN_BOX = box.Box("    \n    \n -- \n    \n -- \n    \n    \n    \n", ascii=True)
@@ -144,3 +146,18 @@ class ProgressBar:
         """A line of its own (above the bar, on a terminal)."""
         print_line(self._progress.console if self._progress is not None else self.console, line)
         self._last = None
+
+
+def steps_known(records: Iterable[ProcessRecord]) -> list[str]:
+    """Which steps each worker can run, in lines: those every worker knows once, then what each worker
+    knows beyond them (a worker started without a module of steps shows as the one lacking them)."""
+    workers = sorted((r for r in records if r.role == Role.WORKER), key=lambda r: r.node or r.process_id)
+    if not workers:
+        return []
+    shared = set.intersection(*(set(worker.steps) for worker in workers))
+    who = "every worker knows" if len(workers) > 1 else f"{workers[0].node or workers[0].process_id} knows"
+    lines = [f"{who} {len(shared)} steps: {', '.join(sorted(shared)) or '-'}"]
+    for worker in workers:
+        if extra := sorted(set(worker.steps) - shared):
+            lines.append(f"{worker.node or worker.process_id} also knows: {', '.join(extra)}")
+    return lines

@@ -2,8 +2,9 @@
 
 One row per namespace with work or a limit override: its limit (`*`: an override), its waiting, queued
 and started jobs, and how long its oldest waiting job has waited (on the Redis clock). A total row sums
-every namespace, shown or not. Keys on a terminal: n, w, u, s, o sort by namespace, waiting, queued,
-started, oldest wait; r reverses; q or Ctrl-C quits. `--once` prints the table once, `--json` the figures.
+every namespace, shown or not; under it, the steps the live workers know (and what some know beyond the
+others). Keys on a terminal: n, w, u, s, o sort by namespace, waiting, queued, started, oldest wait; r
+reverses; q or Ctrl-C quits. `--once` prints the table once, `--json` the figures.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
@@ -27,12 +28,21 @@ from rich.table import Table
 from rich.text import Text
 
 from common.queue.limiter import NamespaceLimiter, NamespaceOverview
-from tasks.display import add_row, make_console, make_table, print_line, print_table
+from common.registry import ProcessRecord, Registry, Role, get_registry
+from tasks.display import add_row, make_console, make_table, print_line, print_table, steps_known
 
 SORT_COLUMNS = ("namespace", "waiting", "queued", "started", "oldest")
 SORT_KEYS = {"n": "namespace", "w": "waiting", "u": "queued", "s": "started", "o": "oldest"}
 HEADERS = ["namespace", "limit", "waiting", "queued", "started", "oldest wait"]
 LIVE_MARGIN_LINES = 8  # a live view without --limit shows what fits: the terminal's height less these
+
+
+@dataclass(frozen=True)
+class Source:
+    """What top reads at each refresh: the namespaces (the limiter) and the live workers (the registry)."""
+
+    limiter: NamespaceLimiter
+    registry: Registry
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,7 @@ def render(
     limit: int | None = None,
     reverse: bool = False,
     title: str | None = None,
+    workers: Sequence[ProcessRecord] = (),
 ) -> Table:
     rows = sort_rows(overview, sort, reverse)
     shown = rows if limit is None else rows[:limit]
@@ -121,16 +132,23 @@ def render(
         ],
         style="bold" if console.is_terminal else None,
     )
-    if any(o.overridden for o in overview.values()):
-        table.caption = "*: a limit override (python -m tasks limits)"
+    notes = ["*: a limit override (python -m tasks limits)"] if any(o.overridden for o in overview.values()) else []
+    notes += steps_known(workers)
+    if notes:
+        table.caption = "\n".join(notes)
         table.caption_justify = "left"
     return table
 
 
 def to_json(
-    overview: Mapping[str, NamespaceOverview], sort: str = "waiting", limit: int | None = None, reverse: bool = False
+    overview: Mapping[str, NamespaceOverview],
+    sort: str = "waiting",
+    limit: int | None = None,
+    reverse: bool = False,
+    workers: Sequence[ProcessRecord] = (),
 ) -> dict[str, Any]:
-    """The figures for scripts: the namespaces in the table's order (the top `limit`), and the total of all."""
+    """The figures for scripts: the namespaces in the table's order (the top `limit`), the total of all, and
+    the live workers (queues, concurrency, the steps each knows)."""
     rows = sort_rows(overview, sort, reverse)
     total = total_of(overview)
     return {
@@ -154,6 +172,11 @@ def to_json(
             "started": total.started,
             "oldest_wait_seconds": total.oldest_wait,
         },
+        "workers": [
+            {"node": w.node, "queues": list(w.queues), "concurrency": w.concurrency, "steps": list(w.steps)}
+            for w in workers
+            if w.role == Role.WORKER
+        ],
     }
 
 
@@ -201,6 +224,7 @@ def top(
     out: TextIO = sys.stdout,
     keys: TextIO | None = None,
     limiter: NamespaceLimiter | None = None,
+    registry: Registry | None = None,
 ) -> int:
     """Show the namespaces: once (`once`, `as_json`), live on a terminal, or a table every `interval`
     seconds on any other output, until q or Ctrl-C."""
@@ -208,18 +232,19 @@ def top(
         from tasks.queue import get_queue
 
         limiter = get_queue().limiter
+    source = Source(limiter, registry or get_registry())
     if as_json:
-        out.write(json.dumps(to_json(limiter.overview(), sort, limit)) + "\n")
+        out.write(json.dumps(to_json(limiter.overview(), sort, limit, workers=source.registry.live())) + "\n")
         return 0
     console = make_console(out)
     if once:
-        print_table(console, render(limiter.overview(), console, sort, limit))
+        print_table(console, render(limiter.overview(), console, sort, limit, workers=source.registry.live()))
         return 0
     with contextlib.suppress(KeyboardInterrupt), KeyReader(sys.stdin if keys is None else keys) as reader:
         if console.is_terminal:
-            _live(limiter, console, reader, sort, limit, interval)
+            _live(source, console, reader, sort, limit, interval)
         else:
-            _batch(limiter, console, reader, sort, limit, interval)
+            _batch(source, console, reader, sort, limit, interval)
     return 0
 
 
@@ -229,19 +254,18 @@ def _title(overview: Mapping[str, NamespaceOverview], sort: str, reverse: bool, 
     return f"stepcache top  {datetime.now():%H:%M:%S}  {len(overview)} namespaces, {order}{keys}"
 
 
-def _live(
-    limiter: NamespaceLimiter, console: Console, reader: KeyReader, sort: str, limit: int | None, interval: float
-) -> None:
+def _live(source: Source, console: Console, reader: KeyReader, sort: str, limit: int | None, interval: float) -> None:
     reverse = False
+    fleet: list[ProcessRecord] = []
 
     def view(overview: Mapping[str, NamespaceOverview]) -> RenderableType:
         fits = limit if limit is not None else max(1, console.size.height - LIVE_MARGIN_LINES)
         title = _title(overview, sort, reverse, reader.fd is not None)
-        return Group(Text(title, style="bold"), render(overview, console, sort, fits, reverse))
+        return Group(Text(title, style="bold"), render(overview, console, sort, fits, reverse, workers=fleet))
 
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
-            overview = limiter.overview()
+            overview, fleet = source.limiter.overview(), source.registry.live()
             live.update(view(overview), refresh=True)
             for key in _keys_until(reader, time.monotonic() + interval):
                 if key in ("q", "Q"):
@@ -254,14 +278,12 @@ def _live(
                     live.update(view(overview), refresh=True)
 
 
-def _batch(
-    limiter: NamespaceLimiter, console: Console, reader: KeyReader, sort: str, limit: int | None, interval: float
-) -> None:
+def _batch(source: Source, console: Console, reader: KeyReader, sort: str, limit: int | None, interval: float) -> None:
     """Like `top -b`: a table per refresh, one after the other."""
     while True:
-        overview = limiter.overview()
+        overview = source.limiter.overview()
         print_line(console, _title(overview, sort, False, False))
-        print_table(console, render(overview, console, sort, limit))
+        print_table(console, render(overview, console, sort, limit, workers=source.registry.live()))
         print_line(console, "")
         for key in _keys_until(reader, time.monotonic() + interval):
             if key in ("q", "Q"):

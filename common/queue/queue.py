@@ -39,6 +39,7 @@ from common.events import (
 from common.exceptions import (
     InvalidArgumentsError,
     MissingStepInputError,
+    UnknownStepError,
 )
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
@@ -275,6 +276,9 @@ class Queue:
             try:
                 events += end(record) if record.kind == RecordKind.END and end is not None else self._apply(record)
                 done.append(record)
+            except UnknownStepError as error:  # a user's step this process does not import (common/orchestrator.py)
+                job_id = record.payload.job_id
+                logger.warning("%s of job %s left for a process that knows its step: %s", record.kind, job_id, error)
             except Exception:
                 logger.exception("could not apply %s of job %s; the reaper will", record.kind, record.payload.job_id)
         if not done:
