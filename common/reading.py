@@ -13,6 +13,7 @@ keeps (:meth:`Split.embed`), without decoding what it only stores.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from common.sources import DatasetSource, Location
 if TYPE_CHECKING:
     from datasets import Features, IterableDataset
 
+logger = logging.getLogger(__name__)
 R = TypeVar("R")
 MEDIA_TYPES = ("Image", "Audio")
 PARQUET_BATCH_ROWS = 1_000
@@ -130,6 +132,32 @@ class Split:
     stream: IterableDataset
     features: Features
     builder: Any  # the stream's builder: see _reading
+    name: str = ""
+
+    def expected_size(self) -> tuple[int | None, int | None]:
+        """What a pass over the split is measured against (progress only): the rows the dataset's card says
+        the split has, and the bytes of its data files as stored (compressed or not). Either is None when
+        it is not known: no card figures, a size that cannot be read without reading the file."""
+        splits = self.stream.info.splits if self.stream.info is not None else None
+        described = splits.get(self.name) if splits else None
+        rows = described.num_examples if described is not None and described.num_examples else None
+        return rows, self._stored_bytes()
+
+    def _stored_bytes(self) -> int | None:
+        from datasets import DownloadConfig
+        from datasets.utils.file_utils import is_local_path, xgetsize
+
+        files = [str(file) for file in (self.builder.config.data_files or {}).get(self.name, [])]
+        # Local files, or the Hub's (whose size its file system knows, from the listing that resolved them);
+        # anything else xgetsize would measure by downloading it.
+        if not files or not all(is_local_path(file) or file.startswith("hf://") for file in files):
+            return None
+        download = DownloadConfig(token=self.builder.token, storage_options=self.builder.storage_options)
+        try:
+            return sum(int(self.source.call(_reading, self.builder, xgetsize, file, download)) for file in files)
+        except Exception:  # progress only: the conversion goes on without a total
+            logger.info("the data files of split %r could not be measured", self.name, exc_info=True)
+            return None
 
     def batches(self, rows: int) -> Iterator[pa.Table]:
         """The split's rows in Arrow tables of `rows` rows (the last one shorter), media not embedded.
@@ -196,12 +224,12 @@ def open_split(source: DatasetSource, location: Location, config: str, split: st
         try:
             stream = source.call(_reading, builder, stream._resolve_features)
         except StopIteration:  # no rows: no features to tell
-            return Split(source, location, stream, datasets.Features({}), builder)
+            return Split(source, location, stream, datasets.Features({}), builder, split)
     features = stream.features
     for name, feature in features.items():
         if feature_type(feature) in MEDIA_TYPES and getattr(feature, "decode", False):
             stream = stream.cast_column(name, type(feature)(decode=False))
-    return Split(source, location, stream, stream.features, builder)
+    return Split(source, location, stream, stream.features, builder, split)
 
 
 def _reading(builder: Any, function: Callable[..., R], *args: Any) -> R:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +16,12 @@ import pytest
 
 from common.config import get_config
 from common.exceptions import ConfigNotFoundError, DatasetNotFoundError, EmptyDatasetError, SplitNotFoundError
+from common.progress import Progress
 from common.reading import Split, config_names, open_split, split_names
 from common.sources import DatasetSource, HubSource, LocalMirror, get_source
 from common.tables import column_kind, features, features_of
 from tasks import samples
+from tasks.step_task import StepJob
 from tasks.steps.parquet import convert
 from tests import formats
 from tests.hub_server import HubServer
@@ -179,6 +182,38 @@ def test_a_conversion_past_its_cap_is_partial_and_says_how_much_it_read(
     rows, converted, partial = convert(split, tmp_path / "out" / "some.parquet", max_bytes=1)
     assert (rows, partial) == (1, True) and converted > 0  # the cap falls in the first batch: one row kept
     assert pq.read_table(tmp_path / "out" / "some.parquet").num_rows == rows
+
+
+def test_a_one_split_conversion_reports_progress_as_its_rows_and_bytes_go(
+    source_root: tuple[DatasetSource, Path, HubServer | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.steps import parquet
+
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 1_000)
+    source, root, _ = source_root
+    rows = "".join(f"{i},text number {i}\n" for i in range(6_000))
+    samples.write(root / "big" / "one" / "train.csv", "id,text\n" + rows)
+    card = "---\ndataset_info:\n  splits:\n  - name: train\n    num_examples: 6000\n---\n"
+    samples.write(root / "big" / "carded" / "README.md", card)
+    samples.write(root / "big" / "carded" / "train.csv", "id,text\n" + rows)
+    for dataset, measured in (("big/one", "bytes"), ("big/carded", "rows")):
+        reports: list[dict[str, Any]] = []
+        job = StepJob("job", "config-parquet-and-info", dataset, "default", None, Progress(reports.append, 0.0))
+        split = opened(source, dataset, "default", "train")
+        out = root.parent / "out" / f"{dataset}.parquet"
+        convert(split, out, 10**9, parquet.partial_progress(job, 0, 1, "train", split, 10**9))
+        fractions = [report["fraction"] for report in reports]
+        print(dataset, measured, [f"{fraction:.2f}" for fraction in fractions], reports[-1]["message"])
+        assert len(fractions) == 6 and fractions == sorted(fractions) and fractions[0] > 0 and fractions[-1] < 1
+        if measured == "rows":
+            assert fractions[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+            assert reports[2]["message"].startswith("converting train: 3,000 of 6,000 rows, ")
+        else:  # Arrow bytes against the file's: about the same for a CSV of numbers and short text
+            assert fractions[2] == pytest.approx(0.5, abs=0.25)
+            assert (
+                reports[2]["message"].startswith("converting train: 3,000 rows, ")
+                and " of Arrow data from 0.1 MB of files" in reports[2]["message"]
+            )
 
 
 def test_parquet_files_carry_the_features_and_the_media_bytes(tmp_path: Path) -> None:

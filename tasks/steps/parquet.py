@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,12 @@ def parquet_file(path: str) -> Path:
     return get_config().worker.parquet_path / path
 
 
-def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
+def convert(
+    split: Split, path: Path, max_bytes: int, converted_so_far: Callable[[int, int], None] | None = None
+) -> tuple[int, int, bool]:
     """Write the split to `path` in batches, until `max_bytes` of Arrow data are converted; returns the
-    rows and bytes converted, and whether the split has more (partial). The file appears whole or not at all."""
+    rows and bytes converted, and whether the split has more (partial). `converted_so_far(rows, bytes)` is
+    told after each batch. The file appears whole or not at all."""
     rows, converted, partial = 0, 0, False
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # attempts may overlap
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +72,8 @@ def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
                 writer = pq.ParquetWriter(temporary, table.schema)
             writer.write_table(table.cast(writer.schema))
             rows, converted = rows + table.num_rows, converted + table.nbytes
+            if converted_so_far is not None:
+                converted_so_far(rows, converted)
             if partial:
                 break
         if writer is None:  # no rows: an empty file with the split's columns
@@ -79,6 +85,32 @@ def convert(split: Split, path: Path, max_bytes: int) -> tuple[int, int, bool]:
     return rows, converted, partial
 
 
+def partial_progress(
+    job: StepJob, index: int, count: int, name: str, split: Split, max_bytes: int
+) -> Callable[[int, int], None]:
+    """How the conversion of split `index` of `count` reports as it goes: the share of the split done, by
+    rows when the dataset's card says how many there are, else by bytes against the data files' stored
+    size (or the cap, if smaller), never 100% before its end; the rows and bytes so far in the message."""
+    expected_rows, stored = split.expected_size()
+    expected_bytes = min(stored, max_bytes) if stored else None
+
+    def report(rows: int, converted: int) -> None:
+        done = f"{rows:,} rows, {_megabytes(converted)}"
+        if expected_rows:
+            share, done = rows / expected_rows, f"{rows:,} of {expected_rows:,} rows, {_megabytes(converted)}"
+        elif expected_bytes:  # Arrow data is often larger than its files (compressed, or numbers as text)
+            share, done = converted / expected_bytes, f"{done} of Arrow data from {_megabytes(expected_bytes)} of files"
+        else:
+            share = 0.0
+        job.progress.update(index + min(share, 0.99), count, f"converting {name}: {done}")
+
+    return report
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
 def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
     assert job.config is not None
     max_bytes = get_config().worker.parquet_max_bytes
@@ -88,7 +120,8 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
     for index, name in enumerate(names):
         split = open_job_split(job, name)
         path = parquet_path(job.dataset, job.revision, job.config, name)
-        rows, converted, partial = convert(split, path, max_bytes)
+        progress = partial_progress(job, index, len(names), name, split, max_bytes)
+        rows, converted, partial = convert(split, path, max_bytes, progress)
         size = path.stat().st_size
         parquet_files.append(
             {
