@@ -387,6 +387,35 @@ def _has_own_entry(key: JobKey, parent: Parent) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Producer:
+    """Which job produces the entry of a key: its own job in process (waiting, queued, running, or ended with
+    its next steps still to enqueue), else, while an ancestor's job is in process, none yet (`waiting_for`:
+    that ancestor's, the oldest, the one the key waits for first), else the last job of the key that ran."""
+
+    job: Job | None
+    waiting_for: Job | None = None
+
+
+def producer(queue: Queue, key: JobKey, in_process: Sequence[Job] | None = None) -> Producer:
+    """The job that produces (or will produce, or last produced) the entry of `key`. A key's job is created
+    only when its parents end (its id follows from their ending), so until then its ancestor is named."""
+    busy = queue.in_process(key.dataset) if in_process is None else in_process
+    own = [job for job in busy if JobKey(job.step, job.dataset, job.config, job.split) == key]
+    if own:
+        return Producer(own[-1])
+    graph = get_processing_graph()
+    ancestors = {step.name for step in graph.ancestors(key.step)} if key.step in graph else set()
+    upstream = [
+        job
+        for job in busy
+        if job.step in ancestors and job.config in (None, key.config) and job.split in (None, key.split)
+    ]
+    if upstream:
+        return Producer(None, upstream[0])
+    return Producer(queue.ledger.latest(unicity_id(*key)))
+
+
 def backfill(queue: Queue, dataset: str, priority: object = Priority.LOW) -> list[Job]:
     """Enqueue what the graph expects of the dataset and the cache lacks: missing, obsolete (older
     job_runner_version), stale (another revision) or retryable errors, the topmost only (`plan_backfill`);

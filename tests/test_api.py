@@ -58,10 +58,15 @@ def test_a_dataset_goes_from_not_ready_to_200_through_the_api_alone(
     assert first.status_code == 202 and first.json()["error_code"] == "ResponseNotReadyError"
     assert first.json()["backfill"] is True and int(first.headers["Retry-After"]) >= 1
     later_not_ready = [answer for answer in answers[1:-1]]
-    assert all(
-        "job_id" in answer.json() and answer.headers["Location"].startswith("/jobs/") for answer in later_not_ready
-    )
+    location = "/jobs/for/split-first-rows?dataset=org%2Fcsv&config=default&split=train"
+    assert all("job_id" in answer.json() and answer.headers["Location"] == location for answer in later_not_ready)
     assert last.status_code == 200, last.json()
+    # The Location names the job that produced the answer.
+    producer = client.get(location)
+    assert producer.status_code == 200 and producer.json()["step"] == "split-first-rows"
+    assert producer.json()["status"] == "success" and producer.headers["Content-Location"].startswith("/jobs/")
+    entry = cache.get_response("split-first-rows", dataset, "default", "train")
+    assert producer.json()["job_id"] == entry.job_id
     body = last.json()
     assert [feature["name"] for feature in body["features"]] == ["id", "text", "score", "flag"]
     assert body["rows"][3]["row"] == {"id": 3, "text": "row 3", "score": 1.5, "flag": False}
@@ -133,7 +138,14 @@ def test_a_missing_entry_enqueues_a_backfill_once(client: httpx.Client, mirror: 
     assert [job.step for job in jobs] == ["dataset-config-names"]
     second = client.get("/first-rows", params=params)
     assert second.status_code == 202 and second.json()["job_id"] == jobs[0].job_id
-    assert second.headers["Location"] == f"/jobs/{jobs[0].job_id}" and "backfill" not in second.json()
+    assert "backfill" not in second.json()
+    # Location names the job of the entry asked for: not created until its ancestors end, so its ancestor's.
+    location = second.headers["Location"]
+    assert location == "/jobs/for/split-first-rows?dataset=org%2Fcsv&config=default&split=train"
+    producing = client.get(location)
+    assert producing.status_code == 202 and int(producing.headers["Retry-After"]) >= 1
+    assert producing.json()["status"] == "not created yet"
+    assert producing.json()["waiting_for"]["job_id"] == jobs[0].job_id
     queue.cancel(dataset)
     # No job, no entry, and a backfill already tried within API_BACKFILL_INTERVAL_SECONDS: not found.
     third = client.get("/first-rows", params=params)
@@ -231,3 +243,16 @@ def test_a_struct_with_a_field_named_type_is_not_taken_for_an_image(
     samples.write(mirror / dataset / "train.jsonl", json.dumps({"meta": {"_type": "Image", "src": "x"}}) + "\n")
     answer = get_until_ready(client, "/first-rows", dataset=dataset, config="default", split="train")[-1]
     assert answer.status_code == 200 and answer.json()["rows"][0]["row"]["meta"] == {"_type": "Image", "src": "x"}
+
+
+def test_the_producing_job_of_an_entry_refuses_ugly_input_with_typed_errors(client: httpx.Client, mirror: Path) -> None:
+    dataset = samples.csv_dataset(mirror)
+    unknown_step = client.get("/jobs/for/no-such-step", params={"dataset": dataset})
+    assert unknown_step.status_code == 422 and unknown_step.json()["error_code"] == "UnknownStepError"
+    bad_name = client.get("/jobs/for/split-first-rows", params={"dataset": "../etc", "config": "c", "split": "s"})
+    assert bad_name.status_code == 422 and bad_name.json()["error_code"] == "InvalidDatasetNameError"
+    missing = client.get("/jobs/for/split-first-rows", params={"dataset": dataset, "config": "c", "split": "s"})
+    assert missing.status_code == 404 and missing.json()["error_code"] == "UnknownJobError"
+    no_dataset = client.get("/jobs/for/split-first-rows")
+    assert no_dataset.status_code == 422
+    assert "Location" not in missing.headers and get_queue().jobs(dataset) == []  # asking enqueues nothing

@@ -93,7 +93,8 @@ def test_a_gated_dataset_needs_a_valid_jwt_for_it(client: httpx.Client, mirror: 
     answers = get_until_ready(client, "/first-rows", headers={"Authorization": f"Bearer {good}"}, **params)
     assert answers[-1].status_code == 200 and answers[-1].headers["Cache-Control"].startswith("private")
     job_id = get_queue().jobs(dataset)[0].job_id
-    for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/events"):
+    producing = f"/jobs/for/split-first-rows?dataset={dataset}&config=default&split=train"
+    for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/events", producing):
         assert client.get(path).status_code == 401
         assert client.get(path, headers={"Authorization": f"Bearer {token('org/other')}"}).status_code == 403
     assert client.get(f"/jobs/{job_id}", headers={"Authorization": f"Bearer {good}"}).json()["dataset"] == dataset

@@ -270,6 +270,12 @@ class Ledger:
         return sorted(jobs, key=lambda job: job.created_at)
 
     @retry_transient
+    def latest(self, unicity_id: str) -> Job | None:
+        """The newest job of a key (by its unicity id), whatever its status."""
+        jobs = [_job(document) for document in self.collection.find({"unicity_id": unicity_id})]
+        return max(jobs, key=lambda job: job.created_at, default=None)
+
+    @retry_transient
     def served_since(self, unicity_ids: Sequence[str], since: datetime) -> set[str]:
         """The unicity ids with a job waiting or queued now, or started at `since` or after."""
         query = {

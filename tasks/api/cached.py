@@ -8,8 +8,9 @@ expiry of the asset URLs they hold), `Cache-Control` is `public` or, for a gated
 
 Without an entry:
 - when a job of the dataset is waiting, queued or running (or ended, its next steps being enqueued): 202
-  `ResponseNotReadyError`, `Retry-After` API_RETRY_AFTER_SECONDS, `Location: /jobs/<id>`, and `job_id`
-  in the body;
+  `ResponseNotReadyError`, `Retry-After` API_RETRY_AFTER_SECONDS, `Location` the job that produces the
+  entry (`/jobs/for/<kind>?dataset=...`: it exists once the entry's parents ended), and `job_id` in the
+  body: that job, else the ancestor it waits for;
 - when a step it depends on failed: that step's cached error;
 - otherwise a backfill of the dataset is enqueued, once per API_BACKFILL_INTERVAL_SECONDS per dataset
   (Redis remembers it), and the answer is 202 `ResponseNotReadyError` with `backfill: true`, or 404
@@ -54,6 +55,7 @@ from tasks.api.errors import (
     ResponseNotReadyError,
     error_body,
 )
+from tasks.api.jobs import producer_url
 
 ROOT_STEP = "dataset-config-names"
 FIRST_ROWS = "split-first-rows"
@@ -201,10 +203,13 @@ def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> 
     retry = {"Retry-After": str(settings.api.retry_after_seconds)}
     busy = queue.in_process(dataset)  # an ended job among them is enqueueing its next steps
     if busy:
-        job = next((job for job in busy if (job.step, job.config, job.split) == (kind, config, split)), busy[0])
+        found = orchestrator.producer(queue, orchestrator.JobKey(kind, dataset, config, split), busy)
+        own = found.job if found.job in busy else None  # (else the key's last job, ended: not this work)
+        job = own or found.waiting_for or busy[0]
         doing = "enqueueing its next steps" if job.status.is_terminal else job.status
         message = f"the response is not ready yet: {job.step} is {doing}"
-        raise ResponseNotReadyError(message, {**retry, "Location": f"/jobs/{job.job_id}"}, job_id=job.job_id)
+        location = {"Location": producer_url(kind, dataset, config, split)}
+        raise ResponseNotReadyError(message, {**retry, **location}, job_id=job.job_id)
     ancestors = [step.name for step in get_processing_graph().ancestors(kind)]
     for entry in cache.get_dataset_responses(dataset, ancestors, with_content=False):  # metadata only
         failed = not entry.is_success and entry.config in (None, config) and entry.split in (None, split)

@@ -1,6 +1,9 @@
 """Jobs, as the ledger records them, and their events as they happen.
 
 `GET /jobs/{job_id}`: the job's ledger state (its lease token and worker left out).
+`GET /jobs/for/{kind}?dataset=&config=&split=`: the job that produces that entry (a not-ready answer's
+`Location`): its job in process, else the last that ran; 202 with the ancestor's job while it is not
+created yet (a job is created when its parents end).
 `GET /jobs/{job_id}/events`: Server-Sent Events, one per event of the job (job.*, task.*: queued, started,
 progress, heartbeat, cache updated, succeeded or failed), each with its id on the job's own stream
 (common.event_bus) as `id` and its type as `event`; the stream ends with the job's end. Without
@@ -24,15 +27,20 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from common.config import ApiConfig, get_config
 from common.events import EventType, JobState
+from common.names import validate_key
+from common.orchestrator import JobKey, Producer, producer
+from common.processing_graph import get_processing_graph
 from common.queue import Job
 from tasks.api.auth import check_dataset_access
 from tasks.api.errors import InvalidParameterError, NotFoundError, TooManyStreamsError
@@ -162,8 +170,54 @@ def _state(job: Job, position: str) -> ServerSentEvent:
     return ServerSentEvent(state.model_dump_json(), event=state.type, id=position)
 
 
+def producer_url(kind: str, dataset: str, config: str | None, split: str | None) -> str:
+    """The URL of the job that produces the entry of this key (`GET /jobs/for/{kind}`)."""
+    given = {"dataset": dataset, "config": config, "split": split}
+    return f"/jobs/for/{quote(kind)}?{urlencode({name: value for name, value in given.items() if value is not None})}"
+
+
+def _producer(kind: str, dataset: str, config: str | None, split: str | None) -> Producer:
+    from tasks.queue import get_queue
+
+    dataset, config, split = validate_key(dataset, config, split)
+    get_processing_graph().get_step(kind)  # UnknownStepError: 422
+    return producer(get_queue(), JobKey(kind, dataset, config, split))
+
+
 def router() -> APIRouter:
     jobs = APIRouter(prefix="/jobs", tags=["jobs"])
+
+    @jobs.get(
+        "/for/{kind}",
+        responses={
+            202: {"description": "its job is not created yet: `waiting_for` is the ancestor's job it waits for"},
+            404: {"description": "no job of this entry, nor of an ancestor, is in process or ran"},
+        },
+    )
+    async def producing_job(
+        request: Request,
+        response: Response,
+        kind: str = Path(description="the step (the kind of entry)"),
+        dataset: str = Query(),
+        config: str | None = Query(None),
+        split: str | None = Query(None),
+    ) -> dict[str, Any]:
+        """The job that produces the entry of (kind, dataset, config, split): its job in process, else the
+        last one that ran (200, as `/jobs/{id}`). A step's job is created once its parents ended, so while an
+        ancestor's job is in process the answer is 202, the ancestor's job in `waiting_for`."""
+        await run_in_threadpool(check_dataset_access, request, dataset)
+        found = await run_in_threadpool(_producer, kind, dataset, config, split)
+        if found.waiting_for is not None:
+            response.status_code = HTTPStatus.ACCEPTED
+            response.headers["Retry-After"] = str(get_config().api.retry_after_seconds)
+            key = {"step": kind, "dataset": dataset, "config": config, "split": split}
+            return {**key, "status": "not created yet", "waiting_for": job_document(found.waiting_for)}
+        if found.job is None:
+            raise NotFoundError(
+                f"no job of {kind} for {dataset} {config or ''} {split or ''}", error_code="UnknownJobError"
+            )
+        response.headers["Content-Location"] = f"/jobs/{found.job.job_id}"
+        return job_document(found.job)
 
     @jobs.get("/{job_id}", responses={404: {"description": "no such job"}})
     async def job(request: Request, job_id: str = Path(pattern=JOB_ID)) -> dict[str, Any]:
