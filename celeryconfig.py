@@ -37,9 +37,8 @@ PROTECTED: dict[str, Any] = {
     "task_reject_on_worker_lost": True,  # ...as does a worker process killed mid-step
     "worker_prefetch_multiplier": 1,  # a worker reserves no message another worker could start now
     "task_track_started": False,  # the step stores STARTED itself, once its lease is confirmed
-    # A step's message a worker does not know goes to a worker that does, through its own queue, or its
-    # job ends at once: it never holds its namespace's slot (tasks/routing.py).
-    "worker_direct": True,
+    # A step's message a worker does not know goes to the step's queue, or its job ends at once: it never
+    # holds its namespace's slot (tasks/routing.py, tasks/consumer.py).
     "worker_consumer": "tasks.consumer:StepConsumer",
 }
 

@@ -35,7 +35,14 @@ from redis.lock import Lock
 from common import cache, metrics, orchestrator
 from common.config import get_config
 from common.events import CacheUpdated, Event, JobCancelled, JobFailed, JobProgress, JobStarted, JobSucceeded
-from common.exceptions import CacheableError, CachedResponseNotFoundError, JobManagerCrashedError
+from common.exceptions import (
+    CacheableError,
+    CachedResponseNotFoundError,
+    JobManagerCrashedError,
+    StepNotKnownError,
+    UnknownStepError,
+)
+from common.processing_graph import get_processing_graph
 from common.progress import ProgressMeta
 from common.queue import Job, JobPayload, JobStatus, Queue
 from common.queue.ledger import JournalEntry
@@ -278,6 +285,11 @@ class Lifecycle:
         the children have ids of their own (`enqueue_next`); events are delivered at least once, each with
         the job's key; the metrics count once per process that applies it (a repeat is a reaper's, rare)."""
         payload, ending = record.payload, record.ending or Ending.ERROR
+        unknown_here = payload.step not in get_processing_graph()
+        if unknown_here and ending != Ending.CANCELLED and record.error_code != StepNotKnownError.error_code:
+            # A user's step this process does not import: its effects (a crash's entry, its children) are
+            # planned by a process that knows it; the record waits for one (common/queue/queue.py).
+            raise UnknownStepError(f"step {payload.step!r} is not in this process's graph")
         content: Mapping[str, Any] | None = None
         error: CacheableError | None = None
         if ending == Ending.CANCELLED:
@@ -290,6 +302,8 @@ class Lifecycle:
                 payload.step, payload.dataset, crash, payload.config, payload.split, fence=record.fence, writer=writer
             ):
                 error = crash  # (never claimed, or its entry deleted meanwhile: no entry, nothing follows)
+            else:  # applied again: the crash's entry is there from the first time (its fence says so)
+                content, error = _outcome_in_cache(record)
         elif outcome is not None:
             content, error = outcome.content, outcome.error
         else:

@@ -61,6 +61,7 @@ RETRYABLE_ERRORS = frozenset(
         "HubTransientError",
         "UnexpectedError",
         "PreviousStepMissingError",
+        "StepNotKnownError",  # no worker knew the step then: a backfill tries again once one does
     }
 )
 
@@ -343,9 +344,9 @@ def after_job(
     process's graph lacks (a user's step, applied by a worker that does not import its module) raises
     UnknownStepError: its children are planned by a process that knows it (the reaper's record waits for
     one), unless no worker knew the step (StepNotKnownError), hence none of its children."""
+    if error is not None and error.error_code == StepNotKnownError.error_code:
+        return []  # it never ran (no worker knew it): nothing follows until a backfill runs it
     graph = get_processing_graph()
-    if key.step not in graph and error is not None and error.error_code == StepNotKnownError.error_code:
-        return []
     if not graph.children(key.step):
         return []  # nothing to plan: no need to read the dataset's entries
     entries = cache.get_dataset_responses(key.dataset)

@@ -2,9 +2,9 @@
 that dies is gone from the registry within COMMON_REGISTRY_TTL_SECONDS.
 
 A record (:class:`ProcessRecord`) says a process's role, host, pid, Celery node name, queues, concurrency,
-the steps a worker can run, stepcache's version, metrics URL and start time. Every record lives in two
-keys under one hash tag (one slot of a cluster: each script below is atomic there too, its keys all in
-KEYS):
+the steps a worker can run and the queues of the user's steps it consumes, stepcache's version, metrics
+URL and start time. Every record lives in two keys under one hash tag (one slot of a cluster: each script
+below is atomic there too, its keys all in KEYS):
 
     stepcache:{:registry}:processes   hash: process id (role:host:pid) -> its record, as JSON
     stepcache:{:registry}:expiry      sorted set: process id, scored by when its record expires (ms, on
@@ -99,6 +99,7 @@ class ProcessRecord(BaseModel):
     queues: tuple[str, ...] = ()
     concurrency: int | None = None
     steps: tuple[str, ...] = ()  # the steps a worker can run (its app's step tasks with a function)
+    step_queues: tuple[str, ...] = ()  # the queues of the user's steps it consumes (tasks/routing.py)
     version: str
     metrics_url: str | None = None  # None: no metrics served
     started_at: datetime
@@ -116,6 +117,7 @@ def this_process(
     queues: Sequence[str] = (),
     concurrency: int | None = None,
     steps: Sequence[str] = (),
+    step_queues: Sequence[str] = (),
     metrics_url: str | None = None,
 ) -> ProcessRecord:
     """The record of the calling process."""
@@ -127,6 +129,7 @@ def this_process(
         queues=tuple(queues),
         concurrency=concurrency,
         steps=tuple(steps),
+        step_queues=tuple(step_queues),
         version=stepcache_version(),
         metrics_url=metrics_url,
         started_at=started_at,
@@ -178,10 +181,6 @@ class Registry:
             except ValidationError as error:
                 logger.warning("a registry record could not be read: %s", error)
         return sorted(records, key=lambda record: (record.role, record.host, record.pid))
-
-    def workers_knowing(self, step: str) -> list[ProcessRecord]:
-        """The live workers that can run `step`."""
-        return [record for record in self.live() if record.role == Role.WORKER and record.node and step in record.steps]
 
 
 def get_registry() -> Registry:

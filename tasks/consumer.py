@@ -6,8 +6,8 @@ message: the job's lease then holds its namespace's slot until it lapses, and th
 same queue, where the same worker may take it again. A step's message (it carries a lease token) is
 never held here instead (tasks/routing.py):
 
-- when a live worker that knows the step, and has not passed this message on yet, is in the registry,
-  the message goes to that worker's own queue (one line logged, nothing stored);
+- when a live worker consumes the step's own queue (tasks/routing.py), the message goes there (one line
+  logged, nothing stored);
 - otherwise the job ends at once through the one way out (common/lifecycle.py) with a typed
   StepNotKnownError: cached, in the ledger, its slot to the next job of the namespace, and FAILURE in
   Celery's results.
@@ -29,7 +29,7 @@ from common.exceptions import StepcacheError, StepNotKnownError
 from common.lifecycle import Outcome
 from common.queue import Dispatch
 from tasks.queue import PRIORITY_HEADER, TOKEN_HEADER, CeleryDispatcher, get_lifecycle
-from tasks.routing import MAX_PASSES, PASSED_ON_HEADER, worker_knowing
+from tasks.routing import live_step_queue
 from tasks.step_task import message_payload
 
 logger = logging.getLogger(__name__)
@@ -56,11 +56,11 @@ class StepConsumer(Consumer):  # type: ignore[misc]
         except StepcacheError as bad:
             logger.warning("dropping message %s of unknown step %s: %s", job_id, step, bad)
             return
-        passed_on = [*headers.get(PASSED_ON_HEADER, []), self.hostname]
-        node = worker_knowing(step, excluded=passed_on) if len(passed_on) <= MAX_PASSES else None
-        if node is not None:
-            CeleryDispatcher(self.app).publish(Dispatch(payload, token), to=node, passed_on=passed_on)
-            logger.info("job %s: this worker does not know step %s; passed on to %s", job_id, step, node)
+        queue = live_step_queue(step)
+        arrived_on = (message.delivery_info or {}).get("routing_key")
+        if queue is not None and queue != arrived_on:
+            CeleryDispatcher(self.app).publish(Dispatch(payload, token), queue=queue)
+            logger.info("job %s: this worker does not know step %s; passed on to queue %s", job_id, step, queue)
             return
         error = StepNotKnownError(
             f"no live worker knows step {step!r}: start one that imports the module defining it "

@@ -18,13 +18,15 @@ import tasks.signals  # noqa: F401  (connects the signal handlers, once per proc
 from celeryconfig import PROTECTED, celery_settings
 from common.config import AppConfig, exit_with, get_config_or_exit
 from common.processing_graph import get_processing_graph
+from tasks.routing import StepQueues, step_queue
 from tasks.steps import register_tasks
 
 
 def route_step(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> dict[str, str]:
-    """Each step goes to its graph queue, `light` or `heavy`; other tasks to the default queue."""
+    """Each step goes to its queue (tasks/routing.py: `light` or `heavy`, or a user's step's own); other
+    tasks to the default queue."""
     graph = get_processing_graph()
-    return {"queue": graph.get_step(name).queue.value} if name in graph else {}
+    return {"queue": step_queue(graph.get_step(name))} if name in graph else {}
 
 
 def create_app(settings: AppConfig | None = None) -> Celery:
@@ -51,5 +53,6 @@ def create_app(settings: AppConfig | None = None) -> Celery:
             needed = PROTECTED[name]
             exit_with(f"{module} sets {name}={value!r}: stepcache's limiter needs {needed!r} (celeryconfig.PROTECTED)")
     register_tasks(app)
+    app.steps["worker"].add(StepQueues)  # a worker consumes the queues of the user's steps it knows
     app.set_default()  # the app of this process's other threads too (Celery's current app is per thread)
     return app

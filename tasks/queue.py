@@ -8,12 +8,11 @@ from collections.abc import Sequence
 
 from celery import Celery, current_app
 from celery import _state as celery_state
-from celery.utils.nodenames import worker_direct
 
 from common.config import AppConfig, get_config
 from common.lifecycle import Lifecycle
 from common.queue import Dispatch, Queue
-from tasks.routing import PASSED_ON_HEADER, destination
+from tasks.routing import destination
 
 TOKEN_HEADER = "stepcache_token"
 PRIORITY_HEADER = "stepcache_priority"
@@ -53,20 +52,17 @@ class CeleryDispatcher:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def publish(self, dispatch: Dispatch, to: str | None = None, passed_on: Sequence[str] = ()) -> None:
-        """Publish to the step's destination (tasks/routing.py), or to worker `to`'s own queue, saying which
-        workers passed the message on."""
+    def publish(self, dispatch: Dispatch, queue: str | None = None) -> None:
+        """Publish to `queue`, by default the step's (tasks/routing.py)."""
         job = dispatch.payload
         kwargs = {name: value for name, value in (("config", job.config), ("split", job.split)) if value is not None}
-        headers: dict[str, object] = {TOKEN_HEADER: dispatch.token, PRIORITY_HEADER: job.priority.value}
-        if passed_on:
-            headers[PASSED_ON_HEADER] = list(passed_on)
+        headers = {TOKEN_HEADER: dispatch.token, PRIORITY_HEADER: job.priority.value}
         self.app.send_task(
             job.step,
             args=[job.dataset],
             kwargs=kwargs,
             task_id=job.job_id,
-            queue=worker_direct(to) if to else destination(job.step),
+            queue=queue or destination(job.step),
             priority=job.priority.celery_priority,
             headers=headers,
             # The worker's own WORKER_MAX_JOB_DURATION_SECONDS decides, not the publisher's settings.

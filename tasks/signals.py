@@ -46,7 +46,6 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
-from celery.utils.nodenames import WORKER_DIRECT_EXCHANGE
 from pydantic import SecretStr
 
 from common import cache, cache_counts, metrics, registry
@@ -70,7 +69,7 @@ from common.reading import preload_reading
 from common.redis_connection import get_redis
 from tasks.queue import get_queue
 from tasks.reaper import Reaper
-from tasks.routing import known_steps
+from tasks.routing import known_steps, step_queues
 from tasks.step_task import StepTask, end_delivered_attempt, message_payload
 
 logger = logging.getLogger(__name__)
@@ -232,16 +231,18 @@ def _start_worker_services(sender: Any = None, **_: Any) -> None:
 
 
 def _worker_record(consumer: Any, metrics_url: str | None, started_at: datetime) -> registry.ProcessRecord:
-    """The worker's record, read from its consumer at each renewal (its queues may have changed; its own
-    direct queue is not listed: every worker has one)."""
-    queues = getattr(getattr(consumer, "task_consumer", None), "queues", None) or ()
+    """The worker's record, read from its consumer at each renewal (its queues may have changed): its graph
+    queues apart from the queues of the user's steps it consumes (tasks/routing.py)."""
+    consumed = {queue.name for queue in getattr(getattr(consumer, "task_consumer", None), "queues", None) or ()}
+    own = set(step_queues(consumer.app, consumed)) & consumed if consumer is not None else set()
     return registry.this_process(
         registry.Role.WORKER,
         started_at,
         node=getattr(consumer, "hostname", None),
-        queues=sorted({queue.name for queue in queues if queue.exchange.name != WORKER_DIRECT_EXCHANGE.name}),
+        queues=sorted(consumed - own),
         concurrency=getattr(getattr(consumer, "controller", None), "concurrency", None),
         steps=known_steps(consumer.app) if consumer is not None else (),
+        step_queues=sorted(own),
         metrics_url=metrics_url,
     )
 

@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from celery import Celery, states
 from common import cache
 from common.queue import Job, JobStatus
 from common.registry import ProcessRecord, get_registry
+from tasks import routing
 from tasks.embedded import ROOT, WorkerProcess
 from tests import own_steps, sample_steps
 from tests.conftest import Stores, use_settings
@@ -65,19 +67,25 @@ def gaps(jobs: list[Job]) -> list[float]:
 def test_every_job_of_a_step_ends_on_a_worker_that_knows_it_and_the_namespace_is_never_held(
     stores: Stores, celery_app: Celery, env: dict[str, str], tmp_path: Path
 ) -> None:
-    # Only the worker that lacks the step consumes `light`, the step's queue: every message published there
-    # reaches it and is passed on; the other gets them through its own queue (and `heavy`).
+    # The step is a heavy one: only the worker that knows it and consumes `heavy` consumes its queue
+    # (heavy.test-own-sleep); the other consumes `light` (and light.test-sleep: it knows test-sleep).
     knows = worker("knows", env, tmp_path, knows=True, queues="heavy")
-    lacks = worker("lacks", env, tmp_path, knows=False)
+    lacks = worker("lacks", env, tmp_path, knows=False, queues="light")
     with knows, lacks:
         records = eventually(lambda: by_node(2), "both workers' records")
         assert "test-own-sleep" in records[knows.nodename].steps
         assert "test-own-sleep" not in records[lacks.nodename].steps
         assert "test-sleep" in records[lacks.nodename].steps
+        assert records[knows.nodename].step_queues == ("heavy.test-own-sleep",)
+        assert records[lacks.nodename].queues == ("light",)
+        # This process publishes its first job as one unaware of the step's queue would (an older version),
+        # to `light`: the worker there does not know the step and passes the message on to its queue.
+        routing._live = (time.monotonic() + 60, {})
         # One namespace, limit 1: the steps alternate, so each worker ends jobs that dispatch the other step.
         results = []
         for i in range(8):
             results.append(own_steps.test_own_sleep.delay(f"other/own{i}"))
+            routing._live = (0.0, {})  # the rest, as this process routes them: to the step's queue
             results.append(sample_steps.test_sleep.delay(f"other/plain{i}"))
         jobs = wait_until_all_ended([result.id for result in results], timeout=LEASE_SECONDS - 10)
     assert {job.status for job in jobs} == {JobStatus.SUCCESS}
@@ -85,7 +93,7 @@ def test_every_job_of_a_step_ends_on_a_worker_that_knows_it_and_the_namespace_is
     assert all(job.worker and job.worker.startswith(f"{knows.nodename}:") for job in own), [j.worker for j in own]
     assert max(gaps(jobs)) < 5, gaps(jobs)  # a held slot would wait for its lease: LEASE_SECONDS
     assert all(result.state == states.SUCCESS for result in results)
-    passed_on = (tmp_path / "worker-lacks.log").read_text().count("does not know step test-own-sleep; passed on")
+    passed_on = (tmp_path / "worker-lacks.log").read_text().count("does not know step test-own-sleep; passed on to")
     print(f"{len(own)} jobs of a step one worker of two knows: all ran there; {passed_on} passed on by the other")
     assert passed_on >= 1  # the first, published by this process to `light`
     assert "Received unregistered task" not in (tmp_path / "worker-lacks.log").read_text()
