@@ -259,7 +259,8 @@ def _live(source: Source, console: Console, reader: KeyReader, sort: str, limit:
     fleet: list[ProcessRecord] = []
 
     def view(overview: Mapping[str, NamespaceOverview]) -> RenderableType:
-        fits = limit if limit is not None else max(1, console.size.height - LIVE_MARGIN_LINES)
+        margin = LIVE_MARGIN_LINES + len(steps_known(fleet))  # the caption's lines too
+        fits = limit if limit is not None else max(1, console.size.height - margin)
         title = _title(overview, sort, reverse, reader.fd is not None)
         return Group(Text(title, style="bold"), render(overview, console, sort, fits, reverse, workers=fleet))
 
