@@ -18,6 +18,7 @@ SINGLE, CLUSTER, or SENTINEL (a master and a Sentinel, broker included).
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import uuid
@@ -290,18 +291,28 @@ def celery_worker_parameters() -> dict[str, Any]:
 
 
 @pytest.fixture
-def celery_app(celery_app: Celery, celery_includes: tuple[str, ...]) -> Celery:
-    """The plugin's app made stepcache's: a task per step of the graph, the sample steps included, and the
-    process's current and default app while the test runs (the queue and `step.delay` publish through
-    it, as through `tasks.app` in a user's process); the plugin puts the previous ones back after."""
+def celery_app(celery_app: Celery, celery_includes: tuple[str, ...]) -> Iterator[Celery]:
+    """The plugin's app made stepcache's: a task per step of the graph, the sample steps included, its
+    worker consuming the queues of the steps it knows (tasks/routing.py), and the process's current and
+    default app while the test runs (the queue and `step.delay` publish through it, as through `tasks.app`
+    in a user's process); the plugin puts the previous ones back after. The results the test waited on
+    unsubscribe while their Redis still runs (else their finalizers try it at exit: 20 retries, and a
+    "Retry limit exceeded" after the summary)."""
+    from tasks.routing import StepQueues
     from tasks.steps import register_tasks
 
     for module in celery_includes:
         celery_app.loader.import_task_module(module)
     register_tasks(celery_app)
+    celery_app.steps["worker"].add(StepQueues)
     celery_app.set_current()
     celery_app.set_default()
-    return celery_app
+    yield celery_app
+    consumer = getattr(celery_app.backend, "result_consumer", None)
+    if consumer is not None and getattr(consumer, "subscribed_to", None):
+        gc.collect()  # the results no longer used unsubscribe (AsyncResult.__del__)
+        consumer.subscribed_to.clear()  # the others (kept by a module...) never will, at exit
+        consumer.stop()
 
 
 @pytest.fixture
