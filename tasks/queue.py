@@ -68,6 +68,8 @@ class CeleryDispatcher:
             # The worker's own WORKER_MAX_JOB_DURATION_SECONDS decides, not the publisher's settings.
             time_limit=None,
             soft_time_limit=None,
+            # A job is not its publisher's child: the task that ended before it keeps no result of it alive.
+            add_to_parent=False,
         )
 
     def revoke(self, job_ids: Sequence[str]) -> None:

@@ -38,10 +38,13 @@ _lock = threading.Lock()
 
 
 def known_steps(app: Celery) -> list[str]:
-    """The steps `app` can run: its step tasks that have a function."""
-    from tasks.step_task import StepTask  # (tasks.step_task imports tasks.queue, which imports this module)
-
-    return sorted(name for name, task in app.tasks.items() if isinstance(task, StepTask) and task.function)
+    """The steps `app` can run: its step tasks (tasks.step_task.StepTask: a `step` of the graph) that have a
+    function."""
+    return sorted(
+        name
+        for name, task in app.tasks.items()
+        if isinstance(getattr(task, "step", None), ProcessingStep) and getattr(task, "function", None)
+    )
 
 
 def step_queue(step: ProcessingStep) -> str:
