@@ -289,6 +289,16 @@ def _check_secret(value: SecretStr) -> SecretStr:
 
 
 Secret = Annotated[SecretStr, AfterValidator(_check_secret)]
+
+
+def _check_public_url(value: str) -> str:
+    parts = urlsplit(value)
+    if value and (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment):
+        raise ValueError("must be empty or an http(s):// URL without a query or fragment")
+    return value.rstrip("/")
+
+
+PublicUrl = Annotated[str, AfterValidator(_check_public_url)]
 JwtAlgorithm = Literal["EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 
 
@@ -304,7 +314,7 @@ class ApiConfig(_Settings):
     port: Annotated[int, Field(ge=0, le=65535)] = API_PORT
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = API_METRICS_PORT
-    cors_origins: str = ""  # comma-separated origins, or "*"; empty: no CORS headers
+    cors_origins: str = "*"  # comma-separated origins, or "*" (the viewer's); empty: no CORS headers
     max_body_bytes: Annotated[int, Field(ge=1_000, le=100_000_000)] = 1_000_000
     request_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Connections (tasks.api.protocol): a request's line and headers arrive within header_timeout_seconds
@@ -337,6 +347,9 @@ class ApiConfig(_Settings):
     webhook_secret: Secret = SecretStr("")
     assets_signing_key: Secret = SecretStr("")
     assets_url_ttl_seconds: Annotated[int, Field(ge=1, le=365 * 86400)] = 3600
+    # The API's public base URL (https://viewer.example.org, or with a path behind a proxy): the absolute URLs
+    # it gives out, the Parquet files', start with it; empty: the request's own base URL.
+    public_url: PublicUrl = ""
 
     @field_validator("jwt_public_key")
     @classmethod

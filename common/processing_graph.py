@@ -367,14 +367,55 @@ def _find_cycle(declared: tuple[ProcessingStep, ...], ordered: list[ProcessingSt
 DEFAULT_STEPS: tuple[ProcessingStep, ...] = (
     ProcessingStep("dataset-config-names", InputType.DATASET, fan_out="config_names.config"),
     ProcessingStep("config-split-names", InputType.CONFIG, ("dataset-config-names",), fan_out="splits.split"),
-    ProcessingStep("split-first-rows", InputType.SPLIT, ("config-split-names",)),
-    ProcessingStep("config-parquet-and-info", InputType.CONFIG, ("dataset-config-names",), queue=QueueName.HEAVY),
+    ProcessingStep("split-first-rows", InputType.SPLIT, ("config-split-names",), job_runner_version=2),
+    ProcessingStep(
+        "config-parquet-and-info",
+        InputType.CONFIG,
+        ("dataset-config-names",),
+        queue=QueueName.HEAVY,
+        job_runner_version=2,
+    ),
     ProcessingStep("config-parquet", InputType.CONFIG, ("config-parquet-and-info",), fan_out="parquet_files.split"),
-    ProcessingStep("config-info", InputType.CONFIG, ("config-parquet-and-info",)),
-    ProcessingStep("config-size", InputType.CONFIG, ("config-parquet-and-info",)),
-    ProcessingStep("dataset-size", InputType.DATASET, ("config-size",)),
-    ProcessingStep("split-descriptive-statistics", InputType.SPLIT, ("config-parquet",), queue=QueueName.HEAVY),
-    ProcessingStep("dataset-is-valid", InputType.DATASET, ("split-first-rows", "config-parquet")),
+    ProcessingStep("config-info", InputType.CONFIG, ("config-parquet-and-info",), job_runner_version=2),
+    ProcessingStep("config-size", InputType.CONFIG, ("config-parquet-and-info",), job_runner_version=2),
+    ProcessingStep("dataset-size", InputType.DATASET, ("config-size",), job_runner_version=2),
+    ProcessingStep(
+        "split-descriptive-statistics",
+        InputType.SPLIT,
+        ("config-parquet",),
+        queue=QueueName.HEAVY,
+        job_runner_version=2,
+    ),
+    # The steps the viewer's clients read, derived from the entries above (issue 25). Each has one parent,
+    # or only finer ones (a fan-in): so each runs once, after all of them. dataset-configs-settled lists the
+    # configs once every entry of theirs is in (computed or failed): config-is-valid runs then, also for a
+    # config whose conversion failed (no config-level job follows a config-level failure). The dataset-level
+    # steps that read several others form a chain below dataset-is-valid, so that each reads its ancestors.
+    ProcessingStep("dataset-split-names", InputType.DATASET, ("config-split-names",)),
+    ProcessingStep("dataset-parquet", InputType.DATASET, ("config-parquet",)),
+    ProcessingStep("dataset-info", InputType.DATASET, ("config-info",)),
+    ProcessingStep("split-image-url-columns", InputType.SPLIT, ("split-first-rows",)),
+    ProcessingStep(
+        "dataset-configs-settled",
+        InputType.DATASET,
+        (
+            "split-first-rows",
+            "split-image-url-columns",
+            "config-parquet",
+            "config-info",
+            "config-size",
+            "split-descriptive-statistics",
+        ),
+        fan_out="config_names.config",
+    ),
+    ProcessingStep("config-is-valid", InputType.CONFIG, ("dataset-configs-settled",), fan_out="splits"),
+    ProcessingStep("split-is-valid", InputType.SPLIT, ("config-is-valid",)),
+    ProcessingStep("dataset-is-valid", InputType.DATASET, ("config-is-valid",), job_runner_version=2),
+    ProcessingStep("dataset-filetypes", InputType.DATASET, ("dataset-is-valid",)),
+    ProcessingStep("dataset-modalities", InputType.DATASET, ("dataset-filetypes",)),
+    ProcessingStep("dataset-compatible-libraries", InputType.DATASET, ("dataset-modalities",)),
+    ProcessingStep("dataset-hub-cache", InputType.DATASET, ("dataset-compatible-libraries",)),
+    ProcessingStep("dataset-croissant-crumbs", InputType.DATASET, ("dataset-info",)),
 )
 
 processing_graph: ProcessingGraph = ProcessingGraph(DEFAULT_STEPS)

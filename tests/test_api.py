@@ -35,15 +35,19 @@ def client(mirror: Path) -> Iterator[httpx.Client]:
         yield client
 
 
+def not_ready(answer: httpx.Response) -> bool:
+    return answer.status_code == 500 and answer.headers.get("X-Error-Code") == "ResponseNotReady"
+
+
 def get_until_ready(
     client: httpx.Client, path: str, headers: dict[str, str] | None = None, **params: str
 ) -> list[httpx.Response]:
-    """Every answer to GET path until one is not 202 (not ready)."""
+    """Every answer to GET path until one is not "not ready" (the viewer's 500 ResponseNotReady)."""
     answers = []
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         answers.append(client.get(path, params=params, headers=headers))
-        if answers[-1].status_code != 202:
+        if not not_ready(answers[-1]):
             return answers
         time.sleep(0.2)
     raise AssertionError(f"{path} {params} stayed not ready: {answers[-1].json()}")
@@ -55,7 +59,8 @@ def test_a_dataset_goes_from_not_ready_to_200_through_the_api_alone(
     dataset = samples.csv_dataset(mirror)
     answers = get_until_ready(client, "/first-rows", dataset=dataset, config="default", split="train")
     first, last = answers[0], answers[-1]
-    assert first.status_code == 202 and first.json()["error_code"] == "ResponseNotReadyError"
+    assert not_ready(first) and first.json()["error_code"] == "ResponseNotReady"
+    assert first.headers["Cache-Control"] == "no-store"
     assert first.json()["backfill"] is True and int(first.headers["Retry-After"]) >= 1
     later_not_ready = [answer for answer in answers[1:-1]]
     location = "/jobs/for/split-first-rows?dataset=org%2Fcsv&config=default&split=train"
@@ -92,24 +97,30 @@ def test_a_dataset_goes_from_not_ready_to_200_through_the_api_alone(
 
 
 @pytest.mark.parametrize(
-    ("path", "params", "code"),
+    ("path", "params", "status", "code"),
     [
-        ("/first-rows", {"dataset": "../etc", "config": "a", "split": "b"}, "InvalidDatasetNameError"),
-        ("/first-rows", {"dataset": "org/ds", "config": "a/b", "split": "b"}, "InvalidConfigNameError"),
-        ("/first-rows", {"dataset": "org/ds", "config": "a", "split": "b\nc"}, "InvalidSplitNameError"),
-        ("/splits", {"dataset": "org/ds", "split": "train"}, "InvalidSplitNameError"),
-        ("/first-rows", {"dataset": "org/ds"}, "InvalidParameterError"),
-        ("/is-valid", {"dataset": "org/ds", "config": "default"}, "InvalidParameterError"),
-        ("/is-valid", {}, "InvalidParameterError"),
-        ("/jobs/not a job id", {}, "InvalidParameterError"),
+        # The viewer's answers: a parameter missing or empty for every level the endpoint serves...
+        ("/first-rows", {"dataset": "org/csv"}, 422, "MissingRequiredParameter"),
+        ("/first-rows", {"dataset": "org/csv", "config": "default", "split": " "}, 422, "MissingRequiredParameter"),
+        ("/is-valid", {}, 422, "MissingRequiredParameter"),
+        ("/splits", {"dataset": ""}, 422, "MissingRequiredParameter"),
+        ("/jobs/not a job id", {}, 422, "InvalidParameter"),
+        # ...a name no dataset can have, or that none has: the answer of a dataset that does not exist...
+        ("/first-rows", {"dataset": "../etc", "config": "a", "split": "b"}, 401, "ExternalUnauthenticatedError"),
+        ("/splits", {"dataset": "org/missing", "split": "train"}, 401, "ExternalUnauthenticatedError"),
+        # ...and a config or split no entry can have: not found.
+        ("/first-rows", {"dataset": "org/csv", "config": "a/b", "split": "b"}, 404, "ResponseNotFound"),
+        ("/first-rows", {"dataset": "org/csv", "config": "a", "split": "b\nc"}, 404, "ResponseNotFound"),
     ],
 )
-def test_bad_input_gets_422_with_its_typed_error_and_writes_nothing(
-    client: httpx.Client, stores: Stores, path: str, params: dict[str, str], code: str
+def test_bad_input_gets_the_viewers_typed_error_and_writes_nothing(
+    client: httpx.Client, mirror: Path, stores: Stores, path: str, params: dict[str, str], status: int, code: str
 ) -> None:
+    samples.csv_dataset(mirror)
     answer = client.get(path, params=params)
-    assert answer.status_code == 422, answer.text
+    assert answer.status_code == status, answer.text
     assert answer.json()["error_code"] == code and answer.headers["X-Error-Code"] == code
+    assert answer.headers["Cache-Control"] == "no-store"
     assert "Traceback" not in answer.text
     assert stores.redis().dbsize() == 0 or not stores.redis().keys("stepcache:api:backfill:*")
 
@@ -121,9 +132,10 @@ def test_a_cached_error_keeps_its_status_and_code_and_a_missing_dataset_is_not_f
     answers = get_until_ready(client, "/splits", dataset=empty)
     assert answers[-1].status_code == 500 and answers[-1].json()["error_code"] == "EmptyDatasetError"
     assert answers[-1].headers["X-Error-Code"] == "EmptyDatasetError"
-    # A dataset the source does not have: 404 at once, nothing enqueued.
+    # A dataset the source does not have: the viewer's 401 at once (404 with a valid JWT), nothing enqueued.
     missing = client.get("/first-rows", params={"dataset": "org/missing", "config": "default", "split": "train"})
-    assert missing.status_code == 404 and missing.json()["error_code"] == "DatasetNotFoundError"
+    assert missing.status_code == 401 and missing.json()["error_code"] == "ExternalUnauthenticatedError"
+    assert "does not exist, or is not accessible without authentication" in missing.json()["error"]
     assert get_queue().jobs("org/missing") == []
 
 
@@ -133,11 +145,11 @@ def test_a_missing_entry_enqueues_a_backfill_once(client: httpx.Client, mirror: 
     queue.set_limit("org", 0)  # its jobs wait: this test looks at what the API enqueues
     params = {"dataset": dataset, "config": "default", "split": "train"}
     first = client.get("/first-rows", params=params)
-    assert first.status_code == 202 and first.json()["backfill"] is True
+    assert not_ready(first) and first.json()["backfill"] is True
     jobs = queue.jobs(dataset)
     assert [job.step for job in jobs] == ["dataset-config-names"]
     second = client.get("/first-rows", params=params)
-    assert second.status_code == 202 and second.json()["job_id"] == jobs[0].job_id
+    assert not_ready(second) and second.json()["job_id"] == jobs[0].job_id
     assert "backfill" not in second.json()
     # Location names the job of the entry asked for: not created until its ancestors end, so its ancestor's.
     location = second.headers["Location"]
@@ -149,7 +161,7 @@ def test_a_missing_entry_enqueues_a_backfill_once(client: httpx.Client, mirror: 
     queue.cancel(dataset)
     # No job, no entry, and a backfill already tried within API_BACKFILL_INTERVAL_SECONDS: not found.
     third = client.get("/first-rows", params=params)
-    assert third.status_code == 404 and third.json()["error_code"] == "ResponseNotFoundError"
+    assert third.status_code == 404 and third.json()["error_code"] == "ResponseNotFound"
     assert len(queue.jobs(dataset)) == 1
 
 
@@ -193,7 +205,7 @@ def test_a_job_and_its_events_as_server_sent_events_resumable(
     assert client.get("/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
     for bad in ("99999999999999999999-0", "1-x", "-1"):
         answer = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
-        assert answer.status_code == 422 and answer.json()["error_code"] == "InvalidParameterError"
+        assert answer.status_code == 422 and answer.json()["error_code"] == "InvalidParameter"
 
 
 def test_bounded_requests_cors_and_request_ids(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> None:

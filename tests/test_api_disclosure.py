@@ -70,7 +70,8 @@ def test_the_webhook_reads_a_body_up_to_its_cap_and_validates_it(client: httpx.C
         assert refused.headers["X-Error-Code"] == "PayloadTooLargeError"
     for invalid in (b"{not json", b'{"event": {"action": "update"}}', b"[]"):
         answer = client.post("/webhook", content=invalid, headers=RIGHT)
-        assert (answer.status_code, answer.json()["error_code"]) == (422, "InvalidParameterError"), answer.text
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error_code"] in ("InvalidParameter", "MissingRequiredParameter"), answer.text
     assert get_queue().jobs("org/ds") == []
     # A payload padded close to the cap is read and acted on.
     samples.csv_dataset(mirror, "org/ds")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from datetime import UTC, datetime
@@ -16,7 +17,25 @@ from common.exceptions import JobManagerCrashedError, ParentStepFailedError, Ste
 from common.orchestrator import JobKey, expected_entries, plan_after_failure, plan_after_success, plan_backfill
 from common.processing_graph import DEFAULT_STEPS, InputType, ProcessingGraph, ProcessingStep
 
-DEFAULT = ProcessingGraph(DEFAULT_STEPS)
+CORE_NAMES = {
+    "dataset-config-names",
+    "config-split-names",
+    "split-first-rows",
+    "config-parquet-and-info",
+    "config-parquet",
+    "config-info",
+    "config-size",
+    "dataset-size",
+    "split-descriptive-statistics",
+}
+# The steps these plans were written for: the default graph's first ten, dataset-is-valid a fan-in of first
+# rows and Parquet files; every step at version 1, as `entry` writes them (the plans are the graph's,
+# whatever its steps and versions; tests/test_viewer_steps.py plans the default graph's later steps).
+CORE_STEPS = (
+    *(dataclasses.replace(step, job_runner_version=1) for step in DEFAULT_STEPS if step.name in CORE_NAMES),
+    ProcessingStep("dataset-is-valid", InputType.DATASET, ("split-first-rows", "config-parquet")),
+)
+DEFAULT = ProcessingGraph(CORE_STEPS)
 DATASET = "org/ds"
 
 

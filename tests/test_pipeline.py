@@ -93,7 +93,7 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, celery_w
     assert all(entry.is_success for entry in entries.values()), [
         (k, e.error_code) for k, e in entries.items() if not e.is_success
     ]
-    assert len(entries) == 3 + 5 + 2 * 2  # dataset-level, config-level, split-level entries
+    assert len(entries) == 12 + 6 + 4 * 2  # dataset-level, config-level, split-level entries
     assert content(entries, "dataset-config-names") == {"config_names": [{"dataset": dataset, "config": "default"}]}
     assert [s["split"] for s in content(entries, "config-split-names", "default")["splits"]] == ["train", "test"]
     first_rows = content(entries, "split-first-rows", "default", "train")
@@ -111,10 +111,16 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, celery_w
         c["column_name"]: c for c in content(entries, "split-descriptive-statistics", "default", "train")["statistics"]
     }
     assert statistics["id"]["column_statistics"]["min"] == 0 and statistics["id"]["column_statistics"]["max"] == 149
-    assert statistics["text"]["column_type"] == "string"
-    assert statistics["flag"]["column_statistics"]["frequencies"] == {"true": 75, "false": 75}
+    assert statistics["text"]["column_type"] == "string_text"  # the viewer's column types
+    assert statistics["flag"]["column_statistics"]["frequencies"] == {"False": 75, "True": 75}
     assert sum(statistics["score"]["column_statistics"]["histogram"]["hist"]) == 150
-    assert content(entries, "dataset-is-valid") == {"viewer": True, "preview": True}
+    assert content(entries, "dataset-is-valid") == {
+        "preview": True,
+        "viewer": True,
+        "search": False,
+        "filter": False,
+        "statistics": True,
+    }
     revision = entries[("dataset-config-names", None, None)].dataset_git_revision
     assert revision and all(
         e.dataset_git_revision == revision for e in entries.values() if e.kind != "dataset-is-valid"
@@ -165,14 +171,17 @@ def test_bad_datasets_get_typed_cached_errors(mirror: Path, celery_worker: objec
     empty = run_pipeline(samples.empty_dataset(mirror))
     assert empty[("dataset-config-names", None, None)].error_code == "EmptyDatasetError"
     assert empty[("dataset-is-valid", None, None)].error_code == "ParentStepFailedError"
-    assert len(empty) == 3  # nothing to fan out to: the dataset-level descendants say why
-    corrupted = run_pipeline(samples.corrupted_dataset(mirror))
+    assert len(empty) == 12  # nothing to fan out to: the dataset-level descendants say why
+    corrupted_name = samples.corrupted_dataset(mirror)
+    corrupted = run_pipeline(corrupted_name)
     assert corrupted[("split-first-rows", "default", "train")].error_code == "DatasetGenerationError"
     assert corrupted[("config-parquet-and-info", "default", None)].error_code == "DatasetGenerationError"
     child = corrupted[("config-size", "default", None)]
     assert child.error_code == "ParentStepFailedError" and "config-parquet-and-info" in child.content["error"]
-    assert content(corrupted, "dataset-size")["failed"] == ["default"]
-    assert content(corrupted, "dataset-is-valid") == {"viewer": False, "preview": False}
+    assert content(corrupted, "dataset-size")["failed"] == [
+        {"kind": "config-size", "dataset": corrupted_name, "config": "default", "split": None}
+    ]
+    assert not any(content(corrupted, "dataset-is-valid").values())
     samples.write(mirror / "org" / "notimages" / "train" / "cat" / "1.png", "this is text, not a PNG")
     not_images = run_pipeline("org/notimages")
     assert not_images[("split-first-rows", "default", "train")].error_code == "DatasetGenerationError"
@@ -206,7 +215,9 @@ def test_backfill_recomputes_exactly_an_obsolete_step_and_its_descendants(
     assert [(job.step, job.config) for job in planned] == [("config-parquet", "default")]
     after = wait_until_settled(dataset)
     changed = sorted({key[0] for key, entry in after.items() if entry.updated_at != before[key].updated_at})
-    assert changed == ["config-parquet", "dataset-is-valid", "split-descriptive-statistics"]
+    below = [step.name for step in get_processing_graph().descendants("config-parquet")]
+    assert changed == sorted(["config-parquet", *below])
+    assert "dataset-configs-settled" in below and "dataset-hub-cache" in below
     assert after[("config-parquet", "default", None)].job_runner_version == 2
     assert orchestrator.backfill(get_queue(), dataset) == []
 
@@ -224,7 +235,12 @@ def test_backfill_enqueues_a_missing_root_and_retries_retryable_errors(
     max_failed_runs = get_config().worker.max_failed_runs
     for run in range(1, max_failed_runs + 1):
         cache.upsert_error(
-            "config-info", dataset, crashed, config="default", job_runner_version=1, dataset_git_revision=revision
+            "config-info",
+            dataset,
+            crashed,
+            config="default",
+            job_runner_version=get_processing_graph().get_step("config-info").job_runner_version,
+            dataset_git_revision=revision,
         )
         assert cache.get_response("config-info", dataset, "default").failed_runs == run
         # Retried while it failed fewer than WORKER_MAX_FAILED_RUNS times in a row, then left alone.

@@ -221,7 +221,7 @@ def test_the_default_graph_is_what_the_module_serves() -> None:
     graph = get_processing_graph()
     # Other tests register steps of their own (roots, outside the default graph).
     assert tuple(step for step in graph.steps if step.name in DEFAULT) == DEFAULT.steps
-    assert len(DEFAULT) == 10
+    assert len(DEFAULT) == 22
     assert "config-parquet" in graph
     assert "config-nothing" not in graph
     assert DEFAULT.get_step("config-size") in graph
@@ -229,7 +229,7 @@ def test_the_default_graph_is_what_the_module_serves() -> None:
         "config-parquet-and-info",
         "split-descriptive-statistics",
     ]
-    assert all(step.job_runner_version == 1 for step in DEFAULT)
+    assert DEFAULT.get_step("dataset-is-valid").job_runner_version >= 2  # it aggregates config-is-valid now
 
 
 def test_an_unknown_step_name_is_refused_with_unknown_step_error() -> None:
@@ -252,15 +252,23 @@ def test_the_only_root_of_the_default_graph_is_dataset_config_names() -> None:
     ("name", "expected"),
     [
         ("dataset-config-names", ["config-split-names", "config-parquet-and-info"]),
-        ("config-split-names", ["split-first-rows"]),
-        ("split-first-rows", ["dataset-is-valid"]),
+        ("config-split-names", ["split-first-rows", "dataset-split-names"]),
+        ("split-first-rows", ["split-image-url-columns", "dataset-configs-settled"]),
         ("config-parquet-and-info", ["config-parquet", "config-info", "config-size"]),
-        ("config-parquet", ["split-descriptive-statistics", "dataset-is-valid"]),
-        ("config-info", []),
-        ("config-size", ["dataset-size"]),
+        ("config-parquet", ["split-descriptive-statistics", "dataset-parquet", "dataset-configs-settled"]),
+        ("config-info", ["dataset-info", "dataset-configs-settled"]),
+        ("config-size", ["dataset-size", "dataset-configs-settled"]),
         ("dataset-size", []),
-        ("split-descriptive-statistics", []),
-        ("dataset-is-valid", []),
+        ("split-descriptive-statistics", ["dataset-configs-settled"]),
+        ("dataset-configs-settled", ["config-is-valid"]),
+        ("config-is-valid", ["split-is-valid", "dataset-is-valid"]),
+        ("split-is-valid", []),
+        ("dataset-is-valid", ["dataset-filetypes"]),
+        ("dataset-filetypes", ["dataset-modalities"]),
+        ("dataset-modalities", ["dataset-compatible-libraries"]),
+        ("dataset-compatible-libraries", ["dataset-hub-cache"]),
+        ("dataset-hub-cache", []),
+        ("dataset-info", ["dataset-croissant-crumbs"]),
     ],
 )
 def test_children_of_each_default_step_are_its_direct_dependents(name: str, expected: list[str]) -> None:
@@ -273,7 +281,9 @@ def test_children_of_each_default_step_are_its_direct_dependents(name: str, expe
         ("dataset-config-names", []),
         ("config-parquet", ["config-parquet-and-info"]),
         ("dataset-size", ["config-size"]),
-        ("dataset-is-valid", ["split-first-rows", "config-parquet"]),
+        ("dataset-is-valid", ["config-is-valid"]),
+        ("config-is-valid", ["dataset-configs-settled"]),
+        ("dataset-hub-cache", ["dataset-compatible-libraries"]),
     ],
 )
 def test_parents_of_a_default_step_are_the_ones_it_declares(name: str, expected: list[str]) -> None:
@@ -287,6 +297,12 @@ def test_ancestors_are_every_step_upstream_in_topological_order() -> None:
         "split-first-rows",
         "config-parquet-and-info",
         "config-parquet",
+        "config-info",
+        "config-size",
+        "split-descriptive-statistics",
+        "split-image-url-columns",
+        "dataset-configs-settled",
+        "config-is-valid",
     ]
     assert names(DEFAULT.ancestors("dataset-size")) == [
         "dataset-config-names",
@@ -303,11 +319,39 @@ def test_descendants_are_every_step_downstream_in_topological_order() -> None:
         "config-size",
         "dataset-size",
         "split-descriptive-statistics",
+        "dataset-parquet",
+        "dataset-info",
+        "dataset-configs-settled",
+        "config-is-valid",
+        "split-is-valid",
         "dataset-is-valid",
+        "dataset-filetypes",
+        "dataset-modalities",
+        "dataset-compatible-libraries",
+        "dataset-hub-cache",
+        "dataset-croissant-crumbs",
     ]
-    assert names(DEFAULT.descendants("config-split-names")) == ["split-first-rows", "dataset-is-valid"]
+    assert names(DEFAULT.descendants("config-split-names")) == [
+        "split-first-rows",
+        "dataset-split-names",
+        "split-image-url-columns",
+        "dataset-configs-settled",
+        "config-is-valid",
+        "split-is-valid",
+        "dataset-is-valid",
+        "dataset-filetypes",
+        "dataset-modalities",
+        "dataset-compatible-libraries",
+        "dataset-hub-cache",
+    ]
     assert names(DEFAULT.descendants("dataset-config-names")) == [s.name for s in DEFAULT.steps[1:]]
-    assert DEFAULT.descendants("dataset-is-valid") == []
+    assert names(DEFAULT.descendants("dataset-is-valid")) == [
+        "dataset-filetypes",
+        "dataset-modalities",
+        "dataset-compatible-libraries",
+        "dataset-hub-cache",
+    ]
+    assert DEFAULT.descendants("dataset-hub-cache") == []
 
 
 def test_topological_order_puts_every_parent_before_its_children() -> None:
@@ -340,8 +384,8 @@ def test_topological_order_is_deterministic_and_breaks_ties_by_declaration_order
 def test_expected_entries_has_one_key_per_dataset_config_or_split_as_each_step_needs() -> None:
     configs = {"default": ["train", "test"], "extra": ["train"]}
     entries = DEFAULT.expected_entries("org/ds", configs)
-    dataset_level, config_level, split_level = 3, 5, 2
-    assert len(entries) == dataset_level + config_level * 2 + split_level * 3 == 19
+    dataset_level, config_level, split_level = 12, 6, 4
+    assert len(entries) == dataset_level + config_level * 2 + split_level * 3 == 36
     assert len(set(entries)) == len(entries)
     assert entries[:4] == [
         CacheKey("dataset-config-names", "org/ds", None, None),
@@ -356,16 +400,18 @@ def test_expected_entries_has_one_key_per_dataset_config_or_split_as_each_step_n
         CacheKey("dataset-size", "org/ds", None, None),
         CacheKey("split-descriptive-statistics", "org/ds", "default", "test"),
         CacheKey("dataset-is-valid", "org/ds", None, None),
+        CacheKey("config-is-valid", "org/ds", "extra", None),  # on the configs dataset-configs-settled lists
+        CacheKey("split-is-valid", "org/ds", "default", "test"),  # on the splits config-is-valid lists
+        CacheKey("split-image-url-columns", "org/ds", "extra", "train"),
     }
-    assert entries[-1] == CacheKey("dataset-is-valid", "org/ds", None, None)
+    assert entries[-1] == CacheKey("dataset-croissant-crumbs", "org/ds", None, None)
 
 
 def test_expected_entries_for_a_dataset_without_configs_are_the_dataset_level_ones() -> None:
     assert DEFAULT.expected_entries("ds", {}) == [
-        CacheKey("dataset-config-names", "ds", None, None),
-        CacheKey("dataset-size", "ds", None, None),
-        CacheKey("dataset-is-valid", "ds", None, None),
+        CacheKey(step.name, "ds", None, None) for step in DEFAULT if step.input_type is InputType.DATASET
     ]
+    assert len(DEFAULT.expected_entries("ds", {})) == 12
 
 
 def test_expected_entries_refuses_a_bare_string_as_the_splits_of_a_config() -> None:
@@ -382,7 +428,8 @@ def test_a_step_added_with_with_step_is_a_child_of_its_parent_in_a_new_graph() -
     extended = DEFAULT.with_step(USER_STEP)
     assert names(extended.children("config-parquet")) == [
         "split-descriptive-statistics",
-        "dataset-is-valid",
+        "dataset-parquet",
+        "dataset-configs-settled",
         "config-user-stats",
     ]
     assert extended.get_step("config-user-stats") == USER_STEP
@@ -391,7 +438,7 @@ def test_a_step_added_with_with_step_is_a_child_of_its_parent_in_a_new_graph() -
         DEFAULT.expected_entries("ds", {"default": ["train"]})
     )
     assert "config-user-stats" not in DEFAULT
-    assert len(DEFAULT) == 10
+    assert len(DEFAULT) == 22
 
 
 def test_a_step_added_with_register_step_is_served_by_get_processing_graph(restored_graph: None) -> None:

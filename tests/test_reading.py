@@ -201,7 +201,7 @@ def test_a_one_split_conversion_reports_progress_as_its_rows_and_bytes_go(
         job = StepJob("job", "config-parquet-and-info", dataset, "default", None, Progress(reports.append, 0.0))
         split = opened(source, dataset, "default", "train")
         out = root.parent / "out" / f"{dataset}.parquet"
-        convert(split, out, 10**9, parquet.partial_progress(job, 0, 1, "train", split, 10**9))
+        convert(split, out, 10**9, parquet.partial_progress(job, 0, 1, "train", split.expected_size(), 10**9))
         fractions = [report["fraction"] for report in reports]
         print(dataset, measured, [f"{fraction:.2f}" for fraction in fractions], reports[-1]["message"])
         assert len(fractions) == 6 and fractions == sorted(fractions) and fractions[0] > 0 and fractions[-1] < 1
@@ -262,7 +262,7 @@ def test_the_median_is_exact_when_the_values_do_not_fit(
     rng.shuffle(values)
     path = tmp_path / "values.parquet"
     pq.write_table(pa.table({"x": values}), path)
-    column = statistics.Column("x", "number")
+    column = statistics.Column("x", "float")
     for batch in pq.ParquetFile(path).iter_batches(batch_size=999):
         column.add(batch.column(0))
     assert statistics._median(str(path), column) == pytest.approx(float(np.median(values)), abs=0)
@@ -291,7 +291,7 @@ def test_statistics_count_nan_and_infinities_as_nulls(tmp_path: Path) -> None:
 
     path = tmp_path / "values.parquet"
     pq.write_table(pa.table({"x": [1.0, float("nan"), 3.0, float("inf"), None, 2.0]}), path)
-    column = statistics.Column("x", "number")
+    column = statistics.Column("x", "float")
     for batch in pq.ParquetFile(path).iter_batches():
         column.add(batch.column(0))
     described = statistics._statistics(str(path), column)
@@ -333,7 +333,7 @@ def test_the_median_ends_and_is_exact_with_ties_that_do_not_fit(
     monkeypatch.setattr(statistics, "MEDIAN_MAX_VALUES", 7)
     path = tmp_path / "values.parquet"
     pq.write_table(pa.table({"x": values}), path)
-    column = statistics.Column("x", "number")
+    column = statistics.Column("x", "float")
     for batch in pq.ParquetFile(path).iter_batches(batch_size=33):
         column.add(batch.column(0))
     assert statistics._median(str(path), column) == float(np.median(values))

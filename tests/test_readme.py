@@ -47,5 +47,5 @@ def test_the_readme_example_runs(mirror: Path, celery_worker: object) -> None:  
         exec(code.replace("http://localhost:8000", url), {"print": lambda *values: printed.append(values)})
     assert printed[0] == (200, {"config_names": [{"dataset": "demo/csv", "config": "default"}]})
     splits = printed[1][0]
-    assert isinstance(splits, dict) and ("splits" in splits or splits.get("error_code") == "ResponseNotReadyError")
+    assert isinstance(splits, dict) and ("splits" in splits or splits.get("error_code") == "ResponseNotReady")
     assert httpx.URL(url).host == "127.0.0.1"

@@ -21,7 +21,8 @@ from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 SERVER_VARIABLES = ("QUEUE_REDIS_URL", "CACHE_MONGO_URL", "QUEUE_MONGO_URL", "CELERY_BROKER_URL", "COMMON_HF_ENDPOINT")
-SAMPLE_ENTRIES = 12 + 12 + 10 + 10  # demo/csv, demo/jsonl (2 splits each), other/parquet, other/images
+# demo/csv, demo/jsonl (2 splits each), other/parquet, other/images: 12 dataset-level, 6 per config, 4 per split
+SAMPLE_ENTRIES = 26 + 26 + 22 + 22
 
 
 def unconfigured_env() -> dict[str, str]:

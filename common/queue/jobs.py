@@ -125,6 +125,7 @@ class Job(BaseModel):
     error_code: str | None = None
     fence: int = 0  # the limiter's fence of the last decision recorded here (the ending's, once ended)
     age: int | None = None  # the fence of its admission: its place in line
+    effects_pending: bool | None = None  # ended, and its end's effects (next steps, events) not applied yet
 
     def payload(self) -> JobPayload:
         return JobPayload(

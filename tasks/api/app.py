@@ -31,15 +31,25 @@ from tasks.api.cached import router as cached_routes
 from tasks.api.discovery import api_registration
 from tasks.api.discovery import router as discovery_routes
 from tasks.api.docs_pages import include_docs_pages
-from tasks.api.errors import PayloadTooLargeError, ServiceUnavailableError, answer_error, error_response
+from tasks.api.errors import (
+    InvalidParameterError,
+    MissingRequiredParameterError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    answer_error,
+    error_response,
+)
 from tasks.api.jobs import StreamSlots
 from tasks.api.jobs import router as jobs_routes
 from tasks.api.middleware import RequestMiddleware
+from tasks.api.more_endpoints import router as more_routes
 from tasks.api.operator import router as operator_routes
+from tasks.api.parquet_files import router as parquet_file_routes
 from tasks.api.webhook import router as webhook_routes
 
 logger = logging.getLogger(__name__)
-EXPOSED_HEADERS = ["ETag", "Retry-After", "Location", "X-Error-Code", "X-Request-Id"]
+EXPOSED_HEADERS = ["ETag", "Retry-After", "Location", "X-Error-Code", "X-Revision", "X-Request-Id"]
+EXPOSED_HEADERS += ["Accept-Ranges", "Content-Range", "Content-Length"]  # a browser reads Parquet by ranges
 HTTP_ERROR_CODES = {
     HTTPStatus.NOT_FOUND: "NotFoundError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
@@ -70,6 +80,8 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
     app.state.event_streams = StreamSlots()  # this process's open event streams
     for router in (
         cached_routes(),
+        more_routes(),
+        parquet_file_routes(),
         jobs_routes(),
         assets_routes(settings),
         operator_routes(),
@@ -94,8 +106,8 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET"],
-            allow_headers=["Authorization", "If-None-Match", "X-Request-Id", "Last-Event-ID"],
+            allow_methods=["GET", "HEAD"],
+            allow_headers=["Authorization", "If-None-Match", "X-Request-Id", "Last-Event-ID", "Range", "If-Range"],
             expose_headers=EXPOSED_HEADERS,
             max_age=3600,
         )
@@ -134,9 +146,12 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
         f"{'.'.join(str(part) for part in problem.get('loc', ()))}: {problem.get('msg', '')}"
         for problem in error.errors()
     )
-    return error_response(
-        HTTPStatus.UNPROCESSABLE_ENTITY, f"invalid request: {problems}"[:1000], "InvalidParameterError"
-    )
+    missing = [str(problem.get("loc", ("", ""))[-1]) for problem in error.errors() if problem.get("type") == "missing"]
+    if missing and len(missing) == len(error.errors()):
+        names = " and ".join(f"'{name}'" for name in missing)
+        required = f"Parameter {names} is required" if len(missing) == 1 else f"Parameters {names} are required"
+        return answer_error(MissingRequiredParameterError(required))
+    return answer_error(InvalidParameterError(f"invalid request: {problems}"[:1000]))
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:

@@ -110,6 +110,17 @@ def map_media_sources(content: dict[str, Any], change: Callable[[str], str]) -> 
     return {**content, "rows": rows}
 
 
+def check_signature(what: str, signed: str, expires: int | None, signature_: str | None) -> None:
+    """A URL whose `signed` text (an asset's path, or a Parquet file's) this API signed, unexpired; else 403
+    with the reason's error code (`what` names the file in the message)."""
+    if expires is None or signature_ is None:  # a signed URL cut short: refused as a tampered one
+        raise ForbiddenError(f"the {what} URL needs its expires and signature", error_code="MissingSignatureError")
+    if not hmac.compare_digest(signature(signing_key(get_config()), signed, expires).encode(), signature_.encode()):
+        raise ForbiddenError(f"the {what} URL's signature does not match", error_code="InvalidSignatureError")
+    if expires < time.time():
+        raise ForbiddenError(f"the {what} URL has expired", error_code="ExpiredSignatureError")
+
+
 def route_prefix(settings: AppConfig) -> str:
     """The path the assets are served under: ASSETS_BASE_URL's path ("assets" → "/assets")."""
     base = settings.assets.base_url
@@ -154,14 +165,9 @@ def router(settings: AppConfig) -> APIRouter:
     ) -> FileResponse:
         """An asset file, with the signature first-rows gave its URL."""
         safe_parts(path)  # 404, signed or not
-        if expires is None or signature_ is None:  # a signed URL cut short: refused as a tampered one
-            raise ForbiddenError("the asset URL needs its expires and signature", error_code="MissingSignatureError")
-        current = get_config()
-        if not hmac.compare_digest(signature(signing_key(current), path, expires).encode(), signature_.encode()):
-            raise ForbiddenError("the asset URL's signature does not match", error_code="InvalidSignatureError")
-        if expires < time.time():
-            raise ForbiddenError("the asset URL has expired", error_code="ExpiredSignatureError")
-        file = resolve(current.assets.storage_path, path)
+        check_signature("asset", path, expires, signature_)
+        assert expires is not None  # (checked)
+        file = resolve(get_config().assets.storage_path, path)
         headers = {"Cache-Control": f"private, max-age={max(0, int(expires - time.time()))}"}
         return FileResponse(file, headers=headers)
 

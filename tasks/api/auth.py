@@ -27,7 +27,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NoReturn
 
 import jwt
 from fastapi import Request
@@ -38,7 +38,14 @@ from common.constants import REDIS_PREFIX
 from common.exceptions import DatasetNotFoundError, HubTransientError, HubUnavailableError
 from common.redis_connection import as_text, get_redis
 from common.sources import Access
-from tasks.api.errors import AuthenticationRequiredError, ForbiddenError, PayloadTooLargeError
+from tasks.api.errors import (
+    NO_ACCESS,
+    AuthenticationRequiredError,
+    ExternalAuthenticatedError,
+    ExternalUnauthenticatedError,
+    ForbiddenError,
+    PayloadTooLargeError,
+)
 
 logger = logging.getLogger(__name__)
 TIMESTAMP_HEADER = "X-Stepcache-Timestamp"
@@ -138,13 +145,42 @@ def bearer(request: Request) -> str | None:
 
 
 def check_dataset_access(request: Request, dataset: str) -> Access:
-    """The dataset's access; for a gated or private one, a valid JWT for it, or a 401/403 typed error."""
+    """The dataset's access; for a gated or private one, a valid JWT for it. Otherwise the viewer's answer,
+    the same whether the dataset exists or not: 401 ExternalUnauthenticatedError without a valid JWT, 404
+    ExternalAuthenticatedError with one (for another dataset); the message then says why."""
     settings = get_config().api
     access_cache: AccessCache = request.app.state.access_cache
-    access = access_cache.get(dataset, settings.access_cache_seconds)
-    if access != "public":
-        check_token(bearer(request), dataset, settings)
+    try:
+        access = access_cache.get(dataset, settings.access_cache_seconds)
+        if access != "public":
+            check_token(bearer(request), dataset, settings)
+    except DatasetNotFoundError:
+        no_such_dataset(request)
+    except (AuthenticationRequiredError, ForbiddenError) as error:
+        authenticated = isinstance(error, ForbiddenError)  # a valid JWT, for another dataset
+        raise (ExternalAuthenticatedError if authenticated else ExternalUnauthenticatedError)(
+            f"{NO_ACCESS} ({error.message})"
+        ) from None
     return access
+
+
+def no_such_dataset(request: Request) -> NoReturn:
+    """The viewer's answer for a dataset that does not exist (or a name none can have): 401
+    ExternalUnauthenticatedError, or 404 ExternalAuthenticatedError when the request sent a valid JWT."""
+    token = bearer(request)
+    authenticated = token is not None and _valid_token(token, get_config().api)
+    raise (ExternalAuthenticatedError if authenticated else ExternalUnauthenticatedError)(NO_ACCESS)
+
+
+def _valid_token(token: str, settings: ApiConfig) -> bool:
+    """Whether the JWT is one of this API's (valid, unexpired), whatever dataset it names."""
+    if not settings.jwt_public_key:
+        return False
+    try:
+        jwt.decode(token, settings.jwt_public_key, algorithms=[settings.jwt_algorithm], audience=settings.jwt_audience)
+    except jwt.InvalidTokenError:
+        return False
+    return True
 
 
 def check_token(token: str | None, dataset: str, settings: ApiConfig) -> None:

@@ -16,8 +16,9 @@ Without an entry:
   (Redis remembers it), and the answer is 202 `ResponseNotReadyError` with `backfill: true`, or 404
   `ResponseNotFoundError` when the graph expects no such entry (a config the dataset does not have).
 
-At the dataset level, `/splits`, `/parquet` and `/info` gather their configs' entries, with the configs
-still `pending` and those `failed`, and `partial` when any is either or was cut.
+At the dataset level, `/splits`, `/parquet` and `/info` are the entries of steps that gather their configs'
+(dataset-split-names, dataset-parquet, dataset-info: tasks/steps/gathered.py), with the configs still
+`pending` and those `failed`, and `partial` when any is either or was cut.
 
 Nothing names the machine: an error's message is served without local paths or the host name
 (common.redaction; its cause stays in the entry's `details`, never served), and a Parquet file's `path` is
@@ -40,26 +41,29 @@ from fastapi.responses import JSONResponse, Response
 from common import cache, orchestrator
 from common.config import get_config
 from common.constants import REDIS_PREFIX
-from common.exceptions import CachedResponseNotFoundError
+from common.exceptions import CachedResponseNotFoundError, InvalidInputError, ParentStepFailedError
 from common.names import validate_key
 from common.processing_graph import InputType, get_processing_graph
 from common.redaction import redact
 from common.redis_connection import get_redis
 from common.sources import Access
 from tasks.api.assets import expiry, key_id, map_media_sources, media_columns, url_signer
-from tasks.api.auth import check_dataset_access
+from tasks.api.auth import check_dataset_access, no_such_dataset
 from tasks.api.errors import (
     ERROR_CODE_HEADER,
-    InvalidParameterError,
+    MissingRequiredParameterError,
     ResponseNotFoundError,
     ResponseNotReadyError,
     error_body,
 )
 from tasks.api.jobs import producer_url
+from tasks.api.urls import ParquetLinks, parquet_links, public_base_url
 
-ROOT_STEP = "dataset-config-names"
+REVISION_HEADER = "X-Revision"  # the dataset's revision the answer was computed at (the viewer's)
 FIRST_ROWS = "split-first-rows"
 PARQUET = "config-parquet"
+PARQUET_KINDS = frozenset({PARQUET, "dataset-parquet"})  # their files get their URLs when served
+VALIDITY_FLAGS = ("preview", "viewer", "search", "filter", "statistics")  # what /is-valid answers
 
 
 @dataclass(frozen=True)
@@ -67,29 +71,38 @@ class Endpoint:
     path: str
     summary: str
     kinds: dict[InputType, str]
-    gather: str | None = None  # at the dataset level: the field of each config's entry gathered (a list...)
-    gather_by_config: bool = False  # ...or a mapping from the config to it
 
 
 ENDPOINTS = (
-    Endpoint("/is-valid", "Which views of the dataset work", {InputType.DATASET: "dataset-is-valid"}),
     Endpoint(
-        "/splits", "The splits of a config, or of every config", {InputType.CONFIG: "config-split-names"}, "splits"
+        "/is-valid",
+        "Which views of the dataset work",
+        {InputType.DATASET: "dataset-is-valid", InputType.CONFIG: "config-is-valid", InputType.SPLIT: "split-is-valid"},
+    ),
+    Endpoint(
+        "/splits",
+        "The splits of a config, or of every config",
+        {InputType.DATASET: "dataset-split-names", InputType.CONFIG: "config-split-names"},
     ),
     Endpoint("/first-rows", "The first rows of a split", {InputType.SPLIT: FIRST_ROWS}),
-    Endpoint("/parquet", "The Parquet files", {InputType.CONFIG: PARQUET}, "parquet_files"),
-    Endpoint("/info", "Features and splits", {InputType.CONFIG: "config-info"}, "dataset_info", gather_by_config=True),
+    Endpoint("/parquet", "The Parquet files", {InputType.DATASET: "dataset-parquet", InputType.CONFIG: PARQUET}),
+    Endpoint("/info", "Features and splits", {InputType.DATASET: "dataset-info", InputType.CONFIG: "config-info"}),
     Endpoint("/size", "Sizes in rows and bytes", {InputType.DATASET: "dataset-size", InputType.CONFIG: "config-size"}),
     Endpoint("/statistics", "Descriptive statistics of a split", {InputType.SPLIT: "split-descriptive-statistics"}),
 )
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the cached content"},
-    202: {"description": "not ready: a job computes it; ask again after Retry-After (ResponseNotReadyError)"},
     304: {"description": "the entry has not changed since the ETag given in If-None-Match"},
-    401: {"description": "a gated or private dataset, and no valid JWT for it"},
-    403: {"description": "a JWT for another dataset"},
-    404: {"description": "no such entry, and the graph expects none (ResponseNotFoundError), or a cached 404"},
-    422: {"description": "a bad dataset, config or split name, or a level the endpoint does not serve"},
+    401: {"description": "no such dataset, or a gated or private one and no valid JWT (ExternalUnauthenticatedError)"},
+    404: {
+        "description": "a valid JWT for another dataset (ExternalAuthenticatedError), no such entry "
+        "(ResponseNotFound), or a cached 404"
+    },
+    422: {"description": "a parameter missing or empty (MissingRequiredParameter), or invalid (InvalidParameter)"},
+    500: {
+        "description": "not ready: a job computes it, ask again after Retry-After (ResponseNotReady); or a cached "
+        "error (its step's code)"
+    },
 }
 
 
@@ -124,8 +137,12 @@ def answer(
     tag = entity_tag(entries, *tag_parts)
     visibility = "public" if access == "public" else "private"
     headers = {"ETag": tag, "Cache-Control": f"{visibility}, max-age={get_config().api.cache_max_age_seconds}"}
+    revision = next((entry.dataset_git_revision for entry in entries if entry.dataset_git_revision), None)
+    if revision is not None:
+        headers[REVISION_HEADER] = revision
     if error_code is not None:
         headers[ERROR_CODE_HEADER] = error_code
+        headers["Cache-Control"] = "no-store"  # an error is asked again, never kept (the viewer's)
     if _matches(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers=headers)
     return ContentResponse(content, status, headers=headers)
@@ -136,9 +153,10 @@ def error_message(entry: cache.CachedResponse) -> str | None:
     return redact(message) if isinstance(message, str) else None
 
 
-def relative_parquet_files(content: dict[str, Any]) -> dict[str, Any]:
-    """A config-parquet content whose files' paths are relative to WORKER_PARQUET_DIRECTORY: an entry
-    written before they were holds absolute ones, cut at the storage or else at the dataset's folder."""
+def relative_parquet_files(content: dict[str, Any], links: ParquetLinks | None = None) -> dict[str, Any]:
+    """A config-parquet content whose files' paths are relative to WORKER_PARQUET_DIRECTORY (an entry
+    written before they were holds absolute ones, cut at the storage or else at the dataset's folder), and,
+    with `links`, each file's absolute `url` (tasks.api.urls: signed for a gated or private dataset)."""
     files = content.get("parquet_files") or []
     storage = f"{str(get_config().worker.parquet_path).rstrip('/')}/"
 
@@ -151,46 +169,94 @@ def relative_parquet_files(content: dict[str, Any]) -> dict[str, Any]:
         folder = path.find(f"/{file.get('dataset')}/--/")
         return {**file, "path": path[folder + 1 :] if folder >= 0 else PurePosixPath(path).name}
 
-    return {**content, "parquet_files": [relative(file) for file in files]} if files else content
+    def linked(file: dict[str, Any]) -> dict[str, Any]:
+        file = relative(file)
+        path = file.get("path")
+        return {**file, "url": links.url(path)} if links is not None and isinstance(path, str) else file
+
+    return {**content, "parquet_files": [linked(file) for file in files]} if files else content
 
 
 def answer_entry(request: Request, entry: cache.CachedResponse, access: Access) -> Response:
     if not entry.is_success:
         body = error_body(error_message(entry), entry.error_code)
         return answer(request, [entry], body, entry.http_status, entry.error_code, access)
-    if entry.kind == PARQUET:
-        return answer(request, [entry], relative_parquet_files(entry.content), entry.http_status, None, access)
+    if entry.kind in PARQUET_KINDS:
+        links = parquet_links(request, access)
+        content = relative_parquet_files(entry.content, links)
+        return answer(request, [entry], content, entry.http_status, None, access, *links.tag)
     if entry.kind != FIRST_ROWS or not media_columns(entry.content):
         return answer(request, [entry], entry.content, entry.http_status, None, access)
     settings = get_config()
     expires = expiry(settings.api.assets_url_ttl_seconds)
-    content = map_media_sources(entry.content, url_signer(settings, expires, entry.dataset))
-    signing = (expires, key_id(settings), settings.assets.base_url)
+    sign, base = url_signer(settings, expires, entry.dataset), public_base_url(request)
+    # Absolute, as the viewer's (ASSETS_BASE_URL is relative to the API unless it is a URL itself).
+    content = map_media_sources(entry.content, lambda url: absolute(base, sign(url)))
+    signing = (expires, key_id(settings), settings.assets.base_url, base)
     return answer(request, [entry], content, entry.http_status, None, access, *signing)
 
 
+LEVELS = (InputType.SPLIT, InputType.CONFIG, InputType.DATASET)  # the finest the parameters give, first
+REQUIRED = {
+    InputType.DATASET: "Parameter 'dataset' is required",
+    InputType.CONFIG: "Parameters 'dataset' and 'config' are required",
+    InputType.SPLIT: "Parameters 'dataset', 'config' and 'split' are required",
+}
+# /is-valid answers every flag false for a dataset whose entry is an error (a broken dataset), as the viewer
+# does, and while it is not ready
+NOTHING_VALID = {"preview": False, "viewer": False, "search": False, "filter": False, "statistics": False}
+
+
+def level_of(endpoint: Endpoint, dataset: str, config: str | None, split: str | None) -> InputType:
+    """The finest level the endpoint serves whose parameters are all given (a finer one given is ignored, as
+    the viewer does); MissingRequiredParameter when none is."""
+    given: dict[InputType, list[str | None]] = {
+        InputType.DATASET: [dataset],
+        InputType.CONFIG: [dataset, config],
+        InputType.SPLIT: [dataset, config, split],
+    }
+    served = [level for level in LEVELS if level in endpoint.kinds]
+    for level in served:
+        if all(isinstance(value, str) and value.strip() for value in given[level]):
+            return level
+    raise MissingRequiredParameterError(REQUIRED[served[-1]])
+
+
+def absolute(base: str, url: str) -> str:
+    return url if "://" in url else f"{base}/{url.lstrip('/')}"
+
+
 def serve(endpoint: Endpoint, request: Request, dataset: str, config: str | None, split: str | None) -> Response:
-    dataset, config, split = validate_key(dataset, config, split)
-    level = InputType.SPLIT if split is not None else InputType.CONFIG if config is not None else InputType.DATASET
-    gather = level == InputType.DATASET and endpoint.gather is not None
-    kind = endpoint.kinds.get(level)
-    if kind is None and not gather:
-        levels = " or ".join(_parameters(level) for level in endpoint.kinds)
-        raise InvalidParameterError(f"{endpoint.path} takes {levels}")
+    level = level_of(endpoint, dataset, config, split)
+    config = config if level != InputType.DATASET else None
+    split = split if level == InputType.SPLIT else None
+    try:
+        validate_key(dataset, None, None)
+    except InvalidInputError:  # no dataset can have that name: the answer of one that does not exist
+        no_such_dataset(request)
     access = check_dataset_access(request, dataset)
-    if kind is None:
-        return gathered(endpoint, request, dataset, access)
+    try:
+        dataset, config, split = validate_key(dataset, config, split)
+    except InvalidInputError as error:  # no config or split can have that name: no entry
+        raise ResponseNotFoundError(f"Not found: {error}") from None
+    kind = endpoint.kinds[level]
     try:
         entry = cache.get_response(kind, dataset, config, split)
     except CachedResponseNotFoundError:
-        entry = stand_in(kind, dataset, config, split)
+        try:
+            entry = stand_in(kind, dataset, config, split)
+        except ResponseNotReadyError as not_ready:
+            if endpoint.path != "/is-valid":
+                raise
+            # What is valid now: nothing yet (the viewer's /is-valid documents no not-ready answer).
+            headers = {"Cache-Control": "no-store", **not_ready.headers}
+            return ContentResponse(NOTHING_VALID, 200, headers=headers)
+    if entry.error_code == ParentStepFailedError.error_code:  # the failure of the step it depends on
+        entry = failed_ancestor(kind, dataset, config, split) or entry
+    if endpoint.path == "/is-valid":  # the flags only (config-is-valid also lists its splits, for its children)
+        flags = {flag: bool(entry.content.get(flag)) for flag in VALIDITY_FLAGS} if entry.is_success else NOTHING_VALID
+        return answer(request, [entry], flags, 200, None, access)
     return answer_entry(request, entry, access)
-
-
-def _parameters(level: InputType) -> str:
-    return {InputType.DATASET: "dataset", InputType.CONFIG: "dataset and config"}.get(
-        level, "dataset, config and split"
-    )
 
 
 def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> cache.CachedResponse:
@@ -210,14 +276,9 @@ def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> 
         message = f"the response is not ready yet: {job.step} is {doing}"
         location = {"Location": producer_url(kind, dataset, config, split)}
         raise ResponseNotReadyError(message, {**retry, **location}, job_id=job.job_id)
-    ancestors = [step.name for step in get_processing_graph().ancestors(kind)]
-    for entry in cache.get_dataset_responses(dataset, ancestors, with_content=False):  # metadata only
-        failed = not entry.is_success and entry.config in (None, config) and entry.split in (None, split)
-        if failed:
-            try:
-                return cache.get_response(entry.kind, dataset, entry.config, entry.split)
-            except CachedResponseNotFoundError:
-                break  # deleted meanwhile: no stand-in
+    failed = failed_ancestor(kind, dataset, config, split)
+    if failed is not None:
+        return failed
     redis = get_redis(settings.queue.redis_url)
     marker = f"{REDIS_PREFIX}:api:backfill:{dataset}"
     if redis.set(marker, 1, nx=True, ex=math.ceil(settings.api.backfill_interval_seconds)):
@@ -230,42 +291,18 @@ def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> 
     )
 
 
-def gathered(endpoint: Endpoint, request: Request, dataset: str, access: Access) -> Response:
-    """The configs' entries of the endpoint gathered into one dataset-level answer."""
-    assert endpoint.gather is not None
-    kind = endpoint.kinds[InputType.CONFIG]
-    entries = cache.get_dataset_responses(dataset, [ROOT_STEP, kind])
-    names = next((entry for entry in entries if entry.kind == ROOT_STEP), None) or stand_in(
-        ROOT_STEP, dataset, None, None
-    )
-    if not names.is_success:
-        return answer_entry(request, names, access)
-    by_config = {entry.config: entry for entry in entries if entry.kind == kind}
-    values: list[Any] | dict[str, Any] = {} if endpoint.gather_by_config else []
-    pending, failed, partial, used = [], [], False, [names]
-    for item in names.content.get("config_names", []):
-        config = item["config"]
-        entry = by_config.get(config)
-        if entry is None:
-            pending.append(config)
-            continue
-        used.append(entry)
-        if not entry.is_success:
-            failed.append({"config": config, "error_code": entry.error_code, "error": error_message(entry)})
-            continue
-        partial = partial or bool(entry.content.get("partial", False))
-        value = (relative_parquet_files(entry.content) if kind == PARQUET else entry.content).get(endpoint.gather)
-        if isinstance(values, dict):
-            values[config] = value
-        else:
-            values.extend(value or [])
-    content = {
-        endpoint.gather: values,
-        "pending": pending,
-        "failed": failed,
-        "partial": partial or bool(pending or failed),
-    }
-    return answer(request, used, content, 200, None, access, len(pending))
+def failed_ancestor(kind: str, dataset: str, config: str | None, split: str | None) -> cache.CachedResponse | None:
+    """The error entry of a step the entry of `kind` depends on that failed by itself (not a
+    ParentStepFailedError): the root cause of the entry's absence, or of its own ParentStepFailedError."""
+    ancestors = [step.name for step in get_processing_graph().ancestors(kind)]
+    for entry in cache.get_dataset_responses(dataset, ancestors, with_content=False):  # metadata only
+        own = entry.error_code != ParentStepFailedError.error_code
+        if not entry.is_success and own and entry.config in (None, config) and entry.split in (None, split):
+            try:
+                return cache.get_response(entry.kind, dataset, entry.config, entry.split)
+            except CachedResponseNotFoundError:
+                return None  # deleted meanwhile
+    return None
 
 
 def _handler(endpoint: Endpoint) -> Callable[..., Response]:
@@ -282,9 +319,10 @@ def _handler(endpoint: Endpoint) -> Callable[..., Response]:
     return handler
 
 
-def router() -> APIRouter:
+def router(endpoints: Sequence[Endpoint] = ENDPOINTS) -> APIRouter:
+    """A GET route per endpoint, each answered by `serve`."""
     routes = APIRouter(tags=["cached responses"])
-    for endpoint in ENDPOINTS:
+    for endpoint in endpoints:
         routes.add_api_route(
             endpoint.path,
             _handler(endpoint),

@@ -1,7 +1,11 @@
 """The errors the API answers with, beside the typed errors of common.exceptions.
 
 Every error body is `{"error": message, "error_code": code}`; the code is also in the `X-Error-Code`
-header. A cached error keeps the status and code its step stored.
+header, and no error is kept by a cache (`Cache-Control: no-store`). A cached error keeps the status and
+code its step stored. The codes the dataset viewer's clients know are the viewer's own:
+`MissingRequiredParameter` and `InvalidParameter` (422), `ExternalUnauthenticatedError` (401: no dataset
+by that name, or not without a JWT for it), `ExternalAuthenticatedError` (404: a JWT that does not give
+access to it), `ResponseNotReady` (500, with Retry-After) and `ResponseNotFound` (404).
 """
 
 from __future__ import annotations
@@ -56,16 +60,39 @@ class NotFoundError(ApiError):
     http_status = HTTPStatus.NOT_FOUND
 
 
-class ResponseNotReadyError(ApiError):
-    """The entry is being computed (or a backfill for it was just enqueued): ask again after Retry-After."""
+class ExternalUnauthenticatedError(ApiError):
+    """No dataset by that name, or not one readable without a JWT for it (gated or private), and the request
+    sent no valid JWT: one answer for both, so that asking tells nothing about what exists."""
 
-    http_status = HTTPStatus.ACCEPTED
+    http_status = HTTPStatus.UNAUTHORIZED
+
+
+class ExternalAuthenticatedError(ApiError):
+    """The request sent a valid JWT, but not one for this dataset (or there is no such dataset)."""
+
+    http_status = HTTPStatus.NOT_FOUND
+
+
+# The viewer's message for both, whatever the reason (ours says it after it).
+NO_ACCESS = (
+    "The dataset does not exist, or is not accessible without authentication (private or gated). Please check "
+    "the spelling of the dataset name or retry with authentication."
+)
+
+
+class ResponseNotReadyError(ApiError):
+    """The entry is being computed (or a backfill for it was just enqueued): ask again after Retry-After. A
+    500, as the viewer answers (its clients retry on it); the code is the viewer's, `ResponseNotReady`."""
+
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+    error_code = "ResponseNotReady"
 
 
 class ResponseNotFoundError(ApiError):
     """No entry, none being computed, and the graph does not expect one (say, a config the dataset lacks)."""
 
     http_status = HTTPStatus.NOT_FOUND
+    error_code = "ResponseNotFound"
 
 
 class PayloadTooLargeError(ApiError):
@@ -86,6 +113,12 @@ class TooManyStreamsError(ApiError):
 
 class InvalidParameterError(ApiError):
     http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+    error_code = "InvalidParameter"
+
+
+class MissingRequiredParameterError(ApiError):
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+    error_code = "MissingRequiredParameter"
 
 
 def error_body(message: str | None, code: str | None, **fields: Any) -> dict[str, Any]:
@@ -95,9 +128,8 @@ def error_body(message: str | None, code: str | None, **fields: Any) -> dict[str
 def error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None, **fields: Any
 ) -> JSONResponse:
-    return JSONResponse(
-        error_body(message, code, **fields), status, headers={**(headers or {}), ERROR_CODE_HEADER: code}
-    )
+    headers = {"Cache-Control": "no-store", **(headers or {}), ERROR_CODE_HEADER: code}
+    return JSONResponse(error_body(message, code, **fields), status, headers=headers)
 
 
 def answer_error(error: Exception) -> JSONResponse:

@@ -54,7 +54,7 @@ READ_COUNT = 200
 ENDS = frozenset(str(kind) for kind in EventType if kind.ends_job)
 PING_SECONDS = 15
 MAX_LEDGER_WAIT_SECONDS = 1.0
-UNANSWERED = {"lease_token", "worker"}  # a secret, and the worker's host name: never answered
+UNANSWERED = {"lease_token", "worker", "effects_pending"}  # a secret, the worker's host name, bookkeeping
 # A task's failure is told by its exception's type; its text may name the stores' hosts (job.failed has
 # the cached error's message, redacted).
 UNANSWERED_TASK_FAILED = UNANSWERED | {"message"}
@@ -151,8 +151,11 @@ async def job_events(
                 continue
             if quiet % LEDGER_CHECK_EVERY == 0:  # the first quiet poll, then every few
                 current = await find_job(job.job_id)
-                ended = current.status.is_terminal and not await run_in_threadpool(
-                    bus.read_job, job.job_id, job.namespace, position, 1
+                # Ended, its end's events published (they go with its effects), and none left to read.
+                ended = (
+                    current.status.is_terminal
+                    and not current.effects_pending
+                    and not await run_in_threadpool(bus.read_job, job.job_id, job.namespace, position, 1)
                 )
                 if ended or time.monotonic() - quiet_since >= idle_seconds:
                     yield _state(current, position)

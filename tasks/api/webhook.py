@@ -148,7 +148,7 @@ async def read_payload(request: Request, _: Annotated[None, Depends(check_secret
     body = await read_body(request, WEBHOOK_MAX_BODY_BYTES)
     try:
         return WebhookPayload.model_validate_json(body)
-    except ValidationError as error:  # answered 422 InvalidParameterError, as FastAPI's own validation
+    except ValidationError as error:  # answered 422 InvalidParameter, as FastAPI's own validation
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
 
 

@@ -124,3 +124,27 @@ config_size = _builtin("config-size", parquet.config_size)
 dataset_size = _builtin("dataset-size", parquet.dataset_size)
 split_descriptive_statistics = _builtin("split-descriptive-statistics", statistics.split_descriptive_statistics)
 dataset_is_valid = _builtin("dataset-is-valid", validity.dataset_is_valid)
+
+# The steps the viewer's clients read, derived from the entries above (issue 25).
+from tasks.steps import (  # noqa: E402
+    croissant,
+    filetypes,
+    gathered,
+    hub_cache,
+    image_urls,
+    libraries,
+    modalities,
+)
+
+dataset_split_names = _builtin("dataset-split-names", gathered.dataset_split_names)
+dataset_parquet = _builtin("dataset-parquet", gathered.dataset_parquet)
+dataset_info = _builtin("dataset-info", gathered.dataset_info)
+dataset_configs_settled = _builtin("dataset-configs-settled", validity.dataset_configs_settled)
+config_is_valid = _builtin("config-is-valid", validity.config_is_valid)
+split_is_valid = _builtin("split-is-valid", validity.split_is_valid)
+split_image_url_columns = _builtin("split-image-url-columns", image_urls.split_image_url_columns)
+dataset_filetypes = _builtin("dataset-filetypes", filetypes.dataset_filetypes)
+dataset_compatible_libraries = _builtin("dataset-compatible-libraries", libraries.dataset_compatible_libraries)
+dataset_croissant_crumbs = _builtin("dataset-croissant-crumbs", croissant.dataset_croissant_crumbs)
+dataset_modalities = _builtin("dataset-modalities", modalities.dataset_modalities)
+dataset_hub_cache = _builtin("dataset-hub-cache", hub_cache.dataset_hub_cache)

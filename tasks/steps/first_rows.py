@@ -6,6 +6,9 @@ their URLs. A string cell longer than WORKER_FIRST_ROWS_MAX_CELL_BYTES is cut th
 still too big for WORKER_FIRST_ROWS_MAX_BYTES, the longest cells are cut to WORKER_FIRST_ROWS_MIN_CELL_BYTES
 and, if that is not enough, rows are dropped from the end. Cut cells are named in the row's
 `truncated_cells`; `truncated` says the split has more rows than the response.
+
+The features are `datasets`'s (`Features.to_dict()`), as the viewer lists them; an Audio feature that does
+not say its sampling rate gets the one its first file's header gives (the viewer's FeatureItem has one).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from common.assets import CellLocation, store_audio, store_image
 from common.config import get_config
 from common.exceptions import DatasetGenerationError, TooManyColumnsError
 from common.redaction import redact
-from common.tables import column_kind, features
+from common.tables import audio_header, column_kind, features
 from tasks.step_task import StepJob
 from tasks.steps.configs import open_job_split
 
@@ -46,6 +49,23 @@ def _cell(value: Any, kind: str, location: CellLocation) -> Any:
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return value
+
+
+def _with_sampling_rates(described: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The features, each Audio column's with a `sampling_rate`: its own, or else that of the header of
+    its first file among the rows (none when no row has a file it can read)."""
+    for item in described:
+        feature = item["type"]
+        if not isinstance(feature, dict) or feature.get("_type") != "Audio" or feature.get("sampling_rate"):
+            continue
+        for record in records:
+            cell = record.get(item["name"])
+            data = cell.get("bytes") if isinstance(cell, dict) else None
+            rate = audio_header(data).sampling_rate if isinstance(data, bytes) else None
+            if rate:
+                item["type"] = {"sampling_rate": rate, **feature}
+                break
+    return described
 
 
 def _cut(row: dict[str, Any], max_cell_bytes: int) -> None:
@@ -100,7 +120,7 @@ def split_first_rows(job: StepJob) -> dict[str, Any]:
         "dataset": job.dataset,
         "config": job.config,
         "split": job.split,
-        "features": features(split.features),
+        "features": _with_sampling_rates(features(split.features), records),
         "rows": rows,
         "truncated": dropped or more,
     }
