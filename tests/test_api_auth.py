@@ -129,6 +129,9 @@ def test_a_gated_dataset_needs_a_valid_jwt_for_it(client: httpx.Client, mirror: 
         expected = "ExternalAuthenticatedError" if status == 404 else "ExternalUnauthenticatedError"
         assert answer.json()["error_code"] == expected, name
         assert "rows" not in answer.json() and "Traceback" not in answer.text
+        # The same bytes as for a dataset that does not exist: nothing tells one from the other.
+        missing = client.get("/first-rows", params={**params, "dataset": "org/nothing"}, headers=headers)
+        assert (missing.status_code, missing.content) == (answer.status_code, answer.content), name
     # A public dataset needs no token, and a token does not make it private.
     public = samples.jsonl_dataset(mirror)
     answer = get_until_ready(client, "/splits", dataset=public, config="default")[-1]

@@ -170,6 +170,11 @@ def test_range_requests_etags_and_head_follow_http(client: httpx.Client, mirror:
     assert whole.headers["Content-Type"] == "application/vnd.apache.parquet"
     assert whole.headers["Cache-Control"].startswith("public")
     tag, modified = whole.headers["ETag"], whole.headers["Last-Modified"]
+    # A header built to make a regular expression backtrack: answered at once, with the whole file.
+    spaced = client.get(url, headers={"Range": "bytes=" + " " * 8000 + "-" + " " * 8000 + "x"})
+    assert spaced.status_code == 200 and spaced.content == content
+    # The URLs follow the request's Host (API_PUBLIC_URL unset): a shared cache must key on it.
+    assert "Host" in client.get("/parquet", params={"dataset": dataset}).headers["Vary"]
     head = client.head(url)
     assert head.status_code == 200 and head.content == b""
     assert (head.headers["Content-Length"], head.headers["ETag"]) == (str(size), tag)

@@ -140,6 +140,8 @@ def answer(
     revision = next((entry.dataset_git_revision for entry in entries if entry.dataset_git_revision), None)
     if revision is not None:
         headers[REVISION_HEADER] = revision
+    if not get_config().api.public_url:  # its URLs (Parquet files, images) follow the request's Host
+        headers["Vary"] = "Host"
     if error_code is not None:
         headers[ERROR_CODE_HEADER] = error_code
         headers["Cache-Control"] = "no-store"  # an error is asked again, never kept (the viewer's)
