@@ -314,8 +314,9 @@ def plan_backfill(
 def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL, parent: Parent | None = None) -> list[Job]:
     """Cache the plan's errors, then enqueue its jobs; returns the jobs (a pending twin when there is one).
     A parent's plan gives its jobs the ids it derives, and one carried out again skips those that exist."""
+    fence = parent.fence if parent is not None else None  # an effect of the parent's ending, stamped so
     for key, error in plan.errors:
-        cache.upsert_error(key.step, key.dataset, error, config=key.config, split=key.split)
+        cache.upsert_error(key.step, key.dataset, error, config=key.config, split=key.split, fence=fence)
     valid: list[JobInput] = []
     for key in plan.jobs:
         try:

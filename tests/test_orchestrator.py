@@ -311,3 +311,16 @@ def test_planning_needs_no_server() -> None:
 def test_a_step_error_type_is_stepcache_error() -> None:
     with pytest.raises(StepcacheError):
         ProcessingStep("dataset-x", InputType.DATASET, fan_out="a").names_in({"a": [1]})
+
+
+def test_the_errors_a_parents_plan_caches_carry_its_endings_fence(stores: Any) -> None:
+    """A child's ParentStepFailedError is an effect of its parent's ending: stamped with that ending's fence,
+    like every entry an ended job writes (tests/test_chaos.py checks it of every entry)."""
+    from common import cache
+    from tasks.queue import get_queue
+
+    failure = ParentStepFailedError("not computed: 'split-first-rows' failed with UnexpectedError")
+    plan = orchestrator.Plan(errors=[(JobKey("split-image-url-columns", "org/ds", "default", "train"), failure)])
+    orchestrator.run_plan(plan, get_queue(), parent=orchestrator.Parent("parent-job", 4242))
+    entry = cache.get_response("split-image-url-columns", "org/ds", "default", "train")
+    assert (entry.error_code, entry.fence) == ("ParentStepFailedError", 4242)
