@@ -31,7 +31,7 @@ from tasks.steps.image_urls import is_image_url
 from tasks.steps.libraries import main_format
 from tasks.steps.modalities import from_features, from_filetypes
 from tests.conftest import Stores
-from tests.test_pipeline import content, run_pipeline, use_pipeline_settings
+from tests.test_pipeline import content, mirror, run_pipeline, use_pipeline_settings  # noqa: F401  (mirror: the fixture)
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dataset-viewer-openapi.json"
 BASE = "urn:viewer-openapi"
@@ -68,15 +68,6 @@ def flags(entries: Entries, kind: str, config: str | None = None, split: str | N
 
 
 @pytest.fixture
-def mirror(stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    root = tmp_path / "mirror"
-    root.mkdir()
-    use_pipeline_settings(monkeypatch, tmp_path, f"file://{root}")
-    yield root
-    get_config.cache_clear()
-
-
-@pytest.fixture
 def small_parquet_mirror(stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "mirror"
     root.mkdir()
@@ -107,7 +98,7 @@ def mixed_dataset(root: Path, name: str = "org/mixed") -> str:
     return name
 
 
-def test_a_valid_dataset_gets_every_viewer_entry(mirror: Path, celery_worker: object) -> None:
+def test_a_valid_dataset_gets_every_viewer_entry(mirror: Path, celery_worker: object) -> None:  # noqa: F811
     dataset = samples.csv_dataset(mirror)
     entries = run_pipeline(dataset)
     assert all(entry.is_success for entry in entries.values()), [k for k, e in entries.items() if not e.is_success]

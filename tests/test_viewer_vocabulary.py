@@ -23,7 +23,7 @@ import os
 import re
 import struct
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -48,7 +48,7 @@ from tasks.step_task import StepJob
 from tasks.steps import parquet, statistics
 from tests import formats
 from tests.conftest import Stores, use_settings
-from tests.test_pipeline import content, run_pipeline, use_pipeline_settings
+from tests.test_pipeline import content, mirror, run_pipeline, use_pipeline_settings  # noqa: F401  (mirror: the fixture)
 
 DOCUMENT = Path(
     os.environ.get(
@@ -135,15 +135,6 @@ def check_info_round_trips(info: dict[str, Any]) -> None:
         info["download_size"],
         info["dataset_size"],
     )
-
-
-@pytest.fixture
-def mirror(stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    root = tmp_path / "mirror"
-    root.mkdir()
-    use_pipeline_settings(monkeypatch, tmp_path, f"file://{root}")
-    yield root
-    get_config.cache_clear()
 
 
 def columns_repo(root: Path, name: str = "fmt/columns") -> str:
@@ -303,7 +294,7 @@ DATASETS: dict[str, tuple[Callable[[Path], str], Callable[[dict[Any, Any], Path,
 
 
 @pytest.mark.parametrize("kind", list(DATASETS))
-def test_every_content_validates_against_the_viewers_schema(kind: str, mirror: Path, celery_worker: object) -> None:
+def test_every_content_validates_against_the_viewers_schema(kind: str, mirror: Path, celery_worker: object) -> None:  # noqa: F811
     write, check = DATASETS[kind]
     dataset = write(mirror)
     entries = run_pipeline(dataset)
@@ -352,7 +343,7 @@ def test_a_cut_conversion_is_partial_and_estimates_its_rows_at_every_level(
     assert content(entries, "config-info", "default")["partial"] is True
 
 
-def test_a_failed_config_is_a_failed_job_of_the_dataset_size(mirror: Path, celery_worker: object) -> None:
+def test_a_failed_config_is_a_failed_job_of_the_dataset_size(mirror: Path, celery_worker: object) -> None:  # noqa: F811
     dataset = samples.corrupted_dataset(mirror)
     total = content(run_pipeline(dataset), "dataset-size")
     assert violations("DatasetSizeResponse", total) == []
