@@ -361,6 +361,14 @@ def after_job(
     else:
         plan = plan_after_failure(graph, key, error, entries)
     jobs = run_plan(plan, queue, priority, parent)
+    if error is not None and plan.errors:
+        # The errors just cached may complete a fan-in that another ending, which read the cache before they
+        # landed, found incomplete (this plan read it before that ending's entry landed): read it again now,
+        # so that of two such endings at least one enqueues it (a replay derives the same ids: none twice).
+        again = plan_after_failure(graph, key, error, cache.get_dataset_responses(key.dataset))
+        late = [child for child in dict.fromkeys(again.jobs) if child not in plan.jobs]
+        jobs += run_plan(Plan(jobs=late), queue, priority, parent)
+        plan.jobs += late
     if parent is not None and not _has_own_entry(key, parent):
         # Deleted while the plan ran (a delete removes the entries, then cancels the jobs): the children it
         # enqueued are cancelled (only those: not the jobs of a dataset created again meanwhile) and what it

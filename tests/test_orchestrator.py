@@ -324,3 +324,36 @@ def test_the_errors_a_parents_plan_caches_carry_its_endings_fence(stores: Any) -
     orchestrator.run_plan(plan, get_queue(), parent=orchestrator.Parent("parent-job", 4242))
     entry = cache.get_response("split-image-url-columns", "org/ds", "default", "train")
     assert (entry.error_code, entry.fence) == ("ParentStepFailedError", 4242)
+
+
+def test_a_fan_in_completed_by_two_endings_at_once_is_enqueued(stores: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI run that found it: org/corrupted's dataset-configs-settled never ran. Its conversion failed
+    (its plan reads the cache, then caches ParentStepFailedError for config-parquet, -info and -size) while
+    split-image-url-columns succeeded: that ending wrote its entry after the failure's plan read the cache,
+    and read the cache before the failure's errors landed, so each saw the fan-in incomplete. The failure
+    reads the cache again once its errors are in: now it sees the other entry and enqueues the fan-in."""
+    from common import cache
+    from common.exceptions import DatasetGenerationError
+    from tasks.queue import get_queue
+
+    def write(kind: str, content: dict[str, Any], config: str | None = None, split: str | None = None) -> None:
+        cache.upsert_response(kind, DATASET, content, config=config, split=split, job_runner_version=9)
+
+    write("dataset-config-names", {"config_names": [{"dataset": DATASET, "config": "default"}]})
+    write("config-split-names", {"splits": [{"dataset": DATASET, "config": "default", "split": "train"}]}, "default")
+    write("split-first-rows", {"rows": []}, "default", "train")
+    write("dataset-split-names", {})
+    failure = DatasetGenerationError("the file is corrupted")
+    cache.upsert_error("config-parquet-and-info", DATASET, failure, config="default", job_runner_version=9)
+    read = cache.get_dataset_responses
+
+    def the_other_ending_lands_after_this_read(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(cache, "get_dataset_responses", read)
+        entries = read(*args, **kwargs)
+        write("split-image-url-columns", {"columns": []}, "default", "train")  # its plan then sees no errors
+        return entries
+
+    monkeypatch.setattr(cache, "get_dataset_responses", the_other_ending_lands_after_this_read)
+    key = JobKey("config-parquet-and-info", DATASET, "default", None)
+    jobs = orchestrator.after_job(get_queue(), key, None, failure, "normal")
+    assert ("dataset-configs-settled", None, None) in {(job.step, job.config, job.split) for job in jobs}
