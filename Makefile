@@ -4,7 +4,7 @@ PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install upgrade run test test-fast lint bench bench-scale bench-data bench-api bench-repair clean
+.PHONY: install upgrade run test test-fast lint bench bench-scale bench-data bench-api bench-repair bench-rows clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -68,3 +68,9 @@ bench-api: install
 # it; and what a durable start costs against confirm alone (~1 minute).
 bench-repair: install
 	$(BIN)/python -m bench.bench_repair
+
+# /rows, /search and /filter on bench-data's 2 GB CSV split and 20,000 images, against DuckDB reading the same
+# Parquet files (bench/bench_rows.py; about 20 minutes)
+bench-rows: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python -m bench.bench_rows

@@ -48,9 +48,14 @@ TIMEOUT_SECONDS = 3600.0
 
 
 def write_csv(path: Path, gigabytes: float) -> None:
-    """id, text of varying length, score, flag, category: about 100 bytes a row."""
-    if path.exists() and path.stat().st_size >= gigabytes * 1e9:
+    """id, text of varying length, score, flag, category: about 100 bytes a row. One row in 1,000 (`id % 1000
+    == 500`) has the rare word `zyzzyva` at the end of its text: what bench_rows searches. A file written
+    before that word was (no hidden marker `.<name>.v2` beside it: a hidden file, which `datasets` does not
+    read as data) is written again."""
+    marker = path.with_name(f".{path.name}.v2")
+    if path.exists() and path.stat().st_size >= gigabytes * 1e9 and marker.exists():
         return
+    marker.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
@@ -62,10 +67,13 @@ def write_csv(path: Path, gigabytes: float) -> None:
             lines = []
             for _ in range(100_000):
                 text = " ".join(rng.choices(words, k=rng.randint(3, 12)))
+                if row % 1000 == 500:
+                    text += " zyzzyva"
                 lines.append(f"{row},{text},{rng.gauss(0, 1):.6f},{row % 3 == 0},{rng.choice(LABELS)}\n")
                 row += 1
             file.write("".join(lines))
     temporary.rename(path)
+    marker.write_text("one row in 1,000 ends with zyzzyva\n")
 
 
 def write_images(directory: Path, count: int) -> None:

@@ -9,7 +9,9 @@ split-name rules or else its index), so no cell can write outside the storage di
 from __future__ import annotations
 
 import io
+import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -56,30 +58,50 @@ class CellLocation:
         )
 
 
-def _store(location: CellLocation, name: str, data: bytes) -> str:
+def _target(location: CellLocation, name: str) -> tuple[Path, str]:
+    """Where the cell's file goes, and its URL."""
     settings = get_config().assets
     relative = location.relative_directory() / name
-    path = settings.storage_path / relative
+    return settings.storage_path / relative, f"{settings.base_url.rstrip('/')}/{quote(relative.as_posix())}"
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write the file whole at once (the API writes the cells of the rows it serves while others read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return f"{settings.base_url.rstrip('/')}/{quote(relative.as_posix())}"  # names may hold '%', '#', '?'...
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def store_image(location: CellLocation, data: bytes) -> dict[str, object]:
-    """Write the image as JPEG; returns its URL and size, as a viewer shows an image cell."""
+def store_image(location: CellLocation, data: bytes, reuse: bool = False) -> dict[str, object]:
+    """Write the image as JPEG; returns its URL and size, as a viewer shows an image cell. With `reuse`, a
+    file already written for the cell (the same revision's same row and column) is kept, not encoded again."""
     from PIL import Image
 
+    path, url = _target(location, "image.jpg")
+    if reuse and path.is_file():
+        with Image.open(path) as stored:  # its header only
+            width, height = stored.size
+        return {"src": url, "height": height, "width": width}
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         output = io.BytesIO()
         image.convert("RGB").save(output, format="JPEG", quality=90)
-    return {"src": _store(location, "image.jpg", output.getvalue()), "height": height, "width": width}
+    _write(path, output.getvalue())
+    return {"src": url, "height": height, "width": width}
 
 
-def store_audio(location: CellLocation, data: bytes) -> list[dict[str, str]]:
-    """Write the audio file as it is; returns its URL and type, as a viewer shows an audio cell."""
+def store_audio(location: CellLocation, data: bytes, reuse: bool = False) -> list[dict[str, str]]:
+    """Write the audio file as it is; returns its URL and type, as a viewer shows an audio cell (with
+    `reuse`, a file already written for the cell is kept)."""
     extension, mime = "mp3", "audio/mpeg"
     for signature, known_extension, known_mime in AUDIO_SIGNATURES:
         if data.startswith(signature):
             extension, mime = known_extension, known_mime
-    return [{"src": _store(location, f"audio.{extension}", data), "type": mime}]
+    path, url = _target(location, f"audio.{extension}")
+    if not (reuse and path.is_file()):
+        _write(path, data)
+    return [{"src": url, "type": mime}]

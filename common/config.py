@@ -260,6 +260,14 @@ class WorkerConfig(_Settings):
     first_rows_max_rows: Annotated[int, Field(ge=1, le=10_000)] = WORKER_FIRST_ROWS_MAX_ROWS
     first_rows_max_cell_bytes: Annotated[int, Field(ge=10)] = WORKER_FIRST_ROWS_MAX_CELL_BYTES
     parquet_max_bytes: Annotated[int, Field(ge=1)] = WORKER_PARQUET_MAX_BYTES
+    # A Parquet row group holds at most these bytes of Arrow data (fewer rows than a batch when cells are big):
+    # /rows reads the groups that hold a page's rows
+    parquet_row_group_max_bytes: Annotated[int, Field(ge=1_000)] = 8_000_000
+    # split-duckdb-index: a split's first rows whose Parquet data fits in duckdb_index_max_bytes are indexed (the
+    # index is `partial` past them); the build's DuckDB memory limit and threads
+    duckdb_index_max_bytes: Annotated[int, Field(ge=1)] = 5_000_000_000
+    duckdb_memory_limit_bytes: Annotated[int, Field(ge=20_000_000)] = 100_000_000
+    duckdb_threads: Annotated[int, Field(ge=1, le=64)] = 2
     max_failed_runs: Annotated[int, Field(ge=1)] = WORKER_MAX_FAILED_RUNS
     queued_lease_seconds: Annotated[float, Field(gt=0)] = WORKER_QUEUED_LEASE_SECONDS
 
@@ -335,6 +343,10 @@ class ApiConfig(_Settings):
     events_max_streams_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
     events_idle_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     cache_max_age_seconds: Annotated[int, Field(ge=0, le=365 * 86400)] = 60
+    # /search and /filter (tasks.api.browse): a query's DuckDB time limit, memory limit and threads
+    query_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
+    query_memory_limit_bytes: Annotated[int, Field(ge=20_000_000)] = 100_000_000
+    query_threads: Annotated[int, Field(ge=1, le=64)] = 2
     retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
     backfill_interval_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 60.0
     access_cache_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0

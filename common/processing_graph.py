@@ -395,6 +395,11 @@ DEFAULT_STEPS: tuple[ProcessingStep, ...] = (
     ProcessingStep("dataset-parquet", InputType.DATASET, ("config-parquet",)),
     ProcessingStep("dataset-info", InputType.DATASET, ("config-info",)),
     ProcessingStep("split-image-url-columns", InputType.SPLIT, ("split-first-rows",)),
+    # What /rows, /search and /filter read (issue 26): row groups, and an index of each split
+    ProcessingStep(
+        "config-parquet-metadata", InputType.CONFIG, ("config-parquet",), fan_out="parquet_files_metadata.split"
+    ),
+    ProcessingStep("split-duckdb-index", InputType.SPLIT, ("config-parquet-metadata",), queue=QueueName.HEAVY),
     ProcessingStep(
         "dataset-configs-settled",
         InputType.DATASET,
@@ -405,6 +410,8 @@ DEFAULT_STEPS: tuple[ProcessingStep, ...] = (
             "config-info",
             "config-size",
             "split-descriptive-statistics",
+            "config-parquet-metadata",
+            "split-duckdb-index",
         ),
         fan_out="config_names.config",
     ),

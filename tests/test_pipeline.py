@@ -93,7 +93,7 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, celery_w
     assert all(entry.is_success for entry in entries.values()), [
         (k, e.error_code) for k, e in entries.items() if not e.is_success
     ]
-    assert len(entries) == 12 + 6 + 4 * 2  # dataset-level, config-level, split-level entries
+    assert len(entries) == 12 + 7 + 5 * 2  # dataset-level, config-level, split-level entries
     assert content(entries, "dataset-config-names") == {"config_names": [{"dataset": dataset, "config": "default"}]}
     assert [s["split"] for s in content(entries, "config-split-names", "default")["splits"]] == ["train", "test"]
     first_rows = content(entries, "split-first-rows", "default", "train")
@@ -117,8 +117,8 @@ def test_a_csv_dataset_gets_every_entry_the_graph_expects(mirror: Path, celery_w
     assert content(entries, "dataset-is-valid") == {
         "preview": True,
         "viewer": True,
-        "search": False,
-        "filter": False,
+        "search": True,
+        "filter": True,
         "statistics": True,
     }
     revision = entries[("dataset-config-names", None, None)].dataset_git_revision

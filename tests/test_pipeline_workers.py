@@ -50,10 +50,10 @@ def test_one_call_with_real_workers_fills_every_entry_the_graph_expects(
         )
     defaults = {key: entry for key, entry in entries.items() if not key[0].startswith("test-")}
     assert all(entry.is_success for entry in defaults.values()), {k: e.error_code for k, e in defaults.items()}
-    # 12 dataset-level entries, 6 per config (en, fr), 4 per split (en/train, fr/train, fr/test)
-    assert len(defaults) == 12 + 6 * 2 + 4 * 3
+    # 12 dataset-level entries, 7 per config (en, fr), 5 per split (en/train, fr/train, fr/test)
+    assert len(defaults) == 12 + 7 * 2 + 5 * 3
     heavy = {kind for kind, _, _ in defaults if steps.get_step_task(kind).step.queue == "heavy"}
-    assert heavy == {"config-parquet-and-info", "split-descriptive-statistics"}
+    assert heavy == {"config-parquet-and-info", "split-descriptive-statistics", "split-duckdb-index"}
     assert backfill.returncode == 0, backfill.stderr
     assert "nothing to backfill" in backfill.stdout or "test-" in backfill.stdout
 
@@ -107,7 +107,7 @@ def test_a_private_hub_dataset_with_real_workers_and_the_token_in_no_log(
             entries = wait_until_settled(dataset)
     defaults = {key: entry for key, entry in entries.items() if not key[0].startswith("test-")}
     assert all(entry.is_success for entry in defaults.values()), {k: e.error_code for k, e in defaults.items()}
-    assert len(defaults) == 12 + 6 * 2 + 4 * 3  # en/train, fr/train, fr/test
+    assert len(defaults) == 12 + 7 * 2 + 5 * 3  # en/train, fr/train, fr/test
     assert any(headers.get("authorization") == f"Bearer {secret}" for _, _, headers in hub.requests)
     log = worker.log_path.read_text()
     assert "config-parquet-and-info" in log and secret not in log

@@ -221,13 +221,14 @@ def test_the_default_graph_is_what_the_module_serves() -> None:
     graph = get_processing_graph()
     # Other tests register steps of their own (roots, outside the default graph).
     assert tuple(step for step in graph.steps if step.name in DEFAULT) == DEFAULT.steps
-    assert len(DEFAULT) == 22
+    assert len(DEFAULT) == 24
     assert "config-parquet" in graph
     assert "config-nothing" not in graph
     assert DEFAULT.get_step("config-size") in graph
     assert [step.name for step in DEFAULT if step.queue is QueueName.HEAVY] == [
         "config-parquet-and-info",
         "split-descriptive-statistics",
+        "split-duckdb-index",
     ]
     assert DEFAULT.get_step("dataset-is-valid").job_runner_version >= 2  # it aggregates config-is-valid now
 
@@ -255,7 +256,12 @@ def test_the_only_root_of_the_default_graph_is_dataset_config_names() -> None:
         ("config-split-names", ["split-first-rows", "dataset-split-names"]),
         ("split-first-rows", ["split-image-url-columns", "dataset-configs-settled"]),
         ("config-parquet-and-info", ["config-parquet", "config-info", "config-size"]),
-        ("config-parquet", ["split-descriptive-statistics", "dataset-parquet", "dataset-configs-settled"]),
+        (
+            "config-parquet",
+            ["split-descriptive-statistics", "dataset-parquet", "config-parquet-metadata", "dataset-configs-settled"],
+        ),
+        ("config-parquet-metadata", ["split-duckdb-index", "dataset-configs-settled"]),
+        ("split-duckdb-index", ["dataset-configs-settled"]),
         ("config-info", ["dataset-info", "dataset-configs-settled"]),
         ("config-size", ["dataset-size", "dataset-configs-settled"]),
         ("dataset-size", []),
@@ -301,6 +307,8 @@ def test_ancestors_are_every_step_upstream_in_topological_order() -> None:
         "config-size",
         "split-descriptive-statistics",
         "split-image-url-columns",
+        "config-parquet-metadata",
+        "split-duckdb-index",
         "dataset-configs-settled",
         "config-is-valid",
     ]
@@ -321,6 +329,8 @@ def test_descendants_are_every_step_downstream_in_topological_order() -> None:
         "split-descriptive-statistics",
         "dataset-parquet",
         "dataset-info",
+        "config-parquet-metadata",
+        "split-duckdb-index",
         "dataset-configs-settled",
         "config-is-valid",
         "split-is-valid",
@@ -384,8 +394,8 @@ def test_topological_order_is_deterministic_and_breaks_ties_by_declaration_order
 def test_expected_entries_has_one_key_per_dataset_config_or_split_as_each_step_needs() -> None:
     configs = {"default": ["train", "test"], "extra": ["train"]}
     entries = DEFAULT.expected_entries("org/ds", configs)
-    dataset_level, config_level, split_level = 12, 6, 4
-    assert len(entries) == dataset_level + config_level * 2 + split_level * 3 == 36
+    dataset_level, config_level, split_level = 12, 7, 5
+    assert len(entries) == dataset_level + config_level * 2 + split_level * 3 == 41
     assert len(set(entries)) == len(entries)
     assert entries[:4] == [
         CacheKey("dataset-config-names", "org/ds", None, None),
@@ -429,6 +439,7 @@ def test_a_step_added_with_with_step_is_a_child_of_its_parent_in_a_new_graph() -
     assert names(extended.children("config-parquet")) == [
         "split-descriptive-statistics",
         "dataset-parquet",
+        "config-parquet-metadata",
         "dataset-configs-settled",
         "config-user-stats",
     ]
@@ -438,7 +449,7 @@ def test_a_step_added_with_with_step_is_a_child_of_its_parent_in_a_new_graph() -
         DEFAULT.expected_entries("ds", {"default": ["train"]})
     )
     assert "config-user-stats" not in DEFAULT
-    assert len(DEFAULT) == 22
+    assert len(DEFAULT) == 24
 
 
 def test_a_step_added_with_register_step_is_served_by_get_processing_graph(restored_graph: None) -> None:

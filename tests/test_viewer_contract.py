@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -53,7 +53,12 @@ WAITING = "waiting/csv"  # the dataset never computed: its namespace runs no job
 SETTLE_SECONDS = 240.0
 # The endpoints the viewer documents that stepcache serves too (the viewer's others: /rows, /search, /filter,
 # /opt-in-out-urls, /presidio-entities).
-SHARED_ENDPOINTS = ("/splits", "/first-rows", "/parquet", "/is-valid", "/info", "/size", "/statistics")
+SHARED_ENDPOINTS = (
+    *("/splits", "/first-rows", "/rows", "/search", "/filter"),
+    *("/parquet", "/is-valid", "/info", "/size", "/statistics"),
+)
+# What a query of /search or /filter asks of every dataset (a word, a condition on no column: any split has them)
+QUERIES = {"/search": {"query": "one"}, "/filter": {"where": "1 = 1"}}
 # Examples of the document that fail even under the reading, and why.
 KNOWN_EXAMPLE_FAILURES = {
     "GET /filter 200 application/json 'Filter on float inequality (julien-c/titanic-survival)'": (
@@ -216,6 +221,17 @@ def at_level(level: str, dataset: str, config: str, split: str) -> dict[str, str
     }
 
 
+def described(contract: Contract, path: str, words: str) -> frozenset[int]:
+    """The statuses of the operation whose description says `words` (where no example shows the situation:
+    /rows's 500 is "an error in the dataset itself", without an example of one)."""
+    statuses = set()
+    for status in contract.documented_statuses(path):
+        found = contract.response(path, int(status)) if status.isdigit() else None
+        if found is not None and words in found[0].get("description", ""):
+            statuses.add(int(status))
+    return frozenset(statuses)
+
+
 def documented_for(contract: Contract, path: str, *names: str) -> frozenset[int]:
     """The statuses of the operation that have an example of this situation: an example whose key contains
     one of `names`, or that is the component example of one of those names."""
@@ -246,7 +262,8 @@ def cases(
     found = [case(dataset.label, dataset, frozenset({200})) for dataset in ready]
     # A dataset whose files cannot be read: its own error (500) where a step reads them, and 200 where none
     # does (its split names come from the file names) or where an answer lists its failed configs.
-    found.append(case("failing (corrupted)", more["failing"], expected("error in the dataset itself") | {200}))
+    failing = expected("error in the dataset itself") | described(contract, path, "error in the dataset itself")
+    found.append(case("failing (corrupted)", more["failing"], failing | {200}))
     found.append(case("not ready", more["not ready"], expected("ResponseNotReadyError")))
     found.append(case("gated, no JWT", more["gated"], expected("not authenticated or authorized"), {}))
     csv = ready[0]
@@ -267,7 +284,7 @@ def cases(
             missing = {key: value for key, value in good.items() if key != name}
             found.append(Case(f"missing {name}", missing, {}, expected("missing"), 2))
             found.append(Case(f"{name}= (empty)", {**good, name: ""}, {}, expected("empty"), 2))
-    return found
+    return [replace(case, params={**case.params, **QUERIES.get(path, {})}) for case in found]
 
 
 @pytest.fixture

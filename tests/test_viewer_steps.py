@@ -102,10 +102,10 @@ def test_a_valid_dataset_gets_every_viewer_entry(mirror: Path, celery_worker: ob
     dataset = samples.csv_dataset(mirror)
     entries = run_pipeline(dataset)
     assert all(entry.is_success for entry in entries.values()), [k for k, e in entries.items() if not e.is_success]
-    assert len(entries) == 12 + 6 + 4 * 2
+    assert len(entries) == 12 + 7 + 5 * 2
     revision = entries[("dataset-config-names", None, None)].dataset_git_revision
     assert {entry.dataset_git_revision for entry in entries.values()} == {revision}
-    everything = {"preview": True, "viewer": True, "search": False, "filter": False, "statistics": True}
+    everything = {"preview": True, "viewer": True, "search": True, "filter": True, "statistics": True}
     assert flags(entries, "dataset-is-valid") == everything
     assert flags(entries, "config-is-valid", "default") == everything
     assert content(entries, "config-is-valid", "default")["splits"] == ["train", "test"]
@@ -172,7 +172,7 @@ def test_a_failing_config_a_late_failure_and_a_partial_config(
     # Every flag comes from the entries that succeeded; a failed input turns its flag off, never fails.
     nothing = dict.fromkeys(FLAGS, False)
     preview_only = {**nothing, "preview": True}
-    everything = {**nothing, "preview": True, "viewer": True, "statistics": True}
+    everything = dict.fromkeys(FLAGS, True)
     assert flags(entries, "config-is-valid", "good") == everything
     assert flags(entries, "config-is-valid", "broken") == nothing
     assert flags(entries, "config-is-valid", "late") == preview_only  # after its conversion failed
@@ -236,7 +236,12 @@ def test_a_conversion_failing_after_the_first_rows_still_gets_a_config_is_valid(
     failed = entry("config-parquet-and-info", {"error": "no"}, "a", status=HTTPStatus.INTERNAL_SERVER_ERROR)
     key = JobKey("config-parquet-and-info", "org/ds", "a", None)
     plan = plan_after_failure(GRAPH, key, DatasetGenerationError("no"), [configs, split_names, *first_rows, failed])
-    assert sorted(child.step for child, _ in plan.errors) == ["config-info", "config-parquet", "config-size"]
+    assert sorted(child.step for child, _ in plan.errors) == [
+        "config-info",
+        "config-parquet",
+        "config-parquet-metadata",
+        "config-size",
+    ]
     settled = JobKey("dataset-configs-settled", "org/ds", None, None)
     assert settled in plan.jobs  # with the errors above cached, every input of config a is in
     content = {"config_names": [{"dataset": "org/ds", "config": "a"}]}

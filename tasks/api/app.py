@@ -27,6 +27,7 @@ from common.config import AppConfig, get_config, get_config_or_exit
 from common.exceptions import StepcacheError
 from tasks.api.assets import router as assets_routes
 from tasks.api.auth import AccessCache
+from tasks.api.browse import router as browse_routes
 from tasks.api.cached import router as cached_routes
 from tasks.api.discovery import api_registration
 from tasks.api.discovery import router as discovery_routes
@@ -80,6 +81,7 @@ def create_api(settings: AppConfig | None = None) -> FastAPI:
     app.state.event_streams = StreamSlots()  # this process's open event streams
     for router in (
         cached_routes(),
+        browse_routes(),
         more_routes(),
         parquet_file_routes(),
         jobs_routes(),

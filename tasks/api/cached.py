@@ -189,13 +189,19 @@ def answer_entry(request: Request, entry: cache.CachedResponse, access: Access) 
         return answer(request, [entry], content, entry.http_status, None, access, *links.tag)
     if entry.kind != FIRST_ROWS or not media_columns(entry.content):
         return answer(request, [entry], entry.content, entry.http_status, None, access)
+    content, signing = signed_media(request, entry.dataset, entry.content)
+    return answer(request, [entry], content, entry.http_status, None, access, *signing)
+
+
+def signed_media(request: Request, dataset: str, content: dict[str, Any]) -> tuple[dict[str, Any], tuple[object, ...]]:
+    """Rows (`{"features", "rows"}`) whose image and audio `src` are absolute signed URLs, as the viewer's
+    (ASSETS_BASE_URL is relative to the API unless it is a URL itself); and what the answer's ETag must
+    name besides its entries (the expiry, the key, the bases)."""
     settings = get_config()
     expires = expiry(settings.api.assets_url_ttl_seconds)
-    sign, base = url_signer(settings, expires, entry.dataset), public_base_url(request)
-    # Absolute, as the viewer's (ASSETS_BASE_URL is relative to the API unless it is a URL itself).
-    content = map_media_sources(entry.content, lambda url: absolute(base, sign(url)))
-    signing = (expires, key_id(settings), settings.assets.base_url, base)
-    return answer(request, [entry], content, entry.http_status, None, access, *signing)
+    sign, base = url_signer(settings, expires, dataset), public_base_url(request)
+    signed = map_media_sources(content, lambda url: absolute(base, sign(url)))
+    return signed, (expires, key_id(settings), settings.assets.base_url, base)
 
 
 LEVELS = (InputType.SPLIT, InputType.CONFIG, InputType.DATASET)  # the finest the parameters give, first
@@ -232,6 +238,26 @@ def serve(endpoint: Endpoint, request: Request, dataset: str, config: str | None
     level = level_of(endpoint, dataset, config, split)
     config = config if level != InputType.DATASET else None
     split = split if level == InputType.SPLIT else None
+    dataset, config, split, access = checked_names(request, dataset, config, split)
+    kind = endpoint.kinds[level]
+    if endpoint.path != "/is-valid":
+        return answer_entry(request, cached_entry(kind, dataset, config, split), access)
+    try:
+        entry = cached_entry(kind, dataset, config, split)
+    except ResponseNotReadyError as not_ready:
+        # What is valid now: nothing yet (the viewer's /is-valid documents no not-ready answer).
+        headers = {"Cache-Control": "no-store", **not_ready.headers}
+        return ContentResponse(NOTHING_VALID, 200, headers=headers)
+    # the flags only (config-is-valid also lists its splits, for its children)
+    flags = {flag: bool(entry.content.get(flag)) for flag in VALIDITY_FLAGS} if entry.is_success else NOTHING_VALID
+    return answer(request, [entry], flags, 200, None, access)
+
+
+def checked_names(
+    request: Request, dataset: str, config: str | None, split: str | None
+) -> tuple[str, str | None, str | None, Access]:
+    """The names, valid, once the request may read the dataset: a dataset name no dataset can have is the
+    answer of one that does not exist (whatever the access), a config or split name none can have is 404."""
     try:
         validate_key(dataset, None, None)
     except InvalidInputError:  # no dataset can have that name: the answer of one that does not exist
@@ -241,24 +267,19 @@ def serve(endpoint: Endpoint, request: Request, dataset: str, config: str | None
         dataset, config, split = validate_key(dataset, config, split)
     except InvalidInputError as error:  # no config or split can have that name: no entry
         raise ResponseNotFoundError(f"Not found: {error}") from None
-    kind = endpoint.kinds[level]
+    return dataset, config, split, access
+
+
+def cached_entry(kind: str, dataset: str, config: str | None, split: str | None) -> cache.CachedResponse:
+    """The entry of the key; else what stands in for it (`stand_in`: an error entry, or not ready or not
+    found raised); an entry that is the failure of a step it depends on is that step's own error."""
     try:
         entry = cache.get_response(kind, dataset, config, split)
     except CachedResponseNotFoundError:
-        try:
-            entry = stand_in(kind, dataset, config, split)
-        except ResponseNotReadyError as not_ready:
-            if endpoint.path != "/is-valid":
-                raise
-            # What is valid now: nothing yet (the viewer's /is-valid documents no not-ready answer).
-            headers = {"Cache-Control": "no-store", **not_ready.headers}
-            return ContentResponse(NOTHING_VALID, 200, headers=headers)
+        entry = stand_in(kind, dataset, config, split)
     if entry.error_code == ParentStepFailedError.error_code:  # the failure of the step it depends on
         entry = failed_ancestor(kind, dataset, config, split) or entry
-    if endpoint.path == "/is-valid":  # the flags only (config-is-valid also lists its splits, for its children)
-        flags = {flag: bool(entry.content.get(flag)) for flag in VALIDITY_FLAGS} if entry.is_success else NOTHING_VALID
-        return answer(request, [entry], flags, 200, None, access)
-    return answer_entry(request, entry, access)
+    return entry
 
 
 def stand_in(kind: str, dataset: str, config: str | None, split: str | None) -> cache.CachedResponse:

@@ -127,6 +127,7 @@ dataset_is_valid = _builtin("dataset-is-valid", validity.dataset_is_valid)
 
 # The steps the viewer's clients read, derived from the entries above (issue 25).
 from tasks.steps import (  # noqa: E402
+    browse,
     croissant,
     filetypes,
     gathered,
@@ -148,3 +149,5 @@ dataset_compatible_libraries = _builtin("dataset-compatible-libraries", librarie
 dataset_croissant_crumbs = _builtin("dataset-croissant-crumbs", croissant.dataset_croissant_crumbs)
 dataset_modalities = _builtin("dataset-modalities", modalities.dataset_modalities)
 dataset_hub_cache = _builtin("dataset-hub-cache", hub_cache.dataset_hub_cache)
+config_parquet_metadata = _builtin("config-parquet-metadata", browse.config_parquet_metadata)
+split_duckdb_index = _builtin("split-duckdb-index", browse.split_duckdb_index)

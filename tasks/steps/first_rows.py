@@ -13,81 +13,16 @@ not say its sampling rate gets the one its first file's header gives (the viewer
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from typing import Any
 
-from PIL import Image
-
-from common.assets import CellLocation, store_audio, store_image
+from common.assets import CellLocation
 from common.config import get_config
-from common.exceptions import DatasetGenerationError, TooManyColumnsError
-from common.redaction import redact
-from common.tables import audio_header, column_kind, features
+from common.exceptions import TooManyColumnsError
+from common.rows import Truncation, row_item, truncate, with_sampling_rates
+from common.tables import column_kind, features
 from tasks.step_task import StepJob
 from tasks.steps.configs import open_job_split
-
-
-def _size(value: Any) -> int:
-    return len(json.dumps(value, default=str).encode())
-
-
-def _cell(value: Any, kind: str, location: CellLocation) -> Any:
-    if value is None:
-        return None
-    if kind in ("image", "audio"):
-        data = value.get("bytes") if isinstance(value, dict) else None
-        if data is None:
-            return None
-        if kind == "audio":
-            return store_audio(location, data)
-        try:
-            return store_image(location, data)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:  # not an image, truncated, a bomb
-            raise DatasetGenerationError(
-                redact(f"row {location.row}, column {location.column!r}: not a readable image ({error})"), error
-            ) from error
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    return value
-
-
-def _with_sampling_rates(described: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The features, each Audio column's with a `sampling_rate`: its own, or else that of the header of
-    its first file among the rows (none when no row has a file it can read)."""
-    for item in described:
-        feature = item["type"]
-        if not isinstance(feature, dict) or feature.get("_type") != "Audio" or feature.get("sampling_rate"):
-            continue
-        for record in records:
-            cell = record.get(item["name"])
-            data = cell.get("bytes") if isinstance(cell, dict) else None
-            rate = audio_header(data).sampling_rate if isinstance(data, bytes) else None
-            if rate:
-                item["type"] = {"sampling_rate": rate, **feature}
-                break
-    return described
-
-
-def _cut(row: dict[str, Any], max_cell_bytes: int) -> None:
-    """Cut the row's string cells longer than max_cell_bytes, naming them in truncated_cells."""
-    for name, value in row["row"].items():
-        if isinstance(value, str) and len(value.encode()) > max_cell_bytes:
-            row["row"][name] = value.encode()[:max_cell_bytes].decode(errors="ignore")
-            if name not in row["truncated_cells"]:
-                row["truncated_cells"].append(name)
-
-
-def _truncate(rows: list[dict[str, Any]], max_bytes: int, min_cell_bytes: int) -> bool:
-    """Fit the rows into max_bytes; True when rows had to be dropped."""
-    if _size(rows) <= max_bytes:
-        return False
-    for row in rows:
-        _cut(row, min_cell_bytes)
-    dropped = False
-    while len(rows) > 1 and _size(rows) > max_bytes:
-        rows.pop()
-        dropped = True
-    return dropped
 
 
 def split_first_rows(job: StepJob) -> dict[str, Any]:
@@ -104,23 +39,19 @@ def split_first_rows(job: StepJob) -> dict[str, Any]:
     more = first is not None and first.num_rows > settings.first_rows_max_rows
     records = split.embed(first.slice(0, settings.first_rows_max_rows)).to_pylist() if first is not None else []
     kinds = {name: column_kind(feature) for name, feature in split.features.items()}
+    location = partial(CellLocation, job.dataset, job.revision, job.config, job.split)
     rows = []
     for index, record in enumerate(records):
-        row = {}
-        for column_index, (name, value) in enumerate(record.items()):
-            location = CellLocation(job.dataset, job.revision, job.config, job.split, index, name, column_index)
-            row[name] = _cell(value, kinds.get(name, "other"), location)
-        rows.append({"row_idx": index, "row": row, "truncated_cells": []})
-        _cut(rows[-1], settings.first_rows_max_cell_bytes)
+        rows.append(row_item(index, record, kinds, location))
         # one row at a time: image and audio cells are written to the asset storage
         job.progress.update(index + 1, len(records) + 1, f"row {index + 1} of {len(records)}")
-    dropped = _truncate(rows, settings.first_rows_max_bytes, settings.first_rows_min_cell_bytes)
+    dropped = truncate(rows, Truncation.of(settings))
     job.progress.update(1, 1, f"{len(rows)} rows")
     return {
         "dataset": job.dataset,
         "config": job.config,
         "split": job.split,
-        "features": _with_sampling_rates(features(split.features), records),
+        "features": with_sampling_rates(features(split.features), records),
         "rows": rows,
         "truncated": dropped or more,
     }

@@ -18,18 +18,17 @@ config-size and dataset-size are the viewer's ConfigSizeResponse and DatasetSize
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.cache import get_dataset_responses
 from common.config import get_config
-from common.names import validate_key
 from common.reading import Split
+from common.storage import SplitFiles, split_files
 from common.tables import features_dict
 from tasks.step_task import StepJob
 from tasks.steps.configs import job_split_names, open_job_split
@@ -38,33 +37,39 @@ BATCH_ROWS = 10_000
 MEDIA_BATCH_ROWS = 100  # a batch of images or audio files holds their bytes
 
 
+PARQUET_FILE = "0000.parquet"
+
+
 def parquet_path(dataset: str, revision: str, config: str, split: str) -> Path:
-    dataset, config, split = validate_key(dataset, config, split)  # type: ignore[assignment]
-    return get_config().worker.parquet_path / dataset / "--" / revision / "--" / config / split / "0000.parquet"
+    return split_files().path(SplitFiles.key(dataset, revision, config, split, PARQUET_FILE))
 
 
 def stored_path(path: Path) -> str:
     """The path a response holds: relative to WORKER_PARQUET_DIRECTORY."""
-    return path.relative_to(get_config().worker.parquet_path).as_posix()
+    return split_files().relative(path)
 
 
 def parquet_file(path: str) -> Path:
     """The file a response's `path` names (an entry written before paths were relative holds an absolute
     one: it stays as it is)."""
-    return get_config().worker.parquet_path / path
+    return split_files().path(path)
 
 
 def convert(
-    split: Split, path: Path, max_bytes: int, converted_so_far: Callable[[int, int], None] | None = None
+    split: Split,
+    path: Path,
+    max_bytes: int,
+    converted_so_far: Callable[[int, int], None] | None = None,
+    max_row_group_bytes: int = 8_000_000,
 ) -> tuple[int, int, bool]:
     """Write the split to `path` in batches, until `max_bytes` of Arrow data are converted; returns the
     rows and bytes converted, and whether the split has more (partial). `converted_so_far(rows, bytes)` is
-    told after each batch. The file appears whole or not at all."""
+    told after each batch. The file appears whole or not at all. Its row groups hold BATCH_ROWS rows
+    (MEDIA_BATCH_ROWS for images and audio), fewer when that would be more than `max_row_group_bytes`."""
     rows, converted, partial = 0, 0, False
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # attempts may overlap
-    path.parent.mkdir(parents=True, exist_ok=True)
     writer: pq.ParquetWriter | None = None
-    try:
+    files = split_files()
+    with files.writing(files.relative(path)) as temporary:
         batches = split.batches(MEDIA_BATCH_ROWS if split.has_media else BATCH_ROWS)
         for batch in batches:
             if converted >= max_bytes:
@@ -76,7 +81,7 @@ def convert(
             table = split.embed(batch)
             if writer is None:
                 writer = pq.ParquetWriter(temporary, table.schema)
-            writer.write_table(table.cast(writer.schema))
+            writer.write_table(table.cast(writer.schema), row_group_size=row_group_rows(table, max_row_group_bytes))
             rows, converted = rows + table.num_rows, converted + table.nbytes
             if converted_so_far is not None:
                 converted_so_far(rows, converted)
@@ -85,10 +90,17 @@ def convert(
         if writer is None:  # no rows: an empty file with the split's columns
             writer = pq.ParquetWriter(temporary, split.features.arrow_schema)
         writer.close()
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return rows, converted, partial
+
+
+def row_group_rows(table: pa.Table, max_bytes: int) -> int:
+    """The rows of the table's row groups: all of them, or fewer, so that a group holds at most `max_bytes`
+    of Arrow data (rows of big cells, images, audio): a reader of any 100 rows reads a bounded number of
+    bytes (at least one row a group)."""
+    rows: int = table.num_rows
+    if table.nbytes <= max_bytes or rows <= 1:
+        return max(1, rows)
+    return max(1, int(rows * max_bytes / table.nbytes))
 
 
 def partial_progress(
@@ -122,7 +134,8 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
     `datasets.DatasetInfo` as the viewer gives it (what `DatasetInfo.from_dict` reads back), `conversion` says
     of each split whether it was cut (`partial`), its original files' bytes and its estimated rows."""
     assert job.config is not None
-    max_bytes = get_config().worker.parquet_max_bytes
+    settings = get_config().worker
+    max_bytes = settings.parquet_max_bytes
     parquet_files, splits, conversion = [], {}, {}
     described: dict[str, Any] = {}
     builder: Any = None
@@ -134,7 +147,7 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
         card_rows, original_bytes = expected = split.expected_size()
         progress = partial_progress(job, index, len(names), name, expected, max_bytes)
         before = bytes_read()
-        rows, converted, partial = convert(split, path, max_bytes, progress)
+        rows, converted, partial = convert(split, path, max_bytes, progress, settings.parquet_row_group_max_bytes)
         after = bytes_read()
         size = path.stat().st_size
         parquet_files.append(
@@ -160,6 +173,9 @@ def config_parquet_and_info(job: StepJob) -> dict[str, Any]:
             "partial": partial,
             "num_bytes_original_files": original_bytes,
             "estimated_num_rows": estimated_num_rows(rows, partial, card_rows, original_bytes, read),
+            # what a reader of any 100 rows reads at most: a row group of these rows or bytes (config-parquet-metadata)
+            "row_group_max_rows": MEDIA_BATCH_ROWS if split.has_media else BATCH_ROWS,
+            "row_group_max_bytes": settings.parquet_row_group_max_bytes,
         }
         described = described or features_dict(split.features)  # a split without rows tells no features
         job.progress.update(index + 1, len(names), f"converted {name}: {rows} rows" + (" (partial)" if partial else ""))

@@ -2,8 +2,8 @@
 of the data work, as its IsValidResponse says: `{preview, viewer, search, filter, statistics}`.
 
 A split's flags come from which of its entries succeeded: `preview` its split-first-rows, `viewer` its
-config's config-parquet (with a file of the split), `statistics` its split-descriptive-statistics; `search`
-and `filter` are false (stepcache serves neither /search nor /filter yet). A config's flags are its
+config's config-parquet (with a file of the split), `statistics` its split-descriptive-statistics, `search` and
+`filter` its split-duckdb-index (what /search and /filter read). A config's flags are its
 splits' flags or-ed, a dataset's its configs'. A failed or missing entry only turns its flag off: these
 steps never fail because one of their inputs did.
 
@@ -25,18 +25,21 @@ from tasks.steps.gathered import ancestor_content, dataset_configs
 
 FLAGS = ("preview", "viewer", "search", "filter", "statistics")
 FIRST_ROWS, PARQUET, STATISTICS = "split-first-rows", "config-parquet", "split-descriptive-statistics"
+INDEX = "split-duckdb-index"
 SPLIT_NAMES = "config-split-names"
 
 
 class ConfigEntries:
-    """The entries a config's flags are read from: whether its splits' first rows and statistics succeeded
-    (their metadata only: a first rows' content can be megabytes), its Parquet files and its split names."""
+    """The entries a config's flags are read from: whether its splits' first rows, statistics and indexes
+    succeeded (their metadata only: a first rows' content can be megabytes), its Parquet files and its split
+    names."""
 
     def __init__(self, dataset: str, config: str) -> None:
-        found = get_dataset_responses(dataset, (FIRST_ROWS, STATISTICS), with_content=False)
+        found = get_dataset_responses(dataset, (FIRST_ROWS, STATISTICS, INDEX), with_content=False)
         successes = [entry for entry in found if entry.config == config and entry.is_success]
         self.first_rows = {entry.split for entry in successes if entry.kind == FIRST_ROWS}
         self.statistics = {entry.split for entry in successes if entry.kind == STATISTICS}
+        self.indexed = {entry.split for entry in successes if entry.kind == INDEX}
         parquet = ancestor_content(PARQUET, dataset, config)
         self.parquet = [file.get("split") for file in parquet.get("parquet_files") or []]
         listed = ancestor_content(SPLIT_NAMES, dataset, config)
@@ -51,8 +54,8 @@ class ConfigEntries:
         return {
             "preview": split in self.first_rows,
             "viewer": split in self.parquet,
-            "search": False,  # no /search yet
-            "filter": False,  # no /filter yet
+            "search": split in self.indexed,
+            "filter": split in self.indexed,
             "statistics": split in self.statistics,
         }
 
