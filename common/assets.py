@@ -76,9 +76,12 @@ def _write(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def store_image(location: CellLocation, data: bytes, reuse: bool = False) -> dict[str, object]:
+def store_image(
+    location: CellLocation, data: bytes, reuse: bool = False, max_pixels: int | None = None
+) -> dict[str, object]:
     """Write the image as JPEG; returns its URL and size, as a viewer shows an image cell. With `reuse`, a
-    file already written for the cell (the same revision's same row and column) is kept, not encoded again."""
+    file already written for the cell (the same revision's same row and column) is kept, not encoded again.
+    An image of more than `max_pixels` (its header says) is refused before it is decoded: ValueError."""
     from PIL import Image
 
     path, url = _target(location, "image.jpg")
@@ -88,6 +91,8 @@ def store_image(location: CellLocation, data: bytes, reuse: bool = False) -> dic
         return {"src": url, "height": height, "width": width}
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ValueError(f"{width} x {height} pixels: more than {max_pixels}")
         output = io.BytesIO()
         image.convert("RGB").save(output, format="JPEG", quality=90)
     _write(path, output.getvalue())

@@ -22,6 +22,8 @@ from common.exceptions import DatasetGenerationError
 from common.redaction import redact
 from common.tables import audio_header
 
+MAX_SERVED_PIXELS = 16_000_000  # an image the API decodes for /rows (4,000 x 4,000): decoding costs its pixels
+
 
 @dataclass(frozen=True)
 class Truncation:
@@ -42,8 +44,9 @@ def size_of(value: Any) -> int:
 
 
 def cell(value: Any, kind: str, location: CellLocation, reuse: bool = False) -> Any:
-    """The cell as a viewer shows it (`kind`: common.tables.column_kind of its column; `reuse`: an asset file
-    already written for the cell is kept)."""
+    """The cell as a viewer shows it (`kind`: common.tables.column_kind of its column). With `reuse` (the API
+    serving rows), an asset file already written for the cell is kept, and an image that cannot be read, or
+    of more than MAX_SERVED_PIXELS, is shown as null; without (a step), an unreadable one fails the step."""
     if value is None:
         return None
     if kind in ("image", "audio"):
@@ -53,8 +56,10 @@ def cell(value: Any, kind: str, location: CellLocation, reuse: bool = False) -> 
         if kind == "audio":
             return store_audio(location, data, reuse)
         try:
-            return store_image(location, data, reuse)
+            return store_image(location, data, reuse, MAX_SERVED_PIXELS if reuse else None)
         except (OSError, ValueError, Image.DecompressionBombError) as error:  # not an image, truncated, a bomb
+            if reuse:
+                return None
             raise DatasetGenerationError(
                 redact(f"row {location.row}, column {location.column!r}: not a readable image ({error})"), error
             ) from error

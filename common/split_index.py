@@ -62,10 +62,12 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ROW_IDX = "__row_idx"
 TOKEN_PATTERN = r"[\pL\pN]+"  # RE2, in DuckDB
+MAX_QUERY_WORDS = 10  # different words a search query may hold
 CACHE_SIZE = 4  # open read-only indexes kept per process (each up to its memory limit: cost follows active work)
 FORMAT_VERSION = 1
 T = TypeVar("T")
@@ -289,6 +291,8 @@ def search(index: Path, query: str, offset: int, length: int, limits: QueryLimit
     tokens = sorted(set(query_tokens(query)))
     if not tokens:
         raise InvalidQueryError("the search query has no letter or digit")
+    if len(tokens) > MAX_QUERY_WORDS:  # a join per word: their number is bounded, not the client's to choose
+        raise InvalidQueryError(f"the search query has more than {MAX_QUERY_WORDS} different words")
     _check_paging(offset, length)
     postings = f"{_ALIAS}.postings"
     with _query(index, limits) as (cursor, run, info):
@@ -322,15 +326,19 @@ def search(index: Path, query: str, offset: int, length: int, limits: QueryLimit
             parameters = [*ordered[1:], ordered[0], length, offset]
             total, page = run(lambda: _one(cursor.execute(matches_sql, parameters).fetchone()))
             num_rows_total, row_idx = int(total), list(page)
-        if not row_idx:
-            return Page(rows=_cast(info, info.empty), row_idx=[], num_rows_total=num_rows_total)
-        # the bounds let the zonemaps skip row groups; the list keeps the page's rows
-        rows_sql = (
-            f"SELECT * FROM {_ALIAS}.data WHERE {ROW_IDX} BETWEEN ? AND ?"
-            f" AND {ROW_IDX} IN ({_marks(row_idx)}) ORDER BY {ROW_IDX}"
-        )
-        table = run(lambda: cursor.execute(rows_sql, [row_idx[0], row_idx[-1], *row_idx]).fetch_arrow_table())
+        table = _rows(cursor, run, info, row_idx)
     return _page(info, table, num_rows_total)
+
+
+def _rows(cursor: duckdb.DuckDBPyConnection, run: _Run, info: _Info, row_idx: list[int]) -> pa.Table:
+    """The rows of these positions, in the list's order (the page's)."""
+    if not row_idx:
+        return info.empty.add_column(0, ROW_IDX, pa.array([], pa.int64()))
+    # the bounds let the zonemaps skip row groups; the list keeps the page's rows
+    rows_sql = f"SELECT * FROM {_ALIAS}.data WHERE {ROW_IDX} BETWEEN ? AND ? AND {ROW_IDX} IN ({_marks(row_idx)})"
+    table = run(lambda: cursor.execute(rows_sql, [min(row_idx), max(row_idx), *row_idx]).fetch_arrow_table())
+    rank = pc.index_in(table.column(ROW_IDX), value_set=pa.array(row_idx, pa.int64()))
+    return table.take(pc.sort_indices(rank))
 
 
 def filter_rows(
@@ -341,9 +349,10 @@ def filter_rows(
     where_sql = f" WHERE (\n{where}\n)" if where else ""
     order_sql = f" ORDER BY {orderby}\n, {ROW_IDX}" if orderby else f" ORDER BY {ROW_IDX}"
     count_sql = f"SELECT count(*) FROM {_ALIAS}.data{where_sql}"
-    rows_sql = f"SELECT * FROM {_ALIAS}.data{where_sql}{order_sql} LIMIT ? OFFSET ?"
+    # the page's positions first: only they and the sort's keys go through the sort, never whole rows
+    page_sql = f"SELECT {ROW_IDX} FROM {_ALIAS}.data{where_sql}{order_sql} LIMIT ? OFFSET ?"
     with _query(index, limits) as (cursor, run, info):
-        for sql in (count_sql, rows_sql):
+        for sql in (count_sql, page_sql):
             try:
                 statements = cursor.extract_statements(sql)
             except _QUERY_ERRORS as error:
@@ -351,7 +360,8 @@ def filter_rows(
             if len(statements) != 1:
                 raise InvalidQueryError("where and orderby make one statement")
         num_rows_total = int(run(lambda: _one(cursor.execute(count_sql).fetchone()))[0])
-        table = run(lambda: cursor.execute(rows_sql, [length, offset]).fetch_arrow_table())
+        row_idx = [row[0] for row in run(lambda: cursor.execute(page_sql, [length, offset]).fetchall())]
+        table = _rows(cursor, run, info, row_idx)
     return _page(info, table, num_rows_total)
 
 

@@ -256,3 +256,46 @@ def test_a_gated_datasets_rows_need_a_jwt_for_it(client: httpx.Client, mirror: P
         allowed = client.get(path, params={**split, **more}, headers={"Authorization": f"Bearer {token(dataset)}"})
         assert allowed.status_code == 200 and allowed.headers["Cache-Control"].startswith("private"), path
         assert allowed.json()["rows"], path
+
+
+def test_ugly_cells_and_costly_queries_get_a_bounded_answer(
+    client: httpx.Client, mirror: Path, celery_worker: object
+) -> None:
+    """What an adversarial review found, each answered as it should be: an image past the first rows that
+    cannot be read, or too big to decode in the API, is a null cell (the page is served); ILIKE with many
+    `%` runs as `lower() LIKE lower()` (DuckDB's ILIKE backtracks, uninterruptibly); a search of more than
+    10 different words is refused; a sorted page deep in the split sorts positions, not whole rows."""
+    import io
+
+    from PIL import Image
+
+    def png(size: tuple[int, int]) -> bytes:
+        output = io.BytesIO()
+        Image.new("RGB", size, (1, 2, 3)).save(output, format="PNG")
+        return output.getvalue()
+
+    for index in range(100):
+        samples.write(mirror / "org" / "ugly" / "train" / "a" / f"{index:03d}.png", png((4, 3)))
+    samples.write(mirror / "org" / "ugly" / "train" / "a" / "100.png", png((4, 3))[:40])  # truncated
+    samples.write(mirror / "org" / "ugly" / "train" / "a" / "101.png", png((4001, 4000)))  # 16 M pixels and more
+    run_pipeline("org/ugly")
+    split = {"dataset": "org/ugly", "config": "default", "split": "train"}
+    answer = client.get("/rows", params={**split, "offset": 98})
+    assert answer.status_code == 200, answer.text
+    cells = {item["row_idx"]: item["row"]["image"] for item in answer.json()["rows"]}
+    assert [index for index, image in cells.items() if image is None] == [100, 101]
+    assert all(cells[index]["src"].startswith("http") for index in (98, 99))
+
+    dataset, frame = words_dataset(mirror, "org/likes")
+    run_pipeline(dataset)
+    split = {"dataset": dataset, "config": "default", "split": "train"}
+    pattern = "%a%l%p%h%a%q"
+    answer = client.get("/filter", params={**split, "where": f"\"text\" ILIKE '{pattern.upper()}'"})
+    expected = frame[frame.text.str.lower().str.fullmatch(pattern.replace("%", ".*"))]
+    assert answer.status_code == 200 and answer.json()["num_rows_total"] == len(expected)
+    words = " ".join(f"w{number}" for number in range(11))
+    refused = client.get("/search", params={**split, "query": words})
+    assert refused.status_code == 422 and "10 different words" in refused.json()["error"]
+    deep = client.get("/filter", params={**split, "orderby": '"text" DESC', "offset": ROWS - 10})
+    ordered = frame.sort_values("text", ascending=False, kind="stable")
+    assert [item["row_idx"] for item in deep.json()["rows"]] == list(ordered.index[-10:])

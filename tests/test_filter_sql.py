@@ -88,7 +88,8 @@ def test_where_matches_pandas(
     con: duckdb.DuckDBPyConnection, df: pd.DataFrame, where: str, expected: Callable[[pd.DataFrame], Any]
 ) -> None:
     clause = where_clause(where, COLUMNS)
-    assert where_clause(clause, COLUMNS) == clause  # the rendered clause is accepted again, unchanged
+    if "ILIKE" not in where.upper():  # (an ILIKE is rendered `lower(a) LIKE lower(p)`: calls, refused as input)
+        assert where_clause(clause, COLUMNS) == clause  # the rendered clause is accepted again, unchanged
     mask = expected(df).fillna(False).astype(bool)
     assert ids(con, f"SELECT id FROM t WHERE {clause} ORDER BY id") == df["id"][mask].tolist()
 
@@ -119,8 +120,8 @@ def test_orderby_matches_pandas(
 
 def test_rendering() -> None:
     assert where_clause("id = 1 AND \"my col\" IS NOT NULL AND text NOT ILIKE 'a%'", COLUMNS) == (
-        '"id" = 1 AND NOT "my col" IS NULL AND "text" NOT ILIKE \'a%\''
-    )
+        '"id" = 1 AND NOT "my col" IS NULL AND LOWER("text") NOT LIKE LOWER(\'a%\')'
+    )  # ILIKE as LIKE of lowered text: DuckDB's ILIKE backtracks on `%`, exponentially, uninterruptibly
     assert orderby_clause('score DESC, "my col" NULLS FIRST, id', COLUMNS) == (
         '"score" DESC NULLS LAST, "my col" ASC NULLS FIRST, "id" ASC NULLS LAST'
     )

@@ -27,6 +27,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi import APIRouter, Query, Request
@@ -210,6 +211,10 @@ def _queried(
     except QueryTimeoutError:
         seconds = get_config().api.query_timeout_seconds
         raise RequestTimeoutError(f"the query took longer than API_QUERY_TIMEOUT_SECONDS={seconds}") from None
+    except duckdb.OutOfMemoryException:
+        raise InvalidParameterError(
+            "the query needs more memory than API_QUERY_MEMORY_LIMIT_BYTES allows: ask for a narrower one"
+        ) from None
     content, tag = paginated(request, dataset, entry.content["path"], features, page, bool(entry.content["partial"]))
     return answer(request, [entry], content, 200, None, access, *bounds, *asked, *tag)
 

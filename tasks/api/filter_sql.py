@@ -178,7 +178,16 @@ def where_clause(where: str, columns: Collection[str]) -> str:
     _check("where", tree, _CONDITION, columns)
     if commas != sum(len(node.expressions) - 1 for node in tree.find_all(exp.In)):
         _refuse("where", "empty list items are not allowed")
-    return _render("where", tree)
+    return _render("where", tree.transform(_case_folded))
+
+
+def _case_folded(node: exp.Expr) -> exp.Expr:
+    """`a ILIKE p` as `lower(a) LIKE lower(p)`: DuckDB's ILIKE backtracks on `%`, exponentially in their
+    number, and cannot be interrupted meanwhile (`'%e%e%e%q'` on a 2,000-character cell: minutes)."""
+    if not isinstance(node, exp.ILike):
+        return node
+    negate = bool(node.args.get("negate"))
+    return exp.Like(this=exp.Lower(this=node.this), expression=exp.Lower(this=node.expression), negate=negate)
 
 
 def orderby_clause(orderby: str, columns: Collection[str]) -> str:
