@@ -9,9 +9,7 @@ split-name rules or else its index), so no cell can write outside the storage di
 from __future__ import annotations
 
 import io
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -19,6 +17,7 @@ from urllib.parse import quote
 from common.config import get_config
 from common.exceptions import InvalidSplitNameError
 from common.names import validate_dataset, validate_key, validate_split
+from common.storage import written_whole
 
 _REVISION = re.compile(r"[0-9a-f]{1,64}")
 AUDIO_SIGNATURES = (
@@ -67,13 +66,8 @@ def _target(location: CellLocation, name: str) -> tuple[Path, str]:
 
 def _write(path: Path, data: bytes) -> None:
     """Write the file whole at once (the API writes the cells of the rows it serves while others read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with written_whole(path) as temporary:
         temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def store_image(

@@ -93,6 +93,9 @@ class Plan:
 
     jobs: list[JobKey] = field(default_factory=list)
     errors: list[tuple[JobKey, CacheableError]] = field(default_factory=list)
+    # a coarser child's job id, named by the entries it is ready on (`fan_in_id`): two endings that both find
+    # it ready, on the same entries, enqueue one job; a job the ledger has already is not enqueued again
+    fan_in_ids: dict[JobKey, str] = field(default_factory=dict)
 
 
 EntryKey = tuple[str, str | None, str | None]  # kind, config, split: an entry of the dataset at hand
@@ -134,7 +137,7 @@ def _is_current(graph: ProcessingGraph, entry: cache.CachedResponse, revision: s
     return revision is None or entry.dataset_git_revision in (None, revision)
 
 
-def _fan_in_ready(
+def _fan_in_inputs(
     graph: ProcessingGraph,
     child: ProcessingStep,
     dataset: str,
@@ -142,10 +145,11 @@ def _fan_in_ready(
     entries: Sequence[cache.CachedResponse],
     present: Present,
     revision: str | None,
-) -> bool:
-    """Whether every entry of the child's ancestors that the dataset should have is in the cache, current
-    (at the ending's revision, of its step's version): while one is still to be computed again, the end
-    that writes it enqueues the child, which then runs once, on its inputs' new output."""
+) -> list[cache.CachedResponse | EntryKey] | None:
+    """The entries of the child's ancestors that the dataset should have (the key of one this plan caches an
+    error for), when every one is in the cache, current (at the ending's revision, of its step's version);
+    else None: while one is still to be computed again, the end that writes it enqueues the child, which then
+    runs once, on its inputs' new output."""
     ancestors = {step.name for step in graph.ancestors(child.name)}
     expected = [
         key
@@ -153,11 +157,25 @@ def _fan_in_ready(
         if key.kind in ancestors and (config is None or key.config == config)
     ]
     by_key = {(entry.kind, entry.config, entry.split): entry for entry in entries}
-    return bool(expected) and all(
-        (key.kind, key.config, key.split) in present
-        and ((entry := by_key.get((key.kind, key.config, key.split))) is None or _is_current(graph, entry, revision))
-        for key in expected
+    inputs: list[cache.CachedResponse | EntryKey] = []
+    for key in expected:
+        entry_key = (key.kind, key.config, key.split)
+        entry = by_key.get(entry_key)
+        if entry_key not in present or (entry is not None and not _is_current(graph, entry, revision)):
+            return None
+        inputs.append(entry if entry is not None else entry_key)
+    return inputs or None
+
+
+def fan_in_id(key: JobKey, inputs: Sequence[cache.CachedResponse | EntryKey]) -> str:
+    """The job id of a coarser child ready on these inputs: each entry by its key, writer and time."""
+    named = sorted(
+        repr((i.kind, i.config, i.split, i.job_id, i.fence, i.updated_at.isoformat()))
+        if isinstance(i, cache.CachedResponse)
+        else repr(i)
+        for i in inputs
     )
+    return str(uuid.uuid5(CHILDREN, f"fan-in|{unicity_id(*key)}|{'|'.join(named)}"))
 
 
 def _children(
@@ -167,6 +185,7 @@ def _children(
     entries: Sequence[cache.CachedResponse],
     present: Present,
     revision: str | None,
+    fan_in_ids: dict[JobKey, str],
 ) -> list[JobKey]:
     parent = graph.get_step(key.step)
     jobs = []
@@ -190,8 +209,10 @@ def _children(
                 jobs += [JobKey(child.name, key.dataset, key.config, name) for name in names]
         elif finer < 0:
             config = key.config if child.input_type is InputType.CONFIG else None
-            if _fan_in_ready(graph, child, key.dataset, config, entries, present, revision):
+            inputs = _fan_in_inputs(graph, child, key.dataset, config, entries, present, revision)
+            if inputs is not None:
                 jobs.append(JobKey(child.name, key.dataset, config, None))
+                fan_in_ids[jobs[-1]] = fan_in_id(jobs[-1], inputs)
         # two levels finer, or no fan_out: the child's other parents enqueue it
     return jobs
 
@@ -206,7 +227,9 @@ def plan_after_success(
     graph: ProcessingGraph, key: JobKey, content: Mapping[str, Any], entries: Sequence[cache.CachedResponse]
 ) -> Plan:
     """The jobs to enqueue now that this one succeeded (its entry is among `entries`)."""
-    return Plan(jobs=_children(graph, key, content, entries, _present(entries), _revision_of(key, entries)))
+    plan = Plan()
+    plan.jobs = _children(graph, key, content, entries, _present(entries), _revision_of(key, entries), plan.fan_in_ids)
+    return plan
 
 
 def plan_after_failure(
@@ -219,7 +242,7 @@ def plan_after_failure(
 
     def fail(key: JobKey, error: CacheableError) -> None:
         step = graph.get_step(key.step)
-        children = _children(graph, key, None, entries, present, revision)
+        children = _children(graph, key, None, entries, present, revision, plan.fan_in_ids)
         if step.input_type is InputType.DATASET:
             listed = {child.step for child in children}
             children = [
@@ -328,9 +351,16 @@ def run_plan(plan: Plan, queue: Queue, priority: object = Priority.NORMAL, paren
             logger.warning("not enqueued: %s %s %s %s: %s", *key, error)
     if parent is None:
         return queue.enqueue_many(valid, priority=priority)
-    job_ids = [parent.child_id(JobKey(*item)) for item in valid]
     since = datetime.fromtimestamp(parent.at_ms / 1000, UTC) if parent.again else None
-    return queue.enqueue_many(valid, priority=priority, job_ids=job_ids, once_since=since)
+    fan_ins = [item for item in valid if JobKey(*item) in plan.fan_in_ids]
+    others = [item for item in valid if JobKey(*item) not in plan.fan_in_ids]
+    jobs = queue.enqueue_many(
+        others, priority=priority, job_ids=[parent.child_id(JobKey(*item)) for item in others], once_since=since
+    )
+    if fan_ins:  # ready on the same entries for another ending too: one job, once
+        fan_in_ids = [plan.fan_in_ids[JobKey(*item)] for item in fan_ins]
+        jobs += queue.enqueue_many(fan_ins, priority=priority, job_ids=fan_in_ids, once_since=since, once=True)
+    return jobs
 
 
 def after_job(
@@ -367,7 +397,7 @@ def after_job(
         # so that of two such endings at least one enqueues it (a replay derives the same ids: none twice).
         again = plan_after_failure(graph, key, error, cache.get_dataset_responses(key.dataset))
         late = [child for child in dict.fromkeys(again.jobs) if child not in plan.jobs]
-        jobs += run_plan(Plan(jobs=late), queue, priority, parent)
+        jobs += run_plan(Plan(jobs=late, fan_in_ids=again.fan_in_ids), queue, priority, parent)
         plan.jobs += late
     if parent is not None and not _has_own_entry(key, parent):
         # Deleted while the plan ran (a delete removes the entries, then cancels the jobs): the children it

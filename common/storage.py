@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,18 +38,9 @@ class SplitFiles:
         """Where the file of `key` is written (or would be)."""
         return self.root / key
 
-    @contextmanager
-    def writing(self, key: str) -> Iterator[Path]:
-        """A temporary path to write the file at; on success it becomes the file of `key`, whole, at once
-        (attempts may overlap: each writes its own temporary file); on failure it is removed."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            yield temporary
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
+    def writing(self, key: str) -> AbstractContextManager[Path]:
+        """A temporary path to write the file of `key` at (`written_whole`)."""
+        return written_whole(self.path(key))
 
     def local(self, key: str) -> Path:
         """The file of `key` to read: CachedResponseNotFoundError when there is none, when a part of the key
@@ -65,6 +56,19 @@ class SplitFiles:
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+
+@contextmanager
+def written_whole(target: Path) -> Iterator[Path]:
+    """A temporary path to write a file at; on success it becomes `target`, whole, at once (writers may
+    overlap: each writes its own temporary file beside it); on failure it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def split_files() -> SplitFiles:

@@ -357,3 +357,35 @@ def test_a_fan_in_completed_by_two_endings_at_once_is_enqueued(stores: Any, monk
     key = JobKey("config-parquet-and-info", DATASET, "default", None)
     jobs = orchestrator.after_job(get_queue(), key, None, failure, "normal")
     assert ("dataset-configs-settled", None, None) in {(job.step, job.config, job.split) for job in jobs}
+
+
+def test_two_endings_that_find_a_fan_in_ready_on_the_same_entries_enqueue_it_once(stores: Any) -> None:
+    """Each ending reads the cache after its own entry is in: the last two to end may both find the fan-in
+    ready (a test saw dataset-configs-settled, then config-is-valid and split-is-valid, run twice after a
+    backfill). Its job id is named by the entries it is ready on: the second ending's is the first's."""
+    from common import cache
+    from tests.test_queue import make_queue, run
+
+    def write(kind: str, content: dict[str, Any], config: str | None = None, split: str | None = None) -> None:
+        cache.upsert_response(kind, DATASET, content, config=config, split=split, job_runner_version=9)
+
+    write("dataset-config-names", {"config_names": [{"dataset": DATASET, "config": "default"}]})
+    write("config-split-names", {"splits": [{"dataset": DATASET, "config": "default", "split": "train"}]}, "default")
+    write("config-parquet-and-info", {}, "default")
+    files = {"parquet_files": [{"split": "train"}], "parquet_files_metadata": [{"split": "train"}]}
+    for kind in ("config-parquet", "config-info", "config-size", "config-parquet-metadata"):
+        write(kind, files, "default")
+    for kind in ("split-first-rows", "split-image-url-columns", "split-descriptive-statistics", "split-duckdb-index"):
+        write(kind, {}, "default", "train")
+    jobs, dispatcher = make_queue(limit=4)
+    ended = JobKey("split-duckdb-index", DATASET, "default", "train")
+    first = orchestrator.after_job(jobs.queue, ended, {}, None, "normal", orchestrator.Parent("a", 1))
+    (settled,) = [job for job in first if job.step == "dataset-configs-settled"]
+    for dispatch in dispatcher.take():  # it runs and ends before the other ending plans
+        if dispatch.payload.job_id == settled.job_id:
+            run(jobs, dispatch)
+    assert jobs.job(settled.job_id).status.is_terminal
+    other = JobKey("split-descriptive-statistics", DATASET, "default", "train")
+    second = orchestrator.after_job(jobs.queue, other, {}, None, "normal", orchestrator.Parent("b", 2))
+    assert [job.job_id for job in second if job.step == "dataset-configs-settled"] == [settled.job_id]
+    assert [job.step for job in jobs.jobs(DATASET)].count("dataset-configs-settled") == 1

@@ -21,8 +21,8 @@ from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 SERVER_VARIABLES = ("QUEUE_REDIS_URL", "CACHE_MONGO_URL", "QUEUE_MONGO_URL", "CELERY_BROKER_URL", "COMMON_HF_ENDPOINT")
-# demo/csv, demo/jsonl (2 splits each), other/parquet, other/images: 12 dataset-level, 6 per config, 4 per split
-SAMPLE_ENTRIES = 26 + 26 + 22 + 22
+# demo/csv, demo/jsonl (2 splits each), other/parquet, other/images: 12 dataset-level, 7 per config, 5 per split
+SAMPLE_ENTRIES = 29 + 29 + 24 + 24
 
 
 def unconfigured_env() -> dict[str, str]:

@@ -227,6 +227,7 @@ class Queue:
         revision: str | None = None,
         job_ids: Sequence[str] | None = None,
         once_since: datetime | None = None,
+        once: bool = False,
     ) -> list[Job]:
         """Validate every input (a typed error for the first bad one, and nothing written), admit them in
         one Redis round trip per ENQUEUE_BATCH (the ledger follows within QUEUE_LEDGER_LAG_SECONDS), then
@@ -234,16 +235,17 @@ class Queue:
         instead, when there is one). With `job_ids`, the jobs have these ids (admit.lua refuses one Redis
         knows). `once_since` (an ending applied again): once their namespaces' journals are written, a job
         the ledger has is not admitted again (it is returned as the ledger has it), nor one whose key had a
-        job waiting, queued, or started since then (the twin the first admission was deduped to)."""
+        job waiting, queued, or started since then (the twin the first admission was deduped to). `once`:
+        the first of these only (a fan-in job, named by its inputs, that another ending enqueued)."""
         ids: Sequence[str | None] = job_ids if job_ids is not None else [None] * len(inputs)
         jobs = [
             new_job(JobInput(*item), parse_priority(priority), revision, job_id)
             for item, job_id in zip(inputs, ids, strict=True)
         ]
-        if once_since is not None and jobs:
+        if (once_since is not None or once) and jobs:
             self.journal.flush(sorted({job.namespace for job in jobs}))
             existing = {job.job_id: job for job in self.ledger.jobs_by_id(job.job_id for job in jobs)}
-            served = self.ledger.served_since([job.unicity_id for job in jobs], once_since)
+            served = self.ledger.served_since([job.unicity_id for job in jobs], once_since) if once_since else set()
             fresh = [job for job in jobs if job.job_id not in existing and job.unicity_id not in served]
             if len(fresh) < len(jobs):
                 logger.info("%s of %s jobs were enqueued already: not again", len(jobs) - len(fresh), len(jobs))

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from common.cache import get_dataset_responses
 from common.config import get_config
 from common.reading import Split
-from common.storage import SplitFiles, split_files
+from common.storage import SplitFiles, split_files, written_whole
 from common.tables import features_dict
 from tasks.step_task import StepJob
 from tasks.steps.configs import job_split_names, open_job_split
@@ -68,8 +68,7 @@ def convert(
     (MEDIA_BATCH_ROWS for images and audio), fewer when that would be more than `max_row_group_bytes`."""
     rows, converted, partial = 0, 0, False
     writer: pq.ParquetWriter | None = None
-    files = split_files()
-    with files.writing(files.relative(path)) as temporary:
+    with written_whole(path) as temporary:
         batches = split.batches(MEDIA_BATCH_ROWS if split.has_media else BATCH_ROWS)
         for batch in batches:
             if converted >= max_bytes:
