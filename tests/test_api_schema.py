@@ -17,7 +17,7 @@ from tests.test_pipeline import use_pipeline_settings
 
 OPERATOR_KEY = "schema-operator-key-0123"
 WEBHOOK_SECRET = "schema-webhook-secret-0123"
-EXAMPLES = 100
+EXAMPLES = 60
 
 
 def _cacheable_codes() -> set[str]:

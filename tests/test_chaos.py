@@ -54,7 +54,7 @@ from tests.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.slow
 
 LIMIT = 2
-NAMESPACES = 10
+NAMESPACES = 6  # with the graph's 24 steps: about 420 jobs, faults landing on running ones throughout
 WORKERS = 3
 CONCURRENCY = 2
 STEP_SECONDS = 0.5  # added to every step, inside its recorded run, so that faults land on running jobs
@@ -227,8 +227,8 @@ class Servers:
 
 
 def write_mirror(root: Path) -> list[str]:
-    """10 namespaces; each has a CSV and a JSON Lines dataset (2 splits: 12 jobs each), every other one a
-    Parquet dataset too (1 split: 10 jobs): 290 jobs along the default graph."""
+    """NAMESPACES namespaces; each has a CSV and a JSON Lines dataset (2 splits: 29 jobs each), every other
+    one a Parquet dataset too (1 split: 24 jobs): 420 jobs along the default graph for 6 namespaces."""
     datasets = []
     for index in range(NAMESPACES):
         namespace = f"chaos{index}"
