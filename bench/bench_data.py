@@ -93,16 +93,26 @@ def write_images(directory: Path, count: int) -> None:
     done.write_text(str(count))
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A process's VmHWM (peak resident set), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def pool_peak_rss_mb(worker_pid: int) -> float:
     """The highest VmHWM (peak resident set) among the worker's pool processes."""
     import psutil
 
-    peaks = []
-    for child in psutil.Process(worker_pid).children(recursive=True):
-        status = Path(f"/proc/{child.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-        peaks.append(int(line.split()[1]) / 1024)
-    return max(peaks)
+    return max(peak_rss_mb(child.pid) for child in psutil.Process(worker_pid).children(recursive=True))
+
+
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--csv-gb, --images and --data-dir: the data bench_data writes (and keeps for the next run)."""
+    parser.add_argument("--csv-gb", type=float, default=2.0)
+    parser.add_argument("--images", type=int, default=20_000)
+    default_dir = os.environ.get("BENCH_DATA_DIR", str(Path(tempfile.gettempdir()) / "stepcache-bench-data"))
+    parser.add_argument("--data-dir", type=Path, default=Path(default_dir))
 
 
 def run_step(
@@ -241,10 +251,7 @@ def naive(kind: str, path: Path, scratch: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv-gb", type=float, default=2.0)
-    parser.add_argument("--images", type=int, default=20_000)
-    default_dir = os.environ.get("BENCH_DATA_DIR", str(Path(tempfile.gettempdir()) / "stepcache-bench-data"))
-    parser.add_argument("--data-dir", type=Path, default=Path(default_dir))
+    data_arguments(parser)
     arguments = parser.parse_args()
     mirror = arguments.data_dir / "mirror"
     console = Console()

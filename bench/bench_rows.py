@@ -72,7 +72,15 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.bench_api import api_process
-from bench.bench_data import DATASETS, TIMEOUT_SECONDS, run_step, write_csv, write_images
+from bench.bench_data import (
+    DATASETS,
+    TIMEOUT_SECONDS,
+    data_arguments,
+    peak_rss_mb,
+    run_step,
+    write_csv,
+    write_images,
+)
 from bench.harness import bench_servers, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -617,16 +625,12 @@ def bad_input(client: httpx.Client, dataset: str, scratch: Path, count: int) -> 
     }
 
 
-def peak_rss_mb(pid: int) -> float:
+def api_peak_rss_mb(pid: int) -> float:
     """The VmHWM of a process and its children (uvicorn's), the highest."""
     import psutil
 
-    peaks = []
-    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-        peaks.append(int(line.split()[1]) / 1024)
-    return round(max(peaks), 1)
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return round(max(peak_rss_mb(process.pid) for process in processes), 1)
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -634,10 +638,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv-gb", type=float, default=2.0)
-    parser.add_argument("--images", type=int, default=20_000)
-    default_dir = os.environ.get("BENCH_DATA_DIR", str(Path(tempfile.gettempdir()) / "stepcache-bench-data"))
-    parser.add_argument("--data-dir", type=Path, default=Path(default_dir))
+    data_arguments(parser)
     parser.add_argument("--requests", type=int, default=200, help="/rows requests per pass")
     parser.add_argument("--repeats", type=int, default=20, help="requests of each /search and /filter measure")
     parser.add_argument("--bad-inputs", type=int, default=1000, help="generated where/orderby strings")
@@ -708,7 +709,7 @@ def main() -> None:
                 api_process(env, scratch / "api.log", 1) as (port, pid),
                 httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_SECONDS) as client,
             ):
-                results["api_peak_rss_mb"]["started"] = peak_rss_mb(pid)
+                results["api_peak_rss_mb"]["started"] = api_peak_rss_mb(pid)
                 for kind, dataset in DATASETS.items():
                     parquet = scratch / "parquet" / results[kind]["steps"]["parquet"]["path"]
                     num_rows = int(results[kind]["steps"]["parquet"]["num_rows"])
@@ -716,12 +717,12 @@ def main() -> None:
                         results[kind]["rows"] = measure_rows(
                             client, connection, kind, dataset, parquet, num_rows, arguments.requests
                         )
-                    results["api_peak_rss_mb"][f"after_{kind}_rows"] = peak_rss_mb(pid)
+                    results["api_peak_rss_mb"][f"after_{kind}_rows"] = api_peak_rss_mb(pid)
                     with console.status(f"{dataset}: GET /search and /filter"):
                         results[kind].update(
                             search_and_filter(client, connection, kind, dataset, parquet, num_rows, arguments.repeats)
                         )
-                    results["api_peak_rss_mb"][f"after_{kind}_queries"] = peak_rss_mb(pid)
+                    results["api_peak_rss_mb"][f"after_{kind}_queries"] = api_peak_rss_mb(pid)
                 with console.status(f"/filter: {arguments.bad_inputs} generated and the known bad inputs"):
                     results["bad_input"] = bad_input(client, DATASETS["csv"], scratch, arguments.bad_inputs)
                     csv = results["csv"]["steps"]["parquet"]
@@ -730,7 +731,7 @@ def main() -> None:
                         client, connection, "csv", DATASETS["csv"], parquet, int(csv["num_rows"]), 3
                     )
                     results["bad_input"]["index_intact"] = all(not measure["problems"] for measure in again.values())
-                results["api_peak_rss_mb"]["end"] = peak_rss_mb(pid)
+                results["api_peak_rss_mb"]["end"] = api_peak_rss_mb(pid)
                 results["api_log_tail"] = (scratch / "api.log").read_text(errors="replace").splitlines()[-10:]
             connection.close()
             phases["api"] = round(time.monotonic() - started, 1)

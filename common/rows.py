@@ -113,13 +113,14 @@ def row_items(
     kinds: dict[str, str],
     location: Callable[[int, str, int], CellLocation],
     limits: Truncation,
-) -> tuple[list[dict[str, Any]], bool]:
-    """The rows shown (their asset files written once and reused), and whether rows were dropped to fit."""
+) -> list[dict[str, Any]]:
+    """The rows shown (their asset files written once and reused), cut to fit the limits."""
     rows = [
         row_item(row_idx, record, kinds, location, reuse=True)
         for row_idx, record in zip(row_indexes, records, strict=True)
     ]
-    return rows, truncate(rows, limits)
+    truncate(rows, limits)
+    return rows
 
 
 def with_sampling_rates(described: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:

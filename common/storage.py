@@ -4,9 +4,9 @@ Workers write them and API processes read them, so on more than one host both se
 WORKER_PARQUET_DIRECTORY (a shared volume: docker-compose.yml mounts one into every service). Everything
 that touches those files goes through :class:`SplitFiles`: a key names a file
 (`<dataset>/--/<revision>/--/<config>/<split>/<name>`, every part a validated name), a writer publishes a
-whole file under its key at once (written beside it, then renamed: a reader never sees half a file), a
-reader gets a local path to open. Object storage can follow behind the same three methods (a reader would
-then get a cached local copy).
+whole file at its path at once (:func:`written_whole`: written beside it, then renamed, so a reader never
+sees half a file), a reader gets a local path to open (`local`: :func:`inside` the storage). Object storage
+can follow behind the same methods (a reader would then get a cached local copy).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,24 +38,38 @@ class SplitFiles:
         """Where the file of `key` is written (or would be)."""
         return self.root / key
 
-    def writing(self, key: str) -> AbstractContextManager[Path]:
-        """A temporary path to write the file of `key` at (`written_whole`)."""
-        return written_whole(self.path(key))
-
     def local(self, key: str) -> Path:
-        """The file of `key` to read: CachedResponseNotFoundError when there is none, when a part of the key
-        is empty, `.` or `..`, or when the path goes through a symbolic link or out of the storage."""
-        parts = key.split("/")
-        if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        """The file of `key` to read: CachedResponseNotFoundError when it is not a file :func:`inside` the
+        storage."""
+        found = inside(self.root, key)
+        if found is None:
             raise CachedResponseNotFoundError(f"no such file: {key}")
-        root = os.path.realpath(self.root)
-        lexical = os.path.join(root, *parts)
-        if os.path.realpath(lexical) != lexical or not os.path.isfile(lexical):
-            raise CachedResponseNotFoundError(f"no such file: {key}")
-        return Path(lexical)
+        return found
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
+
+
+def safe_parts(path: str) -> list[str] | None:
+    """The parts of a relative `path`, or None when one is empty, `.` or `..`, or holds a backslash or NUL
+    (nothing on disk is looked at)."""
+    parts = path.split("/")
+    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        return None
+    return parts
+
+
+def inside(root: Path, path: str) -> Path | None:
+    """The regular file the relative `path` names under `root`, or None: a part that is not safe
+    (:func:`safe_parts`), a path through a symbolic link or out of `root`, or not a file."""
+    parts = safe_parts(path)
+    if parts is None:
+        return None
+    real_root = os.path.realpath(root)
+    lexical = os.path.join(real_root, *parts)
+    if os.path.realpath(lexical) != lexical or not os.path.isfile(lexical):
+        return None
+    return Path(lexical)
 
 
 @contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from urllib.parse import quote, unquote, urlsplit
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
+from common import storage
 from common.config import AppConfig, get_config
 from tasks.api.errors import ForbiddenError, NotFoundError
 
@@ -130,21 +130,20 @@ def route_prefix(settings: AppConfig) -> str:
 
 def safe_parts(path: str) -> list[str]:
     """The parts of `path`, or NotFoundError when one is empty, `.` or `..`, or holds a backslash or NUL
-    (whether the URL is signed or not: nothing about the storage is looked at)."""
-    parts = path.split("/")
-    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+    (whether the URL is signed or not: nothing about the storage is looked at; common.storage.safe_parts)."""
+    parts = storage.safe_parts(path)
+    if parts is None:
         raise NotFoundError("no such asset")
     return parts
 
 
-def resolve(storage: Path, path: str) -> Path:
-    """The file `path` names in the storage directory, or NotFoundError (same answer for every refusal)."""
-    parts = safe_parts(path)
-    root = os.path.realpath(storage)
-    lexical = os.path.join(root, *parts)
-    if os.path.realpath(lexical) != lexical or not os.path.isfile(lexical):  # a symlink, or not a file
+def resolve(directory: Path, path: str) -> Path:
+    """The file `path` names in the storage directory, or NotFoundError (same answer for every refusal:
+    common.storage.inside)."""
+    found = storage.inside(directory, path)
+    if found is None:
         raise NotFoundError("no such asset")
-    return Path(lexical)
+    return found
 
 
 def router(settings: AppConfig) -> APIRouter:

@@ -61,7 +61,6 @@ ROWS_PER_PAGE = 100  # the viewer's: `length` is at most this, and `num_rows_per
 METADATA, INDEX = "config-parquet-metadata", "split-duckdb-index"
 MAX_OFFSET = 10**15
 FOOTERS_KEPT = 32  # parsed Parquet footers an API process keeps (a big split's is megabytes)
-ALL = ("dataset", "config", "split")
 
 
 def required(dataset: str | None, config: str | None, split: str | None) -> tuple[str, str, str]:
@@ -135,7 +134,7 @@ def paginated(
         location: Callable[[int, str, int], CellLocation] = partial(CellLocation, dataset, revision, config, split)
         records = page.rows.to_pylist()
         limits = Truncation.of(get_config().worker)
-        rows, _ = row_items(page.row_idx, records, column_kinds(features), location, limits)
+        rows = row_items(page.row_idx, records, column_kinds(features), location, limits)
     content = {
         "features": features_list(features),
         "rows": rows,
@@ -196,16 +195,12 @@ def _queried(
     if not entry.is_success:
         return answer_entry(request, entry, access)
     features: dict[str, Any] = entry.content["features"]
-    if entry.content["path"] is None:  # a split without columns: no index, nothing to find
-        empty = Page(pa.table({}), [], 0)
-        content, tag = paginated(request, dataset, "", features, empty, False)
-        return answer(request, [entry], content, 200, None, access, *bounds, *asked, *tag)
+    index = entry.content["path"]
     try:
-        path = split_files().local(entry.content["path"])
+        # a split without columns has no index: nothing to find
+        page = Page(pa.table({}), [], 0) if index is None else run(split_files().local(index), list(features))
     except CachedResponseNotFoundError:
         raise ResponseNotFoundError("Not found: the split's index is gone; ask again") from None
-    try:
-        page = run(path, list(features))
     except InvalidQueryError as error:
         raise InvalidParameterError(f"the query cannot run on this split: {str(error)[:300]}") from None
     except QueryTimeoutError:
@@ -215,7 +210,7 @@ def _queried(
         raise InvalidParameterError(
             "the query needs more memory than API_QUERY_MEMORY_LIMIT_BYTES allows: ask for a narrower one"
         ) from None
-    content, tag = paginated(request, dataset, entry.content["path"], features, page, bool(entry.content["partial"]))
+    content, tag = paginated(request, dataset, index or "", features, page, bool(entry.content["partial"]))
     return answer(request, [entry], content, 200, None, access, *bounds, *asked, *tag)
 
 

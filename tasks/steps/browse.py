@@ -39,7 +39,8 @@ def config_parquet_metadata(job: StepJob) -> dict[str, Any]:
     described: dict[str, Any] = {}
     metadata = []
     for index, file in enumerate(files):
-        footer = pq.read_metadata(parquet_file(file["path"]))
+        path = parquet_file(file["path"])
+        footer = pq.read_metadata(path)
         groups = [footer.row_group(group) for group in range(footer.num_row_groups)]
         metadata.append(
             {
@@ -48,7 +49,7 @@ def config_parquet_metadata(job: StepJob) -> dict[str, Any]:
                 "row_groups": [[group.num_rows, group.total_byte_size] for group in groups],
             }
         )
-        described = described or described_features(parquet_file(file["path"]), footer)
+        described = described or described_features(path, footer)
         job.progress.update(index + 1, len(files), f"read the footer of {file['split']}'s file")
     return {"parquet_files_metadata": metadata, "features": described, "partial": bool(parent.get("partial", False))}
 
