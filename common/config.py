@@ -58,6 +58,7 @@ CACHE_MONGO_DATABASE = "datasets_server_cache"
 CACHE_MONGO_URL = "mongodb://localhost:27017"
 QUEUE_LEDGER_LAG_SECONDS = 0.1
 QUEUE_MAX_JOBS_PER_NAMESPACE = 1
+QUEUE_BORROW = False  # a namespace at its limit borrows no idle capacity (common/queue/borrowing.py)
 QUEUE_MONGO_DATABASE = "datasets_server_queue"
 QUEUE_MONGO_URL = "mongodb://localhost:27017"
 QUEUE_REDIS_URL = "redis://localhost:6379/0"
@@ -235,6 +236,7 @@ class CacheConfig(_Settings):
 class QueueConfig(_Settings):
     model_config = SettingsConfigDict(env_prefix="QUEUE_")
 
+    borrow: bool = QUEUE_BORROW
     ledger_lag_seconds: Annotated[float, Field(gt=0, le=60)] = QUEUE_LEDGER_LAG_SECONDS
     max_jobs_per_namespace: Annotated[int, Field(ge=1)] = QUEUE_MAX_JOBS_PER_NAMESPACE
     mongo_database: Annotated[str, Field(min_length=1)] = QUEUE_MONGO_DATABASE

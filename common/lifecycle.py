@@ -215,12 +215,12 @@ class Lifecycle:
         elif outcome.ending in (Ending.SUCCESS, Ending.ERROR):
             outcome = self._write_cache(attempt, outcome, renewal.fence)
         error_code = outcome.error.error_code if outcome.error is not None else None
-        record, dispatched = self.limiter.end(
-            payload, attempt.token, renewal.fence, outcome.ending, error_code, attempt.fence
-        )
-        if record is None:
+        ended = self.limiter.end(payload, attempt.token, renewal.fence, outcome.ending, error_code, attempt.fence)
+        if ended.record is None:
             return False  # taken back meanwhile: its claim went to the newer attempt, which writes
-        self.apply([record, *dispatched], outcome)
+        self.apply([ended.record, *ended.dispatched], outcome)
+        if ended.wants is not None:  # its slot is about to be free: idle, unless a job waits for it
+            self.queue.borrow({payload.namespace: ended.wants}, ending_step=payload.step)
         return True
 
     def _write_cache(self, attempt: Attempt, outcome: Outcome, fence: int) -> Outcome:
@@ -358,7 +358,8 @@ class Lifecycle:
             for start in range(0, len(namespaces), REAP_NAMESPACES_PER_ROUND):
                 batch = namespaces[start : start + REAP_NAMESPACES_PER_ROUND]
                 idle, left_behind = [], []
-                for namespace, reaped in self.limiter.reap(batch, grace_ms).items():
+                reaped_batch = self.limiter.reap(batch, grace_ms)
+                for namespace, reaped in reaped_batch.items():
                     _release(reaped)
                     report.requeued += reaped.requeued
                     report.crashed += reaped.crashed
@@ -374,6 +375,8 @@ class Lifecycle:
                 except Exception:
                     logger.exception("could not write the journals to the ledger; the next pass will")
                 self.limiter.unlist_if_idle(idle)
+                # A worker that joined since, or borrowers no end has served: the fleet's idle slots.
+                self.queue.borrow({ns: reaped.wants for ns, reaped in reaped_batch.items() if reaped.wants})
                 _extend(lock)
             return report
         finally:

@@ -7,7 +7,7 @@ redis-py's cluster pipeline sends each node its commands, all nodes at once (one
 but refuses EVALSHA and TIME, and cannot be a transaction across slots; these helpers give the limiter,
 the event bus and the epoch check one code path for a single Redis and a cluster:
 
-    ScriptBatch        scripts and commands in one pipeline (EVALSHA by hand on a cluster, NOSCRIPT reloaded)
+    ScriptBatch        scripts and commands in one pipeline (EVALSHA, no SCRIPT EXISTS; NOSCRIPT reloaded)
     add_time           TIME in a pipeline, from the node holding a given key
     server_time        TIME from the node holding a given key
     node_hash_tags     a hash tag per master, for a marker each master must hold (the epoch)
@@ -38,7 +38,13 @@ def is_cluster(client: RedisClient | Pipeline | ClusterPipeline) -> bool:
 class ScriptBatch:
     """Scripts and plain commands sent in one pipeline: one round trip on a single Redis; on a cluster,
     one per node that holds their keys, all at once. Results come back in the order they were added.
-    Commands sent to different nodes run in no given order between them."""
+    Commands sent to different nodes run in no given order between them.
+
+    Scripts go as EVALSHA, without asking Redis first whether it has them (redis-py's pipelines send
+    SCRIPT EXISTS before every batch with a script: a round trip each). A script Redis lacks (new,
+    restarted, failed over, its scripts flushed) answers NOSCRIPT without running: it then runs alone,
+    which loads it, and the plain commands queued after it run again after it, so that the batch's order
+    holds (a batch holds only commands safe to repeat: SADDs, reads, events delivered at least once)."""
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
@@ -47,30 +53,45 @@ class ScriptBatch:
 
     def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> None:
         keys, args = list(keys), list(args)
-        if isinstance(self.pipe, ClusterPipeline):
+        pipe: Any = self.pipe  # redis-py's cluster module is untyped
+        self._scripts[len(pipe)] = (script, keys, args)
+        if is_cluster(self.client):
             # `evalsha` is blocked in cluster pipelines, and the pipeline would ask a node for the keys of
             # each EVALSHA (COMMAND GETKEYS, a round trip each): name the node of its keys. A MOVED answer
             # (the slot moved meanwhile) is retried alone, routed by the keys.
-            cluster_pipe: Any = self.pipe  # redis-py's cluster module is untyped
-            self._scripts[len(cluster_pipe)] = (script, keys, args)
-            node = cluster_pipe.get_node_from_key(keys[0])
-            cluster_pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+            node = pipe.get_node_from_key(keys[0])
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
         else:
-            script(keys=keys, args=args, client=self.pipe)  # the pipeline loads it first if Redis lacks it
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def execute(self) -> list[Any]:
-        if not isinstance(self.pipe, ClusterPipeline):
-            return self.pipe.execute()
-        results = self.pipe.execute(raise_on_error=False)
-        for position, result in enumerate(results):
-            if isinstance(result, NoScriptError):
-                # A node that never ran it (new, failed over, flushed its scripts): calling the script
-                # alone loads it on every master, then runs it. It had not run, so it runs once.
-                script, keys, args = self._scripts[position]
-                results[position] = script(keys=keys, args=args)
-            elif isinstance(result, Exception):
+        pipe: Any = self.pipe
+        # A cluster pipeline keeps its commands in its execution strategy (redis-py 6+).
+        queued = pipe._execution_strategy.command_queue if is_cluster(self.client) else pipe.command_stack
+        commands = [_command(entry) for entry in queued]
+        results: list[Any] = pipe.execute(raise_on_error=False)
+        missing = [position for position, result in enumerate(results) if isinstance(result, NoScriptError)]
+        for position in range(missing[0] if missing else len(results), len(results)):
+            if position in self._scripts:
+                if isinstance(results[position], NoScriptError):
+                    script, keys, args = self._scripts[position]
+                    results[position] = script(keys=keys, args=args)  # it had not run: it runs once
+            else:
+                command, options = commands[position]
+                client: Any = self.client
+                results[position] = client.execute_command(*command, **options)
+        for result in results:
+            if isinstance(result, Exception):
                 raise result
         return results
+
+
+def _command(entry: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A queued command's arguments and options (a pipeline's stack holds tuples, a cluster pipeline's
+    objects)."""
+    if isinstance(entry, tuple):
+        return entry[0], entry[1]
+    return entry.args, entry.options
 
 
 def add_time(pipe: Pipeline | ClusterPipeline, key: str) -> None:

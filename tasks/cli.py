@@ -29,6 +29,7 @@ from common.events import Event, EventType, JobFailed, JobProgress, JobState
 from common.exceptions import InvalidArgumentsError, ServerUnreachableError, StepcacheError
 from common.follow import follow as follow_job
 from common.queue import JobStatus
+from common.queue.limiter import Policy
 from tasks.display import ProgressBar, make_console, make_table, print_line, print_table, steps_known
 from tasks.reachability import Server, check_reachable
 from tasks.top import SORT_COLUMNS
@@ -152,27 +153,45 @@ def cancel(dataset: str, revoke: bool, out: TextIO) -> int:
     return EXIT_OK
 
 
-def limits(action: str, namespace: str | None, value: int | None, out: TextIO) -> int:
+def limits(action: str, namespace: str | None, value: int | None, out: TextIO, policy: Policy | None = None) -> int:
     from common.config import get_config
     from tasks.queue import get_queue
 
     queue = get_queue()
+    policy = policy or Policy()
+    changes_policy = any(field is not None for field in (policy.borrow, policy.ceiling, policy.weight))
     if action == "set":
-        if namespace is None or value is None:
-            raise InvalidArgumentsError("limits set NAMESPACE N: both are needed")
-        queue.set_limit(namespace, value)
+        if namespace is None or (value is None and not changes_policy):
+            raise InvalidArgumentsError("limits set NAMESPACE N [--borrow|--no-borrow] [--ceiling N] [--weight W]")
+        if value is not None:
+            queue.set_limit(namespace, value)
+        if changes_policy:
+            queue.set_policy(namespace, policy)
     elif action == "clear":
         if namespace is None:
             raise InvalidArgumentsError("limits clear NAMESPACE: the namespace is needed")
         queue.set_limit(namespace, None)
+        queue.set_policy(namespace, None)
     console = make_console(out)
-    print_line(console, f"default (QUEUE_MAX_JOBS_PER_NAMESPACE): {get_config().queue.max_jobs_per_namespace}")
+    settings = get_config().queue
+    print_line(console, f"default (QUEUE_MAX_JOBS_PER_NAMESPACE): {settings.max_jobs_per_namespace}")
+    print_line(console, f"borrowing idle capacity by default (QUEUE_BORROW): {'yes' if settings.borrow else 'no'}")
     rows = [
-        [name, f"{o.limit}{' (override)' if o.overridden else ''}", o.waiting, o.queued, o.started]
+        [
+            name,
+            f"{o.limit}{' (override)' if o.overridden else ''}",
+            "default" if o.policy.borrow is None else ("yes" if o.policy.borrow else "no"),
+            "" if o.policy.ceiling is None else o.policy.ceiling,
+            f"{o.weight:g}",
+            o.waiting,
+            o.queued,
+            o.started,
+            o.borrowed,
+        ]
         for name, o in sorted(queue.limiter.overview().items())
     ]
-    headers = ["namespace", "limit", "waiting", "queued", "started"]
-    print_table(console, make_table(headers, rows, console, right=headers[2:]))
+    headers = ["namespace", "limit", "borrow", "ceiling", "weight", "waiting", "queued", "started", "borrowed"]
+    print_table(console, make_table(headers, rows, console, right=headers[3:]))
     return EXIT_OK
 
 
@@ -330,7 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     limits_parser.add_argument("action", nargs="?", choices=["show", "set", "clear"], default="show")
     limits_parser.add_argument("namespace", nargs="?", default=None)
     limits_parser.add_argument("value", nargs="?", type=_non_negative, default=None, help="the limit; 0 pauses")
-    limits_parser.set_defaults(run=lambda args: limits(args.action, args.namespace, args.value, sys.stdout))
+    limits_parser.add_argument(
+        "--borrow",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="at its limit, the namespace may (or may not) borrow idle capacity (default: QUEUE_BORROW)",
+    )
+    limits_parser.add_argument(
+        "--ceiling", type=_non_negative, default=None, help="the most slots it holds, borrowed ones included"
+    )
+    limits_parser.add_argument(
+        "--weight", type=_weight, default=None, help="its share of borrowed capacity against other borrowers (1)"
+    )
+    limits_parser.set_defaults(
+        run=lambda args: limits(
+            args.action, args.namespace, args.value, sys.stdout, Policy(args.borrow, args.ceiling, args.weight)
+        )
+    )
 
     reconcile_parser = commands.add_parser("reconcile", help="make Redis' limiter state agree with the ledger")
     reconcile_parser.set_defaults(run=lambda args: reconcile(sys.stdout))
@@ -384,6 +419,16 @@ def _positive(text: str) -> int:
 
 def _non_negative(text: str) -> int:
     return _whole_number(text, 0)
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"a weight is a number more than 0 and at most 1000, not {text!r}")
+    return value
 
 
 def _port(text: str) -> int:

@@ -12,6 +12,7 @@ from celery import _state as celery_state
 from common.config import AppConfig, get_config
 from common.lifecycle import Lifecycle
 from common.queue import Dispatch, Queue
+from tasks.capacity import CeleryCapacity
 from tasks.routing import destination
 
 TOKEN_HEADER = "stepcache_token"
@@ -84,7 +85,10 @@ def get_lifecycle(app: Celery | None = None) -> Lifecycle:
     with _lock:
         current = _lifecycles.get(app)
         if current is None or current[0] is not settings:
-            current = _lifecycles[app] = (settings, Lifecycle(Queue.from_config(CeleryDispatcher(app))))
+            current = _lifecycles[app] = (
+                settings,
+                Lifecycle(Queue.from_config(CeleryDispatcher(app), CeleryCapacity(app))),
+            )
         return current[1]
 
 

@@ -29,11 +29,11 @@ from collections.abc import Collection
 from celery import Celery, bootsteps
 
 from common.processing_graph import DEFAULT_STEPS, ProcessingStep, QueueName, get_processing_graph
-from common.registry import Role, get_registry
+from common.registry import ProcessRecord, Role, get_registry
 
 BUILTIN_STEPS = frozenset(step.name for step in DEFAULT_STEPS)
 LIVE_QUEUES_SECONDS = 1.0  # how long a process trusts its last read of the step queues the workers consume
-_live: tuple[float, dict[str, str]] = (0.0, {})
+_live: tuple[float, list[ProcessRecord]] = (0.0, [])
 _lock = threading.Lock()
 
 
@@ -59,20 +59,20 @@ def step_queues(app: Celery, consumed: Collection[str]) -> list[str]:
     return sorted(step_queue(step) for step in steps if step.queue.value in consumed)
 
 
-def live_step_queue(step: str) -> str | None:
-    """The queue of `step` that a live worker consumes (the registry read at most once a second), or None."""
+def live_workers() -> list[ProcessRecord]:
+    """The live workers' registry records, read at most once a second (LIVE_QUEUES_SECONDS)."""
     global _live
     with _lock:
-        read_at, queues = _live
+        read_at, records = _live
         if time.monotonic() - read_at >= LIVE_QUEUES_SECONDS:
-            records = get_registry().live()
-            queues = {
-                queue.partition(".")[2]: queue
-                for record in records
-                if record.role == Role.WORKER
-                for queue in record.step_queues
-            }
-            _live = (time.monotonic(), queues)
+            records = [record for record in get_registry().live() if record.role == Role.WORKER]
+            _live = (time.monotonic(), records)
+    return records
+
+
+def live_step_queue(step: str) -> str | None:
+    """The queue of `step` that a live worker consumes, or None."""
+    queues = {queue.partition(".")[2]: queue for record in live_workers() for queue in record.step_queues}
     return queues.get(step)
 
 

@@ -172,6 +172,19 @@ class StepTask(Task):  # type: ignore[misc]
         payload = message_payload(self.name, request.id, args, kwargs, getattr(request, PRIORITY_HEADER, None))
         return self._run_job(payload, token)
 
+    def _store_started(self, meta: dict[str, Any]) -> None:
+        """STARTED in the result backend, as `update_state` stores it but without reading the stored result
+        first: Celery reads it so as not to overwrite a SUCCESS, and no attempt of this job stored one (a
+        job's SUCCESS is stored after its end, and an ended job starts no attempt). One round trip less."""
+        backend, request = self.backend, self.request
+        store = getattr(backend, "_set_with_state", None)
+        if store is None:  # not a key-value store: Celery's own way
+            self.update_state(state=states.STARTED, meta=meta)
+            return
+        result = backend._get_result_meta(result=meta, state=states.STARTED, traceback=None, request=request)
+        result["task_id"] = request.id
+        store(backend.get_key_for_task(request.id), backend.encode(result), states.STARTED)
+
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
         lifecycle = get_lifecycle(self.app)
         worker = f"{self.request.hostname}:{os.getpid()}"
@@ -179,7 +192,7 @@ class StepTask(Task):  # type: ignore[misc]
         if attempt is None:
             raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run, no state
         # Celery's own STARTED (task_track_started) would be stored before the lease is confirmed.
-        self.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.request.hostname})
+        self._store_started({"pid": os.getpid(), "hostname": self.request.hostname})
         started = time.monotonic()
         # The start's records (the ledger, its event) are written beside the step: it starts at once.
         recording = partial(lifecycle.record_start, attempt, worker)

@@ -1,10 +1,11 @@
 """`python -m tasks top`: the namespaces the limiter knows, live.
 
-One row per namespace with work or a limit override: its limit (`*`: an override), its waiting, queued
-and started jobs, and how long its oldest waiting job has waited (on the Redis clock). A total row sums
-every namespace, shown or not; under it, the steps the live workers know (and what some know beyond the
-others). Keys on a terminal: n, w, u, s, o sort by namespace, waiting, queued, started, oldest wait; r
-reverses; q or Ctrl-C quits. `--once` prints the table once, `--json` the figures.
+One row per namespace with work or a limit override: its limit (`*`: an override), its weight among borrowers,
+its waiting, queued and started jobs, its share of the started jobs, the slots it holds beyond its limit
+(borrowed: common/queue/borrowing.py), and how long its oldest waiting job has waited (on the Redis clock). A
+total row sums every namespace, shown or not; under it, the steps the live workers know (and what some know
+beyond the others). Keys on a terminal: n, w, u, s, o sort by namespace, waiting, queued, started, oldest
+wait; r reverses; q or Ctrl-C quits. `--once` prints the table once, `--json` the figures.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tasks.display import add_row, make_console, make_table, print_line, print_t
 
 SORT_COLUMNS = ("namespace", "waiting", "queued", "started", "oldest")
 SORT_KEYS = {"n": "namespace", "w": "waiting", "u": "queued", "s": "started", "o": "oldest"}
-HEADERS = ["namespace", "limit", "waiting", "queued", "started", "oldest wait"]
+HEADERS = ["namespace", "limit", "weight", "waiting", "queued", "started", "share", "borrowed", "oldest wait"]
 LIVE_MARGIN_LINES = 8  # a live view without --limit shows what fits: the terminal's height less these
 
 
@@ -58,6 +59,7 @@ class Total:
     queued: int
     started: int
     oldest_wait: float | None
+    borrowed: int = 0
 
 
 def sort_rows(overview: Mapping[str, NamespaceOverview], sort: str, reverse: bool = False) -> list[Row]:
@@ -84,7 +86,13 @@ def total_of(overview: Mapping[str, NamespaceOverview]) -> Total:
         queued=sum(o.queued for o in overview.values()),
         started=sum(o.started for o in overview.values()),
         oldest_wait=max(waits) if waits else None,
+        borrowed=sum(o.borrowed for o in overview.values()),
     )
+
+
+def format_share(started: int, total: int) -> str:
+    """A namespace's share of the started jobs, in percent ('-' when none started)."""
+    return f"{100 * started / total:.0f}%" if total else "-"
 
 
 def format_wait(seconds: float | None) -> str:
@@ -113,21 +121,34 @@ def render(
     rows = sort_rows(overview, sort, reverse)
     shown = rows if limit is None else rows[:limit]
     table = make_table(HEADERS, [], console, right=HEADERS[1:], title=title)
+    total = total_of(overview)
     for index, row in enumerate(shown):
         o = row.figures
         limit_text = f"{o.limit}{'*' if o.overridden else ''}"
-        cells = [row.namespace, limit_text, o.waiting, o.queued, o.started, format_wait(o.oldest_wait)]
+        cells = [
+            row.namespace,
+            limit_text,
+            f"{o.weight:g}",
+            o.waiting,
+            o.queued,
+            o.started,
+            format_share(o.started, total.started),
+            o.borrowed,
+            format_wait(o.oldest_wait),
+        ]
         add_row(table, cells, end_section=index == len(shown) - 1)
-    total = total_of(overview)
     hidden = f", {len(rows) - len(shown)} not shown" if len(shown) < len(rows) else ""
     add_row(
         table,
         [
             f"total ({total.namespaces} namespaces{hidden})",
             "",
+            "",
             total.waiting,
             total.queued,
             total.started,
+            "",
+            total.borrowed,
             format_wait(total.oldest_wait),
         ],
         style="bold" if console.is_terminal else None,
@@ -161,6 +182,8 @@ def to_json(
                 "waiting": row.figures.waiting,
                 "queued": row.figures.queued,
                 "started": row.figures.started,
+                "weight": row.figures.weight,
+                "borrowed": row.figures.borrowed,
                 "oldest_wait_seconds": row.figures.oldest_wait,
             }
             for row in (rows if limit is None else rows[:limit])
@@ -170,6 +193,7 @@ def to_json(
             "waiting": total.waiting,
             "queued": total.queued,
             "started": total.started,
+            "borrowed": total.borrowed,
             "oldest_wait_seconds": total.oldest_wait,
         },
         "workers": [

@@ -138,11 +138,11 @@ def test_4_an_end_whose_effects_were_lost_is_finished_by_the_reaper_with_its_nex
     content = {"config_names": [{"dataset": "org/a", "config": "default"}]}
     fence = q.limiter.renew("org", first.job_id, dispatch.token, fence=True).fence
     cache.upsert_response(ROOT_STEP, "org/a", content, fence=fence)
-    record, dispatched = q.limiter.end(dispatch.payload, dispatch.token, fence, Ending.SUCCESS, None)
-    assert record is not None and [d.payload.job_id for d in dispatched] == [waiting.job_id]
+    ended = q.limiter.end(dispatch.payload, dispatch.token, fence, Ending.SUCCESS, None)
+    assert ended.record is not None and [d.payload.job_id for d in ended.dispatched] == [waiting.job_id]
     # ...and the process died here: no ledger, no children, no message for the promoted job.
-    again, _ = q.limiter.end(dispatch.payload, dispatch.token, fence, Ending.SUCCESS, None)
-    assert again == record  # a retried end (its reply lost) gets the recorded end back
+    again = q.limiter.end(dispatch.payload, dispatch.token, fence, Ending.SUCCESS, None)
+    assert again.record == ended.record  # a retried end (its reply lost) gets the recorded end back
     assert dispatcher.take() == []
     time.sleep(1.05)  # older than the grace: its caller is not coming back
     q.reap()

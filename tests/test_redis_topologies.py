@@ -23,13 +23,14 @@ from common.event_bus import EventBus
 from common.exceptions import ConfigError
 from common.processing_graph import get_processing_graph
 from common.queue import JobStatus
-from common.queue.limiter import namespace_key
+from common.queue.limiter import namespace_key, namespace_keys
 from common.queue.queue import epoch_keys, epoch_markers
+from common.redis_cluster import ScriptBatch
 from common.redis_connection import Topology, parse_redis_url
 from tasks import samples, steps
 from tasks.embedded import ROOT
 from tasks.queue import get_queue
-from tests.conftest import CLUSTER, SENTINEL, Stores, current_app_for, use_settings
+from tests.conftest import CLUSTER, SENTINEL, SINGLE, Stores, current_app_for, use_settings
 from tests.test_pipeline import wait_until_settled
 from tests.test_queue import make_queue
 from tests.waiting import eventually
@@ -161,6 +162,26 @@ def test_the_reaper_serves_namespaces_on_every_master_in_one_pass_even_after_the
     overview = q.limiter.overview()
     assert {ns: (o.waiting, o.queued) for ns, o in overview.items()} == dict.fromkeys(namespaces, (1, 1))
     assert all(o.oldest_wait is not None and 0 <= o.oldest_wait < 60 for o in overview.values())
+
+
+@pytest.mark.parametrize("redis_topology", [SINGLE, CLUSTER], indirect=True)
+def test_a_script_batch_after_the_scripts_were_flushed_keeps_its_order(stores: Stores) -> None:
+    q, _ = make_queue(limit=1)
+    client = stores.redis()
+    script = q.limiter.scripts["journaled"]  # harmless here: an empty journal
+    script(keys=namespace_keys("org"), args=["", 0])  # loaded
+    for flushed in (False, True):
+        if flushed:
+            client.script_flush()  # a restarted Redis: it has never seen our scripts
+        batch = ScriptBatch(client)
+        batch.pipe.rpush("{order}:log", "before")
+        batch.script(script, namespace_keys("org"), ["", 0])
+        batch.pipe.rpush("{order}:log", "after")
+        assert batch.execute()[0:1] == [1]
+        log = [entry.decode() for entry in client.lrange("{order}:log", 0, -1)]
+        # A command queued after a script that had to be loaded runs again after it (safe to repeat).
+        assert log == (["before", "after", "after"] if flushed else ["before", "after"])
+        client.delete("{order}:log")
 
 
 @pytest.mark.slow

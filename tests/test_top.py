@@ -19,6 +19,7 @@ from common.events import JOB_KEY_FIELDS, JobProgress, JobSucceeded
 from common.metrics import LiveCollector
 from common.queue import JobStatus, Queue
 from common.queue.jobs import Job, Priority, unicity_id
+from common.queue.limiter import Policy
 from common.queue.queue import age_of
 from common.redis_connection import get_redis
 from tasks import cli
@@ -114,17 +115,19 @@ def test_the_limiter_overview_has_the_seeded_figures(seeded: Seeded) -> None:
 
 
 def test_top_once_prints_the_table_sorted_by_waiting(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
+    seeded.queue.set_policy("alpha", Policy(weight=2))
     output = run_cli(capsys, "top", "--once")
     assert ESCAPE not in output
     rows = rows_of(output)
     assert list(rows) == ["alpha", "beta", "gamma", "idle", "total"]  # ties (beta, gamma): by name
-    assert rows["alpha"] == ["alpha", "2", "3", "1", "1", "0s"]
-    assert rows["beta"] == ["beta", "1*", "2", "1", "0", "0s"]
-    assert rows["gamma"][:5] == ["gamma", "0*", "2", "0", "0"]
-    assert re.fullmatch(r"1m[23]\ds", rows["gamma"][5]), rows["gamma"]
-    assert rows["idle"] == ["idle", "5*", "0", "0", "0", "-"]
+    # namespace, limit, weight, waiting, queued, started, share of the started, borrowed, oldest wait
+    assert rows["alpha"] == ["alpha", "2", "2", "3", "1", "1", "100%", "0", "0s"]
+    assert rows["beta"] == ["beta", "1*", "1", "2", "1", "0", "0%", "0", "0s"]
+    assert rows["gamma"][:8] == ["gamma", "0*", "1", "2", "0", "0", "0%", "0"]
+    assert re.fullmatch(r"1m[23]\ds", rows["gamma"][8]), rows["gamma"]
+    assert rows["idle"] == ["idle", "5*", "1", "0", "0", "0", "0%", "0", "-"]
     assert rows["total"][:4] == ["total", "(4", "namespaces)", "7"]
-    assert rows["total"][4:6] == ["2", "1"]
+    assert rows["total"][4:7] == ["2", "1", "0"]
     assert "*: a limit override" in output
 
 
@@ -168,6 +171,7 @@ def test_top_json_has_the_same_figures(seeded: Seeded, capsys: pytest.CaptureFix
     assert by_name["idle"].pop("oldest_wait_seconds") is None
     assert 0 <= by_name["alpha"].pop("oldest_wait_seconds") < 10
     assert 0 <= by_name["beta"].pop("oldest_wait_seconds") < 10
+    assert [(row.pop("weight"), row.pop("borrowed")) for row in by_name.values()] == [(1.0, 0)] * 4
     assert by_name == {
         "alpha": {"limit": 2, "override": False, "waiting": 3, "queued": 1, "started": 1},
         "beta": {"limit": 1, "override": True, "waiting": 2, "queued": 1, "started": 0},
@@ -176,7 +180,7 @@ def test_top_json_has_the_same_figures(seeded: Seeded, capsys: pytest.CaptureFix
     }
     total = payload["total"]
     assert total.pop("oldest_wait_seconds") == gamma_wait
-    assert total == {"namespaces": 4, "waiting": 7, "queued": 2, "started": 1}
+    assert total == {"namespaces": 4, "waiting": 7, "queued": 2, "started": 1, "borrowed": 0}
 
 
 def test_top_without_a_terminal_prints_a_table_per_refresh_until_interrupted(seeded: Seeded) -> None:
@@ -196,7 +200,7 @@ def test_top_without_a_terminal_prints_a_table_per_refresh_until_interrupted(see
     seeded.queue.limiter.overview = counted  # type: ignore[method-assign]
     assert top(interval=0.01, out=out, keys=keys, limiter=seeded.queue.limiter) == 0
     assert out.getvalue().count("stepcache top") == 2
-    assert len(re.findall(r"^alpha +2 +3 +1 +1 ", out.getvalue(), re.MULTILINE)) == 2
+    assert len(re.findall(r"^alpha +2 +1 +3 +1 +1 ", out.getvalue(), re.MULTILINE)) == 2
     assert ESCAPE not in out.getvalue()
 
 

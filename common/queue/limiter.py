@@ -23,7 +23,8 @@ namespace with no job, no record and no journal entry keeps no key but its limit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.resources import files
@@ -41,6 +42,7 @@ LIMITS_KEY = f"{REDIS_PREFIX}:limits"  # namespaces with a limit override
 REAP_BATCH = 100
 RANK_WEIGHT = 10**15  # as in scripts/prelude.lua: a waiting job's score is rank * RANK_WEIGHT + age
 FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua: fences are microseconds since then
+Wants = tuple[float, float]  # a borrower's borrowed slots per unit of weight, and its weight (borrowing.py)
 _KEY_NAMES = (
     "leases",
     "expiry",
@@ -56,6 +58,7 @@ _KEY_NAMES = (
     "runners",
     "pending",
     "journal",
+    "policy",
 )
 _SCRIPTS = (
     "admit",
@@ -72,6 +75,7 @@ _SCRIPTS = (
     "unstart",
     "applied",
     "journaled",
+    "borrow",
 )
 
 
@@ -89,6 +93,7 @@ _JOURNALING = frozenset(
         "unstart",
         "restore_end",
         "applied",
+        "borrow",
     }
 )
 
@@ -213,6 +218,7 @@ class Reaped:
     journaled: int  # entries in its journal, not written to the ledger yet
     left_behind: bool  # the oldest of them is older than the grace: the process that made it is gone
     fence: int  # the pass's: the requeued jobs' attempts that started before it have smaller start fences
+    wants: Wants | None = None  # it wants to borrow (common/queue/borrowing.py)
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,44 @@ class Admission:
     job_ids: list[str]  # each job's, or its pending twin's
     admitted: list[bool]  # False: known already (the job, or its twin)
     dispatched: list[Record]
+    wanting: dict[str, Wants] = field(default_factory=dict)  # the namespaces that want to borrow
+
+
+@dataclass(frozen=True)
+class Ended:
+    """What `end` did: the end record (None: the attempt was stale), the jobs dispatched to the freed slot,
+    and whether the namespace wants to borrow (`Reaped.wants`)."""
+
+    record: Record | None
+    dispatched: list[Record] = field(default_factory=list)
+    wants: Wants | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A namespace's borrowing overrides (None: the default): whether it may borrow idle capacity beyond
+    its limit, the most slots it ever holds, and its weight among borrowers."""
+
+    borrow: bool | None = None
+    ceiling: int | None = None
+    weight: float | None = None
+
+
+def _policy(fields: Mapping[str, str]) -> Policy:
+    return Policy(
+        borrow=fields["borrow"] == "1" if "borrow" in fields else None,
+        ceiling=int(fields["ceiling"]) if "ceiling" in fields else None,
+        weight=float(fields["weight"]) if "weight" in fields else None,
+    )
+
+
+def _wants(reply: Any) -> Wants | None:
+    """A script's `wants` (scripts/prelude.lua)."""
+    text = as_text(reply)
+    if not text:
+        return None
+    score, weight = text.split()
+    return float(score), float(weight)
 
 
 @dataclass(frozen=True)
@@ -256,10 +300,20 @@ class NamespaceOverview:
     queued: int
     started: int
     oldest_wait: float | None  # seconds its oldest waiting job has waited (Redis clock); None: none waits
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def counts(self) -> NamespaceCounts:
         return NamespaceCounts(self.waiting, self.queued, self.started)
+
+    @property
+    def borrowed(self) -> int:
+        """Slots it holds beyond its limit."""
+        return max(0, self.queued + self.started - self.limit)
+
+    @property
+    def weight(self) -> float:
+        return self.policy.weight if self.policy.weight is not None else 1.0
 
 
 class NamespaceLimiter:
@@ -272,9 +326,11 @@ class NamespaceLimiter:
         started_ttl_seconds: float,
         queued_ttl_seconds: float,
         max_attempts: int,
+        default_borrow: bool = False,
     ) -> None:
         self.redis = client
         self.default_limit = default_limit
+        self.default_borrow = default_borrow
         self.started_ttl_ms = int(started_ttl_seconds * 1000)
         self.queued_ttl_ms = int(queued_ttl_seconds * 1000)
         self.max_attempts = max_attempts
@@ -331,12 +387,20 @@ class NamespaceLimiter:
         after its jobs): each job's id (its pending twin's when it has one) and the dispatch records."""
         namespaces = list(dict.fromkeys(payload.namespace for payload in payloads))
         promote_args = self._promote_args()
-        calls = [("admit", p.namespace, [p.job_id, p.compact(), *promote_args, revision or ""]) for p in payloads]
+        calls = [
+            ("admit", p.namespace, [p.job_id, p.compact(), *promote_args, revision or "", self._borrow_arg])
+            for p in payloads
+        ]
         replies = self._run_listed(namespaces, calls)
+        wanting = {}
+        for payload, (*_, wants) in zip(payloads, replies, strict=True):
+            if (score := _wants(wants)) is not None:
+                wanting[payload.namespace] = score
         return Admission(
-            [as_text(job_id) for _, _, job_id in replies],
-            [bool(admitted) for admitted, _, _ in replies],
-            [record for _, dispatched, _ in replies for record in self._dispatched(dispatched)],
+            [as_text(job_id) for _, _, job_id, _ in replies],
+            [bool(admitted) for admitted, _, _, _ in replies],
+            [record for _, dispatched, _, _ in replies for record in self._dispatched(dispatched)],
+            wanting,
         )
 
     def confirm(self, namespace: str, job_id: str, token: str, delivery: str, worker: str = "") -> Confirmation:
@@ -358,9 +422,8 @@ class NamespaceLimiter:
 
     def end(
         self, payload: JobPayload, token: str, fence: int, ending: Ending, error_code: str | None, start: int = 0
-    ) -> tuple[Record | None, list[Record]]:
-        """End the attempt holding this token (the one that started at fence `start`; 0: any): its end
-        record and the jobs dispatched to the freed slot; (None, []) when the attempt is stale."""
+    ) -> Ended:
+        """End the attempt holding this token (the one that started at fence `start`; 0: any): see `Ended`."""
         result = self._run(
             "end",
             payload.namespace,
@@ -371,10 +434,11 @@ class NamespaceLimiter:
             error_code or "",
             *self._promote_args(),
             start,
+            self._borrow_arg,
         )
         if as_text(result[0]) != "ended":
-            return None, []
-        return Record.parse(result[1], payload.job_id), self._dispatched(result[2])
+            return Ended(None)
+        return Ended(Record.parse(result[1], payload.job_id), self._dispatched(result[2]), _wants(result[3]))
 
     def reap(self, namespaces: Sequence[str], grace_ms: int) -> dict[str, Reaped]:
         """Take back expired leases of these namespaces (up to a batch each), lease free slots, and return
@@ -385,11 +449,11 @@ class NamespaceLimiter:
             batch.script(
                 self.scripts["reap"],
                 namespace_keys(namespace),
-                [self.max_attempts, *self._promote_args(), REAP_BATCH, grace_ms],
+                [self.max_attempts, *self._promote_args(), REAP_BATCH, grace_ms, self._borrow_arg],
             )
         reaped = {}
         for namespace, reply in zip(namespaces, batch.execute(), strict=True):
-            records, dispatched, idle, requeued, crashed, journaled, left_behind, fence = reply
+            records, dispatched, idle, requeued, crashed, journaled, left_behind, fence, wants = reply
             reaped[namespace] = Reaped(
                 [Record.parse(records[i + 1], records[i]) for i in range(0, len(records), 2)],
                 self._dispatched(dispatched),
@@ -399,6 +463,7 @@ class NamespaceLimiter:
                 int(journaled),
                 bool(left_behind),
                 int(as_text(fence)),
+                _wants(wants),
             )
         # What the scripts journaled (a requeue, a crash) is written by this process's writer.
         self.on_journal([namespace for namespace, reaped_one in reaped.items() if reaped_one.journaled])
@@ -515,7 +580,8 @@ class NamespaceLimiter:
         if limit is not None and limit < 0:
             raise InvalidInputError(f"a namespace limit is 0 (paused) or more, not {limit}")
         if limit is None:
-            self.redis.srem(LIMITS_KEY, namespace)
+            if not self.redis.exists(namespace_key(namespace, "policy")):
+                self.redis.srem(LIMITS_KEY, namespace)
         else:
             self.redis.sadd(LIMITS_KEY, namespace)
         dispatched = self._run("set_limit", namespace, *self._promote_args(), "" if limit is None else limit)
@@ -574,7 +640,7 @@ class NamespaceLimiter:
         if not names:
             return {}
         ranks = sorted({priority.rank for priority in Priority})
-        per_namespace = 3 + len(ranks)
+        per_namespace = 4 + len(ranks)
         # Per node (one on a single Redis), its clock, then its namespaces' keys.
         by_node: dict[str, list[str]] = {}
         for namespace in names:
@@ -601,12 +667,13 @@ class NamespaceLimiter:
         pipe.get(namespace_key(namespace, "limit"))
         pipe.zcard(waiting)
         pipe.hvals(namespace_key(namespace, "leases"))
+        pipe.hgetall(namespace_key(namespace, "policy"))
         for rank in ranks:  # the head of each priority: the oldest job of that priority
             low, high = rank * RANK_WEIGHT, (rank + 1) * RANK_WEIGHT
             pipe.zrangebyscore(waiting, low, f"({high}", start=0, num=1, withscores=True)
 
     def _overview_of(self, reply: Sequence[Any], ranks: Sequence[int], now: int) -> NamespaceOverview:
-        override, waiting_count, leases, *heads = reply
+        override, waiting_count, leases, policy, *heads = reply
         ages = [int(head[0][1]) - rank * RANK_WEIGHT for rank, head in zip(ranks, heads, strict=True) if head]
         queued = sum(1 for lease in leases if as_text(lease).startswith("q:"))
         return NamespaceOverview(
@@ -616,6 +683,7 @@ class NamespaceLimiter:
             queued=queued,
             started=len(leases) - queued,
             oldest_wait=max(0, now - min(ages)) / 1_000_000 if ages else None,
+            policy=_policy({as_text(k): as_text(v) for k, v in policy.items()}),
         )
 
     def lease_token(self, namespace: str, job_id: str) -> str | None:
@@ -625,6 +693,55 @@ class NamespaceLimiter:
 
     def _promote_args(self) -> tuple[int, int]:
         return self.default_limit, self.queued_ttl_ms
+
+    @property
+    def _borrow_arg(self) -> str:
+        return "1" if self.default_borrow else ""
+
+    def borrow(
+        self, slots: Mapping[str, int], idle: Mapping[str, int], queue_of: Mapping[str, str], default_queue: str
+    ) -> dict[str, tuple[list[Record], Wants | None]]:
+        """Lease up to `slots[namespace]` slots beyond each namespace's limit (borrow.lua) to its waiting
+        jobs whose queue has `idle` capacity; per namespace, the jobs dispatched and whether it still wants
+        to borrow. One round trip (on a cluster, one per node, all at once)."""
+        batch = ScriptBatch(self.redis)
+        budget, steps = json.dumps(dict(idle)), json.dumps(dict(queue_of))
+        for namespace, count in slots.items():
+            args = [*self._promote_args(), self._borrow_arg, count, budget, steps, default_queue]
+            batch.script(self.scripts["borrow"], namespace_keys(namespace), args)
+        try:
+            replies = batch.execute()
+        finally:
+            self.on_journal(list(slots))
+        return {
+            namespace: (self._dispatched(dispatched), _wants(wants))
+            for namespace, (dispatched, wants) in zip(slots, replies, strict=True)
+        }
+
+    def policy(self, namespace: str) -> Policy:
+        """The namespace's borrowing overrides."""
+        fields = self.redis.hgetall(namespace_key(namespace, "policy"))
+        return _policy({as_text(name): as_text(value) for name, value in fields.items()})
+
+    def set_policy(self, namespace: str, policy: Policy) -> None:
+        """Set the namespace's borrowing overrides (a None field: back to the default)."""
+        if policy.ceiling is not None and policy.ceiling < 0:
+            raise InvalidInputError(f"a namespace's ceiling is 0 or more slots, not {policy.ceiling}")
+        if policy.weight is not None and not 0 < policy.weight <= 1000:
+            raise InvalidInputError(f"a namespace's weight is more than 0 and at most 1000, not {policy.weight}")
+        key = namespace_key(namespace, "policy")
+        values = {"borrow": policy.borrow, "ceiling": policy.ceiling, "weight": policy.weight}
+        pipe = self.redis.pipeline(transaction=True)
+        for name, value in values.items():
+            if value is None:
+                pipe.hdel(key, name)
+            else:
+                pipe.hset(key, name, ("1" if value else "0") if isinstance(value, bool) else str(value))
+        pipe.execute()
+        if any(value is not None for value in values.values()):
+            self.redis.sadd(LIMITS_KEY, namespace)
+        elif self.redis.get(namespace_key(namespace, "limit")) is None:
+            self.redis.srem(LIMITS_KEY, namespace)
 
     @staticmethod
     def _dispatched(flat: Iterable[Any]) -> list[Record]:

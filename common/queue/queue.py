@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -43,6 +43,7 @@ from common.exceptions import (
 )
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
+from common.queue.borrowing import Borrowers, Capacity
 from common.queue.epoch import Generation, epoch_keys, epoch_markers, kept_its_data
 from common.queue.jobs import (
     PENDING_STATUSES,
@@ -61,8 +62,10 @@ from common.queue.limiter import (
     EndRecorded,
     NamespaceCounts,
     NamespaceLimiter,
+    Policy,
     Record,
     RecordKind,
+    Wants,
 )
 from common.redis_cluster import ScriptBatch, all_exist
 from common.redis_connection import get_redis
@@ -164,10 +167,13 @@ class Queue:
         limiter: NamespaceLimiter,
         events: EventBus | None = None,
         ledger_lag_seconds: float | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.ledger = ledger
         self.limiter = limiter
+        # Without a measure of the fleet's capacity (a dispatcher that is not Celery's), nothing borrows.
+        self.borrowers = Borrowers(limiter, capacity) if capacity is not None else None
         self.events = events if events is not None else EventBus(limiter.redis)
         lag = ledger_lag_seconds if ledger_lag_seconds is not None else get_config().queue.ledger_lag_seconds
         self.generation = Generation(limiter.redis)
@@ -195,7 +201,7 @@ class Queue:
             logger.exception("could not publish %s", [event.type for event in events])
 
     @classmethod
-    def from_config(cls, dispatcher: Dispatcher) -> Queue:
+    def from_config(cls, dispatcher: Dispatcher, capacity: Capacity | None = None) -> Queue:
         settings = get_config()
         limiter = NamespaceLimiter(
             get_redis(settings.queue.redis_url),
@@ -203,8 +209,9 @@ class Queue:
             started_ttl_seconds=settings.worker.lease_ttl_seconds,
             queued_ttl_seconds=settings.worker.queued_lease_seconds,
             max_attempts=settings.worker.max_attempts,
+            default_borrow=settings.queue.borrow,
         )
-        return cls(dispatcher, Ledger(), limiter)
+        return cls(dispatcher, Ledger(), limiter, capacity=capacity)
 
     # --- the life of a job -------------------------------------------------------------------------
 
@@ -262,6 +269,7 @@ class Queue:
             self.check_epoch()
             admission = self.limiter.admit_many([job.payload() for job in batch], revision)
             self._apply_by_namespace(admission.dispatched)
+            self.borrow(admission.wanting)
             recorded += [
                 job if job_id == job.job_id else job.model_copy(update={"job_id": job_id})
                 for job, job_id in zip(batch, admission.job_ids, strict=True)
@@ -368,6 +376,22 @@ class Queue:
         """Override one namespace's limit (0 pauses it) or, with None, go back to the default."""
         self.apply(self.limiter.set_limit(namespace_of(namespace), limit))
 
+    def set_policy(self, namespace: str, policy: Policy | None) -> None:
+        """Change the borrowing overrides a Policy gives (its None fields stay as they are); None: back to
+        the defaults. A namespace that may borrow now does at once, if the fleet has idle capacity."""
+        namespace = namespace_of(namespace)
+        if policy is None:
+            self.limiter.set_policy(namespace, Policy())
+            return
+        current = self.limiter.policy(namespace)
+        merged = Policy(
+            current.borrow if policy.borrow is None else policy.borrow,
+            current.ceiling if policy.ceiling is None else policy.ceiling,
+            current.weight if policy.weight is None else policy.weight,
+        )
+        self.limiter.set_policy(namespace, merged)
+        self.borrow({namespace: (0.0, merged.weight or 1.0)})
+
     def get_limit(self, namespace: str) -> tuple[int, bool]:
         return self.limiter.get_limit(namespace_of(namespace))
 
@@ -454,6 +478,17 @@ class Queue:
     def _promote_all(self) -> None:
         for namespace in self.limiter.namespaces():
             self.apply(self.limiter.promote(namespace))
+
+    def borrow(self, wanting: Mapping[str, Wants], ending_step: str | None = None) -> None:
+        """Lease idle capacity to the namespaces that want to borrow (common/queue/borrowing.py) and publish
+        what it dispatched; `ending_step`: the step of a job whose end called it (its slot is about to be
+        free). Never raises: what it could not do, the reaper's next pass does."""
+        if not wanting or self.borrowers is None:
+            return
+        try:
+            self._apply_by_namespace(self.borrowers.borrow(wanting, ending_step))
+        except Exception:
+            logger.exception("could not lease idle capacity to %s namespaces; the reaper will", len(wanting))
 
     def _apply_by_namespace(self, records: Sequence[Record]) -> None:
         by_namespace: dict[str, list[Record]] = {}

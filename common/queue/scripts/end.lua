@@ -5,8 +5,8 @@
 -- A job cancelled while it ran ends as cancelled whatever its attempt says: nothing follows it.
 -- ARGV[1] job id, ARGV[2] lease token, ARGV[3] fence (from renew), ARGV[4] status, ARGV[5] error code,
 -- ARGV[6] default limit, ARGV[7] queued lease TTL (ms), ARGV[8] the attempt's start fence ('0': any attempt
--- of this token, as a worker's main process knows it)
--- Returns {'ended', record, dispatched} | {'stale'}.
+-- of this token, as a worker's main process knows it), ARGV[9] the default borrow
+-- Returns {'ended', record, dispatched, whether the namespace wants to borrow} | {'stale'}.
 local job, token = ARGV[1], ARGV[2]
 local lease = redis.call('HGET', LEASES, job)
 if (lease == 's:' .. token or lease == 'c:' .. token) and runs(job, ARGV[8]) then
@@ -18,11 +18,12 @@ if (lease == 's:' .. token or lease == 'c:' .. token) and runs(job, ARGV[8]) the
   forget(job)
   record(job, 'end', tonumber(ARGV[3]), token, now, attempt, status, code, payload)
   journal(STATUS_OF[status], job, tonumber(ARGV[3]), now, payload, attempt, token, '', code)
-  return {'ended', redis.call('HGET', OUTBOX, job), promote(ARGV[6], ARGV[7], now)}
+  local dispatched = promote(ARGV[6], ARGV[7], now)
+  return {'ended', redis.call('HGET', OUTBOX, job), dispatched, wants(ARGV[6], ARGV[9])}
 end
 local recorded = redis.call('HGET', OUTBOX, job)
 -- Only this attempt's own end (its fence): an end the reaper recorded for it (crashed, cancelled) is not.
 if recorded and string.find(recorded, '^end|' .. ARGV[3] .. '|' .. token .. '|') then
-  return {'ended', recorded, {}}
+  return {'ended', recorded, {}, ''}
 end
 return {'stale'}

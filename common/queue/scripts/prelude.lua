@@ -17,11 +17,14 @@
 --   KEYS[14] journal   list  the ledger's transitions not written to MongoDB yet, oldest first, each a JSON
 --                            array of strings: [status, fence, at ms, job, attempt, token, worker, error
 --                            code, revision, payload] (status 'created': the job's admission, waiting)
+--   KEYS[15] policy    hash  this namespace's borrowing overrides: borrow ('1' may, '0' may not; absent:
+--                            the default), ceiling (the most slots it ever holds), weight (its share of
+--                            borrowed capacity; absent: 1)
 -- Fences only grow within a namespace, also after its keys expired or Redis lost them: they are at least
 -- the Redis clock in microseconds since FENCE_EPOCH_MS. Every effect outside Redis is conditional on one.
 local LEASES, EXPIRY, WAITING, JOBS, ATTEMPTS, LIMIT, SEQUENCE, OWNERS, BLOCKED, AGES, OUTBOX, RUNNERS =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local PENDING, JOURNAL = KEYS[13], KEYS[14]
+local PENDING, JOURNAL, POLICY = KEYS[13], KEYS[14], KEYS[15]
 local RANK_WEIGHT = 1e15
 -- Low priorities age: a waiting job goes before jobs of the next priority up once it has waited this long
 -- more than they have (one hour per rank, in fence microseconds), so steady traffic never starves it.
@@ -62,6 +65,12 @@ local function decode(payload)
     return value
   end
   return {unicity_id = p[1] .. ',' .. p[2] .. ',' .. text(p[3]) .. ',' .. text(p[4]), rank = p[5]}
+end
+
+-- A payload's step.
+local function step_of(payload)
+  local p = cjson.decode(payload)
+  return p['step'] or p[1]
 end
 
 -- Record a decision in the outbox; the caller applies its effects, or the reaper does if it cannot.
@@ -180,6 +189,20 @@ local function next_waiting()
   return best
 end
 
+-- Lease a slot to a waiting job (taken out of the waiting room) under a new fence that is its message's
+-- token, record the dispatch, and add {job, token, payload} to `dispatched`.
+local function dispatch(job, queued_ttl_ms, now, dispatched)
+  local token = fmt(next_fence(now))
+  local payload = redis.call('HGET', JOBS, job)
+  redis.call('HSET', LEASES, job, 'q:' .. token)
+  redis.call('ZADD', EXPIRY, now + tonumber(queued_ttl_ms), job)
+  record(job, 'dispatch', tonumber(token), token, now, 0, '', '', payload)
+  journal('queued', job, tonumber(token), now, payload)
+  dispatched[#dispatched + 1] = job
+  dispatched[#dispatched + 1] = token
+  dispatched[#dispatched + 1] = payload
+end
+
 -- Lease free slots to the best waiting jobs, each under a new fence that is its message's token, and
 -- record each dispatch; returns {job, token, payload, ...}, which the caller publishes to Celery.
 local function promote(default_limit, queued_ttl_ms, now)
@@ -188,16 +211,31 @@ local function promote(default_limit, queued_ttl_ms, now)
   while free > 0 do
     local job = next_waiting()
     if not job then break end
-    local token = fmt(next_fence(now))
-    local payload = redis.call('HGET', JOBS, job)
-    redis.call('HSET', LEASES, job, 'q:' .. token)
-    redis.call('ZADD', EXPIRY, now + tonumber(queued_ttl_ms), job)
-    record(job, 'dispatch', tonumber(token), token, now, 0, '', '', payload)
-    journal('queued', job, tonumber(token), now, payload)
-    dispatched[#dispatched + 1] = job
-    dispatched[#dispatched + 1] = token
-    dispatched[#dispatched + 1] = payload
+    dispatch(job, queued_ttl_ms, now, dispatched)
     free = free - 1
   end
   return dispatched
+end
+
+-- Borrowing (common/queue/borrowing.py): a namespace at its limit, with jobs waiting, may lease more
+-- slots, with capacity of the fleet that no other namespace waits for, up to its ceiling. Whether it may:
+-- its policy's borrow, else the default (ARGV '1' or '').
+local function may_borrow(default_borrow)
+  local own = redis.call('HGET', POLICY, 'borrow')
+  if own then return own == '1' end
+  return default_borrow == '1'
+end
+
+local function ceiling()
+  return tonumber(redis.call('HGET', POLICY, 'ceiling') or '1e18')
+end
+
+-- '' when the namespace does not want to borrow now; else '<its borrowed slots per unit of weight> <its
+-- weight>': borrowers are served the fewest borrowed slots per weight first.
+local function wants(default_limit, default_borrow)
+  local leases, own = redis.call('HLEN', LEASES), limit(default_limit)
+  if own <= 0 or leases < own or leases >= ceiling() or not may_borrow(default_borrow) then return '' end
+  if redis.call('ZCARD', WAITING) == 0 then return '' end
+  local weight = tonumber(redis.call('HGET', POLICY, 'weight') or '1')
+  return string.format('%.6f %.6f', (leases - own) / weight, weight)
 end

@@ -2,11 +2,12 @@
 -- A cancelled job ('c:') ends as cancelled; a started job out of attempts ends as crashed; any other
 -- (its worker died, or its message was lost) is parked again at its old place in line.
 -- ARGV[1] max attempts, ARGV[2] default limit, ARGV[3] queued lease TTL (ms), ARGV[4] batch size,
--- ARGV[5] grace (ms): records older than this were left behind by their caller
+-- ARGV[5] grace (ms): records older than this were left behind by their caller, ARGV[6] the default borrow
 -- Returns {records {job, record, ...}, dispatched, idle (1 when the namespace has nothing left),
 --          requeued {job, ...}, crashed {job, ...}, journal entries not written to the ledger yet, 1 when
 --          the oldest of them is older than the grace (its writer is gone), a fence of this pass (every
---          attempt of a requeued job that started before it has a smaller one; any later, a larger one)}.
+--          attempt of a requeued job that started before it has a smaller one; any later, a larger one),
+--          whether the namespace wants to borrow}.
 local now = now_ms()
 local fresh, requeued, crashed = {}, {}, {}
 for _, job in ipairs(redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
@@ -61,4 +62,4 @@ if head then
   if not at or at <= now - tonumber(ARGV[5]) then stale = 1 end
 end
 local pass = #requeued > 0 and fmt(next_fence(now)) or '0'
-return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL), stale, pass}
+return {records, dispatched, tidy(), requeued, crashed, redis.call('LLEN', JOURNAL), stale, pass, wants(ARGV[2], ARGV[6])}

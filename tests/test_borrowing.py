@@ -1,0 +1,184 @@
+"""Borrowing idle capacity (common/queue/borrowing.py), in the limiter's scripts, on one Redis and on a
+Redis Cluster. The capacity is given (the fleet's measure is tasks/capacity.py, with real workers in
+tests/test_borrowing_workers.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from common.config import get_config
+from common.processing_graph import QueueName, get_processing_graph
+from common.queue import Queue
+from common.queue.borrowing import BORROWERS_KEY
+from common.queue.ledger import Ledger
+from common.queue.limiter import NamespaceLimiter, Policy, namespace_key
+from common.redis_connection import get_redis
+from tests.conftest import Stores
+from tests.test_queue import Jobs, RecordingDispatcher, run
+
+pytestmark = pytest.mark.redis_topologies
+HEAVY_STEP = "config-parquet-and-info"
+
+
+class GivenCapacity:
+    """A fleet of so many slots per queue; the jobs holding a lease (dispatched or started) use them."""
+
+    def __init__(self, **slots: int) -> None:
+        self.slots = slots
+        self.limiter: NamespaceLimiter | None = None
+
+    def idle(self, freeing: str | None = None) -> dict[str, int]:
+        queue_of, default = self.queues()
+        used: dict[str, int] = {}
+        assert self.limiter is not None
+        redis = self.limiter.redis
+        for namespace in self.limiter.namespaces():
+            leased = redis.hkeys(namespace_key(namespace, "leases"))
+            for job in leased:
+                step = json.loads(redis.hget(namespace_key(namespace, "jobs"), job))[0]
+                queue = queue_of.get(step, default)
+                used[queue] = used.get(queue, 0) + 1
+        return {queue: slots - used.get(queue, 0) for queue, slots in self.slots.items()}
+
+    def queues(self) -> tuple[dict[str, str], str]:
+        graph = get_processing_graph()
+        default = QueueName.LIGHT.value
+        return {step.name: step.queue.value for step in graph.steps if step.queue.value != default}, default
+
+
+def make(capacity: GivenCapacity, limit: int = 1, borrow: bool = True) -> tuple[Jobs, RecordingDispatcher]:
+    dispatcher = RecordingDispatcher()
+    settings = get_config()
+    limiter = NamespaceLimiter(
+        get_redis(settings.queue.redis_url),
+        default_limit=limit,
+        started_ttl_seconds=60,
+        queued_ttl_seconds=3600,
+        max_attempts=2,
+        default_borrow=borrow,
+    )
+    capacity.limiter = limiter
+    return Jobs(Queue(dispatcher, Ledger(), limiter, capacity=capacity)), dispatcher
+
+
+@pytest.fixture
+def fleet(stores: Stores) -> Iterator[GivenCapacity]:
+    yield GivenCapacity(light=4, heavy=1)
+
+
+def enqueue(q: Jobs, namespace: str, count: int, step: str = "dataset-config-names") -> None:
+    for i in range(count):
+        q.enqueue(step, f"{namespace}/ds{i}")
+
+
+def test_a_namespace_at_its_limit_borrows_the_idle_slots(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet)
+    enqueue(q, "org", 6)
+    assert len(dispatcher.take()) == 4  # its limit, and the 3 slots left idle
+    overview = q.limiter.overview()["org"]
+    assert (overview.queued, overview.waiting, overview.borrowed) == (4, 2, 3)
+
+
+def test_borrowing_off_is_the_hard_cap(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet, borrow=False)
+    enqueue(q, "org", 6)
+    assert len(dispatcher.take()) == 1
+    assert q.limiter.overview()["org"].borrowed == 0
+    assert not get_redis(get_config().queue.redis_url).exists(BORROWERS_KEY)
+
+
+def test_a_namespace_policy_overrides_the_default(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet, borrow=False)
+    q.set_policy("lender", Policy(borrow=True))
+    enqueue(q, "lender", 6)
+    assert len(dispatcher.take()) == 4
+    q, dispatcher = make(fleet, borrow=True)
+    q.set_policy("strict", Policy(borrow=False))
+    enqueue(q, "strict", 6)
+    assert len(dispatcher.take()) == 1
+
+
+def test_a_ceiling_is_never_passed(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet)
+    q.set_policy("org", Policy(ceiling=2))
+    enqueue(q, "org", 6)
+    assert len(dispatcher.take()) == 2
+    q.set_policy("org", Policy(ceiling=3))  # raised: it borrows at once
+    assert len(dispatcher.take()) == 1
+    assert q.limiter.overview()["org"].queued == 3
+    q.set_policy("org", Policy(ceiling=10))
+    assert len(dispatcher.take()) == 1  # the fleet's 4 light slots are all used
+
+
+def test_a_paused_namespace_never_borrows(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet)
+    q.set_limit("org", 0)
+    enqueue(q, "org", 3)
+    assert dispatcher.take() == []
+
+
+def test_without_idle_capacity_nothing_is_borrowed(stores: Stores) -> None:
+    q, dispatcher = make(GivenCapacity(light=2, heavy=0))
+    enqueue(q, "busy", 1)
+    enqueue(q, "org", 6)
+    assert len(dispatcher.take()) == 2  # one each: the second slot is org's by its limit
+
+
+def test_the_jobs_of_a_queue_without_idle_capacity_keep_their_place(stores: Stores) -> None:
+    fleet = GivenCapacity(light=4, heavy=0)
+    q, dispatcher = make(fleet)
+    q.set_limit("org", 0)  # paused while it fills: the order is the enqueue order
+    q.enqueue("dataset-config-names", "org/first")
+    q.enqueue(HEAVY_STEP, "org/heavy", "default")
+    enqueue(q, "org", 4)
+    q.set_limit("org", 1)
+    assert [d.payload.dataset for d in dispatcher.take()] == ["org/first"]
+    q.borrow({"org": (0.0, 1.0)})  # the heavy queue has no idle slot: the light jobs behind it borrow
+    borrowed = [d.payload for d in dispatcher.take()]
+    assert len(borrowed) == 3 and {p.step for p in borrowed} == {"dataset-config-names"}
+    fleet.slots = {"light": 4, "heavy": 1}
+    q.borrow({"org": (3.0, 1.0)})
+    assert [d.payload.step for d in dispatcher.take()] == [HEAVY_STEP]  # still first in line
+
+
+def test_idle_slots_go_to_the_borrowers_by_weight(stores: Stores) -> None:
+    fleet = GivenCapacity(light=0, heavy=0)
+    q, dispatcher = make(fleet)
+    q.set_policy("big", Policy(weight=3))
+    enqueue(q, "small", 20)
+    enqueue(q, "big", 20)
+    assert len(dispatcher.take()) == 2  # their limits, guaranteed; nothing idle
+    fleet.slots = {"light": 10, "heavy": 0}  # a worker joined
+    q.reap()  # the reaper's next pass finds the borrowers, and the slots of the worker that joined
+    borrowed: dict[str, int] = {}
+    for dispatch in dispatcher.take():
+        borrowed[dispatch.payload.namespace] = borrowed.get(dispatch.payload.namespace, 0) + 1
+    assert borrowed == {"small": 2, "big": 6}  # borrowed slots per weight: 2/1 = 6/3
+
+
+def test_a_borrower_that_no_longer_wants_leaves_the_set(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet)
+    enqueue(q, "org", 2)
+    assert len(dispatcher.take()) == 2
+    redis = get_redis(get_config().queue.redis_url)
+    assert redis.zscore(BORROWERS_KEY, "org") is None  # nothing waits: it wants nothing
+    enqueue(q, "other", 6)
+    for dispatch in dispatcher.take():
+        run(q, dispatch)
+    assert redis.zcard(BORROWERS_KEY) <= 1
+
+
+def test_bad_policies_are_typed_errors_and_change_nothing(fleet: GivenCapacity) -> None:
+    from common.exceptions import InvalidInputError
+
+    q, _ = make(fleet)
+    q.set_policy("org", Policy(weight=2))
+    for bad in (Policy(weight=0), Policy(weight=-1), Policy(weight=1e9), Policy(ceiling=-1)):
+        with pytest.raises(InvalidInputError):
+            q.set_policy("org", bad)
+    assert q.limiter.policy("org") == Policy(weight=2)
+    q.set_policy("org", None)
+    assert q.limiter.policy("org") == Policy()
