@@ -4,7 +4,7 @@ PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install upgrade run test test-fast lint bench bench-scale bench-data bench-api bench-repair bench-rows clean
+.PHONY: install upgrade run test test-fast lint bench bench-borrowing bench-cost bench-scale bench-data bench-api bench-repair bench-rows clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -47,8 +47,17 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
+# The queue against plain Celery, borrowing against the hard cap, and the per-job cost (~12 minutes).
 bench: install
 	$(BIN)/python -m bench.bench_queue
+	$(BIN)/python -m bench.bench_borrowing
+	$(BIN)/python -m bench.bench_cost
+
+bench-borrowing: install
+	$(BIN)/python -m bench.bench_borrowing
+
+bench-cost: install
+	$(BIN)/python -m bench.bench_cost
 
 # A million parked jobs: Redis memory, admit cost, the reaper, a drained sample, fairness (~10 minutes).
 bench-scale: install

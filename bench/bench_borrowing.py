@@ -76,7 +76,7 @@ class Bench:
             borrowers = get_queue().borrowers
             assert borrowers is not None
             deadline = time.monotonic() + 30
-            while borrowers.capacity.idle().get("light", 0) < concurrency:  # its registration
+            while sum(borrowers.capacity.measure().idle.values()) < concurrency:  # its registration
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker {name} never registered its {concurrency} slots")
                 time.sleep(0.1)
@@ -263,9 +263,31 @@ def report(results: dict[str, Any]) -> None:
             f"{weights['jain_weight_normalised']:.3f} | <= 5 %; >= 0.99 |"
         )
     table = "\n".join(lines)
-    (RESULTS / "borrowing.md").write_text(table + "\n")
-    print(table)
+    picture = ascii_picture(results["picture"])
+    (RESULTS / "borrowing.md").write_text(table + "\n\n```\n" + picture + "\n```\n")
+    print(table + "\n\n" + picture)
     chart(results["picture"])
+
+
+def ascii_picture(picture: dict[str, Any], columns: int = 60) -> str:
+    """The slots each namespace holds over time, as text: a row per slot, a column per time step, `a` or
+    `b` for the namespace holding the slot (a's at the bottom), `.` for an idle one."""
+    times: Sequence[float] = picture["times_s"]
+    a, b = picture["slots"]["a"], picture["slots"]["b"]
+    step = max(1, len(times) // columns)
+    samples = range(0, len(times) - step + 1, step)
+    slots = 4
+    rows = []
+    for slot in range(slots, 0, -1):
+        cells = []
+        for i in samples:
+            held_a, held_b = round(sum(a[i : i + step]) / step), round(sum(b[i : i + step]) / step)
+            cells.append("a" if slot <= held_a else "b" if slot <= held_a + held_b else ".")
+        rows.append(f"slot {slot} |{''.join(cells)}")
+    arrives = int(picture["b_arrives_s"] / (times[1] - times[0]) / step) if len(times) > 1 else 0
+    rows.append("       " + " " * arrives + "^ b's jobs arrive")
+    rows.append(f"       0 s{' ' * (len(samples) - 8)}{times[-1]:.0f} s")
+    return "\n".join(rows)
 
 
 def chart(picture: dict[str, Any]) -> None:

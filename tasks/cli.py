@@ -162,7 +162,9 @@ def limits(action: str, namespace: str | None, value: int | None, out: TextIO, p
     changes_policy = any(field is not None for field in (policy.borrow, policy.ceiling, policy.weight))
     if action == "set":
         if namespace is None or (value is None and not changes_policy):
-            raise InvalidArgumentsError("limits set NAMESPACE N [--borrow|--no-borrow] [--ceiling N] [--weight W]")
+            raise InvalidArgumentsError(
+                "limits set NAMESPACE N: both are needed (or a policy: --borrow, --no-borrow, --ceiling N, --weight W)"
+            )
         if value is not None:
             queue.set_limit(namespace, value)
         if changes_policy:

@@ -17,6 +17,8 @@ from tasks.routing import destination
 
 TOKEN_HEADER = "stepcache_token"
 PRIORITY_HEADER = "stepcache_priority"
+NAMESPACE_HEADER = "stepcache_namespace"  # whose lease a reserved message holds (tasks/capacity.py)
+BORROWED_PRIORITY = 9  # the last of the broker's priority steps (celeryconfig.py): after every job's own
 _lifecycles: weakref.WeakKeyDictionary[Celery, tuple[AppConfig, Lifecycle]] = weakref.WeakKeyDictionary()
 _apps: list[weakref.ref[Celery]] = []  # stepcache's apps (create_app), oldest first
 _lock = threading.Lock()
@@ -57,14 +59,15 @@ class CeleryDispatcher:
         """Publish to `queue`, by default the step's (tasks/routing.py)."""
         job = dispatch.payload
         kwargs = {name: value for name, value in (("config", job.config), ("split", job.split)) if value is not None}
-        headers = {TOKEN_HEADER: dispatch.token, PRIORITY_HEADER: job.priority.value}
+        headers = {TOKEN_HEADER: dispatch.token, PRIORITY_HEADER: job.priority.value, NAMESPACE_HEADER: job.namespace}
         self.app.send_task(
             job.step,
             args=[job.dataset],
             kwargs=kwargs,
             task_id=job.job_id,
             queue=queue or destination(job.step),
-            priority=job.priority.celery_priority,
+            # A borrowed slot's message comes after every other: a namespace under its limit goes first.
+            priority=BORROWED_PRIORITY if dispatch.borrowed else job.priority.celery_priority,
             headers=headers,
             # The worker's own WORKER_MAX_JOB_DURATION_SECONDS decides, not the publisher's settings.
             time_limit=None,

@@ -94,20 +94,22 @@ class _Runs:
     telling them costs a task's own thread nothing."""
 
     def __init__(self) -> None:
+        self.after_fork()
+        # A pool process forked while the main process's thread held the lock would inherit it held.
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def after_fork(self) -> None:
+        """A new process: no run, no pending event (the parent tells its own), a lock of its own."""
         self.runs: dict[str, _Run] = {}
         self.pending: list[TaskEvent] = []
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
-        self.pid = 0
 
     def _ensure_thread(self) -> None:
         """Started lazily, in the process that runs tasks (a forked pool process has no threads); called with
         the lock held."""
-        if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
-            if self.pid != os.getpid():
-                self.pending = []  # the parent's, which the parent tells
-            self.pid = os.getpid()
+        if self.thread is None or not self.thread.is_alive():
             self.thread = threading.Thread(target=self._beat, name="stepcache-task-events", daemon=True)
             self.thread.start()
 

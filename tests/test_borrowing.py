@@ -5,6 +5,7 @@ tests/test_borrowing_workers.py)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from common.config import get_config
 from common.processing_graph import QueueName, get_processing_graph
 from common.queue import Queue
-from common.queue.borrowing import BORROWERS_KEY
+from common.queue.borrowing import BORROWERS_KEY, Measure
 from common.queue.ledger import Ledger
 from common.queue.limiter import NamespaceLimiter, Policy, namespace_key
 from common.redis_connection import get_redis
@@ -24,29 +25,31 @@ HEAVY_STEP = "config-parquet-and-info"
 
 
 class GivenCapacity:
-    """A fleet of so many slots per queue; the jobs holding a lease (dispatched or started) use them."""
+    """A fleet of so many slots per queue (each queue its own pool of workers); the jobs holding a lease
+    (dispatched or started) use them."""
 
-    def __init__(self, **slots: int) -> None:
+    def __init__(self, shared: bool = False, **slots: int) -> None:
         self.slots = slots
+        self.shared = shared  # one pool: every worker consumes every queue
         self.limiter: NamespaceLimiter | None = None
 
-    def idle(self, freeing: str | None = None) -> dict[str, int]:
-        queue_of, default = self.queues()
+    def measure(self, ending_step: str | None = None) -> Measure:
+        graph = get_processing_graph()
+        default = QueueName.LIGHT.value
+        pool_of_step = {step.name: step.queue.value for step in graph.steps if step.queue.value != default}
         used: dict[str, int] = {}
         assert self.limiter is not None
         redis = self.limiter.redis
         for namespace in self.limiter.namespaces():
-            leased = redis.hkeys(namespace_key(namespace, "leases"))
-            for job in leased:
+            for job in redis.hkeys(namespace_key(namespace, "leases")):
                 step = json.loads(redis.hget(namespace_key(namespace, "jobs"), job))[0]
-                queue = queue_of.get(step, default)
+                queue = pool_of_step.get(step, default)
                 used[queue] = used.get(queue, 0) + 1
-        return {queue: slots - used.get(queue, 0) for queue, slots in self.slots.items()}
-
-    def queues(self) -> tuple[dict[str, str], str]:
-        graph = get_processing_graph()
-        default = QueueName.LIGHT.value
-        return {step.name: step.queue.value for step in graph.steps if step.queue.value != default}, default
+        if self.shared:
+            idle = {"all": sum(self.slots.values()) - sum(used.values())}
+            return Measure({"all": idle["all"]} if idle["all"] > 0 else {}, dict.fromkeys(pool_of_step, "all"), "all")
+        idle = {queue: slots - used.get(queue, 0) for queue, slots in self.slots.items()}
+        return Measure({queue: n for queue, n in idle.items() if n > 0}, pool_of_step, default)
 
 
 def make(capacity: GivenCapacity, limit: int = 1, borrow: bool = True) -> tuple[Jobs, RecordingDispatcher]:
@@ -182,3 +185,64 @@ def test_bad_policies_are_typed_errors_and_change_nothing(fleet: GivenCapacity) 
     assert q.limiter.policy("org") == Policy(weight=2)
     q.set_policy("org", None)
     assert q.limiter.policy("org") == Policy()
+
+
+def test_borrowers_of_one_pool_share_its_idle_slots_and_never_lease_more(stores: Stores) -> None:
+    fleet = GivenCapacity(shared=True, light=0, heavy=0)
+    q, dispatcher = make(fleet)
+    enqueue(q, "a", 5)
+    enqueue(q, "b", 5)
+    q.enqueue(HEAVY_STEP, "b/heavy", "default")
+    assert len(dispatcher.take()) == 2  # their limits
+    fleet.slots = {"light": 2, "heavy": 1}  # one worker of 3 slots consuming both queues: 1 idle
+    q.reap()
+    borrowed = dispatcher.take()
+    assert len(borrowed) == 1 and all(d.borrowed for d in borrowed)
+
+
+def test_borrowers_at_once_lease_an_idle_slot_once(stores: Stores) -> None:
+    fleet = GivenCapacity(light=2, heavy=0)
+    q, dispatcher = make(fleet, borrow=False)
+    enqueue(q, "org", 6)
+    q.limiter.default_borrow = True
+    assert len(dispatcher.take()) == 1
+    barrier = threading.Barrier(4)
+
+    def borrow() -> None:
+        barrier.wait()
+        q.borrow({"org": (0.0, 1.0)})
+
+    threads = [threading.Thread(target=borrow) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(dispatcher.take()) == 1  # the one idle slot, once
+    assert q.limiter.overview()["org"].borrowed == 1
+
+
+def test_a_ceiling_below_the_limit_bounds_the_limit_too(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet, limit=3)
+    q.set_policy("org", Policy(ceiling=1))
+    enqueue(q, "org", 4)
+    assert len(dispatcher.take()) == 1
+
+
+def test_a_borrowed_dispatch_left_behind_is_published_borrowed_by_the_reaper(fleet: GivenCapacity) -> None:
+    q, dispatcher = make(fleet)
+    q.dispatcher.publish = lambda dispatch: (_ for _ in ()).throw(ConnectionError("broker down"))  # type: ignore[method-assign]
+    enqueue(q, "org", 3)  # the dispatches fail: the jobs wait again (unlease), none is lost
+    q.dispatcher.publish = RecordingDispatcher.publish.__get__(dispatcher)  # type: ignore[method-assign]
+    q.reap()
+    published = dispatcher.take()
+    assert len(published) == 3 and [d.borrowed for d in published].count(True) == 2
+
+
+def test_an_outbox_record_says_whether_its_dispatch_is_borrowed() -> None:
+    from common.queue.limiter import Record
+
+    payload = '["dataset-config-names", "org/ds", null, null, 1]'
+    borrowed = Record.parse(f"dispatch|5|5|7|0|borrowed||{payload}", "job")
+    own = Record.parse(f"dispatch|5|5|7|0|||{payload}", "job")
+    assert (borrowed.borrowed, borrowed.ending, borrowed.dispatch.borrowed) == (True, None, True)
+    assert (own.borrowed, own.dispatch.borrowed) == (False, False)

@@ -140,8 +140,8 @@ def test_an_unknown_key_is_one_line_naming_the_file_the_key_and_the_keys_accepte
     path = settings_file.write(text, name)
     assert settings_file.error() == (
         f"invalid configuration: {path}: queue.max_jobs_per_namespac: not a setting (did you mean "
-        "max_jobs_per_namespace?); queue takes ledger_lag_seconds, max_jobs_per_namespace, mongo_database, "
-        "mongo_url, redis_url"
+        "max_jobs_per_namespace?); queue takes borrow, ledger_lag_seconds, max_jobs_per_namespace, "
+        "mongo_database, mongo_url, redis_url"
     )
 
 

@@ -89,3 +89,16 @@ def test_a_step_task_event_carries_its_jobs_key(stores: Stores, celery_worker: A
         "org/signals",
         "org",
     )
+
+
+def test_a_step_stores_started_in_one_round_trip_unless_a_success_is_stored(celery_app: Celery) -> None:
+    task = celery_app.tasks["dataset-config-names"]
+    task.push_request(id="job-started", hostname="w")
+    try:
+        task._store_started({"pid": 1})
+        assert celery_app.AsyncResult("job-started").state == "STARTED"
+        task.backend.store_result("job-started", {"config_names": []}, "SUCCESS")
+        task._store_started({"pid": 2})  # a stale attempt's late STARTED
+        assert celery_app.AsyncResult("job-started").state == "SUCCESS"
+    finally:
+        task.pop_request()

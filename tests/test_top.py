@@ -274,3 +274,16 @@ def test_piped_status_and_follow_have_no_escape_codes(seeded: Seeded) -> None:
     assert ESCAPE not in out.getvalue() and "\r" not in out.getvalue()
     # One line per change of the bar, none repeated, then how it ended.
     assert lines[1:] == [" 50% half", "100% all", "succeeded"], lines
+
+
+def test_limits_sets_and_shows_a_borrowing_policy(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
+    output = run_cli(capsys, "limits", "set", "beta", "--borrow", "--ceiling", "3", "--weight", "2.5")
+    assert "borrowing idle capacity by default (QUEUE_BORROW): no" in output
+    assert rows_of(output)["beta"][:5] == ["beta", "1", "(override)", "yes", "3"]
+    assert rows_of(output)["beta"][5] == "2.5"
+    output = run_cli(capsys, "limits", "set", "beta", "--no-borrow")  # the ceiling and weight stay
+    assert rows_of(output)["beta"][:6] == ["beta", "1", "(override)", "no", "3", "2.5"]
+    assert seeded.queue.limiter.policy("beta") == Policy(borrow=False, ceiling=3, weight=2.5)
+    output = run_cli(capsys, "limits", "clear", "beta")
+    assert seeded.queue.limiter.policy("beta") == Policy()
+    assert rows_of(output)["beta"][:3] == ["beta", "2", "default"]  # its limit cleared too

@@ -9,16 +9,18 @@ says so (admit, end, reap: `wants` in scripts/prelude.lua), and the caller then 
 
 1. the namespace joins the borrowers (a sorted set, scored by borrowed slots per unit of weight: the
    fewest first), and the first MAX_BORROWERS are read (one round trip);
-2. the idle capacity of each Celery queue is measured (:class:`Capacity`: the workers' registrations say
-   how many slots the fleet has, the broker how many messages wait or are reserved);
-3. each idle slot goes to the borrower with the fewest borrowed slots per unit of weight, and the
-   borrowers' scripts lease them (borrow.lua: one round trip), each recording its dispatches as `promote`
-   does; the caller publishes them.
+2. under the fleet's borrowing lock (one borrower at a time measures and leases, so two never lease the
+   same idle slot), the idle slots of each pool of workers are measured (:class:`Capacity`: the workers'
+   registrations say how many slots a pool has, the broker how many messages wait or are reserved);
+3. each idle slot goes to the borrower with the fewest borrowed slots per unit of weight; the borrowers'
+   scripts lease them one after the other (borrow.lua), each taking from what the ones before it left
+   and recording its dispatches as `promote` does; they are published, and the lock released.
 
-A newcomer namespace is under its limit: its jobs are dispatched at once, as always, and wait in the
-broker's queue, where the next freed worker takes them; a borrower whose job ends finds that message
-waiting, so no capacity is idle and it leases nothing more. Borrowed jobs are never taken back: they end
-as every job ends, and their slots go to the namespaces under their limit first.
+A newcomer namespace is under its limit: its jobs are dispatched at once, as always. A borrowed job's
+message goes to the broker's last priority list, after every namespace's own jobs, so a newcomer's job
+takes the next worker slot that frees even when it arrives after a borrowed one; and a borrower whose job
+ends finds the newcomer's message waiting, so no slot is idle and it leases nothing more. Borrowed jobs
+are never taken back: they end as every job ends.
 
 The sorted set is a hint, never the truth: a namespace it names that no longer wants to borrow leases
 nothing and leaves it; one it lost (a crash between the script and the set, a Redis that rolled back) is
@@ -29,31 +31,42 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
+
+from redis.exceptions import LockError
 
 from common.constants import REDIS_PREFIX
 from common.queue.limiter import NamespaceLimiter, Record, Wants
 from common.redis_connection import as_text
 
 logger = logging.getLogger(__name__)
-# ":" is in no namespace: the set never shares a hash tag with one.
+# ":" is in no namespace: these keys never share a hash tag with one.
 BORROWERS_KEY = f"{REDIS_PREFIX}:{{:borrowing}}:borrowers"
 WEIGHTS_KEY = f"{REDIS_PREFIX}:{{:borrowing}}:weights"
+LOCK_KEY = f"{REDIS_PREFIX}:{{:borrowing}}:lock"
+LOCK_SECONDS = 10.0  # a borrower that died holding the lock holds it this long at most
+LOCK_WAIT_SECONDS = 2.0  # a borrower waits this long for another to be done, then leaves it to the next
 MAX_BORROWERS = 100  # the borrowers considered at once, the fewest borrowed slots per weight first
+
+
+@dataclass(frozen=True)
+class Measure:
+    """The fleet's idle slots per pool of workers, the pool of each step whose pool is not the default
+    one, and the default pool (of every other step; "" when no worker consumes its queue)."""
+
+    idle: dict[str, int]
+    pool_of_step: dict[str, str]
+    default_pool: str
 
 
 class Capacity(Protocol):
     """The fleet's capacity, as Celery runs it (tasks/capacity.py)."""
 
-    def idle(self, freeing: str | None = None) -> dict[str, int]:
-        """Idle slots per queue: slots of the live workers that consume it, less the messages that wait in
-        it or that workers reserved; `freeing`: the queue of a job that is ending (its slot is about to
-        be free)."""
-        ...
-
-    def queues(self) -> tuple[dict[str, str], str]:
-        """The queue of every step not on the default queue, and the default queue."""
+    def measure(self, ending_step: str | None = None) -> Measure:
+        """The idle slots now; `ending_step`: the step of a job that is ending (its slot is about to be
+        free)."""
         ...
 
 
@@ -62,10 +75,15 @@ class Borrowers:
         self.limiter = limiter
         self.capacity = capacity
 
-    def borrow(self, wanting: Mapping[str, Wants], ending_step: str | None = None) -> list[Record]:
-        """Lease the fleet's idle slots to the borrowers (see the module); the dispatch records, which the
-        caller applies. `wanting`: namespace -> (borrowed slots per weight, weight); `ending_step`: the step
-        of the job whose end called it (its slot is about to be free)."""
+    def borrow(
+        self,
+        wanting: Mapping[str, Wants],
+        apply: Callable[[list[Record]], None],
+        ending_step: str | None = None,
+    ) -> int:
+        """Lease the fleet's idle slots to the borrowers and have `apply` publish them, under the lock (see
+        the module); how many slots were leased. `wanting`: namespace -> (borrowed slots per weight,
+        weight); `ending_step`: the step of the job whose end called it."""
         redis = self.limiter.redis
         pipe = redis.pipeline(transaction=False)
         if wanting:
@@ -75,28 +93,60 @@ class Borrowers:
         pipe.hgetall(WEIGHTS_KEY)
         *_, ranked, weights = pipe.execute()
         if not ranked:
-            return []
-        queue_of, default_queue = self.capacity.queues()
-        freeing = queue_of.get(ending_step, default_queue) if ending_step is not None else None
-        idle = {queue: slots for queue, slots in self.capacity.idle(freeing).items() if slots > 0}
+            return 0
+        lock = redis.lock(LOCK_KEY, timeout=LOCK_SECONDS, blocking_timeout=LOCK_WAIT_SECONDS)
+        if not lock.acquire():
+            logger.info("another process is leasing idle slots; it or the next end serves these borrowers")
+            return 0
+        try:
+            return self._lease(ranked, {as_text(n): float(w) for n, w in weights.items()}, apply, ending_step)
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                logger.warning("the borrowing lock expired while its holder leased: two may have leased at once")
+
+    def _lease(
+        self,
+        ranked: list[tuple[bytes, float]],
+        weight_of: Mapping[str, float],
+        apply: Callable[[list[Record]], None],
+        ending_step: str | None,
+    ) -> int:
+        measure = self.capacity.measure(ending_step)
+        idle = dict(measure.idle)
         if not idle:
-            return []
-        weight_of = {as_text(namespace): float(weight) for namespace, weight in weights.items()}
-        heap = [(float(score), as_text(namespace)) for namespace, score in ranked]
+            return 0
+        # Each idle slot to the borrower with the fewest borrowed slots per weight (a slot raises it 1/weight).
+        original = {as_text(namespace): float(score) for namespace, score in ranked}
+        heap = [(score, namespace) for namespace, score in original.items()]
         heapq.heapify(heap)
         slots: dict[str, int] = {}
         for _ in range(sum(idle.values())):
             score, namespace = heapq.heappop(heap)
             slots[namespace] = slots.get(namespace, 0) + 1
             heapq.heappush(heap, (score + 1 / weight_of.get(namespace, 1.0), namespace))
-        replies = self.limiter.borrow(slots, idle, queue_of, default_queue)
-        pipe = redis.pipeline(transaction=False)
-        done = [namespace for namespace, (_, wants) in replies.items() if wants is None]
+        leased, done, still = 0, [], {}
+        for namespace in sorted(slots, key=lambda name: original[name]):
+            if not any(idle.values()):
+                break
+            args = (idle, measure.pool_of_step, measure.default_pool)
+            dispatched, wants = self.limiter.borrow({namespace: slots[namespace]}, *args)[namespace]
+            for record in dispatched:
+                if record.borrowed:
+                    pool = measure.pool_of_step.get(record.payload.step, measure.default_pool)
+                    idle[pool] = idle.get(pool, 0) - 1
+                    leased += 1
+            apply(dispatched)
+            if wants is None:
+                done.append(namespace)
+            else:
+                still[namespace] = wants[0]
+        pipe = self.limiter.redis.pipeline(transaction=False)
         if done:
             pipe.zrem(BORROWERS_KEY, *done)
             pipe.hdel(WEIGHTS_KEY, *done)
-        still = {namespace: wants for namespace, (_, wants) in replies.items() if wants is not None}
         if still:
-            pipe.zadd(BORROWERS_KEY, {namespace: score for namespace, (score, _) in still.items()})
+            pipe.zadd(BORROWERS_KEY, still)
         pipe.execute()
-        return [record for dispatched, _ in replies.values() for record in dispatched]
+        return leased

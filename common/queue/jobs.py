@@ -147,3 +147,4 @@ class Dispatch:
 
     payload: JobPayload
     token: str
+    borrowed: bool = False  # a slot beyond its namespace's limit: published after every other message

@@ -42,6 +42,7 @@ LIMITS_KEY = f"{REDIS_PREFIX}:limits"  # namespaces with a limit override
 REAP_BATCH = 100
 RANK_WEIGHT = 10**15  # as in scripts/prelude.lua: a waiting job's score is rank * RANK_WEIGHT + age
 FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua: fences are microseconds since then
+BORROWED = "borrowed"  # as in scripts/prelude.lua's `dispatch`
 Wants = tuple[float, float]  # a borrower's borrowed slots per unit of weight, and its weight (borrowing.py)
 _KEY_NAMES = (
     "leases",
@@ -145,24 +146,27 @@ class Record:
     ending: Ending | None
     error_code: str | None
     payload: JobPayload
+    borrowed: bool = False  # a dispatch to a slot beyond the namespace's limit (common/queue/borrowing.py)
 
     @classmethod
     def parse(cls, raw: bytes | str, job_id: bytes | str) -> Record:
-        kind, fence, token, at, attempt, ending, code, payload = as_text(raw).split("|", 7)
+        kind, fence, token, at, attempt, status, code, payload = as_text(raw).split("|", 7)
+        borrowed = status == BORROWED  # a dispatch's status field says whether its slot is borrowed
         return cls(
             RecordKind(kind),
             int(fence),
             token,
             int(at),
             int(attempt),
-            Ending(ending) if ending else None,
+            Ending(status) if status and not borrowed else None,
             code or None,
             JobPayload.from_compact(as_text(job_id), payload),
+            borrowed,
         )
 
     @property
     def dispatch(self) -> Dispatch:
-        return Dispatch(self.payload, self.token)
+        return Dispatch(self.payload, self.token, self.borrowed)
 
 
 @dataclass(frozen=True)
@@ -699,23 +703,24 @@ class NamespaceLimiter:
         return "1" if self.default_borrow else ""
 
     def borrow(
-        self, slots: Mapping[str, int], idle: Mapping[str, int], queue_of: Mapping[str, str], default_queue: str
+        self, slots: Mapping[str, int], idle: Mapping[str, int], pool_of_step: Mapping[str, str], default_pool: str
     ) -> dict[str, tuple[list[Record], Wants | None]]:
         """Lease up to `slots[namespace]` slots beyond each namespace's limit (borrow.lua) to its waiting
-        jobs whose queue has `idle` capacity; per namespace, the jobs dispatched and whether it still wants
-        to borrow. One round trip (on a cluster, one per node, all at once)."""
+        jobs whose pool of workers has `idle` slots (`pool_of_step`, else `default_pool`); per namespace,
+        the jobs dispatched (under its limit first, then borrowed) and whether it still wants to borrow.
+        One round trip (on a cluster, one per node, all at once)."""
         batch = ScriptBatch(self.redis)
-        budget, steps = json.dumps(dict(idle)), json.dumps(dict(queue_of))
+        budget, pools = json.dumps(dict(idle)), json.dumps(dict(pool_of_step))
         for namespace, count in slots.items():
-            args = [*self._promote_args(), self._borrow_arg, count, budget, steps, default_queue]
+            args = [*self._promote_args(), self._borrow_arg, count, budget, pools, default_pool]
             batch.script(self.scripts["borrow"], namespace_keys(namespace), args)
         try:
             replies = batch.execute()
         finally:
             self.on_journal(list(slots))
         return {
-            namespace: (self._dispatched(dispatched), _wants(wants))
-            for namespace, (dispatched, wants) in zip(slots, replies, strict=True)
+            namespace: ([*self._dispatched(promoted), *self._dispatched(borrowed, True)], _wants(wants))
+            for namespace, (promoted, borrowed, wants) in zip(slots, replies, strict=True)
         }
 
     def policy(self, namespace: str) -> Policy:
@@ -744,8 +749,9 @@ class NamespaceLimiter:
             self.redis.srem(LIMITS_KEY, namespace)
 
     @staticmethod
-    def _dispatched(flat: Iterable[Any]) -> list[Record]:
-        """The dispatch records of a script's `promote`, as the outbox holds them."""
+    def _dispatched(flat: Iterable[Any], borrowed: bool = False) -> list[Record]:
+        """The dispatch records of a script's `promote` (or its borrowed dispatches), as the outbox holds
+        them."""
         items = list(flat)
         return [
             Record(
@@ -757,6 +763,7 @@ class NamespaceLimiter:
                 None,
                 None,
                 JobPayload.from_compact(as_text(items[i]), items[i + 2]),
+                borrowed,
             )
             for i in range(0, len(items), 3)
         ]

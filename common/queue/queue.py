@@ -486,7 +486,7 @@ class Queue:
         if not wanting or self.borrowers is None:
             return
         try:
-            self._apply_by_namespace(self.borrowers.borrow(wanting, ending_step))
+            self.borrowers.borrow(wanting, self._apply_by_namespace, ending_step)
         except Exception:
             logger.exception("could not lease idle capacity to %s namespaces; the reaper will", len(wanting))
 

@@ -190,24 +190,31 @@ local function next_waiting()
 end
 
 -- Lease a slot to a waiting job (taken out of the waiting room) under a new fence that is its message's
--- token, record the dispatch, and add {job, token, payload} to `dispatched`.
-local function dispatch(job, queued_ttl_ms, now, dispatched)
+-- token, record the dispatch ('borrowed' in its status field: a slot beyond the limit, its message
+-- published after every other), and add {job, token, payload} to `dispatched`.
+local function dispatch(job, queued_ttl_ms, now, dispatched, borrowed)
   local token = fmt(next_fence(now))
   local payload = redis.call('HGET', JOBS, job)
   redis.call('HSET', LEASES, job, 'q:' .. token)
   redis.call('ZADD', EXPIRY, now + tonumber(queued_ttl_ms), job)
-  record(job, 'dispatch', tonumber(token), token, now, 0, '', '', payload)
+  record(job, 'dispatch', tonumber(token), token, now, 0, borrowed and 'borrowed' or '', '', payload)
   journal('queued', job, tonumber(token), now, payload)
   dispatched[#dispatched + 1] = job
   dispatched[#dispatched + 1] = token
   dispatched[#dispatched + 1] = payload
 end
 
--- Lease free slots to the best waiting jobs, each under a new fence that is its message's token, and
--- record each dispatch; returns {job, token, payload, ...}, which the caller publishes to Celery.
+-- The most slots the namespace ever holds, borrowed or not (its policy's ceiling; none: no bound).
+local function ceiling()
+  return tonumber(redis.call('HGET', POLICY, 'ceiling') or '1e18')
+end
+
+-- Lease free slots (under its limit and its ceiling) to the best waiting jobs, each under a new fence that
+-- is its message's token, and record each dispatch; returns {job, token, payload, ...}, which the caller
+-- publishes to Celery.
 local function promote(default_limit, queued_ttl_ms, now)
   local dispatched = {}
-  local free = limit(default_limit) - redis.call('HLEN', LEASES)
+  local free = math.min(limit(default_limit), ceiling()) - redis.call('HLEN', LEASES)
   while free > 0 do
     local job = next_waiting()
     if not job then break end
@@ -224,10 +231,6 @@ local function may_borrow(default_borrow)
   local own = redis.call('HGET', POLICY, 'borrow')
   if own then return own == '1' end
   return default_borrow == '1'
-end
-
-local function ceiling()
-  return tonumber(redis.call('HGET', POLICY, 'ceiling') or '1e18')
 end
 
 -- '' when the namespace does not want to borrow now; else '<its borrowed slots per unit of weight> <its
