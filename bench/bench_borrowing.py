@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pymongo.errors import PyMongoError
+
 from bench.harness import bench_servers, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,14 +71,12 @@ class Bench:
 
     @contextmanager
     def worker(self, name: str, env: dict[str, str], concurrency: int) -> Iterator[None]:
+        from tasks.capacity import pools
         from tasks.embedded import WorkerProcess
-        from tasks.queue import get_queue
 
         with WorkerProcess(name, env, self.log_dir / f"{name}.log", concurrency, include=["bench.steps"]):
-            borrowers = get_queue().borrowers
-            assert borrowers is not None
             deadline = time.monotonic() + 30
-            while sum(borrowers.capacity.measure().idle.values()) < concurrency:  # its registration
+            while sum(pools().slots.values()) < concurrency:  # its registration
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker {name} never registered its {concurrency} slots")
                 time.sleep(0.1)
@@ -100,12 +100,23 @@ class Bench:
             for document in documents
         ]
 
-    def backlog(self, namespace: str, jobs: int) -> list[str]:
+    def backlog(self, namespace: str, jobs: int) -> None:
+        """Enqueue the jobs a thousand at a time, each thousand in the ledger before the next (SecantusDB
+        takes one bulk write of 10,000 new jobs in more than the client's 10 s socket timeout)."""
         from common.queue.queue import JobInput
         from tasks.queue import get_queue
 
-        inputs = [JobInput("bench-sleep", f"{namespace}/ds{i}") for i in range(jobs)]
-        return [job.job_id for job in get_queue().enqueue_many(inputs)]
+        queue = get_queue()
+        for start in range(0, jobs, 1000):
+            inputs = [JobInput("bench-sleep", f"{namespace}/ds{i}") for i in range(start, min(jobs, start + 1000))]
+            queue.enqueue_many(inputs)
+            for attempt in range(3):  # a write SecantusDB timed out is written again (idempotent)
+                try:
+                    queue.journal.flush_all()
+                    break
+                except PyMongoError:
+                    if attempt == 2:
+                        raise
 
     def stop(self, namespaces: Sequence[str]) -> None:
         """Pause the namespaces (one Redis call each, where cancelling thousands of jobs writes them all to
@@ -118,8 +129,8 @@ class Bench:
     def idle_share(self, borrow: bool, window: float) -> dict[str, float]:
         self.reset()
         env = self.settings(borrow)
+        self.backlog("one", 10_000)  # waiting before the worker comes: its first pass finds them
         with self.worker(f"idle-{'borrow' if borrow else 'hard'}", env, 4):
-            self.backlog("one", 10_000)
             began = time.time()
             time.sleep(window)
             ended = time.time()
@@ -136,8 +147,8 @@ class Bench:
         self.reset()
         env = self.settings(True)
         waits = []
+        self.backlog("big", 2_000)
         with self.worker("newcomer", env, 4):
-            self.backlog("big", 2_000)
             time.sleep(2)
             for trial in range(trials):
                 asked = time.time()
@@ -169,9 +180,9 @@ class Bench:
         weight_of = {f"w{i:02d}": (1, 2, 4)[i % 3] for i in range(namespaces)}
         for namespace, weight in weight_of.items():
             get_queue().set_policy(namespace, Policy(weight=weight))
+        for namespace in weight_of:
+            self.backlog(namespace, 4_000 // namespaces)
         with self.worker(f"weights-{namespaces}", env, slots):
-            for namespace in weight_of:
-                self.backlog(namespace, 4_000 // namespaces)
             began = time.time()
             time.sleep(window)
             ended = time.time()
@@ -200,13 +211,17 @@ class Bench:
 
     def picture(self, seconds: float) -> dict[str, Any]:
         """A's backlog alone, then B's arriving at a third of the run: the slots each holds over time."""
+        from tasks.queue import get_queue
+
         self.reset()
         env = self.settings(True)
+        get_queue().set_limit("b", 0)  # b's jobs are there, paused: they "arrive" when it is resumed
+        self.backlog("a", 500)
+        self.backlog("b", 500)
         with self.worker("picture", env, 4):
             began = time.time()
-            self.backlog("a", 500)
             time.sleep(seconds / 3)
-            self.backlog("b", 500)
+            get_queue().set_limit("b", None)
             b_at = time.time() - began
             time.sleep(2 * seconds / 3)
             ended = time.time()
@@ -227,16 +242,20 @@ def main() -> None:
     args = parser.parse_args()
     with bench_servers() as run, tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
         runner = Bench(run.env, Path(logs))
-        results: dict[str, Any] = {
-            "sleep_s": SLEEP_SECONDS,
-            "idle": {
-                "hard_cap": runner.idle_share(False, args.window),
-                "borrowing": runner.idle_share(True, args.window),
-            },
-            "newcomer": runner.newcomer(args.trials),
-            "weights": [runner.weights(50, 4, args.window), runner.weights(6, 16, args.window)],
-            "picture": runner.picture(args.window),
-        }
+        results: dict[str, Any] = {"sleep_s": SLEEP_SECONDS}
+        RESULTS.mkdir(exist_ok=True)
+        partial = RESULTS / "borrowing.partial.json"  # each measure as it is taken
+
+        def keep(name: str, value: Any) -> None:
+            results[name] = value
+            partial.write_text(json.dumps(results, indent=2) + "\n")
+
+        keep("idle", {"hard_cap": runner.idle_share(False, args.window)})
+        keep("idle", {**results["idle"], "borrowing": runner.idle_share(True, args.window)})
+        keep("newcomer", runner.newcomer(args.trials))
+        keep("weights", [runner.weights(50, 4, args.window)])
+        keep("weights", [*results["weights"], runner.weights(6, 16, args.window)])
+        keep("picture", runner.picture(args.window))
     report(results)
 
 
@@ -285,8 +304,8 @@ def ascii_picture(picture: dict[str, Any], columns: int = 60) -> str:
             cells.append("a" if slot <= held_a else "b" if slot <= held_a + held_b else ".")
         rows.append(f"slot {slot} |{''.join(cells)}")
     arrives = int(picture["b_arrives_s"] / (times[1] - times[0]) / step) if len(times) > 1 else 0
-    rows.append("       " + " " * arrives + "^ b's jobs arrive")
-    rows.append(f"       0 s{' ' * (len(samples) - 8)}{times[-1]:.0f} s")
+    rows.append("        " + " " * arrives + "^ b's jobs arrive")
+    rows.append(f"        0 s{' ' * (len(samples) - 8)}{times[-1]:.0f} s")
     return "\n".join(rows)
 
 

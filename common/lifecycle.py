@@ -220,7 +220,7 @@ class Lifecycle:
             return False  # taken back meanwhile: its claim went to the newer attempt, which writes
         self.apply([ended.record, *ended.dispatched], outcome)
         if ended.wants is not None:  # its slot is about to be free: idle, unless a job waits for it
-            self.queue.borrow({payload.namespace: ended.wants}, ending_step=payload.step)
+            self.queue.borrow_soon({payload.namespace: ended.wants})
         return True
 
     def _write_cache(self, attempt: Attempt, outcome: Outcome, fence: int) -> Outcome:

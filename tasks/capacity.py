@@ -13,6 +13,12 @@ fleet: two), and a pool's idle slots are its slots less what uses them, read fro
   stays in `unacked` until the broker's visibility timeout, but its job's lease lapsed, so its slot is not
   counted against the living workers. A reserved message that is not a step's (a plain Celery task)
   always counts.
+
+While no namespace's own job waits in a pool, borrowers may also keep BORROW_AHEAD_PER_SLOTS borrowed
+messages waiting in its queues (one per four slots, at least one): they wait in the broker's last
+priority list, after any job a namespace under its limit publishes later, and a slot that frees takes one
+at once instead of waiting for the next borrow (the borrow that follows an end comes after its slot is
+free).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from common.queue.limiter import namespace_key
 from common.redis_connection import as_text
 from tasks.routing import destination, live_workers
 
-# KEYS[1] kombu's unacked hash, then each queue's priority lists (ARGV[1] per queue); ARGV[2..] the queues.
-# Returns, per queue, {waiting, reserved messages of no step}, then the reserved messages of steps, each as
-# {queue, namespace, job, lease token}.
+BORROW_AHEAD_PER_SLOTS = 4  # a borrowed message may wait ahead per this many slots of a pool (at least one)
+
+# KEYS[1] kombu's unacked hash, then each queue's priority lists (ARGV[1] per queue, the borrowed one last);
+# ARGV[2..] the queues. Returns, per queue, {waiting in its own lists, waiting borrowed, reserved messages
+# of no step}, then the reserved messages of steps, each as {queue, namespace, job, lease token}.
 BROKER_LOAD = """local per = tonumber(ARGV[1])
 local index = {}
 for i = 2, #ARGV do index[ARGV[i]] = i - 1 end
@@ -50,8 +58,8 @@ end
 local load = {}
 for i = 2, #ARGV do
   local waiting = 0
-  for j = 1, per do waiting = waiting + redis.call('LLEN', KEYS[1 + (i - 2) * per + j]) end
-  load[#load + 1] = {waiting, plain[ARGV[i]] or 0}
+  for j = 1, per - 1 do waiting = waiting + redis.call('LLEN', KEYS[1 + (i - 2) * per + j]) end
+  load[#load + 1] = {waiting, redis.call('LLEN', KEYS[1 + (i - 1) * per]), plain[ARGV[i]] or 0}
 end
 return {load, steps}"""
 
@@ -104,16 +112,20 @@ class CeleryCapacity:
         steps = {step.name: destination(step.name) for step in get_processing_graph().steps}
         default_pool = fleet.of_queue.get(default, "")
         pool_of_step = {step: fleet.of_queue.get(queue, "") for step, queue in steps.items() if queue != default}
-        used = self._used(fleet) if fleet.slots else {}
-        idle = {pool: slots - used.get(pool, 0) for pool, slots in fleet.slots.items()}
+        used, waiting = self._used(fleet) if fleet.slots else ({}, {})
+        idle = {}
+        for pool, slots in fleet.slots.items():
+            ahead = 0 if waiting.get(pool) else max(1, slots // BORROW_AHEAD_PER_SLOTS)
+            idle[pool] = slots + ahead - used.get(pool, 0)
         if ending_step is not None:  # its slot is about to be free
             pool = pool_of_step.get(ending_step, default_pool)
             if pool in idle:
                 idle[pool] += 1
         return Measure({pool: slots for pool, slots in idle.items() if slots > 0}, pool_of_step, default_pool)
 
-    def _used(self, fleet: Pools) -> dict[str, int]:
-        """Per pool: the messages waiting in its queues, and the reserved ones whose job holds that lease."""
+    def _used(self, fleet: Pools) -> tuple[dict[str, int], dict[str, int]]:
+        """Per pool: the messages waiting in its queues and the reserved ones whose job holds that lease; and
+        the namespaces' own messages waiting (not borrowed)."""
         from tasks.queue import get_queue
 
         queues = sorted(fleet.of_queue)
@@ -123,9 +135,11 @@ class CeleryCapacity:
             keys = [channel.unacked_key, *lists]
             load, reserved = channel.client.eval(BROKER_LOAD, len(keys), *keys, len(channel.priority_steps), *queues)
         used: dict[str, int] = {}
-        for queue, (waiting, plain) in zip(queues, load, strict=True):
+        own: dict[str, int] = {}
+        for queue, (waiting, borrowed, plain) in zip(queues, load, strict=True):
             pool = fleet.of_queue[queue]
-            used[pool] = used.get(pool, 0) + int(waiting) + int(plain)
+            used[pool] = used.get(pool, 0) + int(waiting) + int(borrowed) + int(plain)
+            own[pool] = own.get(pool, 0) + int(waiting)
         if reserved:
             limiter = get_queue().limiter
             pipe = limiter.redis.pipeline(transaction=False)
@@ -135,4 +149,4 @@ class CeleryCapacity:
                 if lease is not None and as_text(lease)[2:] == as_text(token):
                     pool = fleet.of_queue[as_text(queue)]
                     used[pool] = used.get(pool, 0) + 1
-        return used
+        return used, own

@@ -11,6 +11,7 @@ import pytest
 from celery import Celery
 
 from common.queue.limiter import Policy
+from tasks.capacity import pools
 from tasks.queue import get_queue
 from tests import sample_steps
 from tests.conftest import Stores, use_settings
@@ -47,10 +48,8 @@ def overlap(stores: Stores, job_ids: list[str]) -> int:
     return max_overlap([(run["start"], run["end"]) for job in job_ids for run in runs[job] if "end" in run])
 
 
-def idle_light() -> int:
-    borrowers = get_queue().borrowers
-    assert borrowers is not None
-    return sum(borrowers.capacity.measure().idle.values())
+def registered_slots() -> int:
+    return sum(pools().slots.values())
 
 
 def running(namespace: str) -> int:
@@ -62,7 +61,7 @@ def test_a_namespace_alone_borrows_every_idle_slot_and_no_more(
     stores: Stores, celery_app: Celery, env: dict[str, str], tmp_path: Path
 ) -> None:
     with sample_worker("w1", env, tmp_path, concurrency=4):
-        eventually(lambda: idle_light() == 4, "the worker's registration", timeout=30)
+        eventually(lambda: registered_slots() == 4, "the worker's registration", timeout=30)
         jobs = enqueue("org", 24)
         wait_until_all_ended(jobs)
     assert overlap(stores, jobs) == 4  # its limit is 1: 3 slots borrowed, none past the worker's 4

@@ -7,12 +7,12 @@ capacity of the fleet that no other job waits for. Every script that leaves a na
 says so (admit, end, reap: `wants` in scripts/prelude.lua), and the caller then calls
 :meth:`Borrowers.borrow`:
 
-1. the namespace joins the borrowers (a sorted set, scored by borrowed slots per unit of weight: the
+1. the namespace joins the borrowers (a sorted set, scored by slots held per unit of weight: the
    fewest first), and the first MAX_BORROWERS are read (one round trip);
 2. under the fleet's borrowing lock (one borrower at a time measures and leases, so two never lease the
    same idle slot), the idle slots of each pool of workers are measured (:class:`Capacity`: the workers'
    registrations say how many slots a pool has, the broker how many messages wait or are reserved);
-3. each idle slot goes to the borrower with the fewest borrowed slots per unit of weight; the borrowers'
+3. each idle slot goes to the borrower with the fewest slots held per unit of weight; the borrowers'
    scripts lease them one after the other (borrow.lua), each taking from what the ones before it left
    and recording its dispatches as `promote` does; they are published, and the lock released.
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,7 +50,7 @@ WEIGHTS_KEY = f"{REDIS_PREFIX}:{{:borrowing}}:weights"
 LOCK_KEY = f"{REDIS_PREFIX}:{{:borrowing}}:lock"
 LOCK_SECONDS = 10.0  # a borrower that died holding the lock holds it this long at most
 LOCK_WAIT_SECONDS = 2.0  # a borrower waits this long for another to be done, then leaves it to the next
-MAX_BORROWERS = 100  # the borrowers considered at once, the fewest borrowed slots per weight first
+MAX_BORROWERS = 100  # the borrowers considered at once, the fewest slots held per weight first
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class Borrowers:
         ending_step: str | None = None,
     ) -> int:
         """Lease the fleet's idle slots to the borrowers and have `apply` publish them, under the lock (see
-        the module); how many slots were leased. `wanting`: namespace -> (borrowed slots per weight,
+        the module); how many slots were leased. `wanting`: namespace -> (slots held per weight,
         weight); `ending_step`: the step of the job whose end called it."""
         redis = self.limiter.redis
         pipe = redis.pipeline(transaction=False)
@@ -117,7 +119,7 @@ class Borrowers:
         idle = dict(measure.idle)
         if not idle:
             return 0
-        # Each idle slot to the borrower with the fewest borrowed slots per weight (a slot raises it 1/weight).
+        # Each idle slot to the borrower with the fewest slots held per weight (a slot raises it 1/weight).
         original = {as_text(namespace): float(score) for namespace, score in ranked}
         heap = [(score, namespace) for namespace, score in original.items()]
         heapq.heapify(heap)
@@ -150,3 +152,37 @@ class Borrowers:
             pipe.zadd(BORROWERS_KEY, still)
         pipe.execute()
         return leased
+
+
+class Coalescing:
+    """Calls `run` with what `submit` gathered, in a thread of this process (started when first needed, in
+    each process: a forked one has no threads); what comes while it runs is merged into its next call."""
+
+    def __init__(self, run: Callable[[Mapping[str, Wants]], None], name: str) -> None:
+        self.run = run
+        self.name = name
+        self.after_fork()
+        os.register_at_fork(after_in_child=self.after_fork)
+
+    def after_fork(self) -> None:
+        self.pending: dict[str, Wants] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, wanting: Mapping[str, Wants]) -> None:
+        with self.lock:
+            self.pending.update(wanting)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            with self.lock:
+                wanting, self.pending = self.pending, {}
+            if wanting:
+                self.run(wanting)

@@ -43,7 +43,7 @@ REAP_BATCH = 100
 RANK_WEIGHT = 10**15  # as in scripts/prelude.lua: a waiting job's score is rank * RANK_WEIGHT + age
 FENCE_EPOCH_MS = 1_700_000_000_000  # as in scripts/prelude.lua: fences are microseconds since then
 BORROWED = "borrowed"  # as in scripts/prelude.lua's `dispatch`
-Wants = tuple[float, float]  # a borrower's borrowed slots per unit of weight, and its weight (borrowing.py)
+Wants = tuple[float, float]  # a borrower's slots held per unit of weight, and its weight (borrowing.py)
 _KEY_NAMES = (
     "leases",
     "expiry",

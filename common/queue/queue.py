@@ -43,7 +43,7 @@ from common.exceptions import (
 )
 from common.names import namespace_of, validate_key
 from common.processing_graph import InputType, ProcessingStep, get_processing_graph
-from common.queue.borrowing import Borrowers, Capacity
+from common.queue.borrowing import Borrowers, Capacity, Coalescing
 from common.queue.epoch import Generation, epoch_keys, epoch_markers, kept_its_data
 from common.queue.jobs import (
     PENDING_STATUSES,
@@ -174,6 +174,7 @@ class Queue:
         self.limiter = limiter
         # Without a measure of the fleet's capacity (a dispatcher that is not Celery's), nothing borrows.
         self.borrowers = Borrowers(limiter, capacity) if capacity is not None else None
+        self._borrowing = Coalescing(self.borrow, "stepcache-borrow")
         self.events = events if events is not None else EventBus(limiter.redis)
         lag = ledger_lag_seconds if ledger_lag_seconds is not None else get_config().queue.ledger_lag_seconds
         self.generation = Generation(limiter.redis)
@@ -478,6 +479,12 @@ class Queue:
     def _promote_all(self) -> None:
         for namespace in self.limiter.namespaces():
             self.apply(self.limiter.promote(namespace))
+
+    def borrow_soon(self, wanting: Mapping[str, Wants]) -> None:
+        """`borrow`, in a thread of this process: a job's end does not keep its worker slot for it (the
+        borrowed message waiting ahead, tasks/capacity.py, takes the slot meanwhile). What it could not do
+        (the process died first), the next end or reaper pass does."""
+        self._borrowing.submit(wanting)
 
     def borrow(self, wanting: Mapping[str, Wants], ending_step: str | None = None) -> None:
         """Lease idle capacity to the namespaces that want to borrow (common/queue/borrowing.py) and publish

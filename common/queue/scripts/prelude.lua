@@ -233,12 +233,12 @@ local function may_borrow(default_borrow)
   return default_borrow == '1'
 end
 
--- '' when the namespace does not want to borrow now; else '<its borrowed slots per unit of weight> <its
--- weight>': borrowers are served the fewest borrowed slots per weight first.
+-- '' when the namespace does not want to borrow now; else '<its slots held per unit of weight> <its
+-- weight>': borrowers are served the fewest slots held per weight first.
 local function wants(default_limit, default_borrow)
   local leases, own = redis.call('HLEN', LEASES), limit(default_limit)
   if own <= 0 or leases < own or leases >= ceiling() or not may_borrow(default_borrow) then return '' end
   if redis.call('ZCARD', WAITING) == 0 then return '' end
   local weight = tonumber(redis.call('HGET', POLICY, 'weight') or '1')
-  return string.format('%.6f %.6f', (leases - own) / weight, weight)
+  return string.format('%.6f %.6f', leases / weight, weight)
 end
