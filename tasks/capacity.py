@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 from celery import Celery
 
+from common.config import get_config
 from common.processing_graph import QueueName, get_processing_graph
 from common.queue.borrowing import Measure
 from common.queue.limiter import namespace_key
-from common.redis_connection import as_text
+from common.redis_connection import as_text, get_redis
 from tasks.routing import destination, live_workers
 
 BORROW_AHEAD_PER_SLOTS = 4  # a borrowed message may wait ahead per this many slots of a pool (at least one)
@@ -126,8 +127,6 @@ class CeleryCapacity:
     def _used(self, fleet: Pools) -> tuple[dict[str, int], dict[str, int]]:
         """Per pool: the messages waiting in its queues and the reserved ones whose job holds that lease; and
         the namespaces' own messages waiting (not borrowed)."""
-        from tasks.queue import get_queue
-
         queues = sorted(fleet.of_queue)
         with self.app.pool.acquire(block=True) as connection:
             channel = connection.default_channel
@@ -141,8 +140,7 @@ class CeleryCapacity:
             used[pool] = used.get(pool, 0) + int(waiting) + int(borrowed) + int(plain)
             own[pool] = own.get(pool, 0) + int(waiting)
         if reserved:
-            limiter = get_queue().limiter
-            pipe = limiter.redis.pipeline(transaction=False)
+            pipe = get_redis(get_config().queue.redis_url).pipeline(transaction=False)  # the limiter's Redis
             for _, namespace, job, _ in reserved:
                 pipe.hget(namespace_key(as_text(namespace), "leases"), as_text(job))
             for (queue, _, _, token), lease in zip(reserved, pipe.execute(), strict=True):
