@@ -161,16 +161,19 @@ class Coalescing:
     def __init__(self, run: Callable[[Mapping[str, Wants]], None], name: str) -> None:
         self.run = run
         self.name = name
-        self.after_fork()
-        os.register_at_fork(after_in_child=self.after_fork)
+        self._new_process()
 
-    def after_fork(self) -> None:
+    def _new_process(self) -> None:
+        """State of this process's own (a forked one inherits its parent's, perhaps with the lock held)."""
+        self.pid = os.getpid()
         self.pending: dict[str, Wants] = {}
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
 
     def submit(self, wanting: Mapping[str, Wants]) -> None:
+        if self.pid != os.getpid():
+            self._new_process()
         with self.lock:
             self.pending.update(wanting)
             if self.thread is None or not self.thread.is_alive():
