@@ -3,8 +3,7 @@
 Every task of the app, steps and plain tasks alike, has its run told on the event stream from here
 (common/events.py, `task.*`): task_prerun (started, then a heartbeat every interval while it runs),
 task_success, task_failure, task_retry, task_revoked, and task_postrun (dropped: a step's stale or
-cancelled message, acknowledged without running). A thread of the process tells them, in order, a batch in
-one round trip: a task's own thread never waits on them. For a step they only observe: its lease, cache entry,
+cancelled message, acknowledged without running). For a step they only observe: its lease, cache entry,
 ledger and `job.*` events are written by its one fenced way out (common/lifecycle.py), where a stale
 attempt can be kept from writing. What a job's process cannot do, because it is gone or because it is
 not a job's business, happens here too:
@@ -89,41 +88,23 @@ class _Run:
 
 
 class _Runs:
-    """The tasks this process runs, and the thread that tells their events: each one's heartbeat every
-    interval, and the events the signal handlers hand it (in order, a batch in one round trip), so that
-    telling them costs a task's own thread nothing."""
+    """The tasks this process runs, and the thread that tells each one's heartbeat every interval."""
 
     def __init__(self) -> None:
-        self.after_fork()
-        # A pool process forked while the main process's thread held the lock would inherit it held.
-        os.register_at_fork(after_in_child=self.after_fork)
-
-    def after_fork(self) -> None:
-        """A new process: no run, no pending event (the parent tells its own), a lock of its own."""
         self.runs: dict[str, _Run] = {}
-        self.pending: list[TaskEvent] = []
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self.pid = 0
 
-    def _ensure_thread(self) -> None:
-        """Started lazily, in the process that runs tasks (a forked pool process has no threads); called with
-        the lock held."""
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._beat, name="stepcache-task-events", daemon=True)
-            self.thread.start()
-
-    def add(self, task_id: str, run: _Run, started: TaskEvent) -> None:
+    def add(self, task_id: str, run: _Run) -> None:
         with self.lock:
             self.runs[task_id] = run
-            self._ensure_thread()
-            self.pending.append(started)
-        self.wake.set()
-
-    def tell(self, event: TaskEvent) -> None:
-        with self.lock:
-            self._ensure_thread()
-            self.pending.append(event)
+            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
+                # Started lazily, in the process that runs tasks: a forked pool process has no threads.
+                self.pid = os.getpid()
+                self.thread = threading.Thread(target=self._beat, name="stepcache-task-heartbeats", daemon=True)
+                self.thread.start()
         self.wake.set()
 
     def pop(self, task_id: str) -> _Run | None:
@@ -133,12 +114,6 @@ class _Runs:
     def get(self, task_id: str) -> _Run | None:
         with self.lock:
             return self.runs.get(task_id)
-
-    def flush(self) -> None:
-        """Tell what is pending now (a process about to exit)."""
-        with self.lock:
-            pending, self.pending = self.pending, []
-        _publish_now(pending)
 
     def _beat(self) -> None:
         while True:
@@ -150,9 +125,8 @@ class _Runs:
                     run.next_beat = now + interval
                 wait = min((run.next_beat for run in self.runs.values()), default=now + interval) - now
                 self.wake.clear()
-                pending, self.pending = self.pending, []
-            beats = [TaskHeartbeat(**run.fields, running_for=now - run.started) for run in due]
-            _publish_now([*pending, *beats])
+            for run in due:
+                _publish(run.task, TaskHeartbeat(**run.fields, running_for=now - run.started))
             self.wake.wait(max(wait, 0.01))
 
 
@@ -165,21 +139,12 @@ def _event_bus(url: str) -> EventBus:
 
 
 def _publish(task: Task, event: TaskEvent) -> None:
-    """Have a task event told, off the task's thread (`_Runs`)."""
-    _runs.tell(event)
-
-
-def _publish_now(events: list[TaskEvent]) -> None:
-    """Publish task events, in order, in one round trip (Redis only: a plain task never waits on MongoDB); a
-    failure to publish is logged, never fatal to a task."""
-    if not events:
-        return
+    """Publish a task event (Redis only: a plain task never waits on MongoDB); a failure to publish is
+    logged, never fatal to the task."""
     try:
-        _event_bus(get_config().queue.redis_url.get_secret_value()).publish_many(events)
+        _event_bus(get_config().queue.redis_url.get_secret_value()).publish(event)
     except Exception:
-        logger.exception(
-            "could not publish %s task events (%s of task %s...)", len(events), events[0].type, events[0].task_id
-        )
+        logger.exception("could not publish %s of task %s", event.type, event.task_id)
 
 
 def _fields(task: Task, task_id: str, args: Any, kwargs: Any, worker: str | None) -> dict[str, Any]:
@@ -200,7 +165,8 @@ def _task_started(
     now = time.monotonic()
     interval = get_config().worker.heartbeat_interval_seconds
     run = _Run(sender, _fields(sender, task_id, args, kwargs, worker), now, now + interval)
-    _runs.add(task_id, run, TaskStarted(**run.fields))
+    _runs.add(task_id, run)
+    _publish(sender, TaskStarted(**run.fields))
 
 
 def _task_succeeded(sender: Task | None = None, **_: Any) -> None:
@@ -289,7 +255,6 @@ def _recount_cache_entries() -> None:
 
 
 def _stop_worker_services(**_: Any) -> None:
-    _runs.flush()
     registration = _running.pop("registration", None)
     if registration is not None:
         registration.stop()
@@ -302,7 +267,6 @@ def _stop_worker_services(**_: Any) -> None:
 
 
 def _forget_pool_process(pid: int | None = None, **_: Any) -> None:
-    _runs.flush()
     metrics.mark_process_dead(pid or os.getpid())
 
 

@@ -12,7 +12,6 @@ cache, the end is journaled for the ledger, and the slot goes to the next waitin
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 from celery import Task, states
-from celery.backends.redis import RedisBackend
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.result import AsyncResult
 from celery.worker.request import Request
@@ -117,25 +115,6 @@ def message_payload(step: str, job_id: str, args: Any, kwargs: Any, priority: st
     return JobPayload.of(job_id, step, dataset, config, split, Priority(priority or Priority.NORMAL))
 
 
-# KEYS[1] a task's result key; ARGV[1] its new meta (JSON), ARGV[2] its expiry in seconds (0: none). As
-# Celery's Redis backend stores a state (SETEX or SET, then PUBLISH to the key's waiters), unless the stored
-# state is SUCCESS.
-STORE_UNLESS_SUCCEEDED = """local current = redis.call('GET', KEYS[1])
-if current and string.find(current, '"status": "SUCCESS"', 1, true) then return 0 end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1"""
-
-
-@functools.cache
-def _store_unless_succeeded(client: Any) -> Any:
-    return client.register_script(STORE_UNLESS_SUCCEEDED)
-
-
 class StepTask(Task):  # type: ignore[misc]
     """A processing step as a Celery task; `step` and `function` are set per step and app by tasks.steps."""
 
@@ -194,19 +173,8 @@ class StepTask(Task):  # type: ignore[misc]
         return self._run_job(payload, token)
 
     def _store_started(self, meta: dict[str, Any]) -> None:
-        """STARTED in the result backend, as `update_state` stores it, unless a SUCCESS is stored (a stale
-        attempt must not hide a newer one's result), in one round trip where Celery takes two (a GET,
-        then SETEX and PUBLISH): one script on a Redis backend, Celery's own way on any other."""
-        backend, request = self.backend, self.request
-        if not isinstance(backend, RedisBackend):
-            self.update_state(state=states.STARTED, meta=meta)
-            return
-        result = backend._get_result_meta(result=meta, state=states.STARTED, traceback=None, request=request)
-        result["task_id"] = request.id
-        key, expires = backend.get_key_for_task(request.id), backend.expires
-        backend.ensure(
-            _store_unless_succeeded(backend.client), ([key], [backend.encode(result), int(expires or 0)]), max_retries=3
-        )
+        """STARTED in the result backend (Celery's own way: it keeps a stored SUCCESS)."""
+        self.update_state(state=states.STARTED, meta=meta)
 
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
         lifecycle = get_lifecycle(self.app)
