@@ -107,7 +107,7 @@ class CeleryCapacity:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def measure(self, ending_step: str | None = None) -> Measure:
+    def measure(self) -> Measure:
         fleet = pools()
         default = QueueName.LIGHT.value
         steps = {step.name: destination(step.name) for step in get_processing_graph().steps}
@@ -118,10 +118,6 @@ class CeleryCapacity:
         for pool, slots in fleet.slots.items():
             ahead = 0 if waiting.get(pool) else max(1, slots // BORROW_AHEAD_PER_SLOTS)
             idle[pool] = slots + ahead - used.get(pool, 0)
-        if ending_step is not None:  # its slot is about to be free
-            pool = pool_of_step.get(ending_step, default_pool)
-            if pool in idle:
-                idle[pool] += 1
         return Measure({pool: slots for pool, slots in idle.items() if slots > 0}, pool_of_step, default_pool)
 
     def _used(self, fleet: Pools) -> tuple[dict[str, int], dict[str, int]]:

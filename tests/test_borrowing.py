@@ -33,7 +33,7 @@ class GivenCapacity:
         self.shared = shared  # one pool: every worker consumes every queue
         self.limiter: NamespaceLimiter | None = None
 
-    def measure(self, ending_step: str | None = None) -> Measure:
+    def measure(self) -> Measure:
         graph = get_processing_graph()
         default = QueueName.LIGHT.value
         pool_of_step = {step.name: step.queue.value for step in graph.steps if step.queue.value != default}

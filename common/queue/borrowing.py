@@ -66,9 +66,8 @@ class Measure:
 class Capacity(Protocol):
     """The fleet's capacity, as Celery runs it (tasks/capacity.py)."""
 
-    def measure(self, ending_step: str | None = None) -> Measure:
-        """The idle slots now; `ending_step`: the step of a job that is ending (its slot is about to be
-        free)."""
+    def measure(self) -> Measure:
+        """The idle slots now."""
         ...
 
 
@@ -81,11 +80,10 @@ class Borrowers:
         self,
         wanting: Mapping[str, Wants],
         apply: Callable[[list[Record]], None],
-        ending_step: str | None = None,
     ) -> int:
         """Lease the fleet's idle slots to the borrowers and have `apply` publish them, under the lock (see
         the module); how many slots were leased. `wanting`: namespace -> (slots held per weight,
-        weight); `ending_step`: the step of the job whose end called it."""
+        weight)."""
         redis = self.limiter.redis
         pipe = redis.pipeline(transaction=False)
         if wanting:
@@ -101,7 +99,7 @@ class Borrowers:
             logger.info("another process is leasing idle slots; it or the next end serves these borrowers")
             return 0
         try:
-            return self._lease(ranked, {as_text(n): float(w) for n, w in weights.items()}, apply, ending_step)
+            return self._lease(ranked, {as_text(n): float(w) for n, w in weights.items()}, apply)
         finally:
             try:
                 lock.release()
@@ -113,9 +111,8 @@ class Borrowers:
         ranked: list[tuple[bytes, float]],
         weight_of: Mapping[str, float],
         apply: Callable[[list[Record]], None],
-        ending_step: str | None,
     ) -> int:
-        measure = self.capacity.measure(ending_step)
+        measure = self.capacity.measure()
         idle = dict(measure.idle)
         if not idle:
             return 0

@@ -486,14 +486,13 @@ class Queue:
         (the process died first), the next end or reaper pass does."""
         self._borrowing.submit(wanting)
 
-    def borrow(self, wanting: Mapping[str, Wants], ending_step: str | None = None) -> None:
+    def borrow(self, wanting: Mapping[str, Wants]) -> None:
         """Lease idle capacity to the namespaces that want to borrow (common/queue/borrowing.py) and publish
-        what it dispatched; `ending_step`: the step of a job whose end called it (its slot is about to be
-        free). Never raises: what it could not do, the reaper's next pass does."""
+        what it dispatched. Never raises: what it could not do, the reaper's next pass does."""
         if not wanting or self.borrowers is None:
             return
         try:
-            self.borrowers.borrow(wanting, self._apply_by_namespace, ending_step)
+            self.borrowers.borrow(wanting, self._apply_by_namespace)
         except Exception:
             logger.exception("could not lease idle capacity to %s namespaces; the reaper will", len(wanting))
 
