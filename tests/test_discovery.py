@@ -276,7 +276,9 @@ def test_registry_traffic_follows_the_processes_never_the_jobs(
         f"registry round trips in {window:.0f} s: {idle} idle, {busy} while {ran} jobs ran "
         f"(one renewal every {ttl / 3:.2f} s: {expected:.0f} expected; 6 a minute at the default TTL of 30 s)"
     )
-    assert ran >= 50, f"only {ran} jobs ran during the busy window: nothing was measured"
+    # Under MONITOR, on two cores, a worker runs a few jobs a second; 20 jobs are thousands of commands,
+    # and one registry call a job would already be 5 times the renewals.
+    assert ran >= 20, f"only {ran} jobs ran during the busy window: nothing was measured"
     assert abs(idle - expected) <= 1 and abs(busy - expected) <= 1, (idle, busy, expected)
     assert registry_keys == [EXPIRY_KEY, PROCESSES_KEY]  # two keys, whatever the number of jobs
 
