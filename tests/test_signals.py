@@ -91,7 +91,7 @@ def test_a_step_task_event_carries_its_jobs_key(stores: Stores, celery_worker: A
     )
 
 
-def test_a_step_stores_started_in_one_round_trip_unless_a_success_is_stored(celery_app: Celery) -> None:
+def test_a_stale_attempts_started_never_hides_a_stored_success(celery_app: Celery) -> None:
     task = celery_app.tasks["dataset-config-names"]
     task.push_request(id="job-started", hostname="w")
     try:
