@@ -16,7 +16,6 @@ from common.assets import CellLocation
 from common.config import get_config
 from common.exceptions import JobManagerCrashedError
 from common.processing_graph import get_processing_graph
-from common.queue import JobStatus
 from tasks import samples, steps
 from tasks.queue import get_queue
 from tests.conftest import Stores, use_settings
@@ -67,7 +66,9 @@ def wait_until_settled(
         entries = {(e.kind, e.config, e.split): e for e in cache.get_dataset_responses(dataset)}
         expected = orchestrator.expected_entries(graph, dataset, entries.values())
         defaults = [k for k in expected if not k.kind.startswith(("test-", "bench-"))]
-        busy = queue.jobs(dataset, [JobStatus.WAITING, JobStatus.QUEUED, JobStatus.STARTED])
+        # What the backfill reads too: a job that ended has its effects (its next steps, the errors its
+        # descendants inherit) still to apply until the ledger says otherwise.
+        busy = queue.in_process(dataset)
         settled = not busy and all((k.kind, k.config, k.split) in entries for k in defaults)
         if settled:
             quiet_since = quiet_since or time.monotonic()

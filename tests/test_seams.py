@@ -21,7 +21,7 @@ from common.lifecycle import Attempt, Lifecycle, Outcome
 from common.queue import JobStatus
 from common.queue import queue as queue_module
 from common.queue.jobs import Priority
-from common.queue.ledger import JournalEntry
+from common.queue.ledger import JournalEntry, Ledger
 from common.queue.limiter import FENCE_EPOCH_MS, RANK_WEIGHT, LeaseState, namespace_key
 from tests.conftest import Stores, use_settings
 from tests.redis_servers import SnapshotRedis
@@ -945,3 +945,29 @@ def test_4_a_start_that_cannot_be_made_durable_does_not_count_as_an_attempt(
     run_what_runs(q, dispatcher)
     (job,) = q.jobs("org/ds")
     assert job.status == JobStatus.SUCCESS, f"a job that never ran ended {job.status} {job.error_code}"
+
+
+def test_an_end_and_its_applied_read_by_a_second_writer_after_the_first_wrote_the_end_leave_nothing_pending(
+    stores: Stores,
+) -> None:
+    """Two processes flush one namespace's journal at once: one read [.., end], the other [.., end, applied].
+    The first writes the end; the second's fold of the end and "applied" is refused (the job ended), and
+    "applied" must still land, or the ledger calls the end's effects pending for ever (a backfill then
+    skips the step, a repair applies them again)."""
+    payload = '["s","o/d",null,null,1]'
+
+    def entry(status: str, fence: int) -> JournalEntry:
+        return JournalEntry.parse(json.dumps([status, str(fence), "1000", "job", "1", "t", "w", "", "", payload]))
+
+    ledger = Ledger()
+    created, end, applied = entry("created", 1), entry("success", 3), entry("applied", 3)
+    ledger.write([created, end])
+    ledger.write([end, applied])
+    job = ledger.get("job")
+    assert job is not None and job.status == JobStatus.SUCCESS and job.effects_pending is False
+    # The same, when the second writer also read the creation (its insert refused: the first created it).
+    ledger.collection.delete_many({})
+    ledger.write([created, end])
+    ledger.write([created, end, applied])
+    job = ledger.get("job")
+    assert job is not None and job.effects_pending is False

@@ -113,6 +113,7 @@ class _JobWrite:
         self.job_id = entries[0].payload.job_id
         self.fence = entries[-1].fence
         self.effects_only = all(entry.status is None for entry in entries)
+        self.applied_fence = max((entry.fence for entry in entries if entry.status is None), default=0)
         # A start is taken over another start only after a requeue or a dispatch newer than the recorded
         # one: a Redis that rolled back confirms again a message whose job started already, and that
         # second start must not replace the first (common/lifecycle.py reads back which start it took).
@@ -144,13 +145,17 @@ class _JobWrite:
             update["$max"] = {"queued_at": self.fields["queued_at"]}
         return UpdateOne({"_id": self.job_id}, update)
 
+    def applied(self) -> UpdateOne:
+        """The end's effects applied, on the end it follows (its fence), whatever the status."""
+        return UpdateOne({"_id": self.job_id, "fence": self.applied_fence}, {"$set": {"effects_pending": False}})
+
     def update(self) -> UpdateOne:
         """Only if the job has not ended and no newer decision was recorded; created if not there yet
         (an upsert that finds its _id taken means "older": refused). Only "applied": on the end it follows
         (its fence), whatever the status. With a start among the entries, the condition is checked inside
         the document (a pipeline): a query with `$or` makes SecantusDB scan the collection."""
         if self.effects_only:
-            return UpdateOne({"_id": self.job_id, "fence": self.fence}, {"$set": self.fields})
+            return self.applied()
         if self.start:
             return UpdateOne({"_id": self.job_id}, self.pipeline(), upsert=True)
         condition = {"_id": self.job_id, "status": {"$nin": list(TERMINAL_STATUSES)}, "fence": {"$lt": self.fence}}
@@ -205,9 +210,13 @@ class Ledger:
         for entry in entries:
             by_job.setdefault(entry.payload.job_id, []).append(entry)
         writes = [_JobWrite(job_entries) for job_entries in by_job.values()]
-        refused = self._bulk([write.insert() if write.created else write.update() for write in writes])
-        again = [writes[index] for index in refused if writes[index].created]
-        self._bulk([operation for write in again for operation in (write.update(), write.creation())])
+        # An end folded with its "applied" is refused whole where another writer wrote the end first (two
+        # processes reading one journal at once): "applied" goes alone too, after the writes (its index).
+        applied = [write.applied() for write in writes if write.applied_fence and not write.effects_only]
+        refused = self._bulk([*(write.insert() if write.created else write.update() for write in writes), *applied])
+        again = [writes[index] for index in refused if index < len(writes) and writes[index].created]
+        operations = [operation for write in again for operation in (write.update(), write.creation())]
+        self._bulk([*operations, *(write.applied() for write in again if write.applied_fence)])
 
     @retry_transient
     def record_start(self, entry: JournalEntry) -> bool:
