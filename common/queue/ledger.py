@@ -211,8 +211,12 @@ class Ledger:
             by_job.setdefault(entry.payload.job_id, []).append(entry)
         writes = [_JobWrite(job_entries) for job_entries in by_job.values()]
         # An end folded with its "applied" is refused whole where another writer wrote the end first (two
-        # processes reading one journal at once): "applied" goes alone too, after the writes (its index).
-        applied = [write.applied() for write in writes if write.applied_fence and not write.effects_only]
+        # processes reading one journal at once): "applied" goes alone too, after the writes (its index). A
+        # creation's insert holds it already, and one refused is retried below, with it: none for them (an
+        # update beside a bulk of inserts is a command of its own).
+        applied = [
+            write.applied() for write in writes if write.applied_fence and not (write.effects_only or write.created)
+        ]
         refused = self._bulk([*(write.insert() if write.created else write.update() for write in writes), *applied])
         again = [writes[index] for index in refused if index < len(writes) and writes[index].created]
         operations = [operation for write in again for operation in (write.update(), write.creation())]
