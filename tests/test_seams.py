@@ -971,3 +971,11 @@ def test_an_end_and_its_applied_read_by_a_second_writer_after_the_first_wrote_th
     ledger.write([created, end, applied])
     job = ledger.get("job")
     assert job is not None and job.effects_pending is False
+    # And with a start among them (the update is a pipeline, which reports no refusal).
+    ledger.collection.delete_many({})
+    started = entry("started", 2)
+    ledger.write([created])
+    ledger.write([started, end])
+    ledger.write([started, end, applied])
+    job = ledger.get("job")
+    assert job is not None and job.status == JobStatus.SUCCESS and job.effects_pending is False
