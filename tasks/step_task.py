@@ -172,10 +172,6 @@ class StepTask(Task):  # type: ignore[misc]
         payload = message_payload(self.name, request.id, args, kwargs, getattr(request, PRIORITY_HEADER, None))
         return self._run_job(payload, token)
 
-    def _store_started(self, meta: dict[str, Any]) -> None:
-        """STARTED in the result backend (Celery's own way: it keeps a stored SUCCESS)."""
-        self.update_state(state=states.STARTED, meta=meta)
-
     def _run_job(self, payload: JobPayload, token: str) -> dict[str, Any]:
         lifecycle = get_lifecycle(self.app)
         worker = f"{self.request.hostname}:{os.getpid()}"
@@ -183,7 +179,7 @@ class StepTask(Task):  # type: ignore[misc]
         if attempt is None:
             raise Ignore()  # a redelivered, stale or cancelled job's message: acknowledged, not run, no state
         # Celery's own STARTED (task_track_started) would be stored before the lease is confirmed.
-        self._store_started({"pid": os.getpid(), "hostname": self.request.hostname})
+        self.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.request.hostname})
         started = time.monotonic()
         # The start's records (the ledger, its event) are written beside the step: it starts at once.
         recording = partial(lifecycle.record_start, attempt, worker)

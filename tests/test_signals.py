@@ -95,10 +95,10 @@ def test_a_stale_attempts_started_never_hides_a_stored_success(celery_app: Celer
     task = celery_app.tasks["dataset-config-names"]
     task.push_request(id="job-started", hostname="w")
     try:
-        task._store_started({"pid": 1})
+        task.update_state(state="STARTED", meta={"pid": 1})
         assert celery_app.AsyncResult("job-started").state == "STARTED"
         task.backend.store_result("job-started", {"config_names": []}, "SUCCESS")
-        task._store_started({"pid": 2})  # a stale attempt's late STARTED
+        task.update_state(state="STARTED", meta={"pid": 2})  # a stale attempt's late STARTED
         assert celery_app.AsyncResult("job-started").state == "SUCCESS"
     finally:
         task.pop_request()
