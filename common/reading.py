@@ -212,6 +212,7 @@ def _unembedded(value: Any) -> Iterator[str]:
 def open_split(source: DatasetSource, location: Location, config: str, split: str) -> Split:
     """The split, ready to stream; ConfigNotFoundError or SplitNotFoundError when it is not there."""
     import datasets
+    from datasets.features.features import require_decoding
 
     builder = _builder(source, location, config)
     try:
@@ -225,10 +226,11 @@ def open_split(source: DatasetSource, location: Location, config: str, split: st
             stream = source.call(_reading, builder, stream._resolve_features)
         except StopIteration:  # no rows: no features to tell
             return Split(source, location, stream, datasets.Features({}), builder, split)
-    features = stream.features
-    for name, feature in features.items():
-        if feature_type(feature) in MEDIA_TYPES and getattr(feature, "decode", False):
-            stream = stream.cast_column(name, type(feature)(decode=False))
+    if any(require_decoding(feature) for feature in stream.features.values()):
+        # Media cells stay their files' paths (and bytes, when the file holds them): `embed` reads the files,
+        # inside this source's call. A stream from a Hub otherwise decodes them in a pool of threads of its
+        # own, ahead of the rows asked for, so outside the call that set the libraries' endpoint.
+        stream = stream.decode(False)
     return Split(source, location, stream, stream.features, builder, split)
 
 

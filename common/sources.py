@@ -388,6 +388,7 @@ def configure_hub_libraries(timeout: float) -> None:
 
     hub_constants.HF_HUB_ETAG_TIMEOUT = hub_constants.HF_HUB_DOWNLOAD_TIMEOUT = int(max(1, timeout))
     datasets.config.USE_PARQUET_EXPORT = False  # we are the dataset viewer: never ask one for its answers
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # no HEAD to an S3 bucket per dataset it resolves
     bounded = httpx2.Timeout(timeout).as_dict()
 
     def bound(request: httpx2.Request) -> None:  # also the requests the libraries send with timeout=None

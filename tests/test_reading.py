@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,6 +93,24 @@ def test_missing_datasets_configs_and_splits_are_typed(
     empty = samples.empty_dataset(root)
     with pytest.raises(EmptyDatasetError):
         config_names(source, source.locate(empty, source.revision(empty)))
+
+
+def test_media_files_are_read_only_by_embed_and_kept_byte_for_byte(
+    source_root: tuple[DatasetSource, Path, HubServer | None],
+) -> None:
+    """A stream's rows name their media files; embedding reads them, inside the source's call. From a Hub,
+    `datasets` would decode them in a thread pool of its own, ahead of the rows asked for (outside the call
+    that points the libraries at the source: the suite once saw such a thread ask huggingface.co), and
+    re-encode them (the Parquet export would not hold the dataset's own files)."""
+    source, root, _ = source_root
+    dataset = formats.imagefolder_repo(root)
+    split = opened(source, dataset, "default", "train")
+    batch = next(split.batches(7))
+    assert all(cell["bytes"] is None and cell["path"] for cell in batch.column("image").to_pylist())
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("datasets_decode")]
+    files = {path.name: path.read_bytes() for path in (root / dataset).rglob("*.png")}
+    embedded = split.embed(batch).column("image").to_pylist()
+    assert [files[cell["path"].rsplit("/", 1)[-1]] for cell in embedded] == [cell["bytes"] for cell in embedded]
 
 
 def bytes_read_by_this_process() -> int:
