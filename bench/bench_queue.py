@@ -28,23 +28,46 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import psutil
 import redis
 
-from bench.harness import WORKER_CONCURRENCY, ReleaseWatcher, bench_servers, bench_worker, gaps_seconds, percentile
+from bench.harness import (
+    WORKER_CONCURRENCY,
+    ReleaseWatcher,
+    bench_servers,
+    bench_worker,
+    cpu_seconds,
+    gaps_seconds,
+    percentile,
+)
+
+if TYPE_CHECKING:
+    from tasks.embedded import EmbeddedServer, WorkerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Bench:
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, servers: list[EmbeddedServer]) -> None:
         self.env = env
         self.log_dir = log_dir
+        self.servers = servers
         self.redis = redis.Redis.from_url(env["QUEUE_REDIS_URL"])
 
-    def worker(self, name: str, **extra_env: str) -> AbstractContextManager[None]:
+    def worker(self, name: str, **extra_env: str) -> AbstractContextManager[WorkerProcess]:
         return bench_worker(self.env, self.log_dir, name, **extra_env)
+
+    def cpu(self, worker: WorkerProcess) -> dict[str, float]:
+        """CPU seconds so far: the worker (its pool included), this process (the caller), the servers."""
+        assert worker.process is not None
+        caller = psutil.Process().cpu_times()
+        return {
+            "worker": cpu_seconds(worker.process.pid),
+            "caller": caller.user + caller.system,
+            **{server.name: cpu_seconds(server.process.pid) for server in self.servers},
+        }
 
     def reset(self) -> None:
         """A clean broker, limiter and ledger between measurements."""
@@ -72,16 +95,20 @@ class Bench:
             "plain_celery_mongo": lambda i: steps.plain_mongo_upsert.delay(f"ns{i % 100}/ds{i}"),
             "stepcache": lambda i: steps.bench_noop.delay(f"ns{i % 100}/ds{i}"),
         }
+        cpu_ms: dict[str, dict[str, float]] = {}
         for name, call in calls.items():
             self.reset()
-            with self.worker(f"throughput-{name}"):
+            with self.worker(f"throughput-{name}") as worker:
                 call(-1).get(timeout=60)  # warm up the worker's pool and connections
+                before = self.cpu(worker)
                 begin = time.perf_counter()
                 results = [call(i) for i in range(jobs)]
                 delays[name] = jobs / (time.perf_counter() - begin)
                 for result in results:
                     result.get(timeout=600)
                 rates[name] = jobs / (time.perf_counter() - begin)
+                after = self.cpu(worker)
+                cpu_ms[name] = {part: (after[part] - before[part]) * 1000 / jobs for part in after}
         self.reset()
         with self.worker("throughput-delay-many"):
             steps.bench_noop.delay("warm/up").get(timeout=60)
@@ -98,6 +125,7 @@ class Bench:
             "ratio_to_mongo": rates["stepcache"] / rates["plain_celery_mongo"],
             "delay_per_s": delays,
             "delay_ratio": delays["stepcache"] / delays["plain_celery"],
+            "cpu_ms_per_job": cpu_ms,
         }
 
     def promote_latency(self, jobs: int) -> dict[str, float]:
@@ -197,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with bench_servers() as run, tempfile.TemporaryDirectory(prefix="stepcache-bench-") as logs:
-        runner = Bench(run.env, Path(logs))
+        runner = Bench(run.env, Path(logs), run.servers)
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -240,6 +268,17 @@ def report(results: dict[str, Any]) -> None:
         f"| a message published to its task started, p50 / p99 (ms) | | "
         f"{p50_p99('plain_celery_publish_to_start')} | | |",
     ]
+    cpu = throughput["cpu_ms_per_job"]
+    parts = list(cpu["stepcache"])
+    lines.append(
+        f"| CPU ms per job, {' / '.join(parts)} | "
+        + " / ".join(f"{cpu['stepcache'][part]:.1f}" for part in parts)
+        + " | "
+        + " / ".join(f"{cpu['plain_celery'][part]:.1f}" for part in parts)
+        + " (+ Mongo upsert: "
+        + " / ".join(f"{cpu['plain_celery_mongo'][part]:.1f}" for part in parts)
+        + ") | | |"
+    )
     for backlog, waits in results["fairness_wait_s"].items():
         lines.append(
             f"| B's wait behind {backlog} jobs of A (s) | {waits['stepcache']:.2f} | "

@@ -227,7 +227,7 @@ class Bench:
     def limiter(self) -> NamespaceLimiter:
         return self.queue.limiter
 
-    def worker(self, name: str, **extra_env: str) -> AbstractContextManager[None]:
+    def worker(self, name: str, **extra_env: str) -> AbstractContextManager[object]:
         return bench_worker(self.env, self.log_dir, name, **extra_env)
 
     def fresh_mongo(self) -> None:

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 if TYPE_CHECKING:
-    from tasks.embedded import EmbeddedServer
+    from tasks.embedded import EmbeddedServer, WorkerProcess
 
 
 WORKER_CONCURRENCY = 4  # prefork processes of every benchmark worker
 
 
 @contextmanager
-def bench_worker(env: dict[str, str], log_dir: Path, name: str, **extra_env: str) -> Iterator[None]:
+def bench_worker(env: dict[str, str], log_dir: Path, name: str, **extra_env: str) -> Iterator[WorkerProcess]:
     """A real `celery -A tasks worker` with the benchmark's steps, running while the block runs."""
     from tasks.embedded import WorkerProcess
 
@@ -29,7 +29,7 @@ def bench_worker(env: dict[str, str], log_dir: Path, name: str, **extra_env: str
         name, {**env, **extra_env}, log_dir / f"{name}.log", WORKER_CONCURRENCY, include=["bench.steps"]
     )
     with process:
-        yield
+        yield process
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -93,6 +93,25 @@ def bench_servers(mongo_variables: Sequence[str] = ("BENCH_MONGO_URL",), **extra
         client.drop_database(env["QUEUE_MONGO_DATABASE"])
         for server in servers:
             server.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) of a process and of its live descendants (a prefork worker's pool)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 class ReleaseWatcher:
