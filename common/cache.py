@@ -257,14 +257,18 @@ def claim_entry(
         "$and": [{"$eq": ["$claim.job", writer.job_id]}, {"$gt": [{"$ifNull": ["$claim.fence", -1]}, writer.claim]}]
     }
     stage = {"$set": {"claim": {"$cond": [newer_of_same_job, "$claim", {"$literal": mine}]}}}
-    # An update, then a read (find_one_and_update makes SecantusDB scan the collection).
+    # The stage can only change the claim to this writer's: an entry created or changed is claimed. One
+    # that did not change is read back (claimed by this writer already, or by a newer attempt).
     for attempt in range(UPSERT_ATTEMPTS):
         try:
-            cache_collection().update_one(key, [stage], upsert=create)
-            break
+            result = cache_collection().update_one(key, [stage], upsert=create)
         except DuplicateKeyError:
             if attempt == UPSERT_ATTEMPTS - 1:
                 raise
+            continue
+        if result.upserted_id is not None or result.modified_count == 1:
+            return True
+        break
     document = cache_collection().find_one(key, projection={"claim": True})
     return document is not None and document.get("claim") == mine
 

@@ -293,6 +293,7 @@ def test_a_cache_write_lands_only_while_its_attempts_claim_holds_whatever_the_fe
     assert cache.get_dataset_responses("org/ds") == []
     assert cache.upsert_response(ROOT, "org/ds", {"v": 1}, fence=11, writer=first)
     assert cache.claim_entry(ROOT, "org/ds", None, None, second)  # the job's next attempt
+    assert cache.claim_entry(ROOT, "org/ds", None, None, second)  # again: nothing changes, read back as its own
     assert not cache.claim_entry(ROOT, "org/ds", None, None, first)  # an older attempt's late claim
     assert not cache.upsert_response(ROOT, "org/ds", {"v": 0}, fence=99, writer=first)  # a newer fence, stale
     cache.update_progress(ROOT, "org/ds", None, None, 0.5, first)

@@ -979,3 +979,24 @@ def test_an_end_and_its_applied_read_by_a_second_writer_after_the_first_wrote_th
     ledger.write([started, end, applied])
     job = ledger.get("job")
     assert job is not None and job.status == JobStatus.SUCCESS and job.effects_pending is False
+
+
+def test_a_start_is_taken_when_its_write_changes_the_ledger_and_refused_when_it_changes_nothing(stores: Stores) -> None:
+    """`record_start` answers from its write, without reading back, when the write created or changed the job
+    (taken); a refused write must then change nothing, even on a document that lacks some of the creation's
+    facts (one written before a field was added to them)."""
+    payload = '["s","o/d",null,null,1]'
+
+    def entry(status: str, fence: int) -> JournalEntry:
+        return JournalEntry.parse(json.dumps([status, str(fence), "1000", "job", "1", "t", "w", "", "", payload]))
+
+    ledger = Ledger()
+    assert ledger.record_start(entry("started", 2))  # no document yet: created by the start
+    assert ledger.record_start(entry("started", 2))  # the same start again: read back, still this one
+    assert not ledger.record_start(entry("started", 1))  # an older decision
+    assert not ledger.record_start(entry("started", 3))  # over another start, no requeue between them
+    ledger.write([entry("success", 4)])
+    ledger.collection.update_one({"_id": "job"}, {"$unset": {"revision": "", "age": ""}})
+    before = ledger.collection.find_one({"_id": "job"})
+    assert not ledger.record_start(entry("started", 5))  # the job ended
+    assert ledger.collection.find_one({"_id": "job"}) == before

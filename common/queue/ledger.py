@@ -181,7 +181,12 @@ class _JobWrite:
         fields = {
             name: {"$cond": [f"${MAY_WRITE}", {"$literal": value}, f"${name}"]} for name, value in self.fields.items()
         }
-        facts = {name: {"$ifNull": [f"${name}", {"$literal": value}]} for name, value in self.job.items()}
+        # The creation's facts only with the write: a refused write changes nothing (`record_start` reads
+        # "modified" as "taken").
+        facts = {
+            name: {"$cond": [f"${MAY_WRITE}", {"$ifNull": [f"${name}", {"$literal": value}]}, f"${name}"]}
+            for name, value in self.job.items()
+        }
         return [{"$set": {MAY_WRITE: may}}, {"$set": {**fields, **facts}}, {"$unset": MAY_WRITE}]
 
 
@@ -224,11 +229,15 @@ class Ledger:
 
     @retry_transient
     def record_start(self, entry: JournalEntry) -> bool:
-        """Write one start at once (before its step runs), as `write` would; True when the ledger took it
-        (read back), False when it refused it (the job ended, or another start is recorded and no requeue
-        came between them: the journal's entries before it say, see `_JobWrite`)."""
+        """Write one start at once (before its step runs), as `write` would; True when the ledger took it,
+        False when it refused it (the job ended, or another start is recorded and no requeue came between
+        them: the journal's entries before it say, see `_JobWrite`). A write that created or changed the
+        document took it (a refused one changes nothing, and a taken one moves its fence); one that changed
+        nothing is read back (this start, recorded already, or refused)."""
         write = _JobWrite([entry])
-        self.collection.update_one({"_id": write.job_id}, write.pipeline(), upsert=True)
+        result = self.collection.update_one({"_id": write.job_id}, write.pipeline(), upsert=True)
+        if result.upserted_id is not None or result.modified_count == 1:
+            return True
         recorded = self.get(write.job_id)
         return recorded is not None and recorded.status == JobStatus.STARTED and recorded.fence == entry.fence
 
