@@ -67,9 +67,7 @@ def _hub_files(source: HubSource, dataset: str, revision: str) -> list[str]:
 
     api = HfApi(endpoint=source.endpoint, token=source.token, library_name="stepcache")
     repo = parse_dataset(dataset).full
-    # A listing: huggingface_hub retries it itself (5 times, up to 23 s): retried here too, a Hub that
-    # refused connections held a job for about two minutes.
-    files = source.call(api.list_repo_files, repo, repo_type="dataset", revision=revision)
+    files = source.call(api.list_repo_files, repo, repo_type="dataset", revision=revision, retries=True)
     return [str(path) for path in files if not any(part.startswith(".") for part in str(path).split("/"))]
 
 
