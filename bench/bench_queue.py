@@ -270,14 +270,13 @@ def report(results: dict[str, Any]) -> None:
     ]
     cpu = throughput["cpu_ms_per_job"]
     parts = list(cpu["stepcache"])
+
+    def cpu_of(name: str) -> str:
+        return " / ".join(f"{cpu[name][part]:.1f}" for part in parts)
+
     lines.append(
-        f"| CPU ms per job, {' / '.join(parts)} | "
-        + " / ".join(f"{cpu['stepcache'][part]:.1f}" for part in parts)
-        + " | "
-        + " / ".join(f"{cpu['plain_celery'][part]:.1f}" for part in parts)
-        + " (+ Mongo upsert: "
-        + " / ".join(f"{cpu['plain_celery_mongo'][part]:.1f}" for part in parts)
-        + ") | | |"
+        f"| CPU ms per job, {' / '.join(parts)} | {cpu_of('stepcache')} | {cpu_of('plain_celery')} "
+        f"(+ Mongo upsert: {cpu_of('plain_celery_mongo')}) | | |"
     )
     for backlog, waits in results["fairness_wait_s"].items():
         lines.append(
